@@ -1,0 +1,130 @@
+// Package config holds the escrow configuration file's types, loads it, fills defaults and
+// validates it once, reporting every error with its key path. After Load returns, the value is
+// treated as immutable by the rest of the program.
+package config
+
+import (
+	"time"
+)
+
+// Defaults.
+const (
+	DefaultListen      = "127.0.0.1:15480"
+	DefaultAdmin       = "127.0.0.1:15481"
+	DefaultCADir       = "/var/run/escrow"
+	DefaultPolicyMode  = PolicyModeEnforce
+	DefaultLeafTTL     = 24 * time.Hour
+	DefaultDialTimeout = 10 * time.Second
+	DefaultReloadEvery = 2 * time.Second
+)
+
+// Policy modes.
+const (
+	PolicyModeEnforce = "enforce"
+	PolicyModeReport  = "report"
+)
+
+// Config is the whole configuration file.
+type Config struct {
+	// Listen is the proxy listener the agent's HTTP_PROXY/HTTPS_PROXY point at. Loopback only
+	// unless UnsafeAllowNonLoopbackListen is set.
+	Listen string `json:"listen,omitempty"`
+	// Admin serves /healthz, /readyz and /metrics. Never secrets.
+	Admin string `json:"admin,omitempty"`
+	// UnsafeAllowNonLoopbackListen lets Listen bind a non-loopback address. The proxy holds
+	// credentials: anything that can reach the listener can use them (subject to policy).
+	UnsafeAllowNonLoopbackListen bool `json:"unsafe_allow_non_loopback_listen,omitempty"`
+
+	Identity Identity `json:"identity"`
+	// CADir receives ca.crt and trust-bundle.pem (system roots + the pod CA).
+	CADir string `json:"ca_dir,omitempty"`
+	// LeafTTL is the lifetime of the leaf certificates minted for intercepted hosts.
+	LeafTTL Duration `json:"leaf_ttl,omitempty"`
+
+	Policy      Policy                `json:"policy"`
+	Upstreams   []Upstream            `json:"upstreams,omitempty"`
+	Credentials map[string]Credential `json:"credentials,omitempty"`
+	Egress      Egress                `json:"egress,omitempty"`
+}
+
+// Identity says where the workload identity comes from. Exactly one of SPIFFE or Static.
+type Identity struct {
+	SPIFFE *SPIFFE `json:"spiffe,omitempty"`
+	// Static is a SPIFFE ID used as is, for local use. Every record marks it attested: false.
+	Static string `json:"static,omitempty"`
+}
+
+// SPIFFE configures the Workload API client.
+type SPIFFE struct {
+	// Socket is the Workload API address (unix:///path or tcp://ip:port). Empty means the
+	// SPIFFE_ENDPOINT_SOCKET environment variable.
+	Socket string `json:"socket,omitempty"`
+}
+
+// Policy configures the Cedar policy set.
+type Policy struct {
+	// Dir holds *.cedar files and optionally schema.cedarschema.
+	Dir string `json:"dir"`
+	// Mode is enforce (default) or report (log the would-be deny, allow).
+	Mode string `json:"mode,omitempty"`
+	// ReloadInterval is how often Dir is checked for changes.
+	ReloadInterval Duration `json:"reload_interval,omitempty"`
+}
+
+// Upstream is one destination the agent may reach.
+type Upstream struct {
+	// Host is an exact host name or "*.suffix" (matches any name below suffix, not suffix itself).
+	Host string `json:"host"`
+	// Port restricts the entry to one port. Zero matches the scheme's default port (80 for
+	// http, 443 for https and CONNECT).
+	Port int `json:"port,omitempty"`
+	// Tunnel copies bytes without interception: no credential, host-level policy (action connect).
+	Tunnel bool `json:"tunnel,omitempty"`
+	// Credential names an entry of Credentials applied to every request to this upstream.
+	Credential string `json:"credential,omitempty"`
+	// At most one of Inject, Basic, Query says how the credential is applied; the default is
+	// Authorization: Bearer <token>.
+	Inject *Inject `json:"inject,omitempty"`
+	Basic  *Basic  `json:"basic,omitempty"`
+	Query  *Query  `json:"query,omitempty"`
+	// Address is dialled instead of resolving Host (host:port).
+	Address string `json:"address,omitempty"`
+	// CAFile adds roots (PEM) for verifying this upstream, for private CAs.
+	CAFile string `json:"ca_file,omitempty"`
+}
+
+// Inject sets a header from a template; {{.Token}} is replaced by the credential.
+type Inject struct {
+	Header string `json:"header"`
+	Value  string `json:"value,omitempty"`
+}
+
+// Basic applies the credential as the password of HTTP basic auth.
+type Basic struct {
+	Username string `json:"username"`
+}
+
+// Query applies the credential as a query parameter.
+type Query struct {
+	Param string `json:"param"`
+}
+
+// Credential is one named credential. Exactly one provider is set.
+type Credential struct {
+	Static *Static `json:"static,omitempty"`
+}
+
+// Static is a long-lived secret kept outside the agent's reach: in a file (re-read when it
+// changes) or an environment variable of the escrow process. Never inline.
+type Static struct {
+	File string `json:"file,omitempty"`
+	Env  string `json:"env,omitempty"`
+}
+
+// Egress governs which IP addresses may be dialled.
+type Egress struct {
+	// AllowCIDRs opens ranges that are denied by default (private, loopback, ...).
+	AllowCIDRs []string `json:"allow_cidrs,omitempty"`
+	// DialTimeout bounds DNS resolution plus the TCP connect.
+	DialTimeout Duration `json:"dial_timeout,omitempty"`
+}

@@ -1,0 +1,486 @@
+package config
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"reflect"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"text/template"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"sigs.k8s.io/yaml"
+)
+
+// Duration is a time.Duration written as a Go duration string ("2s", "1h30m").
+type Duration time.Duration
+
+// D returns the value as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// MarshalJSON writes the duration as a string.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+// UnmarshalJSON reads a duration string.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("want a duration string such as \"2s\"")
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("invalid duration %q", s)
+	}
+	if v < 0 {
+		return fmt.Errorf("duration %q is negative", s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// FieldError is one problem at one key path.
+type FieldError struct {
+	Path string // e.g. upstreams[1].inject.header
+	Msg  string
+}
+
+func (e FieldError) Error() string { return e.Path + ": " + e.Msg }
+
+// Errors is every problem found in one file, reported at once.
+type Errors []FieldError
+
+func (es Errors) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "config: %d error(s):", len(es))
+	for _, e := range es {
+		b.WriteString("\n  ")
+		b.WriteString(e.Error())
+	}
+	return b.String()
+}
+
+// Load reads, parses, defaults and validates the file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return Parse(data)
+}
+
+// Parse parses YAML (or JSON), rejects unknown keys, fills defaults and validates. The error, if
+// any, is an Errors naming every bad key path.
+func Parse(data []byte) (*Config, error) {
+	js, err := yaml.YAMLToJSON(data)
+	if err != nil {
+		return nil, fmt.Errorf("config: not valid YAML: %w", err)
+	}
+	var raw any
+	if err := json.Unmarshal(js, &raw); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if raw == nil {
+		raw = map[string]any{}
+	}
+	var errs Errors
+	checkShape(&errs, "", raw, reflect.TypeOf(Config{}))
+	if len(errs) > 0 {
+		return nil, sortErrs(errs)
+	}
+	var c Config
+	dec := json.NewDecoder(bytes.NewReader(js))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		// checkShape catches nearly everything with a path; this is the backstop.
+		return nil, Errors{{Path: "(root)", Msg: err.Error()}}
+	}
+	c.applyDefaults()
+	if errs := c.validate(); len(errs) > 0 {
+		return nil, sortErrs(errs)
+	}
+	return &c, nil
+}
+
+func sortErrs(es Errors) Errors {
+	sort.SliceStable(es, func(i, j int) bool { return es[i].Path < es[j].Path })
+	return es
+}
+
+var durationType = reflect.TypeOf(Duration(0))
+
+// checkShape walks the decoded document against the Go type, reporting unknown keys and wrong
+// kinds with their paths, so that one run names every mistake.
+func checkShape(errs *Errors, path string, v any, t reflect.Type) {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	at := path
+	if at == "" {
+		at = "(root)"
+	}
+	if v == nil {
+		return // null: leave the zero value
+	}
+	if t == durationType {
+		s, ok := v.(string)
+		if !ok {
+			*errs = append(*errs, FieldError{at, "want a duration string such as \"2s\""})
+			return
+		}
+		if d, err := time.ParseDuration(s); err != nil || d < 0 {
+			*errs = append(*errs, FieldError{at, fmt.Sprintf("invalid duration %q", s)})
+		}
+		return
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		m, ok := v.(map[string]any)
+		if !ok {
+			*errs = append(*errs, FieldError{at, "want a mapping, got " + kindOf(v)})
+			return
+		}
+		fields := map[string]reflect.Type{}
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+			if name != "" && name != "-" {
+				fields[name] = f.Type
+			}
+		}
+		keys := make([]string, 0, len(m))
+		for k := range m {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			ft, ok := fields[k]
+			if !ok {
+				*errs = append(*errs, FieldError{join(path, k), "unknown key" + suggest(k, fields)})
+				continue
+			}
+			checkShape(errs, join(path, k), m[k], ft)
+		}
+	case reflect.Map:
+		m, ok := v.(map[string]any)
+		if !ok {
+			*errs = append(*errs, FieldError{at, "want a mapping, got " + kindOf(v)})
+			return
+		}
+		for k, e := range m {
+			checkShape(errs, join(path, k), e, t.Elem())
+		}
+	case reflect.Slice:
+		l, ok := v.([]any)
+		if !ok {
+			*errs = append(*errs, FieldError{at, "want a list, got " + kindOf(v)})
+			return
+		}
+		for i, e := range l {
+			checkShape(errs, fmt.Sprintf("%s[%d]", path, i), e, t.Elem())
+		}
+	case reflect.String:
+		if _, ok := v.(string); !ok {
+			*errs = append(*errs, FieldError{at, "want a string, got " + kindOf(v)})
+		}
+	case reflect.Bool:
+		if _, ok := v.(bool); !ok {
+			*errs = append(*errs, FieldError{at, "want true or false, got " + kindOf(v)})
+		}
+	case reflect.Int, reflect.Int64, reflect.Int32:
+		f, ok := v.(float64)
+		if !ok || f != float64(int64(f)) {
+			*errs = append(*errs, FieldError{at, "want an integer, got " + kindOf(v)})
+		}
+	}
+}
+
+func join(path, k string) string {
+	if path == "" {
+		return k
+	}
+	return path + "." + k
+}
+
+func kindOf(v any) string {
+	switch x := v.(type) {
+	case map[string]any:
+		return "a mapping"
+	case []any:
+		return "a list"
+	case string:
+		return "a string"
+	case bool:
+		return "a boolean"
+	case float64:
+		return "the number " + strconv.FormatFloat(x, 'g', -1, 64)
+	default:
+		return fmt.Sprintf("%T", v)
+	}
+}
+
+// suggest names a known key that is one small edit away, the common typo case.
+func suggest(k string, known map[string]reflect.Type) string {
+	best, bestD := "", 3
+	for name := range known {
+		if d := editDistance(k, name); d < bestD || (d == bestD && name < best) {
+			best, bestD = name, d
+		}
+	}
+	if best == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (did you mean %q?)", best)
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}
+
+func (c *Config) applyDefaults() {
+	if c.Listen == "" {
+		c.Listen = DefaultListen
+	}
+	if c.Admin == "" {
+		c.Admin = DefaultAdmin
+	}
+	if c.CADir == "" {
+		c.CADir = DefaultCADir
+	}
+	if c.LeafTTL == 0 {
+		c.LeafTTL = Duration(DefaultLeafTTL)
+	}
+	if c.Policy.Mode == "" {
+		c.Policy.Mode = DefaultPolicyMode
+	}
+	if c.Policy.ReloadInterval == 0 {
+		c.Policy.ReloadInterval = Duration(DefaultReloadEvery)
+	}
+	if c.Egress.DialTimeout == 0 {
+		c.Egress.DialTimeout = Duration(DefaultDialTimeout)
+	}
+	for i := range c.Upstreams {
+		c.Upstreams[i].Host = strings.ToLower(strings.TrimSuffix(c.Upstreams[i].Host, "."))
+	}
+}
+
+var (
+	hostLabel  = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+	headerName = regexp.MustCompile("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+)
+
+// ValidHostPattern reports whether h is an exact DNS name, an IP literal, or "*.suffix".
+func ValidHostPattern(h string) bool {
+	h = strings.TrimPrefix(h, "*.")
+	if h == "" || len(h) > 253 {
+		return false
+	}
+	if _, err := netip.ParseAddr(h); err == nil {
+		return true
+	}
+	for _, l := range strings.Split(h, ".") {
+		if !hostLabel.MatchString(l) {
+			return false
+		}
+	}
+	return true
+}
+
+func (c *Config) validate() Errors {
+	var errs Errors
+	add := func(path, format string, a ...any) {
+		errs = append(errs, FieldError{path, fmt.Sprintf(format, a...)})
+	}
+	checkListen := func(key, addr string, loopbackOnly bool) {
+		host, port, err := net.SplitHostPort(addr)
+		if err != nil {
+			add(key, "want host:port, got %q", addr)
+			return
+		}
+		if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+			add(key, "invalid port %q", port)
+		}
+		if !loopbackOnly {
+			return
+		}
+		ip, err := netip.ParseAddr(host)
+		if host == "localhost" || (err == nil && ip.IsLoopback()) {
+			return
+		}
+		add(key, "%q is not a loopback address; the proxy holds credentials for whoever can reach it (set unsafe_allow_non_loopback_listen to override)", host)
+	}
+	checkListen("listen", c.Listen, !c.UnsafeAllowNonLoopbackListen)
+	checkListen("admin", c.Admin, false)
+	if c.Listen == c.Admin {
+		add("admin", "must differ from listen (%s)", c.Listen)
+	}
+
+	switch {
+	case c.Identity.SPIFFE != nil && c.Identity.Static != "":
+		add("identity", "set exactly one of spiffe or static, not both")
+	case c.Identity.SPIFFE == nil && c.Identity.Static == "":
+		add("identity", "set one of spiffe (a Workload API socket) or static (a SPIFFE ID for local use)")
+	case c.Identity.Static != "":
+		if err := checkSPIFFEID(c.Identity.Static); err != nil {
+			add("identity.static", "%v", err)
+		}
+	case c.Identity.SPIFFE != nil:
+		s := c.Identity.SPIFFE.Socket
+		if s == "" {
+			s = os.Getenv("SPIFFE_ENDPOINT_SOCKET")
+		}
+		if s == "" {
+			add("identity.spiffe.socket", "required (or set SPIFFE_ENDPOINT_SOCKET)")
+		} else if !strings.HasPrefix(s, "unix://") && !strings.HasPrefix(s, "tcp://") {
+			add("identity.spiffe.socket", "want unix:///path or tcp://ip:port, got %q", s)
+		}
+	}
+
+	if c.Policy.Dir == "" {
+		add("policy.dir", "required: a directory of *.cedar files")
+	}
+	if c.Policy.Mode != PolicyModeEnforce && c.Policy.Mode != PolicyModeReport {
+		add("policy.mode", "want enforce or report, got %q", c.Policy.Mode)
+	}
+	if c.Policy.ReloadInterval.D() < 100*time.Millisecond {
+		add("policy.reload_interval", "must be at least 100ms")
+	}
+	if c.LeafTTL.D() < time.Minute {
+		add("leaf_ttl", "must be at least 1m")
+	}
+
+	type key struct {
+		host string
+		port int
+	}
+	seen := map[key]int{}
+	for i, u := range c.Upstreams {
+		p := fmt.Sprintf("upstreams[%d]", i)
+		if u.Host == "" {
+			add(p+".host", "required")
+		} else if !ValidHostPattern(u.Host) {
+			add(p+".host", "want a host name, an IP address or *.suffix, got %q", u.Host)
+		}
+		if j, dup := seen[key{u.Host, u.Port}]; dup {
+			add(p+".host", "duplicates upstreams[%d] (%s)", j, u.Host)
+		} else {
+			seen[key{u.Host, u.Port}] = i
+		}
+		if u.Port < 0 || u.Port > 65535 {
+			add(p+".port", "must be 1-65535")
+		}
+		n := 0
+		for _, set := range []bool{u.Inject != nil, u.Basic != nil, u.Query != nil} {
+			if set {
+				n++
+			}
+		}
+		if n > 1 {
+			add(p, "set at most one of inject, basic, query")
+		}
+		if u.Tunnel {
+			if u.Credential != "" {
+				add(p+".credential", "a tunnel is not intercepted, so no credential can be applied; remove credential or tunnel")
+			}
+			if n > 0 {
+				add(p, "inject/basic/query need an intercepted upstream, not a tunnel")
+			}
+		} else if n > 0 && u.Credential == "" {
+			add(p+".credential", "required when inject, basic or query is set")
+		}
+		if u.Credential != "" {
+			if _, ok := c.Credentials[u.Credential]; !ok {
+				add(p+".credential", "no credential named %q in credentials", u.Credential)
+			}
+		}
+		if u.Inject != nil {
+			if !headerName.MatchString(u.Inject.Header) {
+				add(p+".inject.header", "want an HTTP header name, got %q", u.Inject.Header)
+			}
+			if u.Inject.Value != "" {
+				if _, err := template.New("v").Option("missingkey=error").Parse(u.Inject.Value); err != nil {
+					add(p+".inject.value", "bad template: %v", err)
+				} else if !strings.Contains(u.Inject.Value, "{{.Token}}") {
+					add(p+".inject.value", "must contain {{.Token}}")
+				}
+			}
+		}
+		if u.Basic != nil && (u.Basic.Username == "" || strings.Contains(u.Basic.Username, ":")) {
+			add(p+".basic.username", "required, and may not contain ':'")
+		}
+		if u.Query != nil && u.Query.Param == "" {
+			add(p+".query.param", "required")
+		}
+		if u.Address != "" {
+			if _, port, err := net.SplitHostPort(u.Address); err != nil || port == "" {
+				add(p+".address", "want host:port, got %q", u.Address)
+			}
+		}
+		if u.CAFile != "" {
+			if _, err := os.Stat(u.CAFile); err != nil {
+				add(p+".ca_file", "cannot read: %v", errors.Unwrap(err))
+			}
+		}
+	}
+
+	names := make([]string, 0, len(c.Credentials))
+	for n := range c.Credentials {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		cr := c.Credentials[n]
+		p := "credentials." + n
+		if cr.Static == nil {
+			add(p, "set a provider (static)")
+			continue
+		}
+		s := cr.Static
+		switch {
+		case s.File != "" && s.Env != "":
+			add(p+".static", "set exactly one of file or env")
+		case s.File == "" && s.Env == "":
+			add(p+".static", "set one of file or env (inline secrets are not accepted)")
+		}
+	}
+
+	for i, cidr := range c.Egress.AllowCIDRs {
+		if _, err := netip.ParsePrefix(cidr); err != nil {
+			add(fmt.Sprintf("egress.allow_cidrs[%d]", i), "want a CIDR such as 10.0.0.0/8, got %q", cidr)
+		}
+	}
+	if c.Egress.DialTimeout.D() <= 0 {
+		add("egress.dial_timeout", "must be positive")
+	}
+	return errs
+}
+
+func checkSPIFFEID(s string) error {
+	if _, err := spiffeid.FromString(s); err != nil {
+		return fmt.Errorf("want a SPIFFE ID (spiffe://trust-domain/path), got %q: %v", s, err)
+	}
+	return nil
+}
