@@ -91,6 +91,9 @@ type Upstream struct {
 	Address string `json:"address,omitempty"`
 	// CAFile adds roots (PEM) for verifying this upstream, for private CAs.
 	CAFile string `json:"ca_file,omitempty"`
+	// UnsafePlaintextCredential lets the credential be applied to plain http:// requests, where
+	// it crosses the network in clear text. Off by default: such requests are refused.
+	UnsafePlaintextCredential bool `json:"unsafe_plaintext_credential,omitempty"`
 }
 
 // Inject sets a header from a template; {{.Token}} is replaced by the credential.

@@ -334,7 +334,7 @@ func (c *Config) validate() Errors {
 	}
 	checkListen("listen", c.Listen, !c.UnsafeAllowNonLoopbackListen)
 	checkListen("admin", c.Admin, false)
-	if c.Listen == c.Admin {
+	if c.Listen == c.Admin && !strings.HasSuffix(c.Listen, ":0") {
 		add("admin", "must differ from listen (%s)", c.Listen)
 	}
 

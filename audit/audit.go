@@ -1,0 +1,152 @@
+// Package audit defines the one record escrow writes per request (allowed or denied) and per
+// tunnel at close, and its zap sink. A record names the credential and an id of the credential
+// instance, never its value; the record type has no field that could hold a secret.
+package audit
+
+import (
+	"io"
+	"os"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// Decisions.
+const (
+	Allow = "allow"
+	Deny  = "deny"
+)
+
+// Record is one audit record.
+type Record struct {
+	Time      time.Time
+	RequestID string
+	Kind      string // "request" (plain or intercepted) or "tunnel"
+
+	SPIFFEID    string
+	Attested    bool
+	IdentitySrc string
+
+	Method string
+	Scheme string
+	Host   string
+	Port   int
+	Path   string
+
+	Decision  string // Allow or Deny
+	Reason    string // stable machine-readable reason
+	PolicyIDs []string
+	Mode      string // enforce | report
+	WouldDeny bool   // report mode allowed what enforce would deny
+
+	Credential   string // configured name
+	CredentialID string // instance id (short hash), never the value
+
+	UpstreamStatus int
+	BytesIn        int64 // from the agent (request body, or tunnel agent->upstream)
+	BytesOut       int64 // to the agent (response body, or tunnel upstream->agent)
+
+	PolicyDur     time.Duration
+	CredentialDur time.Duration
+	UpstreamDur   time.Duration
+	TotalDur      time.Duration
+}
+
+// MarshalLogObject writes the record without reflection.
+func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	enc.AddString("request_id", r.RequestID)
+	enc.AddString("kind", r.Kind)
+	enc.AddObject("identity", zapcore.ObjectMarshalerFunc(func(e zapcore.ObjectEncoder) error {
+		e.AddString("spiffe_id", r.SPIFFEID)
+		e.AddBool("attested", r.Attested)
+		if r.IdentitySrc != "" {
+			e.AddString("source", r.IdentitySrc)
+		}
+		return nil
+	}))
+	if r.Method != "" {
+		enc.AddString("method", r.Method)
+	}
+	enc.AddString("scheme", r.Scheme)
+	enc.AddString("host", r.Host)
+	enc.AddInt("port", r.Port)
+	if r.Path != "" {
+		enc.AddString("path", r.Path)
+	}
+	enc.AddString("decision", r.Decision)
+	enc.AddString("reason", r.Reason)
+	_ = enc.AddArray("policy_ids", zapcore.ArrayMarshalerFunc(func(a zapcore.ArrayEncoder) error {
+		for _, id := range r.PolicyIDs {
+			a.AppendString(id)
+		}
+		return nil
+	}))
+	if r.Mode != "" {
+		enc.AddString("mode", r.Mode)
+	}
+	if r.WouldDeny {
+		enc.AddBool("would_deny", true)
+	}
+	if r.Credential != "" {
+		enc.AddString("credential", r.Credential)
+		if r.CredentialID != "" {
+			enc.AddString("credential_id", r.CredentialID)
+		}
+	}
+	if r.UpstreamStatus != 0 {
+		enc.AddInt("upstream_status", r.UpstreamStatus)
+	}
+	enc.AddInt64("bytes_in", r.BytesIn)
+	enc.AddInt64("bytes_out", r.BytesOut)
+	enc.AddObject("duration_ms", zapcore.ObjectMarshalerFunc(func(e zapcore.ObjectEncoder) error {
+		e.AddFloat64("policy", ms(r.PolicyDur))
+		e.AddFloat64("credential", ms(r.CredentialDur))
+		e.AddFloat64("upstream", ms(r.UpstreamDur))
+		e.AddFloat64("total", ms(r.TotalDur))
+		return nil
+	}))
+	return nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// Sink receives records.
+type Sink interface {
+	Write(r *Record)
+}
+
+// ZapSink writes each record as one JSON line, sampling off (every decision is kept).
+type ZapSink struct{ l *zap.Logger }
+
+// NewZapSink builds a JSON logger on w (os.Stdout when nil), with sampling disabled.
+func NewZapSink(w io.Writer) *ZapSink {
+	if w == nil {
+		w = os.Stdout
+	}
+	enc := zap.NewProductionEncoderConfig()
+	enc.TimeKey = "time"
+	enc.EncodeTime = zapcore.RFC3339NanoTimeEncoder
+	core := zapcore.NewCore(zapcore.NewJSONEncoder(enc), zapcore.AddSync(w), zapcore.InfoLevel)
+	return &ZapSink{l: zap.New(core).With(zap.String("log_type", "audit"))}
+}
+
+// NewZapSinkFromLogger wraps an existing logger (tests use zaptest/observer).
+func NewZapSinkFromLogger(l *zap.Logger) *ZapSink { return &ZapSink{l: l} }
+
+// Write logs r at info level under the message "audit".
+func (s *ZapSink) Write(r *Record) {
+	if ce := s.l.Check(zapcore.InfoLevel, "audit"); ce != nil {
+		ce.Time = r.Time
+		ce.Write(zap.Inline(r))
+	}
+}
+
+// Sync flushes buffered output.
+func (s *ZapSink) Sync() error { return s.l.Sync() }
+
+// SinkFunc adapts a function to Sink.
+type SinkFunc func(*Record)
+
+// Write calls f(r).
+func (f SinkFunc) Write(r *Record) { f(r) }

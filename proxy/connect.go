@@ -1,0 +1,314 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+
+	"github.com/escrowproxy/escrow/attest"
+	"github.com/escrowproxy/escrow/audit"
+	"github.com/escrowproxy/escrow/policy"
+	"github.com/escrowproxy/escrow/proxy/egress"
+)
+
+// serveConnect decides a CONNECT: unknown destinations are denied before any byte is relayed;
+// tunnel routes are checked (identity, policy action "connect", egress) and relayed blind;
+// every other route is intercepted, and each inner request goes through handle.
+func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request) {
+	peer := peerFrom(r.Context())
+	host, port, err := splitHostPort(r.Host, 0)
+	if err != nil || port == 0 {
+		rec := p.newRecord(r, "connect")
+		rec.Host = r.Host
+		p.deny(w, rec, ReasonBadRequest, errors.New("CONNECT needs host:port"))
+		return
+	}
+	rt := p.routes.match(host, port, 443)
+	if rt == nil {
+		rec := p.newRecord(r, "connect")
+		rec.Host, rec.Port = host, port
+		p.bestEffortIdentity(r.Context(), peer, rec)
+		p.deny(w, rec, ReasonUnknownDestination, nil)
+		return
+	}
+	if rt.tunnel {
+		p.serveTunnel(w, r, host, port, rt, peer)
+		return
+	}
+	p.intercept(w, r, target{scheme: "https", host: host, port: port, route: rt}, peer)
+}
+
+// serveTunnel relays bytes to a tunnel-only upstream after identity, policy and egress checks.
+// Its audit record is written when the tunnel closes.
+func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, host string, port int, rt *route, peer attest.Peer) {
+	ctx := r.Context()
+	rec := p.newRecord(r, "tunnel")
+	rec.Scheme, rec.Host, rec.Port = "tcp", host, port
+
+	id, err := p.id.Identify(ctx, peer)
+	if err != nil {
+		p.deny(w, rec, ReasonIdentityUnavailable, err)
+		return
+	}
+	setIdentity(rec, id)
+	if !p.decide(ctx, rec, policy.Input{
+		Identity: id, Action: "connect", Scheme: "tcp", Host: host, Port: port, Time: p.now(),
+	}, w) {
+		return
+	}
+
+	start := p.now()
+	addr := rt.address
+	if addr == "" {
+		addr = hostPort(host, port, "")
+	}
+	up, err := p.dial(ctx, "tcp", addr)
+	rec.UpstreamDur = p.now().Sub(start)
+	if err != nil {
+		reason := ReasonUpstreamUnavailable
+		var denied *egress.DeniedError
+		if errors.As(err, &denied) {
+			reason = ReasonEgressDenied
+		}
+		p.deny(w, rec, reason, err)
+		return
+	}
+	agent, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		_ = up.Close()
+		p.deny(w, rec, ReasonBadRequest, err)
+		return
+	}
+	if _, err := agent.Write([]byte("HTTP/1.1 200 Connection Established\r\n\r\n")); err != nil {
+		_ = up.Close()
+		_ = agent.Close()
+		rec.Decision, rec.Reason = audit.Deny, string(ReasonUpstreamUnavailable)
+		p.finish(rec)
+		return
+	}
+	rec.UpstreamStatus = http.StatusOK
+	if !p.track(agent, up) {
+		return
+	}
+	p.metrics.TunnelsActive.Inc()
+	defer func() {
+		p.metrics.TunnelsActive.Dec()
+		p.untrack(agent, up)
+		p.finish(rec)
+	}()
+
+	var reader io.Reader = agent
+	if n := brw.Reader.Buffered(); n > 0 {
+		// Bytes the agent sent right behind the CONNECT (e.g. a TLS ClientHello) are in the buffer.
+		reader = io.MultiReader(io.LimitReader(brw.Reader, int64(n)), agent)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		rec.BytesIn = relay(up, reader)
+	}()
+	rec.BytesOut = relay(agent, up)
+	wg.Wait()
+}
+
+// relay copies src to dst until EOF, then half-closes dst's write side so the peer sees EOF.
+func relay(dst net.Conn, src io.Reader) int64 {
+	n, _ := io.Copy(dst, src)
+	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	} else {
+		_ = dst.Close()
+	}
+	return n
+}
+
+// track registers connections so shutdown can close them after the drain period; false means
+// escrow is already shutting down and the connections were closed.
+func (p *Proxy) track(cs ...net.Conn) bool {
+	p.tunnelsMu.Lock()
+	defer p.tunnelsMu.Unlock()
+	if p.closing.Load() {
+		for _, c := range cs {
+			_ = c.Close()
+		}
+		return false
+	}
+	p.tunnels.Add(1)
+	for _, c := range cs {
+		p.openConns[c] = struct{}{}
+	}
+	return true
+}
+
+func (p *Proxy) untrack(cs ...net.Conn) {
+	p.tunnelsMu.Lock()
+	for _, c := range cs {
+		_ = c.Close()
+		delete(p.openConns, c)
+	}
+	p.tunnelsMu.Unlock()
+	p.tunnels.Done()
+}
+
+// connMeta is what an intercepted connection knows about itself: its CONNECT target and agent.
+type connMeta struct {
+	target target
+	peer   attest.Peer
+}
+
+type connMetaKey struct{}
+
+// intercept answers the CONNECT, terminates TLS with a leaf for the destination, and hands the
+// connection to the inner server, whose requests come to serveIntercepted.
+func (p *Proxy) intercept(w http.ResponseWriter, r *http.Request, t target, peer attest.Peer) {
+	agent, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		rec := p.newRecord(r, "connect")
+		rec.Host, rec.Port = t.host, t.port
+		p.deny(w, rec, ReasonBadRequest, err)
+		return
+	}
+	if _, err := agent.Write([]byte("HTTP/1.1 200 Connection Established\r\n\r\n")); err != nil {
+		_ = agent.Close()
+		return
+	}
+	var conn net.Conn = agent
+	if n := brw.Reader.Buffered(); n > 0 {
+		buf, _ := brw.Reader.Peek(n)
+		conn = &prefixConn{Conn: agent, r: io.MultiReader(strings.NewReader(string(buf)), agent)}
+	}
+	host := t.host
+	tlsConn := tls.Server(conn, &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		NextProtos: []string{"h2", "http/1.1"},
+		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			// The leaf is always for the CONNECT destination, whatever SNI says: the inner
+			// requests go there, so that is the name the agent must verify.
+			return p.ca.Leaf(host)
+		},
+	})
+	p.connInfo.Store(tlsConn, &connMeta{target: t, peer: peer})
+	p.metrics.TunnelsActive.Inc()
+	if !p.innerLn.push(tlsConn) {
+		p.connInfo.Delete(tlsConn)
+		p.metrics.TunnelsActive.Dec()
+		_ = tlsConn.Close()
+	}
+}
+
+func (p *Proxy) innerConnContext(ctx context.Context, c net.Conn) context.Context {
+	v, ok := p.connInfo.LoadAndDelete(c)
+	if !ok {
+		return ctx
+	}
+	return context.WithValue(ctx, connMetaKey{}, v.(*connMeta))
+}
+
+// serveIntercepted handles one request on an intercepted connection: the destination is the
+// CONNECT target; a Host header naming another host is refused rather than followed.
+func (p *Proxy) serveIntercepted(w http.ResponseWriter, r *http.Request) {
+	m, ok := r.Context().Value(connMetaKey{}).(*connMeta)
+	if !ok {
+		writeDenial(w, ReasonBadRequest, "")
+		return
+	}
+	if r.Host != "" {
+		h, port, err := splitHostPort(r.Host, m.target.port)
+		if err != nil || h != m.target.host || port != m.target.port {
+			rec := p.newRecord(r, "request")
+			rec.Scheme, rec.Host, rec.Port, rec.Path = "https", m.target.host, m.target.port, r.URL.Path
+			p.bestEffortIdentity(r.Context(), m.peer, rec)
+			p.deny(w, rec, ReasonHostMismatch, nil)
+			return
+		}
+	}
+	p.handle(w, r, m.target, m.peer)
+}
+
+// innerConnState keeps the active-connection gauge true for intercepted connections.
+func (p *Proxy) innerConnState(c net.Conn, s http.ConnState) {
+	if s == http.StateClosed || s == http.StateHijacked {
+		p.metrics.TunnelsActive.Dec()
+	}
+}
+
+// prefixConn replays bytes read past the CONNECT request before reading the connection.
+type prefixConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (c *prefixConn) Read(b []byte) (int, error) { return c.r.Read(b) }
+
+// chanListener is the inner server's listener: intercepted connections are pushed into it.
+type chanListener struct {
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
+}
+
+func newChanListener() *chanListener {
+	return &chanListener{ch: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *chanListener) push(c net.Conn) bool {
+	select {
+	case l.ch <- c:
+		return true
+	case <-l.done:
+		return false
+	}
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *chanListener) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)} }
+
+// closeTunnels closes every open tunnel connection.
+func (p *Proxy) closeTunnels() {
+	p.tunnelsMu.Lock()
+	defer p.tunnelsMu.Unlock()
+	for c := range p.openConns {
+		_ = c.Close()
+	}
+}
+
+// Shutdown stops intercepting new connections, lets in-flight intercepted requests and tunnels
+// finish until ctx ends, then closes what is left.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.tunnelsMu.Lock()
+	p.closing.Store(true)
+	p.tunnelsMu.Unlock()
+	err := p.inner.Shutdown(ctx)
+	done := make(chan struct{})
+	go func() { p.tunnels.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		p.log.Warn("drain period over: closing open tunnels")
+		p.closeTunnels()
+		<-done
+	}
+	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	return nil
+}

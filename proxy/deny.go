@@ -1,0 +1,88 @@
+package proxy
+
+import (
+	"encoding/json"
+	"net/http"
+	"strconv"
+)
+
+// Reason is a stable, machine-readable reason for a decision. It is sent to the agent (body
+// "error" and header X-Escrow-Reason), written to the audit record and used as a metric label, so
+// the set is closed: add a value here, never build one from input.
+type Reason string
+
+// Reasons.
+const (
+	ReasonAllowed               Reason = "allowed"
+	ReasonBadRequest            Reason = "bad_request"
+	ReasonUnknownDestination    Reason = "unknown_destination"
+	ReasonHostMismatch          Reason = "host_mismatch"
+	ReasonIdentityUnavailable   Reason = "identity_unavailable"
+	ReasonPolicyDenied          Reason = "policy_denied"
+	ReasonPolicyError           Reason = "policy_error"
+	ReasonPolicyUnavailable     Reason = "policy_unavailable"
+	ReasonCredentialUnavailable Reason = "credential_unavailable"
+	ReasonPlaintextCredential   Reason = "plaintext_credential_refused"
+	ReasonEgressDenied          Reason = "egress_denied"
+	ReasonUpstreamUnavailable   Reason = "upstream_unavailable"
+	ReasonUpstreamTimeout       Reason = "upstream_timeout"
+	ReasonShuttingDown          Reason = "shutting_down"
+)
+
+// ReasonHeader carries the reason of a denial. escrow removes it from upstream responses, so an
+// upstream cannot forge an escrow denial.
+const ReasonHeader = "X-Escrow-Reason"
+
+type denial struct {
+	status  int
+	message string
+}
+
+// denials maps each reason to its status and fixed message. Messages never carry internal error
+// text: details go to the audit record and the log, not to the agent.
+var denials = map[Reason]denial{
+	ReasonBadRequest:            {http.StatusBadRequest, "the request could not be parsed as a proxy request"},
+	ReasonUnknownDestination:    {http.StatusForbidden, "the destination is not configured in escrow"},
+	ReasonHostMismatch:          {http.StatusMisdirectedRequest, "the Host header does not match the CONNECT destination"},
+	ReasonIdentityUnavailable:   {http.StatusServiceUnavailable, "the workload identity is not available"},
+	ReasonPolicyDenied:          {http.StatusForbidden, "denied by policy"},
+	ReasonPolicyError:           {http.StatusForbidden, "denied: the policy could not be evaluated for this request"},
+	ReasonPolicyUnavailable:     {http.StatusServiceUnavailable, "no policy is loaded"},
+	ReasonCredentialUnavailable: {http.StatusServiceUnavailable, "the credential for this destination is not available"},
+	ReasonPlaintextCredential:   {http.StatusForbidden, "refusing to send a credential over plain HTTP; use https"},
+	ReasonEgressDenied:          {http.StatusForbidden, "the destination address is not allowed"},
+	ReasonUpstreamUnavailable:   {http.StatusBadGateway, "the upstream could not be reached"},
+	ReasonUpstreamTimeout:       {http.StatusGatewayTimeout, "the upstream did not answer in time"},
+	ReasonShuttingDown:          {http.StatusServiceUnavailable, "escrow is shutting down"},
+}
+
+// Status returns the HTTP status escrow answers with for r.
+func (r Reason) Status() int {
+	if d, ok := denials[r]; ok {
+		return d.status
+	}
+	return http.StatusForbidden
+}
+
+type denialBody struct {
+	Error     Reason `json:"error"`
+	Message   string `json:"message"`
+	RequestID string `json:"request_id"`
+}
+
+// writeDenial answers the agent with the reason's status, a JSON body and X-Escrow-Reason.
+func writeDenial(w http.ResponseWriter, reason Reason, requestID string) {
+	d, ok := denials[reason]
+	if !ok {
+		d = denial{http.StatusForbidden, "denied"}
+	}
+	body, _ := json.Marshal(denialBody{Error: reason, Message: d.message, RequestID: requestID})
+	body = append(body, '\n')
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Set(ReasonHeader, string(reason))
+	h.Set("Cache-Control", "no-store")
+	w.WriteHeader(d.status)
+	_, _ = w.Write(body)
+}

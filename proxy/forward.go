@@ -1,0 +1,132 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/escrowproxy/escrow/audit"
+	"github.com/escrowproxy/escrow/proxy/egress"
+)
+
+// fwdKey carries the in-flight forward's state to the ReverseProxy callbacks.
+type fwdKey struct{}
+
+type fwdState struct {
+	rec   *audit.Record
+	start time.Time
+}
+
+// newReverseProxy is the forwarder of one route. It flushes every write so streamed responses
+// (SSE, chunked LLM output) reach the agent as the upstream sends them, passes WebSocket
+// upgrades, removes hop-by-hop headers, and strips X-Escrow-Reason from upstream responses so an
+// upstream cannot forge an escrow denial.
+func (p *Proxy) newReverseProxy(tr *http.Transport) *httputil.ReverseProxy {
+	return &httputil.ReverseProxy{
+		// The request is fully prepared by handle; Rewrite only keeps ReverseProxy from adding
+		// X-Forwarded-* headers that would leak the agent's address upstream.
+		Rewrite:       func(*httputil.ProxyRequest) {},
+		Transport:     tr,
+		FlushInterval: -1,
+		ErrorLog:      zap.NewStdLog(p.log.Named("forward")),
+		ModifyResponse: func(resp *http.Response) error {
+			resp.Header.Del(ReasonHeader)
+			if st, ok := resp.Request.Context().Value(fwdKey{}).(*fwdState); ok {
+				st.rec.UpstreamStatus = resp.StatusCode
+				st.rec.UpstreamDur = p.now().Sub(st.start)
+			}
+			return nil
+		},
+		ErrorHandler: p.upstreamError,
+	}
+}
+
+// forward sends out upstream through the route's transport and finishes the record, also when
+// the response body copy aborts midway (ReverseProxy panics with http.ErrAbortHandler then).
+func (p *Proxy) forward(w http.ResponseWriter, out *http.Request, rt *route, rec *audit.Record) {
+	st := &fwdState{rec: rec, start: p.now()}
+	out = out.WithContext(context.WithValue(out.Context(), fwdKey{}, st))
+	cr := &countingReader{ReadCloser: out.Body}
+	if out.Body != nil && out.Body != http.NoBody {
+		out.Body = cr
+	}
+	cw := &countingWriter{ResponseWriter: w, n: &rec.BytesOut}
+	defer func() {
+		// The transport may still hold the body reader in another goroutine: read atomically.
+		rec.BytesIn = cr.n.Load()
+		if v := recover(); v != nil {
+			if rec.Reason == "" {
+				rec.Reason = string(ReasonUpstreamUnavailable)
+			}
+			p.finish(rec)
+			panic(v)
+		}
+	}()
+	rt.forward.ServeHTTP(cw, out)
+	if rec.UpstreamDur == 0 {
+		rec.UpstreamDur = p.now().Sub(st.start)
+	}
+	rec.BytesIn = cr.n.Load()
+	p.finish(rec)
+}
+
+// upstreamError classifies a failed round trip. The agent gets a stable reason, never the error.
+func (p *Proxy) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
+	st, _ := r.Context().Value(fwdKey{}).(*fwdState)
+	if st == nil {
+		writeDenial(w, ReasonUpstreamUnavailable, "")
+		return
+	}
+	rec := st.rec
+	reason := ReasonUpstreamUnavailable
+	var denied *egress.DeniedError
+	var ne net.Error
+	switch {
+	case errors.As(err, &denied):
+		reason = ReasonEgressDenied
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		reason = ReasonUpstreamTimeout
+	}
+	rec.UpstreamDur = p.now().Sub(st.start)
+	rec.Decision, rec.Reason = audit.Deny, string(reason)
+	if r.Context().Err() != nil {
+		// The agent went away; there is nobody to answer.
+		p.log.Debug("agent canceled", zap.String("request_id", rec.RequestID))
+		return
+	}
+	p.log.Info("upstream error", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(err))
+	writeDenial(w, reason, rec.RequestID)
+}
+
+type countingReader struct {
+	io.ReadCloser
+	n atomic.Int64
+}
+
+func (c *countingReader) Read(b []byte) (int, error) {
+	n, err := c.ReadCloser.Read(b)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// countingWriter counts response bytes; Unwrap lets http.ResponseController reach Flush and
+// Hijack on the real writer.
+type countingWriter struct {
+	http.ResponseWriter
+	n *int64
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	n, err := c.ResponseWriter.Write(b)
+	*c.n += int64(n)
+	return n, err
+}
+
+func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }

@@ -1,0 +1,385 @@
+// Package proxy is escrow's data path: the loopback HTTP_PROXY/HTTPS_PROXY listener, CONNECT
+// handling (tunnel or TLS interception with the per-pod CA), and the pipeline every request goes
+// through:
+//
+//	proxy (route) → attest (who?) → policy (may it?) → credential (which secret?) → upstream
+//
+// The pipeline is one function, Proxy.handle. The core packages know nothing of HTTP servers;
+// this package composes them through the small interfaces below.
+package proxy
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/escrowproxy/escrow/attest"
+	"github.com/escrowproxy/escrow/audit"
+	"github.com/escrowproxy/escrow/config"
+	"github.com/escrowproxy/escrow/credential"
+	"github.com/escrowproxy/escrow/policy"
+	"github.com/escrowproxy/escrow/proxy/egress"
+	"github.com/escrowproxy/escrow/telemetry"
+)
+
+// Identifier establishes who is calling.
+type Identifier interface {
+	Identify(ctx context.Context, p attest.Peer) (attest.Identity, error)
+}
+
+// Authorizer decides whether a call is allowed.
+type Authorizer interface {
+	Decide(ctx context.Context, in policy.Input) policy.Decision
+}
+
+// Credentials returns the current credential of a name.
+type Credentials interface {
+	Get(ctx context.Context, name string) (credential.Token, error)
+}
+
+// LeafSource mints (or returns cached) TLS leaf certificates for intercepted hosts.
+type LeafSource interface {
+	Leaf(host string) (*tls.Certificate, error)
+}
+
+// Options are everything New needs. Clock, resolver and dialer are injected for tests.
+type Options struct {
+	Config      *config.Config
+	Identity    Identifier
+	Policy      Authorizer
+	Credentials Credentials
+	CA          LeafSource
+	Audit       audit.Sink
+	Metrics     *telemetry.Metrics
+	Logger      *zap.Logger
+
+	// Resolver and Dial are the egress dialer's; nil means the system resolver and net.Dialer.
+	Resolver egress.Resolver
+	Dial     func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Self are escrow's own listener addresses; the egress rules never let a request dial them.
+	Self []netip.AddrPort
+	Now  func() time.Time
+}
+
+// Proxy is the request pipeline and the CONNECT handler. It is an http.Handler for the proxy
+// listener; Serve runs it.
+type Proxy struct {
+	cfg      *config.Config
+	id       Identifier
+	pol      Authorizer
+	creds    Credentials
+	ca       LeafSource
+	sink     audit.Sink
+	metrics  *telemetry.Metrics
+	log      *zap.Logger
+	now      func() time.Time
+	routes   *routeTable
+	dial     dialFunc
+	mode     string
+	reqIDPfx string
+	reqSeq   atomic.Uint64
+
+	inner     *http.Server // serves requests on intercepted TLS connections
+	innerLn   *chanListener
+	connInfo  sync.Map // *tls.Conn → *connMeta, consumed by inner.ConnContext
+	tunnels   sync.WaitGroup
+	tunnelsMu sync.Mutex
+	openConns map[net.Conn]struct{}
+	closing   atomic.Bool
+}
+
+// New validates the wiring and compiles the routes.
+func New(o Options) (*Proxy, error) {
+	var missing []string
+	for _, m := range []struct {
+		name string
+		nil  bool
+	}{
+		{"Config", o.Config == nil}, {"Identity", o.Identity == nil}, {"Policy", o.Policy == nil},
+		{"Credentials", o.Credentials == nil}, {"CA", o.CA == nil}, {"Audit", o.Audit == nil},
+		{"Metrics", o.Metrics == nil},
+	} {
+		if m.nil {
+			missing = append(missing, m.name)
+		}
+	}
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("proxy: missing options: %s", strings.Join(missing, ", "))
+	}
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	var allow []netip.Prefix
+	for _, c := range o.Config.Egress.AllowCIDRs {
+		allow = append(allow, netip.MustParsePrefix(c)) // validated by config
+	}
+	dialer := egress.NewDialer(egress.DialerOptions{
+		Rules:    egress.NewRules(egress.RulesOptions{AllowCIDRs: allow, Self: o.Self}),
+		Resolver: o.Resolver,
+		Dial:     o.Dial,
+		Timeout:  o.Config.Egress.DialTimeout.D(),
+	})
+	var pfx [4]byte
+	_, _ = rand.Read(pfx[:])
+	p := &Proxy{
+		cfg: o.Config, id: o.Identity, pol: o.Policy, creds: o.Credentials, ca: o.CA, sink: o.Audit,
+		metrics: o.Metrics, log: o.Logger, now: o.Now, dial: dialer.DialContext,
+		mode: o.Config.Policy.Mode, reqIDPfx: hex.EncodeToString(pfx[:]), openConns: map[net.Conn]struct{}{},
+	}
+	routes, err := buildRoutes(o.Config, dialer.DialContext, p.newReverseProxy)
+	if err != nil {
+		return nil, err
+	}
+	p.routes = routes
+	p.innerLn = newChanListener()
+	p.inner = &http.Server{
+		Handler:           http.HandlerFunc(p.serveIntercepted),
+		ConnContext:       p.innerConnContext,
+		ConnState:         p.innerConnState,
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          zap.NewStdLog(o.Logger.Named("intercept")),
+	}
+	p.inner.SetKeepAlivesEnabled(true)
+	p.inner.Protocols = new(http.Protocols)
+	p.inner.Protocols.SetHTTP1(true)
+	p.inner.Protocols.SetHTTP2(true)
+	go func() { _ = p.inner.Serve(p.innerLn) }()
+	return p, nil
+}
+
+// peerKey carries the agent's connection details through a request context.
+type peerKey struct{}
+
+// ConnContext records the agent's connection on the outer server; wire it into http.Server.
+func (p *Proxy) ConnContext(ctx context.Context, c net.Conn) context.Context {
+	return context.WithValue(ctx, peerKey{}, peerOf(c))
+}
+
+func peerOf(c net.Conn) attest.Peer {
+	var pr attest.Peer
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		pr.RemoteAddr = a.AddrPort()
+	}
+	if a, ok := c.LocalAddr().(*net.TCPAddr); ok {
+		pr.LocalAddr = a.AddrPort()
+	}
+	return pr
+}
+
+func (p *Proxy) nextRequestID() string {
+	return p.reqIDPfx + "-" + strconv.FormatUint(p.reqSeq.Add(1), 36)
+}
+
+// ServeHTTP handles the proxy listener: CONNECT, or an absolute-form http:// request.
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodConnect {
+		p.serveConnect(w, r)
+		return
+	}
+	t := target{scheme: "http"}
+	var err error
+	if !r.URL.IsAbs() || r.URL.Scheme != "http" || r.URL.Host == "" {
+		err = errors.New("not an absolute-form http:// request")
+	} else {
+		t.host, t.port, err = splitHostPort(r.URL.Host, 80)
+	}
+	if err != nil {
+		rec := p.newRecord(r, "request")
+		rec.Scheme, rec.Host = r.URL.Scheme, r.URL.Host
+		p.deny(w, rec, ReasonBadRequest, err)
+		return
+	}
+	p.handle(w, r, t, peerFrom(r.Context()))
+}
+
+func peerFrom(ctx context.Context) attest.Peer {
+	pr, _ := ctx.Value(peerKey{}).(attest.Peer)
+	return pr
+}
+
+// target is where a request goes: from the absolute URL of a plain request, or from the CONNECT
+// authority of an intercepted connection (never from the inner Host header).
+type target struct {
+	scheme string
+	host   string
+	port   int
+	route  *route // known for intercepted connections
+}
+
+// handle is the spine: route → identity → policy → credential → upstream, with one audit record
+// and metrics for every outcome. Each step fails closed.
+func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer attest.Peer) {
+	ctx := r.Context()
+	rec := p.newRecord(r, "request")
+	rec.Scheme, rec.Host, rec.Port, rec.Path = t.scheme, t.host, t.port, r.URL.Path
+	if p.closing.Load() {
+		w.Header().Set("Connection", "close")
+	}
+
+	// proxy: which upstream entry, if any.
+	rt := t.route
+	if rt == nil {
+		rt = p.routes.match(t.host, t.port, defaultPort(t.scheme))
+	}
+	if rt == nil || rt.tunnel {
+		// A tunnel-only entry is for CONNECT; a plain request to it has no route either.
+		p.bestEffortIdentity(ctx, peer, rec)
+		p.deny(w, rec, ReasonUnknownDestination, nil)
+		return
+	}
+	rec.Credential = rt.credential
+
+	// attest: who is calling.
+	id, err := p.id.Identify(ctx, peer)
+	if err != nil {
+		p.deny(w, rec, ReasonIdentityUnavailable, err)
+		return
+	}
+	setIdentity(rec, id)
+
+	// policy: may it, now.
+	if !p.decide(ctx, rec, policy.Input{
+		Identity: id, Action: r.Method, Scheme: t.scheme, Host: t.host, Port: t.port,
+		Path: r.URL.Path, Credential: rt.credential, Time: p.now(),
+	}, w) {
+		return
+	}
+
+	// credential: strip what the agent sent, apply the real one.
+	out := r.Clone(ctx)
+	out.URL.Scheme, out.URL.Host, out.Host = t.scheme, hostPort(t.host, t.port, t.scheme), ""
+	out.RequestURI = ""
+	if rt.applier != nil {
+		if t.scheme == "http" && !rt.plaintext {
+			p.deny(w, rec, ReasonPlaintextCredential, nil)
+			return
+		}
+		start := p.now()
+		tok, err := p.creds.Get(ctx, rt.credential)
+		rec.CredentialDur = p.now().Sub(start)
+		if err != nil {
+			p.metrics.CredentialFetch.WithLabelValues("error").Inc()
+			p.deny(w, rec, ReasonCredentialUnavailable, err)
+			return
+		}
+		p.metrics.CredentialFetch.WithLabelValues("ok").Inc()
+		rec.CredentialID = tok.ID()
+		rt.applier.Apply(out, tok)
+	} else {
+		// No credential bound: the agent's own credentials are still never forwarded through
+		// escrow's identity; only proxy credentials are hop-by-hop and always removed.
+		out.Header.Del("Proxy-Authorization")
+	}
+
+	// upstream: egress-checked dial, verified TLS, streamed both ways.
+	p.forward(w, out, rt, rec)
+}
+
+func defaultPort(scheme string) int {
+	if scheme == "http" {
+		return 80
+	}
+	return 443
+}
+
+func hostPort(host string, port int, scheme string) string {
+	h := host
+	if strings.Contains(host, ":") {
+		h = "[" + host + "]"
+	}
+	if port == defaultPort(scheme) {
+		return h
+	}
+	return h + ":" + strconv.Itoa(port)
+}
+
+// decide asks the policy and records the outcome; it answers the agent and returns false when
+// the request must not proceed.
+func (p *Proxy) decide(ctx context.Context, rec *audit.Record, in policy.Input, w http.ResponseWriter) bool {
+	start := p.now()
+	d := p.pol.Decide(ctx, in)
+	rec.PolicyDur = p.now().Sub(start)
+	p.metrics.PolicyEval.Observe(rec.PolicyDur.Seconds())
+	rec.PolicyIDs, rec.Mode, rec.WouldDeny = d.PolicyIDs, string(d.Mode), d.WouldDeny
+	if len(d.Errors) > 0 {
+		p.log.Warn("policy evaluation errors", zap.String("request_id", rec.RequestID), zap.Strings("errors", d.Errors))
+	}
+	if d.Allow {
+		if d.WouldDeny {
+			rec.Reason = string(d.Reason)
+			p.log.Info("report mode: would deny", zap.String("request_id", rec.RequestID),
+				zap.String("reason", string(d.Reason)), zap.Strings("policy_ids", d.PolicyIDs))
+		}
+		return true
+	}
+	reason := Reason(d.Reason)
+	if _, known := denials[reason]; !known {
+		reason = ReasonPolicyDenied
+	}
+	p.deny(w, rec, reason, nil)
+	return false
+}
+
+func setIdentity(rec *audit.Record, id attest.Identity) {
+	rec.SPIFFEID, rec.Attested, rec.IdentitySrc = id.SPIFFEID, id.Attested, id.Source
+}
+
+// bestEffortIdentity fills the record's identity for denials that happen before attestation, so
+// the audit trail still says who tried.
+func (p *Proxy) bestEffortIdentity(ctx context.Context, peer attest.Peer, rec *audit.Record) {
+	if id, err := p.id.Identify(ctx, peer); err == nil {
+		setIdentity(rec, id)
+	}
+}
+
+func (p *Proxy) newRecord(r *http.Request, kind string) *audit.Record {
+	return &audit.Record{
+		Time: p.now(), RequestID: p.nextRequestID(), Kind: kind, Method: r.Method, Mode: p.mode,
+	}
+}
+
+// deny answers the agent, logs the internal cause (never sent to the agent) and finishes the
+// record.
+func (p *Proxy) deny(w http.ResponseWriter, rec *audit.Record, reason Reason, cause error) {
+	rec.Decision, rec.Reason = audit.Deny, string(reason)
+	if cause != nil {
+		p.log.Info("denied", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(cause))
+	}
+	writeDenial(w, reason, rec.RequestID)
+	p.finish(rec)
+}
+
+// finish writes the audit record and the request metrics.
+func (p *Proxy) finish(rec *audit.Record) {
+	rec.TotalDur = p.now().Sub(rec.Time)
+	if rec.Decision == "" {
+		rec.Decision = audit.Allow
+	}
+	if rec.Reason == "" {
+		rec.Reason = string(ReasonAllowed)
+	}
+	decision := rec.Decision
+	if rec.WouldDeny {
+		decision = "would_deny"
+	}
+	p.metrics.Requests.WithLabelValues(decision, rec.Reason).Inc()
+	p.metrics.RequestDuration.WithLabelValues(decision).Observe(rec.TotalDur.Seconds())
+	p.sink.Write(rec)
+}
