@@ -1,6 +1,3 @@
-// Package attest answers "who is calling": the pod's workload identity (SPIFFE), optionally
-// narrowed later to the calling process and a delegation chain. An identity that cannot be
-// established or has expired is an error, never "anonymous".
 package attest
 
 import (

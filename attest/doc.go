@@ -1,0 +1,27 @@
+// Package attest answers "who is calling": the workload identity of the pod escrow runs in,
+// established for every outbound request before policy is asked and before any credential is
+// put on the request. Later it is narrowed to the calling process and a delegation chain.
+//
+// Two sources exist today:
+//
+//   - [SPIFFE] follows the SPIFFE Workload API (a SPIRE agent's socket). It holds the current
+//     X509-SVID's SPIFFE ID and expiry, replaces them on every rotation, and fetches JWT-SVIDs
+//     for credential providers. Its identities are Attested.
+//   - [Static] is a configured SPIFFE ID for local use. Nothing vouches for it, so its
+//     identities are not Attested, and policy and audit can tell the difference.
+//
+// # No identity is an error, never "anonymous"
+//
+// Every decision escrow makes downstream keys off the identity: the Cedar principal, the
+// credential a route may receive, the audit record that says who did what. If a source
+// answered "anonymous" (or an empty principal) when it cannot establish who is calling, that
+// value would flow into policy as an ordinary principal, and any policy written with a broad
+// scope ("permit (principal, action, resource) when ...", a forgotten `unless`) would then
+// allow an unidentified caller and hand it a real credential. Failing closed must not depend
+// on every policy author remembering a special case. So when there is no SVID yet, the
+// Workload API has gone away and the last SVID has passed its NotAfter, or the source is
+// closed, Identify returns an error wrapping [ErrUnavailable], and the proxy denies the
+// request (503 identity_unavailable) and records that denial. An expired SVID is treated the
+// same as none: the Workload API stopped vouching for the workload at NotAfter, and serving it
+// afterwards would turn an outage of the attestation system into silent trust.
+package attest

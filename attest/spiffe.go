@@ -1,0 +1,259 @@
+package attest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"go.uber.org/zap"
+	"golang.org/x/sync/singleflight"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// SPIFFEOptions configures NewSPIFFE.
+type SPIFFEOptions struct {
+	// Addr is the Workload API address, unix:///path/to/agent.sock or tcp://ip:port.
+	// Empty means the environment variable SPIFFE_ENDPOINT_SOCKET.
+	Addr string
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// Logger receives watch errors and SVID rotations (never key material or tokens);
+	// nil means no logging.
+	Logger *zap.Logger
+	// OnUpdate, if set, is called with the leaf's NotAfter every time a new X509-SVID arrives
+	// (e.g. to set an expiry gauge). It runs on the watch goroutine and must not block.
+	OnUpdate func(expiresAt time.Time)
+}
+
+// SPIFFE is a Source that follows the SPIFFE Workload API. It holds the SPIFFE ID and expiry
+// of the current default X509-SVID (never its private key) and replaces them on every update
+// the Workload API streams, so rotation is followed. It also fetches JWT-SVIDs (JWTSVID).
+//
+// If the Workload API goes away, the last SVID keeps serving until its NotAfter and no longer;
+// the watch keeps reconnecting with backoff in the meantime.
+type SPIFFE struct {
+	now      func() time.Time
+	log      *zap.Logger
+	onUpdate func(time.Time)
+
+	client *workloadapi.Client
+	ctx    context.Context // lives until Close (or the ctx given to NewSPIFFE ends)
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the watch goroutine has returned
+
+	cur       atomic.Pointer[svidState]
+	closed    atomic.Bool
+	closeOnce sync.Once
+	closeErr  error
+
+	jwtMu    sync.Mutex
+	jwtCache map[string]jwtEntry // by audience
+	jwtGroup singleflight.Group
+}
+
+var _ Source = (*SPIFFE)(nil)
+
+// svidState is what Identify needs from the current X509-SVID. It is immutable once stored.
+type svidState struct {
+	id       string
+	td       string
+	notAfter time.Time
+	closed   bool
+}
+
+// closedState replaces the current SVID on Close: a closed source identifies nobody.
+var closedState = &svidState{closed: true}
+
+var (
+	errNoSVID = fmt.Errorf("%w: no SVID yet", ErrUnavailable)
+	errClosed = fmt.Errorf("%w: identity source closed", ErrUnavailable)
+)
+
+// watchRetry is how long to wait before starting a new watch after go-spiffe's watch loop
+// gave up (it does so only on codes.InvalidArgument; other errors it retries with backoff).
+const watchRetry = 5 * time.Second
+
+// NewSPIFFE connects to the Workload API and starts watching X509-SVIDs in the background. It
+// does not wait for the first SVID: until it arrives Ready is false and Identify fails with
+// ErrUnavailable. It fails only when the address is missing or malformed.
+//
+// The watch runs until Close is called or ctx is done, whichever comes first.
+func NewSPIFFE(ctx context.Context, opts SPIFFEOptions) (*SPIFFE, error) {
+	addr := opts.Addr
+	if addr == "" {
+		addr = os.Getenv(workloadapi.SocketEnv)
+		if addr == "" {
+			return nil, fmt.Errorf("attest: no SPIFFE Workload API address: set the socket address "+
+				"in the config (e.g. unix:///run/spire/sockets/agent.sock) or the %s environment variable",
+				workloadapi.SocketEnv)
+		}
+	}
+	if err := workloadapi.ValidateAddress(addr); err != nil {
+		return nil, fmt.Errorf("attest: SPIFFE Workload API address %q: %w", addr, err)
+	}
+	s := &SPIFFE{
+		now:      opts.Now,
+		log:      opts.Logger,
+		onUpdate: opts.OnUpdate,
+		done:     make(chan struct{}),
+		jwtCache: make(map[string]jwtEntry),
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	if s.log == nil {
+		s.log = zap.NewNop()
+	}
+	s.log = s.log.With(zap.String("workload_api", addr))
+
+	s.ctx, s.cancel = context.WithCancel(ctx)
+	// workloadapi.New does not block: gRPC connects lazily, and the watch below reconnects.
+	client, err := workloadapi.New(s.ctx,
+		workloadapi.WithAddr(addr),
+		workloadapi.WithLogger(spiffeLogger{s.log.Sugar()}))
+	if err != nil {
+		s.cancel()
+		return nil, fmt.Errorf("attest: SPIFFE Workload API client: %w", err)
+	}
+	s.client = client
+	go s.watch()
+	return s, nil
+}
+
+func (s *SPIFFE) watch() {
+	defer close(s.done)
+	w := x509Watcher{s}
+	for {
+		err := s.client.WatchX509Context(s.ctx, w)
+		if s.ctx.Err() != nil {
+			return
+		}
+		// go-spiffe stops watching for good on InvalidArgument; keep trying, since an
+		// identity source that gave up would fail every request until a restart.
+		s.log.Error("SPIFFE Workload API watch stopped; restarting", zap.Error(err),
+			zap.Duration("retry_in", watchRetry))
+		t := time.NewTimer(watchRetry)
+		select {
+		case <-s.ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+type x509Watcher struct{ s *SPIFFE }
+
+func (w x509Watcher) OnX509ContextUpdate(c *workloadapi.X509Context) {
+	s := w.s
+	if len(c.SVIDs) == 0 || len(c.SVIDs[0].Certificates) == 0 {
+		// go-spiffe does not deliver such updates; guard anyway.
+		s.log.Warn("SPIFFE Workload API update without an X509-SVID; ignored")
+		return
+	}
+	svid := c.DefaultSVID()
+	st := &svidState{
+		id:       svid.ID.String(),
+		td:       svid.ID.TrustDomain().Name(),
+		notAfter: svid.Certificates[0].NotAfter,
+	}
+	if s.closed.Load() {
+		return
+	}
+	prev := s.cur.Swap(st)
+	fields := []zap.Field{zap.String("spiffe_id", st.id), zap.Time("expires_at", st.notAfter)}
+	switch {
+	case !s.now().Before(st.notAfter):
+		s.log.Warn("received an X509-SVID that has already expired", fields...)
+	case prev == nil || prev.id != st.id:
+		s.log.Info("X509-SVID received", fields...)
+	default:
+		s.log.Debug("X509-SVID rotated", fields...)
+	}
+	if s.onUpdate != nil {
+		s.onUpdate(st.notAfter)
+	}
+}
+
+func (w x509Watcher) OnX509ContextWatchError(err error) {
+	s := w.s
+	if s.ctx.Err() != nil || status.Code(err) == codes.Canceled {
+		return // closing
+	}
+	fields := []zap.Field{zap.Error(err)}
+	if st := s.cur.Load(); st != nil && !st.closed {
+		fields = append(fields, zap.String("spiffe_id", st.id), zap.Time("svid_expires_at", st.notAfter))
+	}
+	s.log.Warn("SPIFFE Workload API watch failed; retrying", fields...)
+}
+
+// Identify returns the identity of the current X509-SVID. It fails with an error wrapping
+// ErrUnavailable if no SVID has arrived yet, the SVID has expired (Now() >= NotAfter), or the
+// source is closed. ctx and peer are not used. It is a single atomic load and does not allocate.
+func (s *SPIFFE) Identify(_ context.Context, _ Peer) (Identity, error) {
+	st := s.cur.Load()
+	switch {
+	case st == nil:
+		return Identity{}, errNoSVID
+	case st.closed:
+		return Identity{}, errClosed
+	case !s.now().Before(st.notAfter):
+		return Identity{}, fmt.Errorf("%w: SVID expired at %s", ErrUnavailable,
+			st.notAfter.UTC().Format(time.RFC3339))
+	}
+	return Identity{
+		SPIFFEID:    st.id,
+		TrustDomain: st.td,
+		Attested:    true,
+		Source:      SourceSPIFFE,
+		ExpiresAt:   st.notAfter,
+	}, nil
+}
+
+// Ready reports whether an unexpired X509-SVID is held.
+func (s *SPIFFE) Ready() bool {
+	st := s.cur.Load()
+	return st != nil && !st.closed && s.now().Before(st.notAfter)
+}
+
+// ExpiresAt returns the NotAfter of the current X509-SVID's leaf (which may be in the past),
+// or the zero time if none has arrived or the source is closed.
+func (s *SPIFFE) ExpiresAt() time.Time {
+	st := s.cur.Load()
+	if st == nil || st.closed {
+		return time.Time{}
+	}
+	return st.notAfter
+}
+
+// Close stops the watch, waits for it to end and closes the Workload API client. After Close,
+// Identify and JWTSVID fail with ErrUnavailable. It is safe to call more than once.
+func (s *SPIFFE) Close() error {
+	s.closeOnce.Do(func() {
+		s.closed.Store(true)
+		s.cancel()
+		<-s.done
+		s.cur.Store(closedState)
+		s.jwtMu.Lock()
+		clear(s.jwtCache)
+		s.jwtMu.Unlock()
+		if err := s.client.Close(); err != nil {
+			s.closeErr = fmt.Errorf("attest: close SPIFFE Workload API client: %w", err)
+		}
+	})
+	return s.closeErr
+}
+
+// spiffeLogger routes go-spiffe's own log lines to zap at debug level: every error it logs is
+// also handed to the watcher, which logs it once at the right level.
+type spiffeLogger struct{ l *zap.SugaredLogger }
+
+func (l spiffeLogger) Debugf(format string, args ...any) { l.l.Debugf(format, args...) }
+func (l spiffeLogger) Infof(format string, args ...any)  { l.l.Debugf(format, args...) }
+func (l spiffeLogger) Warnf(format string, args ...any)  { l.l.Debugf(format, args...) }
+func (l spiffeLogger) Errorf(format string, args ...any) { l.l.Debugf(format, args...) }
