@@ -52,6 +52,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
+	// The first signal starts a graceful drain; restoring the default handling lets a second one
+	// end the process at once.
+	go func() { <-ctx.Done(); stop() }()
 
 	var err error
 	switch cmd, rest := args[0], args[1:]; cmd {
