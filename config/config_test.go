@@ -194,3 +194,26 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+func TestParse_InjectTemplateNeedsExactlyOneToken(t *testing.T) {
+	for _, tc := range []struct {
+		value string
+		ok    bool
+	}{
+		{"Bearer {{.Token}}", true},
+		{"{{ .Token }}", true},
+		{"token={{.Token}};v=1", true},
+		{"Bearer", false},
+		{"{{.Token}}{{.Token}}", false},
+		{"{{if .Token}}x{{end}}{{.Token}}", false},
+		{"{{.Token | printf}}", false},
+	} {
+		_, err := Parse([]byte(minimal + `
+upstreams: [{host: a.example, credential: k, inject: {header: X-Key, value: "` + tc.value + `"}}]
+credentials: {k: {static: {env: K}}}
+`))
+		if (err == nil) != tc.ok {
+			t.Errorf("value %q: err=%v, want ok=%v", tc.value, err, tc.ok)
+		}
+	}
+}

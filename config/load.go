@@ -13,7 +13,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"text/template"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -421,10 +420,8 @@ func (c *Config) validate() Errors {
 				add(p+".inject.header", "want an HTTP header name, got %q", u.Inject.Header)
 			}
 			if u.Inject.Value != "" {
-				if _, err := template.New("v").Option("missingkey=error").Parse(u.Inject.Value); err != nil {
-					add(p+".inject.value", "bad template: %v", err)
-				} else if !strings.Contains(u.Inject.Value, "{{.Token}}") {
-					add(p+".inject.value", "must contain {{.Token}}")
+				if msg := checkTemplate(u.Inject.Value); msg != "" {
+					add(p+".inject.value", "%s", msg)
 				}
 			}
 		}
@@ -476,6 +473,22 @@ func (c *Config) validate() Errors {
 		add("egress.dial_timeout", "must be positive")
 	}
 	return errs
+}
+
+// checkTemplate accepts exactly one {{.Token}} (spaces allowed inside the braces) and no other
+// template action: the value is split around it once, not executed per request.
+func checkTemplate(v string) string {
+	norm := strings.ReplaceAll(v, "{{ .Token }}", "{{.Token}}")
+	if n := strings.Count(norm, "{{.Token}}"); n != 1 {
+		return fmt.Sprintf("must contain {{.Token}} exactly once, got %q", v)
+	}
+	if rest := strings.Replace(norm, "{{.Token}}", "", 1); strings.Contains(rest, "{{") || strings.Contains(rest, "}}") {
+		return fmt.Sprintf("only {{.Token}} is supported, got %q", v)
+	}
+	if strings.ContainsAny(v, "\r\n\x00") {
+		return "may not contain CR, LF or NUL"
+	}
+	return ""
 }
 
 func checkSPIFFEID(s string) error {
