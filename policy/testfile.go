@@ -1,0 +1,313 @@
+package policy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/escrowproxy/escrow/attest"
+)
+
+// The `escrow policy test FILE` format (YAML or JSON; unknown keys are errors):
+//
+//	policies: ../policies        # policy directory, relative to this file
+//	time: 2026-01-01T12:00:00Z   # optional default request time (RFC 3339); default: now
+//	cases:
+//	  - name: coder may read github
+//	    principal: spiffe://example.org/ns/agents/sa/coder
+//	    identity: {attested: true, source: spiffe, expires_in_s: 3600}   # optional, these are the defaults
+//	    time: 2026-01-01T12:00:00Z                                      # optional
+//	    request: {method: GET, scheme: https, host: api.github.com, port: 443, path: /repos/x, credential: github}
+//	    expect: allow                 # allow | deny
+//	    policies: [allow-github-read] # optional: the exact determining policy ids (any order)
+//	  - name: tunnel
+//	    principal: spiffe://example.org/ns/agents/sa/coder
+//	    request: {action: connect, host: pypi.org, port: 443}
+//	    expect: deny
+//
+// request.scheme defaults to https, request.port to 443 (80 for http); a request has either
+// a method or action: connect. "deny" matches every kind of deny (policy_denied or
+// policy_error); the result reports which.
+
+type testFile struct {
+	Policies string     `json:"policies"`
+	Time     *time.Time `json:"time,omitempty"`
+	Cases    []testCase `json:"cases"`
+}
+
+type testCase struct {
+	Name      string        `json:"name"`
+	Principal string        `json:"principal"`
+	Identity  *testIdentity `json:"identity,omitempty"`
+	Time      *time.Time    `json:"time,omitempty"`
+	Request   testRequest   `json:"request"`
+	Expect    string        `json:"expect"`
+	Policies  []string      `json:"policies,omitempty"`
+}
+
+type testIdentity struct {
+	Attested   *bool  `json:"attested,omitempty"`
+	Source     string `json:"source,omitempty"`
+	ExpiresInS *int64 `json:"expires_in_s,omitempty"`
+}
+
+type testRequest struct {
+	Action     string `json:"action,omitempty"`
+	Method     string `json:"method,omitempty"`
+	Scheme     string `json:"scheme,omitempty"`
+	Host       string `json:"host"`
+	Port       int    `json:"port,omitempty"`
+	Path       string `json:"path,omitempty"`
+	Credential string `json:"credential,omitempty"`
+}
+
+// Report is the result of RunTests.
+type Report struct {
+	File      string       `json:"file"`
+	PolicyDir string       `json:"policy_dir"`
+	Version   string       `json:"version"`
+	Cases     []CaseResult `json:"cases"`
+}
+
+// Passed returns the number of passing cases.
+func (r Report) Passed() int {
+	n := 0
+	for _, c := range r.Cases {
+		if c.Pass {
+			n++
+		}
+	}
+	return n
+}
+
+// Failed returns the number of failing cases.
+func (r Report) Failed() int { return len(r.Cases) - r.Passed() }
+
+// OK reports whether every case passed.
+func (r Report) OK() bool { return r.Failed() == 0 }
+
+// Outcome is a decision as the test file states it.
+type Outcome struct {
+	Decision string   `json:"decision"`           // "allow" | "deny"
+	Policies []string `json:"policies,omitempty"` // sorted; in Want, nil means "not checked"
+}
+
+func (o Outcome) String() string {
+	if o.Policies == nil {
+		return o.Decision
+	}
+	return o.Decision + " [" + strings.Join(o.Policies, ", ") + "]"
+}
+
+// CaseResult is the result of one test case.
+type CaseResult struct {
+	Name   string   `json:"name"`
+	Pass   bool     `json:"pass"`
+	Want   Outcome  `json:"want"`
+	Got    Outcome  `json:"got"`
+	Reason Reason   `json:"reason"`
+	Errors []string `json:"errors,omitempty"`
+}
+
+func (c CaseResult) String() string {
+	if c.Pass {
+		return "PASS " + c.Name
+	}
+	s := fmt.Sprintf("FAIL %s: got %s (%s), want %s", c.Name, c.Got, c.Reason, c.Want)
+	for _, e := range c.Errors {
+		s += "\n\t" + e
+	}
+	return s
+}
+
+// TestOption changes how RunTests runs.
+type TestOption func(*testConfig)
+
+type testConfig struct {
+	dir string
+	now func() time.Time
+}
+
+// WithPolicyDir tests the policies in dir instead of the file's `policies` directory.
+func WithPolicyDir(dir string) TestOption { return func(c *testConfig) { c.dir = dir } }
+
+// WithClock sets the default request time for cases without a time (default time.Now).
+func WithClock(now func() time.Time) TestOption { return func(c *testConfig) { c.now = now } }
+
+// RunTests runs the test cases in the file at path against its policy directory (see the
+// format above). The error is non-nil when the file or the policies are bad; a failing case is
+// not an error, it is reported in the Report.
+func RunTests(path string, opts ...TestOption) (Report, error) {
+	cfg := testConfig{now: time.Now}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	rep := Report{File: path}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return rep, fmt.Errorf("policy: test file: %w", err)
+	}
+	var tf testFile
+	if err := yaml.UnmarshalStrict(raw, &tf); err != nil {
+		return rep, fmt.Errorf("policy: test file %s: %w", path, err)
+	}
+	if err := tf.check(cfg.dir != ""); err != nil {
+		return rep, fmt.Errorf("policy: test file %s: %w", path, err)
+	}
+	dir := cfg.dir
+	if dir == "" {
+		dir = tf.Policies
+		if !filepath.IsAbs(dir) {
+			dir = filepath.Join(filepath.Dir(path), dir)
+		}
+	}
+	rep.PolicyDir = dir
+	eng := NewEngine(Options{Mode: ModeEnforce, Now: cfg.now})
+	if err := eng.LoadDir(dir); err != nil {
+		return rep, err
+	}
+	rep.Version, _ = eng.Info()
+
+	now := cfg.now()
+	if tf.Time != nil {
+		now = *tf.Time
+	}
+	for _, tc := range tf.Cases {
+		d := eng.Decide(context.Background(), tc.input(now))
+		res := CaseResult{
+			Name:   tc.Name,
+			Want:   Outcome{Decision: tc.Expect},
+			Got:    Outcome{Decision: "deny", Policies: sortedCopy(d.PolicyIDs)},
+			Reason: d.Reason,
+			Errors: d.Errors,
+		}
+		if d.Allow {
+			res.Got.Decision = "allow"
+		}
+		res.Pass = res.Got.Decision == res.Want.Decision
+		if tc.Policies != nil {
+			res.Want.Policies = sortedCopy(tc.Policies)
+			res.Pass = res.Pass && slices.Equal(res.Want.Policies, res.Got.Policies)
+		}
+		rep.Cases = append(rep.Cases, res)
+	}
+	return rep, nil
+}
+
+func sortedCopy(s []string) []string {
+	out := make([]string, len(s))
+	copy(out, s)
+	slices.Sort(out)
+	return out
+}
+
+// check reports every malformed case at once.
+func (tf *testFile) check(dirGiven bool) error {
+	var errs []error
+	if tf.Policies == "" && !dirGiven {
+		errs = append(errs, errors.New("`policies` (the policy directory) is required"))
+	}
+	if len(tf.Cases) == 0 {
+		errs = append(errs, errors.New("no cases"))
+	}
+	names := map[string]bool{}
+	for i, c := range tf.Cases {
+		bad := func(format string, args ...any) {
+			errs = append(errs, fmt.Errorf("case %d (%q): %s", i+1, c.Name, fmt.Sprintf(format, args...)))
+		}
+		switch {
+		case c.Name == "":
+			bad("name is required")
+		case names[c.Name]:
+			bad("duplicate name")
+		}
+		names[c.Name] = true
+		if c.Principal == "" {
+			bad("principal is required")
+		}
+		if c.Expect != "allow" && c.Expect != "deny" {
+			bad("expect must be allow or deny, not %q", c.Expect)
+		}
+		r := c.Request
+		if r.Host == "" {
+			bad("request.host is required")
+		}
+		switch {
+		case r.Action != "" && r.Action != ActionConnect:
+			bad("request.action must be %q (use request.method for HTTP methods)", ActionConnect)
+		case r.Action != "" && r.Method != "":
+			bad("request has both action and method")
+		case r.Action == "" && r.Method == "":
+			bad("request needs a method (or action: connect)")
+		}
+		if r.Scheme != "" && r.Scheme != "http" && r.Scheme != "https" {
+			bad("request.scheme must be http or https, not %q", r.Scheme)
+		}
+		if r.Port < 0 || r.Port > 65535 {
+			bad("request.port %d out of range", r.Port)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (c testCase) input(defaultTime time.Time) Input {
+	t := defaultTime
+	if c.Time != nil {
+		t = *c.Time
+	}
+	id := attest.Identity{
+		SPIFFEID:    c.Principal,
+		TrustDomain: trustDomainOf(c.Principal),
+		Attested:    true,
+		Source:      attest.SourceSPIFFE,
+	}
+	expiresIn := int64(3600)
+	if ci := c.Identity; ci != nil {
+		if ci.Attested != nil {
+			id.Attested = *ci.Attested
+			if !id.Attested {
+				id.Source = attest.SourceStatic
+			}
+		}
+		if ci.Source != "" {
+			id.Source = ci.Source
+		}
+		if ci.ExpiresInS != nil {
+			expiresIn = *ci.ExpiresInS
+		}
+	}
+	if id.Source != attest.SourceStatic {
+		id.ExpiresAt = t.Add(time.Duration(expiresIn) * time.Second)
+	}
+	r := c.Request
+	in := Input{
+		Identity:   id,
+		Action:     r.Method,
+		Scheme:     r.Scheme,
+		Host:       r.Host,
+		Port:       r.Port,
+		Path:       r.Path,
+		Credential: r.Credential,
+		Time:       t,
+	}
+	if r.Action == ActionConnect {
+		in.Action = ActionConnect
+	}
+	if in.Scheme == "" {
+		in.Scheme = "https"
+	}
+	if in.Port == 0 {
+		in.Port = 443
+		if in.Scheme == "http" {
+			in.Port = 80
+		}
+	}
+	return in
+}

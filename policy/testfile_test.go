@@ -1,0 +1,115 @@
+package policy
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestRunTests_AllPass(t *testing.T) {
+	rep, err := RunTests("testdata/policies.test.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Cases) != 12 || !rep.OK() || rep.Passed() != 12 || rep.Version == "" {
+		for _, c := range rep.Cases {
+			t.Log(c)
+		}
+		t.Fatalf("report: %d cases, %d passed, version %q", len(rep.Cases), rep.Passed(), rep.Version)
+	}
+	if rep.PolicyDir != filepath.Join("testdata", "policies") {
+		t.Errorf("PolicyDir = %q, want it relative to the test file", rep.PolicyDir)
+	}
+}
+
+func TestRunTests_FailingCaseReportsGotAndWant(t *testing.T) {
+	rep, err := RunTests("testdata/failing.test.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK() || rep.Passed() != 1 || rep.Failed() != 1 {
+		t.Fatalf("report: %+v", rep)
+	}
+	c := rep.Cases[1]
+	if c.Pass || c.Name != "wrong expectation about delete" {
+		t.Fatalf("case = %+v", c)
+	}
+	if c.Got.String() != "deny [forbid-github-delete]" || c.Want.String() != "allow [allow-github-read]" || c.Reason != ReasonDenied {
+		t.Fatalf("got %q want %q reason %s", c.Got, c.Want, c.Reason)
+	}
+	if s := c.String(); !strings.HasPrefix(s, "FAIL wrong expectation about delete: got deny [forbid-github-delete] (policy_denied), want allow [allow-github-read]") {
+		t.Fatalf("String() = %q", s)
+	}
+	// The right decision with the wrong determining policy also fails.
+	dir := t.TempDir()
+	file := filepath.Join(dir, "t.yaml")
+	writeFiles(t, dir, map[string]string{"t.yaml": `
+policies: ` + absTestdata(t) + `
+cases:
+  - name: right decision, wrong policy
+    principal: spiffe://example.org/ns/agents/sa/coder
+    request: {method: GET, host: api.github.com, credential: github}
+    expect: allow
+    policies: [some-other-policy]
+`})
+	rep, err = RunTests(file)
+	if err != nil || rep.OK() {
+		t.Fatalf("RunTests = %+v, %v", rep, err)
+	}
+}
+
+func absTestdata(t *testing.T) string {
+	t.Helper()
+	p, err := filepath.Abs("testdata/policies")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestRunTests_JSONFileAndPolicyDirOverride(t *testing.T) {
+	dir := t.TempDir()
+	writeFiles(t, dir, map[string]string{"t.json": `{"policies": "does-not-exist", "cases": [
+	  {"name": "tunnel", "principal": "spiffe://example.org/ns/agents/sa/coder",
+	   "request": {"action": "connect", "host": "pypi.org", "port": 443}, "expect": "allow"}]}`})
+	rep, err := RunTests(filepath.Join(dir, "t.json"), WithPolicyDir(absTestdata(t)))
+	if err != nil || !rep.OK() || len(rep.Cases) != 1 {
+		t.Fatalf("RunTests = %+v, %v", rep, err)
+	}
+}
+
+func TestRunTests_BadFile(t *testing.T) {
+	if _, err := RunTests("testdata/unknown-key.test.yaml"); err == nil || !strings.Contains(err.Error(), "expected") {
+		t.Fatalf("unknown key: err = %v", err)
+	}
+	if _, err := RunTests("testdata/no-such.test.yaml"); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("missing file: err = %v", err)
+	}
+	dir := t.TempDir()
+	for name, tc := range map[string]struct{ body, want string }{
+		"not yaml":         {"cases: [", "yaml"},
+		"no cases":         {"policies: " + absTestdata(t) + "\ncases: []\n", "no cases"},
+		"no policies":      {"cases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "`policies`"},
+		"bad expect":       {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allowed}\n", "expect must be"},
+		"no host":          {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET}, expect: allow}\n", "request.host is required"},
+		"method and act":   {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, action: connect, host: h}, expect: allow}\n", "both action and method"},
+		"bad action":       {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {action: GET, host: h}, expect: allow}\n", "request.action must be"},
+		"duplicate name":   {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "duplicate name"},
+		"bad policies dir": {"policies: nope\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "no such file"},
+		"broken policies":  {"policies: broken\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "@id"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if err := os.MkdirAll(filepath.Join(dir, "broken"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			writeFiles(t, filepath.Join(dir, "broken"), map[string]string{"a.cedar": "permit(principal, action, resource);"})
+			writeFiles(t, dir, map[string]string{"t.yaml": tc.body})
+			_, err := RunTests(filepath.Join(dir, "t.yaml"))
+			if err == nil || !strings.HasPrefix(err.Error(), "policy: ") || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want it to mention %q", err, tc.want)
+			}
+		})
+	}
+}
