@@ -193,13 +193,15 @@ func (e *Engine) version() string {
 
 // Watch polls dir every interval (default 5s if every <= 0) and reloads when the content of
 // its *.cedar files or schema changes (or when it differs from the loaded set at the start).
-// A change that fails to load is reported once (log and OnReload), not on every poll. Watch
-// returns when ctx ends.
+// A change is loaded only once it has settled (seen the same on two consecutive polls): a file
+// caught half-written must neither be reported as broken nor, worse, load as a truncated set
+// that lost its trailing forbid. A change that fails to load is reported once (log and
+// OnReload), not on every poll. Watch returns when ctx ends.
 func (e *Engine) Watch(ctx context.Context, dir string, every time.Duration) {
 	if every <= 0 {
 		every = 5 * time.Second
 	}
-	last := ""
+	last, pending := "", ""
 	if s := e.set.Load(); s != nil {
 		last = s.hash
 	}
@@ -212,11 +214,17 @@ func (e *Engine) Watch(ctx context.Context, dir string, every time.Duration) {
 		} else {
 			state = src.hash
 		}
-		if state == last {
+		switch {
+		case state == last:
+			pending = ""
+			e.loadMu.Unlock()
+			return
+		case state != pending:
+			pending = state // wait one more poll for the change to settle
 			e.loadMu.Unlock()
 			return
 		}
-		last = state
+		last, pending = state, ""
 		err = e.install(src, err)
 		e.loadMu.Unlock()
 		e.reported(err)

@@ -32,8 +32,14 @@ func writeDir(t testing.TB, files map[string]string) string {
 
 func writeFiles(t testing.TB, dir string, files map[string]string) {
 	t.Helper()
+	// Atomically (temp file + rename), as Kubernetes volume updates and most editors do: the
+	// watch tests poll every millisecond and must not see a file half-written.
 	for name, content := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+		tmp := filepath.Join(dir, ".tmp-"+name)
+		if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
 			t.Fatal(err)
 		}
 	}
