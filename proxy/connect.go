@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -26,6 +27,13 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request) {
 		rec := p.newRecord(r, "connect")
 		rec.Host = r.Host
 		p.deny(w, rec, ReasonBadRequest, errors.New("CONNECT needs host:port"))
+		return
+	}
+	if p.closing.Load() {
+		// Nothing new is relayed or intercepted once Shutdown began.
+		rec := p.newRecord(r, "connect")
+		rec.Host, rec.Port = host, port
+		p.deny(w, rec, ReasonShuttingDown, nil)
 		return
 	}
 	rt := p.routes.match(host, port, 443)
@@ -48,7 +56,7 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request) {
 func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, host string, port int, rt *route, peer attest.Peer) {
 	ctx := r.Context()
 	rec := p.newRecord(r, "tunnel")
-	rec.Scheme, rec.Host, rec.Port = "tcp", host, port
+	rec.Scheme, rec.Host, rec.Port = "https", host, port
 
 	id, err := p.id.Identify(ctx, peer)
 	if err != nil {
@@ -57,7 +65,7 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, host string,
 	}
 	setIdentity(rec, id)
 	if !p.decide(ctx, rec, policy.Input{
-		Identity: id, Action: "connect", Scheme: "tcp", Host: host, Port: port, Time: p.now(),
+		Identity: id, Action: "connect", Scheme: "https", Host: host, Port: port, Time: p.now(),
 	}, w) {
 		return
 	}
@@ -65,7 +73,7 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, host string,
 	start := p.now()
 	addr := rt.address
 	if addr == "" {
-		addr = hostPort(host, port, "")
+		addr = net.JoinHostPort(host, strconv.Itoa(port)) // always with the port: the dialer needs it
 	}
 	up, err := p.dial(ctx, "tcp", addr)
 	rec.UpstreamDur = p.now().Sub(start)
@@ -93,6 +101,8 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, host string,
 	}
 	rec.UpstreamStatus = http.StatusOK
 	if !p.track(agent, up) {
+		rec.Decision, rec.Reason = audit.Deny, string(ReasonShuttingDown)
+		p.finish(rec)
 		return
 	}
 	p.metrics.TunnelsActive.Inc()
@@ -298,6 +308,10 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.closing.Store(true)
 	p.tunnelsMu.Unlock()
 	err := p.inner.Shutdown(ctx)
+	if err != nil {
+		// The drain period is over (http.Server.Shutdown leaves active connections open).
+		_ = p.inner.Close()
+	}
 	done := make(chan struct{})
 	go func() { p.tunnels.Wait(); close(done) }()
 	select {

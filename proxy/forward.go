@@ -3,10 +3,12 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"net/url"
 	"sync/atomic"
 	"time"
 
@@ -59,9 +61,10 @@ func (p *Proxy) forward(w http.ResponseWriter, out *http.Request, rt *route, rec
 	}
 	cw := &countingWriter{ResponseWriter: w, n: &rec.BytesOut}
 	defer func() {
-		// The transport may still hold the body reader in another goroutine: read atomically.
-		rec.BytesIn = cr.n.Load()
 		if v := recover(); v != nil {
+			// The transport may still hold the body reader in another goroutine: read atomically.
+			// Only here: once finish has handed rec to the sink, rec is no longer ours to write.
+			rec.BytesIn = cr.n.Load()
 			if rec.Reason == "" {
 				rec.Reason = string(ReasonUpstreamUnavailable)
 			}
@@ -101,7 +104,7 @@ func (p *Proxy) upstreamError(w http.ResponseWriter, r *http.Request, err error)
 		p.log.Debug("agent canceled", zap.String("request_id", rec.RequestID))
 		return
 	}
-	p.log.Info("upstream error", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(err))
+	p.log.Info("upstream error", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(withoutURL(err)))
 	writeDenial(w, reason, rec.RequestID)
 }
 
@@ -130,3 +133,13 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 }
 
 func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
+// withoutURL drops the request URL from a transport error before it is logged: with a query
+// credential the URL carries the secret.
+func withoutURL(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return fmt.Errorf("%s: %w", ue.Op, ue.Err)
+	}
+	return err
+}

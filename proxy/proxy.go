@@ -245,6 +245,13 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		return
 	}
 	rec.Credential = rt.credential
+	if hasDotSegment(r.URL.Path) {
+		// The policy judges the path as sent; an upstream resolves "/public/../admin" to another
+		// one. Clients remove dot segments before sending (RFC 3986 5.2.4): refuse, don't guess.
+		p.bestEffortIdentity(ctx, peer, rec)
+		p.deny(w, rec, ReasonBadRequest, errors.New("dot segment in the request path"))
+		return
+	}
 
 	// attest: who is calling.
 	id, err := p.id.Identify(ctx, peer)
@@ -290,6 +297,17 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 
 	// upstream: egress-checked dial, verified TLS, streamed both ways.
 	p.forward(w, out, rt, rec)
+}
+
+// hasDotSegment reports whether the (decoded) path has a "." or ".." segment; a backslash counts
+// as a separator too, as some servers treat it as one.
+func hasDotSegment(path string) bool {
+	for seg := range strings.FieldsFuncSeq(path, func(r rune) bool { return r == '/' || r == '\\' }) {
+		if seg == "." || seg == ".." {
+			return true
+		}
+	}
+	return false
 }
 
 func defaultPort(scheme string) int {

@@ -155,10 +155,13 @@ func newTransport(roots *x509.CertPool, dial dialFunc) *http.Transport {
 func splitHostPort(authority string, defaultPort int) (string, int, error) {
 	host, portStr, err := net.SplitHostPort(authority)
 	if err != nil {
-		if strings.Contains(err.Error(), "missing port") {
-			host, portStr = strings.Trim(authority, "[]"), ""
-		} else {
+		if !strings.Contains(err.Error(), "missing port") {
 			return "", 0, err
+		}
+		// No port: a bare host, or a bracketed IPv6 literal and nothing after it.
+		host, portStr = authority, ""
+		if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+			host = host[1 : len(host)-1]
 		}
 	}
 	port := defaultPort
@@ -170,7 +173,8 @@ func splitHostPort(authority string, defaultPort int) (string, int, error) {
 		port = p
 	}
 	host = strings.ToLower(strings.TrimSuffix(host, "."))
-	if host == "" || !config.ValidHostPattern(host) || strings.HasPrefix(host, "*.") {
+	// No brackets left over from a malformed authority, no IPv6 zone (never a destination).
+	if host == "" || strings.ContainsAny(host, "[]%") || !config.ValidHostPattern(host) || strings.HasPrefix(host, "*.") {
 		return "", 0, fmt.Errorf("invalid host %q", host)
 	}
 	return host, port, nil

@@ -94,8 +94,12 @@ func (p *Proxy) Serve(ctx context.Context, o ServeOptions) error {
 	log.Info("shutting down: draining in-flight requests", zap.Duration("timeout", drain))
 	sctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
-	_ = front.Shutdown(sctx) // stop accepting, finish in-flight plain requests
-	_ = p.Shutdown(sctx)     // intercepted connections and tunnels
+	// Stop accepting and finish in-flight plain requests; Shutdown leaves the connections of
+	// requests still running when the drain period ends open, so close them.
+	if err := front.Shutdown(sctx); err != nil {
+		_ = front.Close()
+	}
+	_ = p.Shutdown(sctx) // intercepted connections and tunnels
 	_ = admin.Shutdown(sctx)
 	log.Info("stopped")
 	return runErr
