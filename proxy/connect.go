@@ -21,7 +21,7 @@ import (
 // tunnel routes are checked (identity, policy action "connect", egress) and relayed blind;
 // every other route is intercepted, and each inner request goes through handle.
 func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request) {
-	peer := peerFrom(r.Context())
+	peer := peerOfRequest(r)
 	host, port, err := splitHostPort(r.Host, 0)
 	if err != nil || port == 0 {
 		rec := p.newRecord(r, "connect")

@@ -206,7 +206,16 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.deny(w, rec, ReasonBadRequest, err)
 		return
 	}
-	p.handle(w, r, t, peerFrom(r.Context()))
+	p.handle(w, r, t, peerOfRequest(r))
+}
+
+// peerOfRequest is the agent's connection plus what it presented to the proxy itself (the
+// Proxy-Authorization of a plain request or of the CONNECT), for identity sources that verify
+// delegation tokens.
+func peerOfRequest(r *http.Request) attest.Peer {
+	pr := peerFrom(r.Context())
+	pr.ProxyAuthorization = r.Header.Get("Proxy-Authorization")
+	return pr
 }
 
 func peerFrom(ctx context.Context) attest.Peer {

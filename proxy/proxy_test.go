@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/escrowproxy/escrow/attest"
 	"github.com/escrowproxy/escrow/audit"
 	"github.com/escrowproxy/escrow/credential"
 )
@@ -671,5 +672,50 @@ func TestProxy_DialsTheCheckedIPAndVerifiesTheName(t *testing.T) {
 	defer mu.Unlock()
 	if len(dialed) != 1 || dialed[0] != "127.0.0.1:443" {
 		t.Errorf("dialled %q, want the checked IP on 443", dialed)
+	}
+}
+
+// peerRecorder is an identity source that remembers the Peer it was asked about.
+type peerRecorder struct {
+	mu    sync.Mutex
+	peers []attest.Peer
+	inner Identifier
+}
+
+func (p *peerRecorder) Identify(ctx context.Context, pr attest.Peer) (attest.Identity, error) {
+	p.mu.Lock()
+	p.peers = append(p.peers, pr)
+	p.mu.Unlock()
+	return p.inner.Identify(ctx, pr)
+}
+
+func TestProxy_PassesProxyAuthorizationToIdentity(t *testing.T) {
+	st, err := attest.NewStatic(testSPIFFEID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &peerRecorder{inner: st}
+	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), false, "api.example.com")
+	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.com", "credential: api"), withIdentity(rec))
+
+	// On a CONNECT: the token comes with the CONNECT request and applies to its inner requests.
+	tp.Transport.ProxyConnectHeader = http.Header{"Proxy-Authorization": {"Bearer delegation-on-connect"}}
+	resp := tp.Get(t, "https://api.example.com/")
+	readBody(t, resp)
+	// On a plain request (here to an unknown host, which still identifies the caller for the record).
+	resp = tp.Get(t, "http://unknown.example.net/", "Proxy-Authorization", "Bearer delegation-on-plain")
+	readBody(t, resp)
+
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	var got []string
+	for _, p := range rec.peers {
+		got = append(got, p.ProxyAuthorization)
+		if !p.RemoteAddr.IsValid() {
+			t.Errorf("peer without remote address: %+v", p)
+		}
+	}
+	if !slices.Contains(got, "Bearer delegation-on-connect") || !slices.Contains(got, "Bearer delegation-on-plain") {
+		t.Fatalf("identity saw Proxy-Authorization values %q", got)
 	}
 }
