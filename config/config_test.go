@@ -217,3 +217,22 @@ credentials: {k: {static: {env: K}}}
 		}
 	}
 }
+
+func TestParse_ReportsShapeAndValueErrorsInOneRun(t *testing.T) {
+	_, err := Parse([]byte(`
+listne: 127.0.0.1:1
+identity: {static: spiffe://example.org/a}
+policy: {dir: p, mode: strict}
+upstreams: [{host: a.example, port: "443"}]
+egress: {allow_cidrs: [nope]}
+`))
+	var errs Errors
+	if !errors.As(err, &errs) || len(errs) != 4 {
+		t.Fatalf("want 4 errors, got %v", err)
+	}
+	for _, want := range []string{"listne: unknown key", "policy.mode: want enforce or report", "upstreams[0].port: want an integer", "egress.allow_cidrs[0]: want a CIDR"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("missing %q in:\n%v", want, err)
+		}
+	}
+}

@@ -89,23 +89,40 @@ func Parse(data []byte) (*Config, error) {
 	if raw == nil {
 		raw = map[string]any{}
 	}
-	var errs Errors
-	checkShape(&errs, "", raw, reflect.TypeOf(Config{}))
-	if len(errs) > 0 {
-		return nil, sortErrs(errs)
-	}
+	var shape Errors
+	checkShape(&shape, "", raw, reflect.TypeOf(Config{}))
 	var c Config
 	dec := json.NewDecoder(bytes.NewReader(js))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&c); err != nil {
+	if len(shape) == 0 {
+		dec.DisallowUnknownFields()
+	}
+	if err := dec.Decode(&c); err != nil && len(shape) == 0 {
 		// checkShape catches nearly everything with a path; this is the backstop.
 		return nil, Errors{{Path: "(root)", Msg: err.Error()}}
 	}
+	// With shape errors the decode above was best effort (encoding/json keeps going past a type
+	// mismatch), so the value checks still run and one run names every mistake. A value error
+	// at or below a path that already has a shape error would only repeat it.
 	c.applyDefaults()
-	if errs := c.validate(); len(errs) > 0 {
+	errs := shape
+	for _, e := range c.validate() {
+		if !coveredBy(e.Path, shape) {
+			errs = append(errs, e)
+		}
+	}
+	if len(errs) > 0 {
 		return nil, sortErrs(errs)
 	}
 	return &c, nil
+}
+
+func coveredBy(path string, shape Errors) bool {
+	for _, s := range shape {
+		if s.Path == "(root)" || path == s.Path || strings.HasPrefix(path, s.Path+".") || strings.HasPrefix(path, s.Path+"[") {
+			return true
+		}
+	}
+	return false
 }
 
 func sortErrs(es Errors) Errors {
