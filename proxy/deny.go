@@ -27,6 +27,9 @@ const (
 	ReasonUpstreamUnavailable   Reason = "upstream_unavailable"
 	ReasonUpstreamTimeout       Reason = "upstream_timeout"
 	ReasonShuttingDown          Reason = "shutting_down"
+	// ReasonAgentClosed is not a denial: an allowed response was cut short because the agent
+	// went away. It only appears in audit records and metrics.
+	ReasonAgentClosed Reason = "agent_closed"
 )
 
 // ReasonHeader carries the reason of a denial. escrow removes it from upstream responses, so an

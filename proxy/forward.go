@@ -66,7 +66,12 @@ func (p *Proxy) forward(w http.ResponseWriter, out *http.Request, rt *route, rec
 			// Only here: once finish has handed rec to the sink, rec is no longer ours to write.
 			rec.BytesIn = cr.n.Load()
 			if rec.Reason == "" {
+				// The body copy broke after the upstream answered: either the agent left (its
+				// request context is done) or the upstream's stream broke.
 				rec.Reason = string(ReasonUpstreamUnavailable)
+				if out.Context().Err() != nil {
+					rec.Reason = string(ReasonAgentClosed)
+				}
 			}
 			p.finish(rec)
 			panic(v)
