@@ -20,8 +20,8 @@ build:
 demo: build
 	$(BIN)/escrow demo
 
-## test: formatting, vet, every test with the race detector (unit + e2e with real clients), short fuzzing
-test: lint unit fuzz
+## test: formatting, vet, short fuzzing, then every test with the race detector (unit + e2e with real clients)
+test: lint fuzz unit
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
