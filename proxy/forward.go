@@ -9,12 +9,14 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/escrowproxy/escrow/audit"
+	"github.com/escrowproxy/escrow/credential"
 	"github.com/escrowproxy/escrow/proxy/egress"
 )
 
@@ -24,6 +26,17 @@ type fwdKey struct{}
 type fwdState struct {
 	rec   *audit.Record
 	start time.Time
+	out   outbound
+}
+
+// outbound is what handle decided for the upstream request: where it goes and which credential
+// it carries. It is applied to ReverseProxy's own copy of the request, so the agent's request is
+// cloned once, not twice.
+type outbound struct {
+	scheme, host string
+	port         int
+	applier      *credential.Applier // nil: no credential bound
+	token        credential.Token
 }
 
 // newReverseProxy is the forwarder of one route. It flushes every write so streamed responses
@@ -32,11 +45,12 @@ type fwdState struct {
 // upstream cannot forge an escrow denial.
 func (p *Proxy) newReverseProxy(tr *http.Transport) *httputil.ReverseProxy {
 	return &httputil.ReverseProxy{
-		// The request is fully prepared by handle; Rewrite only keeps ReverseProxy from adding
-		// X-Forwarded-* headers that would leak the agent's address upstream.
-		Rewrite:       func(*httputil.ProxyRequest) {},
+		// Rewrite (rather than Director) also keeps ReverseProxy from adding X-Forwarded-*
+		// headers that would leak the agent's address upstream.
+		Rewrite:       rewrite,
 		Transport:     tr,
 		FlushInterval: -1,
+		BufferPool:    p.buffers,
 		ErrorLog:      zap.NewStdLog(p.log.Named("forward")),
 		ModifyResponse: func(resp *http.Response) error {
 			resp.Header.Del(ReasonHeader)
@@ -52,9 +66,9 @@ func (p *Proxy) newReverseProxy(tr *http.Transport) *httputil.ReverseProxy {
 
 // forward sends out upstream through the route's transport and finishes the record, also when
 // the response body copy aborts midway (ReverseProxy panics with http.ErrAbortHandler then).
-func (p *Proxy) forward(w http.ResponseWriter, out *http.Request, rt *route, rec *audit.Record) {
-	st := &fwdState{rec: rec, start: p.now()}
-	out = out.WithContext(context.WithValue(out.Context(), fwdKey{}, st))
+func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *audit.Record, ob outbound) {
+	st := &fwdState{rec: rec, start: p.now(), out: ob}
+	out := r.WithContext(context.WithValue(r.Context(), fwdKey{}, st))
 	cr := &countingReader{ReadCloser: out.Body}
 	if out.Body != nil && out.Body != http.NoBody {
 		out.Body = cr
@@ -83,6 +97,21 @@ func (p *Proxy) forward(w http.ResponseWriter, out *http.Request, rt *route, rec
 	}
 	rec.BytesIn = cr.n.Load()
 	p.finish(rec)
+}
+
+// rewrite points ReverseProxy's copy of the request at the upstream and applies the credential:
+// the applier first strips whatever credential the agent sent.
+func rewrite(pr *httputil.ProxyRequest) {
+	st := pr.Out.Context().Value(fwdKey{}).(*fwdState)
+	out := pr.Out
+	out.URL.Scheme, out.URL.Host, out.Host = st.out.scheme, hostPort(st.out.host, st.out.port, st.out.scheme), ""
+	if st.out.applier != nil {
+		st.out.applier.Apply(out, st.out.token)
+		return
+	}
+	// No credential bound: Proxy-Authorization is the agent's credential for escrow, never the
+	// upstream's (ReverseProxy drops it as hop-by-hop too; this does not rely on that).
+	out.Header.Del("Proxy-Authorization")
 }
 
 // upstreamError classifies a failed round trip. The agent gets a stable reason, never the error.
@@ -148,3 +177,13 @@ func withoutURL(err error) error {
 	}
 	return err
 }
+
+// bufferPool recycles ReverseProxy's copy buffers: without it every request allocates 32 KiB.
+type bufferPool struct{ p sync.Pool }
+
+func newBufferPool() *bufferPool {
+	return &bufferPool{p: sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+}
+
+func (b *bufferPool) Get() []byte  { return *(b.p.Get().(*[]byte)) }
+func (b *bufferPool) Put(x []byte) { b.p.Put(&x) }

@@ -99,6 +99,7 @@ type Proxy struct {
 	tunnelsMu sync.Mutex
 	openConns map[net.Conn]struct{}
 	closing   atomic.Bool
+	buffers   *bufferPool
 }
 
 // New validates the wiring and compiles the routes.
@@ -141,6 +142,7 @@ func New(o Options) (*Proxy, error) {
 		cfg: o.Config, id: o.Identity, pol: o.Policy, creds: o.Credentials, ca: o.CA, sink: o.Audit,
 		metrics: o.Metrics, log: o.Logger, now: o.Now, dial: dialer.DialContext,
 		mode: o.Config.Policy.Mode, reqIDPfx: hex.EncodeToString(pfx[:]), openConns: map[net.Conn]struct{}{},
+		buffers: newBufferPool(),
 	}
 	routes, err := buildRoutes(o.Config, dialer.DialContext, p.newReverseProxy)
 	if err != nil {
@@ -278,10 +280,8 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		return
 	}
 
-	// credential: strip what the agent sent, apply the real one.
-	out := r.Clone(ctx)
-	out.URL.Scheme, out.URL.Host, out.Host = t.scheme, hostPort(t.host, t.port, t.scheme), ""
-	out.RequestURI = ""
+	// credential: the real one, applied to the outbound copy (which strips what the agent sent).
+	ob := outbound{scheme: t.scheme, host: t.host, port: t.port, applier: rt.applier}
 	if rt.applier != nil {
 		if t.scheme == "http" && !rt.plaintext {
 			p.deny(w, rec, ReasonPlaintextCredential, nil)
@@ -296,20 +296,15 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 			return
 		}
 		p.metrics.CredentialFetch.WithLabelValues("ok").Inc()
-		rec.CredentialID = tok.ID()
-		rt.applier.Apply(out, tok)
-	} else {
-		// No credential bound: the agent's own credentials are still never forwarded through
-		// escrow's identity; only proxy credentials are hop-by-hop and always removed.
-		out.Header.Del("Proxy-Authorization")
+		rec.CredentialID, ob.token = tok.ID(), tok
 	}
 
 	// upstream: egress-checked dial, verified TLS, streamed both ways.
-	p.forward(w, out, rt, rec)
+	p.forward(w, r, rt, rec, ob)
 }
 
-// hasDotSegment reports whether the (decoded) path has a "." or ".." segment; a backslash counts
-// as a separator too, as some servers treat it as one.
+// hasDotSegment reports a "." or ".." path segment ("/" or "\\" separated), which an upstream
+// may resolve to a path the policy did not see.
 func hasDotSegment(path string) bool {
 	for seg := range strings.FieldsFuncSeq(path, func(r rune) bool { return r == '/' || r == '\\' }) {
 		if seg == "." || seg == ".." {
