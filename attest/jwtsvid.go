@@ -54,7 +54,7 @@ func (s *SPIFFE) JWTSVID(ctx context.Context, audience string) (token string, ex
 }
 
 // cachedJWT returns the cached token for audience if it is still before its refresh time and
-// belongs to the current SPIFFE ID.
+// belongs to the SPIFFE ID of the X509-SVID currently held.
 func (s *SPIFFE) cachedJWT(audience string) (jwtEntry, bool) {
 	s.jwtMu.Lock()
 	e, ok := s.jwtCache[audience]
@@ -62,7 +62,9 @@ func (s *SPIFFE) cachedJWT(audience string) (jwtEntry, bool) {
 	if !ok || !s.now().Before(e.refreshAt) {
 		return jwtEntry{}, false
 	}
-	if cur := s.cur.Load(); cur != nil && !cur.closed && cur.id != e.spiffeID {
+	// Only for the identity currently held: after a rotation to another ID, or a revocation
+	// (no SVID held), a cached token is not served.
+	if cur := s.cur.Load(); cur == nil || cur.closed || cur.id != e.spiffeID {
 		return jwtEntry{}, false
 	}
 	return e, true

@@ -186,8 +186,21 @@ func (w x509Watcher) OnX509ContextWatchError(err error) {
 		return // closing
 	}
 	fields := []zap.Field{zap.Error(err)}
-	if st := s.cur.Load(); st != nil && !st.closed {
+	st := s.cur.Load()
+	if st != nil && !st.closed {
 		fields = append(fields, zap.String("spiffe_id", st.id), zap.Time("svid_expires_at", st.notAfter))
+	}
+	if status.Code(err) == codes.PermissionDenied && st != nil && !st.closed {
+		// The agent says this workload has no identity (its registration entries were removed):
+		// that is a revocation, so stop serving the SVID now rather than until it expires. An
+		// unreachable agent (Unavailable) is not; then the SVID serves until its NotAfter.
+		if s.cur.CompareAndSwap(st, nil) {
+			s.log.Warn("SPIFFE Workload API issued no identity: SVID dropped, requests are denied until a new one arrives", fields...)
+			if s.onUpdate != nil {
+				s.onUpdate(time.Time{})
+			}
+			return
+		}
 	}
 	s.log.Warn("SPIFFE Workload API watch failed; retrying", fields...)
 }

@@ -365,3 +365,42 @@ func BenchmarkSPIFFEIdentify(b *testing.B) {
 		}
 	})
 }
+
+func TestSPIFFERevokedIdentityIsUnavailableBeforeExpiry(t *testing.T) {
+	w := attesttest.NewWorkloadAPI(t, td)
+	clk := newClock()
+	h := startSPIFFE(t, context.Background(), w.Addr(), clk)
+	t0 := clk.Now()
+	w.SetSVID(id1, t0.Add(time.Hour))
+	h.waitUpdate(t, t0.Add(time.Hour))
+	mustIdentify(t, h.src, id1, t0.Add(time.Hour))
+	if _, _, err := h.src.JWTSVID(context.Background(), "aud"); err != nil {
+		t.Fatal(err)
+	}
+
+	// The registration entry is removed: the agent ends the stream with "no identity issued".
+	w.Revoke()
+	deadline := time.Now().Add(10 * time.Second)
+	for h.src.Ready() {
+		if time.Now().After(deadline) {
+			t.Fatal("still ready 10s after the Workload API revoked the identity")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := h.src.Identify(context.Background(), attest.Peer{}); !errors.Is(err, attest.ErrUnavailable) {
+		t.Fatalf("Identify after revocation: %v, want ErrUnavailable", err)
+	}
+	if !h.src.ExpiresAt().IsZero() {
+		t.Error("ExpiresAt still reports the revoked SVID")
+	}
+	calls := w.JWTSVIDCalls()
+	_, _, _ = h.src.JWTSVID(context.Background(), "aud")
+	if w.JWTSVIDCalls() == calls {
+		t.Error("a JWT-SVID cached for the revoked identity was served from the cache")
+	}
+
+	// A new SVID (entry re-created) is picked up again.
+	w.SetSVID(id1, t0.Add(2*time.Hour))
+	h.waitUpdate(t, t0.Add(2*time.Hour))
+	mustIdentify(t, h.src, id1, t0.Add(2*time.Hour))
+}

@@ -209,6 +209,17 @@ func (w *WorkloadAPI) SetSVID(id string, notAfter time.Time) {
 	w.mu.Unlock()
 }
 
+// Revoke withdraws the X509-SVID, as a SPIRE agent does when the workload's registration
+// entries are removed: open FetchX509SVID streams end with PermissionDenied ("no identity
+// issued") and new ones get no SVID until the next SetSVID.
+func (w *WorkloadAPI) Revoke() {
+	w.mu.Lock()
+	w.x509Resp = nil
+	close(w.changed)
+	w.changed = make(chan struct{})
+	w.mu.Unlock()
+}
+
 // SetClock sets the clock used for the expiry of JWT-SVIDs (exp = now() + TTL). The iat claim
 // is always the wall clock, because go-spiffe's client checks iat and exp against the wall
 // clock. Default time.Now.
@@ -302,6 +313,10 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 		w.mu.Lock()
 		resp, changed := w.x509Resp, w.changed
 		w.mu.Unlock()
+		if resp == nil && sent != nil {
+			// Revoked: SPIRE ends the stream this way when a workload's entries are removed.
+			return status.Error(codes.PermissionDenied, "no identity issued")
+		}
 		if resp != nil && resp != sent {
 			if err := stream.Send(resp); err != nil {
 				return err

@@ -81,6 +81,24 @@ egress:
 		}
 	})
 
+	t.Run("revoked_identity_denies_with_503_before_the_SVID_expires", func(t *testing.T) {
+		requireClient(t, "curl")
+		// The registration entry is removed: the agent answers "no identity issued".
+		wl.Revoke()
+		var last response
+		waitFor(t, 10*time.Second, "requests to be denied after the identity was revoked", func() bool {
+			last = doCurl(t, e, call{URL: "https://api.example.test" + uniquePath("/v1/models", "revoked"), Headers: agentHeaders}, false)
+			return last.Status == http.StatusServiceUnavailable
+		})
+		checkDenial(t, last, http.StatusServiceUnavailable, "identity_unavailable")
+		if got := e.metrics(t).get("escrow_svid_expiry_timestamp_seconds"); got != 0 {
+			t.Errorf("escrow_svid_expiry_timestamp_seconds = %v after revocation, want 0", got)
+		}
+		// The entry comes back: so does the traffic.
+		wl.SetSVID(svidID, notAfter)
+		e.waitReady(t, 10*time.Second)
+	})
+
 	t.Run("expired_SVID_denies_with_503_identity_unavailable", func(t *testing.T) {
 		requireClient(t, "curl")
 		wl.SetSVID(svidID, time.Now().Add(-time.Minute))
