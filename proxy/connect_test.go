@@ -167,9 +167,10 @@ func TestProxy_StreamsRequestBody(t *testing.T) {
 	}
 }
 
-func TestProxy_WebSocketUpgradePasses(t *testing.T) {
-	gotAuth := make(chan string, 1)
-	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+// wsEchoUpstream answers a WebSocket handshake with 101 and then echoes raw bytes; it sends the
+// Authorization it saw on gotAuth.
+func wsEchoUpstream(t *testing.T, host string, gotAuth chan<- string) *upstream {
+	return newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		gotAuth <- r.Header.Get("Authorization")
 		if !strings.EqualFold(r.Header.Get("Upgrade"), "websocket") || !strings.Contains(strings.ToLower(r.Header.Get("Connection")), "upgrade") {
 			http.Error(w, "not a websocket handshake", http.StatusBadRequest)
@@ -185,39 +186,86 @@ func TestProxy_WebSocketUpgradePasses(t *testing.T) {
 			wsAccept(r.Header.Get("Sec-WebSocket-Key")))
 		_ = brw.Flush()
 		_, _ = io.Copy(conn, brw) // echo raw bytes (frames are opaque here)
-	}), false, "ws.example.com")
-	tp := newTestProxy(t, "upstreams:\n"+up.route("ws.example.com", "credential: api"))
+	}), false, host)
+}
 
-	conn, br, resp, _ := tp.rawConnect(t, "ws.example.com:443", nil)
+// openWebSocket CONNECTs to host through the proxy, does the TLS and WebSocket handshakes by
+// hand (RFC 6455, no library) with the agent's own Authorization, and returns the connection.
+func openWebSocket(t *testing.T, tp *testProxy, host string) (*tls.Conn, *bufio.Reader) {
+	t.Helper()
+	conn, br, resp, _ := tp.rawConnect(t, host+":443", nil)
 	if resp.StatusCode != 200 {
 		t.Fatalf("CONNECT: %d", resp.StatusCode)
 	}
-	tc := tls.Client(&bufferedConn{Conn: conn, r: br}, &tls.Config{ServerName: "ws.example.com", RootCAs: tp.Roots, NextProtos: []string{"http/1.1"}})
+	tc := tls.Client(&bufferedConn{Conn: conn, r: br}, &tls.Config{ServerName: host, RootCAs: tp.Roots, NextProtos: []string{"http/1.1"}})
 	must(t, tc.Handshake())
 	key := base64.StdEncoding.EncodeToString([]byte("escrow-ws-key-16"))
-	fmt.Fprintf(tc, "GET /socket HTTP/1.1\r\nHost: ws.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
-		"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer agent-placeholder\r\n\r\n", key)
+	fmt.Fprintf(tc, "GET /socket HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer agent-placeholder\r\n\r\n", host, key)
 	tbr := bufio.NewReader(tc)
 	wsResp, err := http.ReadResponse(tbr, &http.Request{Method: http.MethodGet})
 	must(t, err)
 	if wsResp.StatusCode != http.StatusSwitchingProtocols || wsResp.Header.Get("Sec-WebSocket-Accept") != wsAccept(key) {
 		t.Fatalf("handshake response %d %v", wsResp.StatusCode, wsResp.Header)
 	}
+	return tc, tbr
+}
+
+// wsFrame is a masked text frame "hi" (FIN, opcode 1); the echo upstream returns it as is.
+var wsFrame = []byte{0x81, 0x82, 1, 2, 3, 4, 'h' ^ 1, 'i' ^ 2}
+
+func TestProxy_WebSocketUpgradePasses(t *testing.T) {
+	gotAuth := make(chan string, 1)
+	up := wsEchoUpstream(t, "ws.example.com", gotAuth)
+	tp := newTestProxy(t, "upstreams:\n"+up.route("ws.example.com", "credential: api"))
+
+	tc, tbr := openWebSocket(t, tp, "ws.example.com")
 	if a := <-gotAuth; a != "Bearer "+testSecret {
 		t.Errorf("upstream handshake Authorization = %q", a)
 	}
-	// A masked text frame "hi" (FIN, opcode 1), echoed back byte for byte.
-	frame := []byte{0x81, 0x82, 1, 2, 3, 4, 'h' ^ 1, 'i' ^ 2}
-	_, err = tc.Write(frame)
+	_, err := tc.Write(wsFrame)
 	must(t, err)
-	echo := make([]byte, len(frame))
+	echo := make([]byte, len(wsFrame))
 	_, err = io.ReadFull(tbr, echo)
 	must(t, err)
-	if !bytes.Equal(echo, frame) {
-		t.Errorf("echo = %x, want %x", echo, frame)
+	if !bytes.Equal(echo, wsFrame) {
+		t.Errorf("echo = %x, want %x", echo, wsFrame)
+	}
+	if n := gaugeValue(t, tp.Metrics.TunnelsActive); n != 1 {
+		t.Errorf("escrow_tunnels_active = %v with an upgraded connection open, want 1", n)
 	}
 	tc.Close()
-	if rec := tp.Record(t, 1); rec.UpstreamStatus != http.StatusSwitchingProtocols || rec.Decision != audit.Allow {
+	rec := tp.Record(t, 1)
+	if rec.UpstreamStatus != http.StatusSwitchingProtocols || rec.Decision != audit.Allow {
+		t.Errorf("record = %+v", rec)
+	}
+	// The frame crossed the upgraded connection both ways, and the record says so.
+	if rec.BytesIn < int64(len(wsFrame)) || rec.BytesOut < int64(len(wsFrame)) {
+		t.Errorf("record bytes in/out = %d/%d, want at least %d each way", rec.BytesIn, rec.BytesOut, len(wsFrame))
+	}
+	waitFor(t, "escrow_tunnels_active back to 0", func() bool { return gaugeValue(t, tp.Metrics.TunnelsActive) == 0 })
+}
+
+func TestProxy_ShutdownClosesUpgradedConnectionsAfterTheDrainTimeout(t *testing.T) {
+	gotAuth := make(chan string, 1)
+	up := wsEchoUpstream(t, "ws.example.com", gotAuth)
+	const drain = 300 * time.Millisecond
+	tp := newTestProxy(t, "upstreams:\n"+up.route("ws.example.com", "credential: api"), withDrain(drain))
+	tc, tbr := openWebSocket(t, tp, "ws.example.com")
+	<-gotAuth
+	closed := make(chan struct{})
+	go func() { _, _ = io.Copy(io.Discard, tbr); close(closed) }()
+
+	start := time.Now()
+	must(t, tp.Stop())
+	select {
+	case <-closed:
+		t.Logf("upgraded connection closed %v after shutdown began", time.Since(start))
+	case <-time.After(5 * time.Second):
+		tc.Close()
+		t.Fatal("an upgraded (WebSocket) connection is still open 5s after shutdown: the drain did not close it")
+	}
+	if rec := tp.Record(t, 1); rec.UpstreamStatus != http.StatusSwitchingProtocols {
 		t.Errorf("record = %+v", rec)
 	}
 }

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -73,7 +74,7 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *
 	if out.Body != nil && out.Body != http.NoBody {
 		out.Body = cr
 	}
-	cw := &countingWriter{ResponseWriter: w, n: &rec.BytesOut}
+	cw := &countingWriter{ResponseWriter: w, n: &rec.BytesOut, p: p}
 	defer func() {
 		if v := recover(); v != nil {
 			// The transport may still hold the body reader in another goroutine: read atomically.
@@ -96,6 +97,11 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *
 		rec.UpstreamDur = p.now().Sub(st.start)
 	}
 	rec.BytesIn = cr.n.Load()
+	if u := cw.upgraded; u != nil {
+		// An upgraded connection (WebSocket): count what crossed it after the 101.
+		rec.BytesIn += u.in.Load()
+		rec.BytesOut += u.out.Load()
+	}
 	p.finish(rec)
 }
 
@@ -153,11 +159,56 @@ func (c *countingReader) Read(b []byte) (int, error) {
 	return n, err
 }
 
-// countingWriter counts response bytes; Unwrap lets http.ResponseController reach Flush and
-// Hijack on the real writer.
+// countingWriter counts response bytes; Unwrap lets http.ResponseController reach Flush on the
+// real writer. Hijack (a protocol upgrade) hands out a tracked, counting connection, so an
+// upgraded connection is drained and closed at shutdown like a tunnel and its bytes are audited.
 type countingWriter struct {
 	http.ResponseWriter
-	n *int64
+	n        *int64
+	p        *Proxy
+	upgraded *upgradedConn
+}
+
+func (c *countingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(c.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	u := &upgradedConn{Conn: conn, p: c.p}
+	if !c.p.track(conn) {
+		return nil, nil, errors.New("proxy: shutting down")
+	}
+	c.p.metrics.TunnelsActive.Inc()
+	c.upgraded = u
+	return u, brw, nil
+}
+
+// upgradedConn counts the bytes of an upgraded connection and leaves the drain set on Close.
+type upgradedConn struct {
+	net.Conn
+	p       *Proxy
+	in, out atomic.Int64
+	once    sync.Once
+}
+
+func (u *upgradedConn) Read(b []byte) (int, error) {
+	n, err := u.Conn.Read(b)
+	u.in.Add(int64(n))
+	return n, err
+}
+
+func (u *upgradedConn) Write(b []byte) (int, error) {
+	n, err := u.Conn.Write(b)
+	u.out.Add(int64(n))
+	return n, err
+}
+
+func (u *upgradedConn) Close() error {
+	u.once.Do(func() {
+		u.p.metrics.TunnelsActive.Dec()
+		u.p.untrack(u.Conn)
+	})
+	return nil
 }
 
 func (c *countingWriter) Write(b []byte) (int, error) {
