@@ -55,6 +55,11 @@ func (p *Proxy) newReverseProxy(tr *http.Transport) *httputil.ReverseProxy {
 		ErrorLog:      zap.NewStdLog(p.log.Named("forward")),
 		ModifyResponse: func(resp *http.Response) error {
 			resp.Header.Del(ReasonHeader)
+			if resp.Trailer != nil {
+				// Neither as an announced trailer nor as one that arrives after the body.
+				delete(resp.Trailer, ReasonHeader)
+				resp.Body = &trailerScrub{ReadCloser: resp.Body, resp: resp}
+			}
 			if st, ok := resp.Request.Context().Value(fwdKey{}).(*fwdState); ok {
 				st.rec.UpstreamStatus = resp.StatusCode
 				st.rec.UpstreamDur = p.now().Sub(st.start)
@@ -218,6 +223,30 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 }
 
 func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
+// WriteHeader drops a forged X-Escrow-Reason from informational (1xx) responses, which
+// ReverseProxy relays as they arrive, before ModifyResponse sees the final one.
+func (c *countingWriter) WriteHeader(code int) {
+	if code < 200 {
+		c.Header().Del(ReasonHeader)
+	}
+	c.ResponseWriter.WriteHeader(code)
+}
+
+// trailerScrub removes X-Escrow-Reason from the trailers the transport fills in at the end of
+// the body, before ReverseProxy copies them to the agent.
+type trailerScrub struct {
+	io.ReadCloser
+	resp *http.Response
+}
+
+func (t *trailerScrub) Read(b []byte) (int, error) {
+	n, err := t.ReadCloser.Read(b)
+	if err != nil {
+		delete(t.resp.Trailer, ReasonHeader)
+	}
+	return n, err
+}
 
 // withoutURL drops the request URL from a transport error before it is logged: with a query
 // credential the URL carries the secret.

@@ -8,7 +8,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/netip"
+	"net/textproto"
 	"net/url"
 	"os"
 	"slices"
@@ -482,6 +484,54 @@ func TestProxy_StripsForgedEscrowReasonFromUpstream(t *testing.T) {
 	// The record says the upstream answered 403; escrow allowed it.
 	for _, rec := range tp.WaitRecords(t, 3) {
 		if rec.Decision != audit.Allow || rec.UpstreamStatus != http.StatusForbidden {
+			t.Errorf("record = %+v", rec)
+		}
+	}
+}
+
+func TestProxy_StripsForgedEscrowReasonFromInformationalResponsesAndTrailers(t *testing.T) {
+	forge := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Link", "</style.css>; rel=preload")
+		w.Header().Set(ReasonHeader, "policy_denied")
+		w.WriteHeader(http.StatusEarlyHints)
+		w.Header().Del(ReasonHeader)
+		w.Header().Set("Trailer", ReasonHeader+", X-Checksum")
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, "body")
+		w.Header().Set(ReasonHeader, "identity_unavailable")
+		w.Header().Set("X-Checksum", "abc")
+		w.Header().Set(http.TrailerPrefix+ReasonHeader, "credential_unavailable") // unannounced
+	})
+	up := newTLSUpstream(t, forge, false, "api.example.com")
+	up2 := newTLSUpstream(t, forge, true, "h2.example.com")
+	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.com")+up2.route("h2.example.com"))
+	tp.Transport.ForceAttemptHTTP2 = true
+	for _, u := range []string{"https://api.example.com/", "https://h2.example.com/"} {
+		var early []string
+		trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+			early = append(early, fmt.Sprintf("%d %v", code, h))
+			if v := h.Values(ReasonHeader); len(v) != 0 {
+				t.Errorf("%s: a %d response carries a forged %s: %q", u, code, ReasonHeader, v)
+			}
+			return nil
+		}}
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), http.MethodGet, u, nil)
+		resp := tp.Do(t, req)
+		if string(readBody(t, resp)) != "body" {
+			t.Fatalf("%s: body", u)
+		}
+		if len(early) == 0 {
+			t.Errorf("%s: the 103 Early Hints did not reach the agent", u)
+		}
+		if v := resp.Trailer.Values(ReasonHeader); len(v) != 0 {
+			t.Errorf("%s: trailers carry a forged %s: %q", u, ReasonHeader, v)
+		}
+		if resp.Trailer.Get("X-Checksum") != "abc" {
+			t.Errorf("%s: other trailers lost: %v", u, resp.Trailer)
+		}
+	}
+	for _, rec := range tp.WaitRecords(t, 2) {
+		if rec.Decision != audit.Allow || rec.UpstreamStatus != http.StatusOK {
 			t.Errorf("record = %+v", rec)
 		}
 	}
