@@ -62,7 +62,7 @@ func New(o Options) *Metrics {
 		}, []string{"result"}),
 		TunnelsActive: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: namespace, Name: "tunnels_active",
-			Help: "CONNECT connections currently open (tunnelled or intercepted).",
+			Help: "Connections currently relayed: CONNECT tunnels, intercepted TLS connections and upgraded (WebSocket) connections.",
 		}),
 		CredentialFetch: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "credential_fetches_total",
