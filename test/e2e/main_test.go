@@ -190,8 +190,13 @@ func cleanEnv(extra ...string) []string {
 
 // escrowEnv is the environment of an escrow subprocess. A race-detector build reports races
 // without stopping, exits 66 if it found one, and does not sleep a second at exit.
+//
+// It also points the proxy variables at a dead address: escrow must never follow the
+// environment's own proxy settings, so every allowed request in the suite proves it does not.
 func escrowEnv(extra ...string) []string {
-	env := cleanEnv(extra...)
+	dead := "http://127.0.0.1:1"
+	env := cleanEnv(append([]string{"HTTP_PROXY=" + dead, "HTTPS_PROXY=" + dead, "ALL_PROXY=" + dead,
+		"http_proxy=" + dead, "https_proxy=" + dead}, extra...)...)
 	if raceEnabled {
 		env = append(env, "GORACE=halt_on_error=0 exitcode=66 atexit_sleep_ms=0")
 	}
