@@ -31,6 +31,8 @@ type Options struct {
 	// SVIDExpiry returns the current SVID's expiry, or zero when there is none (static
 	// identity, or no SVID yet); exported as escrow_svid_expiry_timestamp_seconds.
 	SVIDExpiry func() time.Time
+	// Version is exported as escrow_build_info{version}.
+	Version string
 }
 
 // New registers escrow's collectors plus the Go and process collectors on a fresh registry.
@@ -84,6 +86,13 @@ func New(o Options) *Metrics {
 			}
 			return float64(t.UnixNano()) / 1e9
 		}))
+	}
+	if o.Version != "" {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "build_info",
+			Help:        "Always 1; the version label says which escrow build is running.",
+			ConstLabels: prometheus.Labels{"version": o.Version},
+		}, func() float64 { return 1 }))
 	}
 	// Pre-create the reload series so a dashboard sees zeros before the first event.
 	m.PolicyReloads.WithLabelValues("success")

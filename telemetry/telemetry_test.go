@@ -10,7 +10,7 @@ import (
 
 func TestMetrics_ExposesEscrowSeriesWithBoundedLabels(t *testing.T) {
 	exp := time.Unix(1900000000, 0)
-	m := New(Options{SVIDExpiry: func() time.Time { return exp }})
+	m := New(Options{SVIDExpiry: func() time.Time { return exp }, Version: "v1.2.3"})
 	m.Requests.WithLabelValues("allow", "allowed").Inc()
 	m.RequestDuration.WithLabelValues("allow").Observe(0.001)
 	m.PolicyEval.Observe(2e-6)
@@ -33,6 +33,7 @@ func TestMetrics_ExposesEscrowSeriesWithBoundedLabels(t *testing.T) {
 		`escrow_policy_reloads_total{result="success"} 0`,
 		`escrow_svid_expiry_timestamp_seconds 1.9e+09`,
 		`escrow_tunnels_active 1`,
+		`escrow_build_info{version="v1.2.3"} 1`,
 		`go_goroutines`, `process_`,
 	} {
 		if !strings.Contains(text, want) {

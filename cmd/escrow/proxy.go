@@ -123,7 +123,7 @@ func start(ctx context.Context, o startOptions) (*running, error) {
 	}
 
 	// Metrics, then policy (its reloads are counted).
-	metrics := telemetry.New(telemetry.Options{SVIDExpiry: svidExpiry})
+	metrics := telemetry.New(telemetry.Options{SVIDExpiry: svidExpiry, Version: version})
 	engine := policy.NewEngine(policy.Options{
 		Mode:   policy.Mode(cfg.Policy.Mode),
 		Logger: log.Named("policy"),
