@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"crypto/tls"
 	"io"
 	"net/http"
 	"testing"
@@ -39,6 +40,45 @@ func benchGet(b *testing.B, tp *testProxy, url string) {
 		}
 	}
 	get() // connections, leaf, credential: warm
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		get()
+	}
+}
+
+// BenchmarkDirect_PlainHTTP is the baseline of BenchmarkProxy_PlainHTTP: the same client and
+// upstream with no proxy between them. The difference is what escrow adds; compare the two in
+// one run (go test -run '^$' -bench 'PlainHTTP' ./proxy/).
+func BenchmarkDirect_PlainHTTP(b *testing.B) {
+	up := newPlainUpstream(b, okHandler(nil))
+	tr := &http.Transport{MaxIdleConnsPerHost: 16}
+	b.Cleanup(tr.CloseIdleConnections)
+	benchDirect(b, tr, "http://"+up.Addr+"/v1/models")
+}
+
+// BenchmarkDirect_HTTPSKeepAlive is the baseline of BenchmarkProxy_InterceptedKeepAlive: one
+// TLS hop instead of two.
+func BenchmarkDirect_HTTPSKeepAlive(b *testing.B) {
+	up := newTLSUpstream(b, okHandler(nil), false, "api.example.com")
+	tr := &http.Transport{MaxIdleConnsPerHost: 16, TLSClientConfig: &tls.Config{RootCAs: upstreamCA(b).Pool(), ServerName: "api.example.com"}}
+	b.Cleanup(tr.CloseIdleConnections)
+	benchDirect(b, tr, "https://"+up.Addr+"/v1/models")
+}
+
+func benchDirect(b *testing.B, tr *http.Transport, url string) {
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	must(b, err)
+	req.Header.Set("Authorization", "Bearer agent-placeholder")
+	get := func() {
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	get()
 	b.ReportAllocs()
 	b.ResetTimer()
 	for b.Loop() {
