@@ -109,7 +109,10 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, host string,
 	defer func() {
 		p.metrics.TunnelsActive.Dec()
 		p.untrack(agent, up)
+		// The record before the release: Shutdown waits for the release, and the process may
+		// exit right after it.
 		p.finish(rec)
+		p.tunnels.Done()
 	}()
 
 	var reader io.Reader = agent
@@ -139,7 +142,8 @@ func relay(dst net.Conn, src io.Reader) int64 {
 }
 
 // track registers connections so shutdown can close them after the drain period; false means
-// escrow is already shutting down and the connections were closed.
+// escrow is already shutting down and the connections were closed. After true, the caller
+// untracks the connections and, once its audit record is written, calls p.tunnels.Done.
 func (p *Proxy) track(cs ...net.Conn) bool {
 	p.tunnelsMu.Lock()
 	defer p.tunnelsMu.Unlock()
@@ -163,7 +167,6 @@ func (p *Proxy) untrack(cs ...net.Conn) {
 		delete(p.openConns, c)
 	}
 	p.tunnelsMu.Unlock()
-	p.tunnels.Done()
 }
 
 // connMeta is what an intercepted connection knows about itself: its CONNECT target and agent.

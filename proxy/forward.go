@@ -94,6 +94,9 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *
 				}
 			}
 			p.finish(rec)
+			if cw.upgraded != nil {
+				p.tunnels.Done()
+			}
 			panic(v)
 		}
 	}()
@@ -106,6 +109,8 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *
 		// An upgraded connection (WebSocket): count what crossed it after the 101.
 		rec.BytesIn += u.in.Load()
 		rec.BytesOut += u.out.Load()
+		// Shutdown waits for this release; the record is written first.
+		defer p.tunnels.Done()
 	}
 	p.finish(rec)
 }

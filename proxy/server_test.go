@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -225,6 +226,10 @@ func TestProxy_ShutdownClosesWhatIsLeftAfterTheDrainTimeout(t *testing.T) {
 	must(t, tp.Stop())
 	if d := time.Since(start); d > drain+5*time.Second {
 		t.Errorf("Serve took %v to return with a %v drain timeout", d, drain)
+	}
+	// When Serve returns the process may exit: the tunnel's record must already be written.
+	if !slices.ContainsFunc(tp.Records(), func(r *audit.Record) bool { return r.Kind == "tunnel" }) {
+		t.Error("Serve returned before the closed tunnel's audit record was written")
 	}
 	for range 3 {
 		select {
