@@ -547,7 +547,7 @@ egress:
 		}
 		// Every agent connection so far has been closed: no intercepted connection or tunnel
 		// may still be counted.
-		waitFor(t, 5*time.Second, "escrow_tunnels_active to return to 0", func() bool {
+		waitFor(t, 20*time.Second, "escrow_tunnels_active to return to 0", func() bool {
 			return e.metrics(t).get("escrow_tunnels_active") == 0
 		})
 		// Labels come from closed sets: no host, path or identity.
