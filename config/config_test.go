@@ -236,3 +236,33 @@ egress: {allow_cidrs: [nope]}
 		}
 	}
 }
+
+// TestMain runs the tests in a directory where the policy directories the configs name exist.
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "escrow-config-test-")
+	if err != nil {
+		panic(err)
+	}
+	for _, d := range []string{"policies", "p"} {
+		if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
+			panic(err)
+		}
+	}
+	if err := os.Chdir(dir); err != nil {
+		panic(err)
+	}
+	code := m.Run()
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func TestParse_PolicyDirMustBeADirectory(t *testing.T) {
+	for doc, want := range map[string]string{
+		"identity: {static: spiffe://example.org/a}\npolicy: {dir: /nonexistent/policies}\n": "policy.dir: cannot read /nonexistent/policies",
+		"identity: {static: spiffe://example.org/a}\npolicy: {dir: /dev/null}\n":             "policy.dir: /dev/null is not a directory",
+	} {
+		if _, err := Parse([]byte(doc)); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("got %v, want %q", err, want)
+		}
+	}
+}

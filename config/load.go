@@ -377,6 +377,10 @@ func (c *Config) validate() Errors {
 
 	if c.Policy.Dir == "" {
 		add("policy.dir", "required: a directory of *.cedar files")
+	} else if fi, err := os.Stat(c.Policy.Dir); err != nil {
+		add("policy.dir", "cannot read %s: %v", c.Policy.Dir, errors.Unwrap(err))
+	} else if !fi.IsDir() {
+		add("policy.dir", "%s is not a directory", c.Policy.Dir)
 	}
 	if c.Policy.Mode != PolicyModeEnforce && c.Policy.Mode != PolicyModeReport {
 		add("policy.mode", "want enforce or report, got %q", c.Policy.Mode)

@@ -89,7 +89,7 @@ func FuzzSplitHostPort(f *testing.F) {
 func TestRouteTable_Match(t *testing.T) {
 	cfg, err := config.Parse([]byte(`
 identity: {static: "spiffe://example.org/ns/a/sa/b"}
-policy: {dir: /nonexistent}
+policy: {dir: ` + t.TempDir() + `}
 upstreams:
   - host: api.example.com
   - host: api.example.com
