@@ -2,6 +2,7 @@
 GO        ?= go
 BIN       ?= bin
 FUZZTIME  ?= 10s
+CACHE_BIN ?= .cache/bin
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 
@@ -9,7 +10,7 @@ LDFLAGS   := -s -w -X main.version=$(VERSION)
 FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy/egress:FuzzRulesCheck \
                 ./policy:FuzzLoad ./credential:FuzzApplier
 
-.PHONY: all build demo test lint unit fuzz e2e clean
+.PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro clean
 
 all: build
 
@@ -41,6 +42,20 @@ fuzz:
 	  echo "fuzz $$pkg $$name ($(FUZZTIME))"; \
 	  $(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg; \
 	done
+
+## bench: escrow against direct calls and squid, tinyproxy, smokescreen, goproxy on loopback
+## (installs/builds the peers first). `make bench ARGS=--quick` is the CI smoke run; see docs/benchmarks.md.
+bench: build bench-peers
+	$(GO) build -o $(BIN)/escrow-bench ./bench
+	$(BIN)/escrow-bench --escrow $(BIN)/escrow --bin $(CACHE_BIN) $(ARGS)
+
+## bench-peers: install squid and tinyproxy (apt, as root) and build smokescreen and goproxy-basic
+bench-peers:
+	bench/peers/setup.sh $(CACHE_BIN)
+
+## bench-micro: the hot-path micro-benchmarks, six samples each, for benchstat
+bench-micro:
+	$(GO) test -run '^$$' -bench . -benchmem -count 6 ./policy/ ./credential/ ./proxy/...
 
 clean:
 	rm -rf $(BIN)
