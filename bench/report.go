@@ -120,26 +120,37 @@ func (rep *report) goals() []goal {
 		gs = append(gs, g)
 	}
 	ms := func(v float64) string { return fmt.Sprintf("%.3f ms", v) }
+	_ = ms
 	plain := rep.scenario("plain").row("escrow")
 	inter := rep.scenario("intercepted").row("escrow")
+	withFloor := func(s string, i int) func(float64) string {
+		f := rep.scenario(s).row(floorName)
+		return func(v float64) string {
+			if f == nil {
+				return ms(v)
+			}
+			fl := f.Added[i].Seconds() * 1e3
+			return fmt.Sprintf("%.3f ms (floor %.3f ms, so escrow's own share %.3f ms)", v, fl, v-fl)
+		}
+	}
 	if plain != nil {
 		p50, p99 := plain.Added[0].Seconds()*1e3, plain.Added[2].Seconds()*1e3
-		check("added latency, plain HTTP, p50", "≤ 0.1 ms", p50, p50 <= 0.1, true, ms)
-		check("added latency, plain HTTP, p99", "≤ 0.5 ms", p99, p99 <= 0.5, true, ms)
+		check("added latency, plain HTTP, p50", "≤ 0.1 ms", p50, p50 <= 0.1, true, withFloor("plain", 0))
+		check("added latency, plain HTTP, p99", "≤ 0.5 ms", p99, p99 <= 0.5, true, withFloor("plain", 2))
 	} else {
 		check("added latency, plain HTTP", "≤ 0.1 ms p50, ≤ 0.5 ms p99", 0, false, false, ms)
 	}
 	if inter != nil {
 		p50, p99 := inter.Added[0].Seconds()*1e3, inter.Added[2].Seconds()*1e3
-		check("added latency, intercepted HTTPS kept-alive, p50", "≤ 0.3 ms", p50, p50 <= 0.3, true, ms)
-		check("added latency, intercepted HTTPS kept-alive, p99", "≤ 1 ms", p99, p99 <= 1, true, ms)
+		check("added latency, intercepted HTTPS kept-alive, p50", "≤ 0.3 ms", p50, p50 <= 0.3, true, withFloor("intercepted", 0))
+		check("added latency, intercepted HTTPS kept-alive, p99", "≤ 1 ms", p99, p99 <= 1, true, withFloor("intercepted", 2))
 	} else {
 		check("added latency, intercepted HTTPS", "≤ 0.3 ms p50, ≤ 1 ms p99", 0, false, false, ms)
 	}
 	if plain != nil {
 		best, bestName := 0.0, ""
 		for _, r := range rep.scenario("plain").Rows {
-			if !r.Direct && r.Subject != "escrow" && r.SatRPS > best {
+			if !r.Direct && !r.Floor && r.Subject != "escrow" && r.SatRPS > best {
 				best, bestName = r.SatRPS, r.Subject
 			}
 		}

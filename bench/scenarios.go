@@ -35,6 +35,9 @@ type runner struct {
 	up       *upstream
 	escrow   *proc
 	escrowCA *x509.CertPool
+	relay    *proc // the floor: a byte relay on the proxy's core
+	relayTCP string
+	relayTLS string
 	peers    []runningPeer
 	skipped  []string // peers not run, with why
 	procs    []*proc
@@ -97,6 +100,11 @@ func (r *runner) setup(ctx context.Context) error {
 	}
 	r.escrowCA = x509.NewCertPool()
 	r.escrowCA.AppendCertsFromPEM(pem)
+
+	if r.relay, r.relayTCP, r.relayTLS, err = r.startRelay(ctx); err != nil {
+		return fmt.Errorf("relay: %w", err)
+	}
+	r.procs = append(r.procs, r.relay)
 
 	wanted := splitList(r.o.Peers)
 	for _, pe := range benchPeers() {
@@ -167,6 +175,20 @@ type subject struct {
 	Proc   *proc // nil: direct
 	Client client
 	Note   string
+	Floor  bool // the byte relay: what one more process hop costs here
+}
+
+const floorName = "tcp relay (floor)"
+
+func (r *runner) floor(tlsAddr bool) subject {
+	s := subject{Name: floorName, Proc: r.relay, Floor: true,
+		Note: "copies bytes on the proxy's core, nothing else: the cost of one more process hop on this machine"}
+	if tlsAddr {
+		s.Client = r.newClient(r.transport(nil, viaUpstreamCA, hostAPI, true), "https://"+r.relayTLS+"/v1/models", r.withKey())
+	} else {
+		s.Client = r.newClient(r.transport(nil, noTLS, "", true), "http://"+r.relayTCP+"/v1/models", r.withKey())
+	}
+	return s
 }
 
 type tlsMode int
@@ -267,6 +289,11 @@ func (r *runner) tunnelSubjects(path string, keepAlive bool) []subject {
 	return subs
 }
 
+// withFloor puts the relay right after direct.
+func withFloor(subs []subject, floor subject) []subject {
+	return append([]subject{subs[0], floor}, subs[1:]...)
+}
+
 // row is one subject's results in one scenario.
 type row struct {
 	Subject  string
@@ -279,6 +306,7 @@ type row struct {
 	RSS      int64   // largest resident set during the fixed-rate phase
 	FirstErr string
 	Direct   bool
+	Floor    bool
 	Measured bool // CPU and RSS are known (a process)
 	Policies int
 }
@@ -316,17 +344,17 @@ func (r *runner) scenarios(ctx context.Context) *report {
 	run("plain", func() scenarioResult {
 		return scenarioResult{Title: "Plain HTTP, credential (escrow) or header (peers) added",
 			What: "`http://` through HTTP_PROXY; kept-alive agent connections.",
-			Rows: r.measure(ctx, r.plainSubjects(path, r.escrow, "escrow"), true)}
+			Rows: r.measure(ctx, withFloor(r.plainSubjects(path, r.escrow, "escrow"), r.floor(false)), true)}
 	})
 	run("intercepted", func() scenarioResult {
 		return scenarioResult{Title: "Intercepted HTTPS, kept-alive",
 			What: "`https://` through HTTPS_PROXY; escrow terminates the agent's TLS with a leaf from its pod CA, checks policy, injects the credential and forwards over a pooled TLS connection. The peers cannot add a header to HTTPS without a TLS-intercepting setup, so only direct and escrow are compared.",
-			Rows: r.measure(ctx, []subject{r.directHTTPS(path, true), r.interceptedSubject(path, true)}, true)}
+			Rows: r.measure(ctx, []subject{r.directHTTPS(path, true), r.floor(true), r.interceptedSubject(path, true)}, true)}
 	})
 	run("tunnel", func() scenarioResult {
 		return scenarioResult{Title: "CONNECT tunnel, kept-alive inside",
 			What: "`https://` through HTTPS_PROXY to a host routed as `tunnel: true`: escrow decides at CONNECT and relays bytes; the agent's own TLS runs end to end (and it holds its own key, as with every peer).",
-			Rows: r.measure(ctx, r.tunnelSubjects(path, true), true)}
+			Rows: r.measure(ctx, withFloor(r.tunnelSubjects(path, true), r.floor(true)), true)}
 	})
 	run("policies", func() scenarioResult {
 		res := scenarioResult{Title: "Policy set size (plain HTTP)",
@@ -415,7 +443,7 @@ func (r *runner) measureAt(ctx context.Context, subs []subject, rate float64, sa
 		res := runOpenLoop(ctx, s.Client, openLoop{Rate: rate, Duration: r.o.Duration, Warmup: r.o.Warmup, Workers: r.o.Workers})
 		cpu, maxRSS := m.done()
 		rw := row{Subject: s.Name, Note: s.Note, Lat: summarize(res.Samples, res.Errors), FirstErr: res.FirstErr,
-			Direct: s.Proc == nil, Measured: s.Proc != nil, RSS: maxRSS}
+			Direct: s.Proc == nil, Floor: s.Floor, Measured: s.Proc != nil, RSS: maxRSS}
 		if n := res.ok() + res.Errors; n > 0 && s.Proc != nil {
 			rw.CPUPer1k = cpu.Seconds() / float64(n) * 1000
 		}
