@@ -37,6 +37,7 @@ type options struct {
 	SatDuration time.Duration
 	SatConns    int
 	Workers     int
+	Rounds      int
 	BodySize    int
 	NewConnRate float64
 
@@ -81,11 +82,12 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&o.Docs, "docs", "", "also write the report into this Markdown file between bench markers (default: docs/benchmarks.md for a full run, none for --quick)")
 	fs.StringVar(&o.Only, "only", "", "comma-separated scenarios to run: plain,intercepted,tunnel,policies,sse,newconn (default all)")
 	fs.Float64Var(&o.Rate, "rate", 1000, "fixed request rate of the latency phases, requests/s")
-	fs.DurationVar(&o.Duration, "duration", 15*time.Second, "measured length of each fixed-rate phase")
-	fs.DurationVar(&o.Warmup, "warmup", time.Second, "unmeasured fixed-rate warm-up before each phase")
-	fs.DurationVar(&o.SatDuration, "sat-duration", 5*time.Second, "length of each saturation (closed-loop) phase")
+	fs.DurationVar(&o.Duration, "duration", 12*time.Second, "measured length of each subject's fixed-rate phases, all rounds together")
+	fs.DurationVar(&o.Warmup, "warmup", 500*time.Millisecond, "unmeasured fixed-rate warm-up before each round's phase")
+	fs.DurationVar(&o.SatDuration, "sat-duration", 4500*time.Millisecond, "length of each subject's saturation (closed-loop) phases, all rounds together")
 	fs.IntVar(&o.SatConns, "sat-conns", 32, "concurrent connections in the saturation phase")
 	fs.IntVar(&o.Workers, "workers", 32, "most requests in flight in a fixed-rate phase")
+	fs.IntVar(&o.Rounds, "rounds", 3, "the subjects of a scenario take turns this many times; --duration and --sat-duration are split among the rounds")
 	fs.IntVar(&o.BodySize, "body", 1024, "upstream response body, bytes")
 	fs.Float64Var(&o.NewConnRate, "newconn-rate", 200, "rate of the new-connection phases, requests/s")
 	fs.StringVar(&o.ProxyCPU, "proxy-cpu", "0", "CPU list the proxy under test is pinned to (taskset); empty: no pinning")
@@ -114,6 +116,7 @@ func parseFlags(args []string) (options, error) {
 		def("warmup", func() { o.Warmup = 300 * time.Millisecond })
 		def("sat-duration", func() { o.SatDuration = 1500 * time.Millisecond })
 		def("newconn-rate", func() { o.NewConnRate = 100 })
+		def("rounds", func() { o.Rounds = 1 })
 		def("micro", func() { o.Micro = false })
 	} else if o.Docs == "" {
 		o.Docs = "docs/benchmarks.md"
@@ -125,8 +128,8 @@ func parseFlags(args []string) (options, error) {
 	if o.Duration <= 0 || o.SatDuration <= 0 || o.Warmup < 0 {
 		errs = append(errs, "--duration and --sat-duration must be positive, --warmup not negative")
 	}
-	if o.Workers < 1 || o.SatConns < 1 || o.BodySize < 0 {
-		errs = append(errs, "--workers and --sat-conns must be at least 1, --body not negative")
+	if o.Workers < 1 || o.SatConns < 1 || o.Rounds < 1 || o.BodySize < 0 {
+		errs = append(errs, "--workers, --sat-conns and --rounds must be at least 1, --body not negative")
 	}
 	for _, s := range splitList(o.Only) {
 		if !validScenario(s) {

@@ -214,8 +214,8 @@ func (rep *report) markdown() string {
 	fmt.Fprintf(&b, "- Command: `%s` (%s in all; every number below comes from this one run).\n", cmd, rep.Elapsed.Round(time.Second))
 	fmt.Fprintf(&b, "- Machine: %s.\n", machine())
 	fmt.Fprintf(&b, "- Pinning: %s.\n", rep.Pinning)
-	fmt.Fprintf(&b, "- Load: fixed rate %s req/s for %s after a %s warm-up (open loop: latency counts from each request's due time), then %s closed loop on %d connections for saturation; upstream body %d bytes; HTTP/1.1.\n",
-		thousands(int(rep.o.Rate)), rep.o.Duration, rep.o.Warmup, rep.o.SatDuration, rep.o.SatConns, rep.o.BodySize)
+	fmt.Fprintf(&b, "- Load: per subject, %d round(s) taking turns with the other subjects of its scenario; in all, fixed rate %s req/s for %s (after a %s warm-up each round; open loop, see Method), then %s closed loop on %d connections for saturation; upstream body %d bytes; HTTP/1.1.\n",
+		rep.o.Rounds, thousands(int(rep.o.Rate)), rep.o.Duration, rep.o.Warmup, rep.o.SatDuration, rep.o.SatConns, rep.o.BodySize)
 	var vs []string
 	for _, k := range []string{"escrow", "squid", "tinyproxy", "smokescreen", "goproxy"} {
 		if v, ok := rep.Versions[k]; ok {

@@ -429,37 +429,67 @@ func (r *runner) measure(ctx context.Context, subs []subject, saturate bool) []r
 }
 
 func (r *runner) measureAt(ctx context.Context, subs []subject, rate float64, saturate bool) []row {
-	var rows []row
-	var base latency
-	for i, s := range subs {
-		if ctx.Err() != nil {
-			break
-		}
-		pid := 0
-		if s.Proc != nil {
-			pid = s.Proc.PID()
-		}
-		m := startMonitor(pid)
-		res := runOpenLoop(ctx, s.Client, openLoop{Rate: rate, Duration: r.o.Duration, Warmup: r.o.Warmup, Workers: r.o.Workers})
-		cpu, maxRSS := m.done()
-		rw := row{Subject: s.Name, Note: s.Note, Lat: summarize(res.Samples, res.Errors), FirstErr: res.FirstErr,
-			Direct: s.Proc == nil, Floor: s.Floor, Measured: s.Proc != nil, RSS: maxRSS}
-		if n := res.ok() + res.Errors; n > 0 && s.Proc != nil {
-			rw.CPUPer1k = cpu.Seconds() / float64(n) * 1000
-		}
-		if i == 0 {
-			base = rw.Lat
-		}
-		rw.Added = rw.Lat.minus(base)
-		if saturate && ctx.Err() == nil {
-			rps, sres := runClosedLoop(ctx, s.Client, r.o.SatConns, r.o.SatDuration)
-			rw.SatRPS, rw.SatErrs = rps, sres.Errors
-			if rw.FirstErr == "" {
-				rw.FirstErr = sres.FirstErr
+	// The subjects take turns, round after round, and each row pools its samples from every
+	// round: a burst of noise on this shared machine then lands on all of them alike instead
+	// of on whichever ran at that moment.
+	type acc struct {
+		samples []time.Duration
+		errs    int
+		first   string
+		cpu     time.Duration
+		n       int
+		maxRSS  int64
+		sat     float64
+		satErrs int
+	}
+	accs := make([]acc, len(subs))
+	rounds := max(r.o.Rounds, 1)
+	for round := range rounds {
+		for i, s := range subs {
+			if ctx.Err() != nil {
+				break
+			}
+			a := &accs[i]
+			pid := 0
+			if s.Proc != nil {
+				pid = s.Proc.PID()
+			}
+			m := startMonitor(pid)
+			res := runOpenLoop(ctx, s.Client, openLoop{Rate: rate, Duration: r.o.Duration / time.Duration(rounds), Warmup: r.o.Warmup, Workers: r.o.Workers})
+			cpu, maxRSS := m.done()
+			a.samples = append(a.samples, res.Samples...)
+			a.errs += res.Errors
+			a.n += res.ok() + res.Errors
+			a.cpu += cpu
+			a.maxRSS = max(a.maxRSS, maxRSS)
+			if a.first == "" {
+				a.first = res.FirstErr
+			}
+			if saturate && ctx.Err() == nil {
+				rps, sres := runClosedLoop(ctx, s.Client, r.o.SatConns, r.o.SatDuration/time.Duration(rounds))
+				a.sat += rps / float64(rounds)
+				a.satErrs += sres.Errors
+				if a.first == "" {
+					a.first = sres.FirstErr
+				}
+			}
+			if round == rounds-1 {
+				if tr, ok := s.Client.HTTP.Transport.(*http.Transport); ok {
+					tr.CloseIdleConnections()
+				}
 			}
 		}
-		if tr, ok := s.Client.HTTP.Transport.(*http.Transport); ok {
-			tr.CloseIdleConnections()
+	}
+	var rows []row
+	for i, s := range subs {
+		a := accs[i]
+		rw := row{Subject: s.Name, Note: s.Note, Lat: summarize(a.samples, a.errs), FirstErr: a.first,
+			Direct: s.Proc == nil, Floor: s.Floor, Measured: s.Proc != nil, RSS: a.maxRSS, SatRPS: a.sat, SatErrs: a.satErrs}
+		if a.n > 0 && s.Proc != nil {
+			rw.CPUPer1k = a.cpu.Seconds() / float64(a.n) * 1000
+		}
+		if len(rows) > 0 {
+			rw.Added = rw.Lat.minus(rows[0].Lat)
 		}
 		log.Printf("  %-58s p50 %7s  p99 %7s  sat %8.0f/s  errors %d/%d", s.Name, us(rw.Lat.P50), us(rw.Lat.P99), rw.SatRPS, rw.Lat.Errors, rw.SatErrs)
 		rows = append(rows, rw)
