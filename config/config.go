@@ -16,6 +16,10 @@ const (
 	DefaultLeafTTL     = 24 * time.Hour
 	DefaultDialTimeout = 10 * time.Second
 	DefaultReloadEvery = 2 * time.Second
+	// DefaultAuditFlush bounds how long an audit record may wait in escrow's buffer.
+	DefaultAuditFlush = 100 * time.Millisecond
+	// MaxAuditFlush bounds audit.flush_interval: it is also the window of records a crash loses.
+	MaxAuditFlush = time.Second
 )
 
 // Policy modes.
@@ -45,6 +49,25 @@ type Config struct {
 	Upstreams   []Upstream            `json:"upstreams,omitempty"`
 	Credentials map[string]Credential `json:"credentials,omitempty"`
 	Egress      Egress                `json:"egress,omitempty"`
+	Audit       Audit                 `json:"audit,omitempty"`
+}
+
+// Audit configures how audit records (stdout) are written.
+type Audit struct {
+	// FlushInterval is how long a record may wait in a buffer before it is written, so that a
+	// busy proxy makes one write per many records instead of one per request. 0s writes every
+	// record as it is made. Records still buffered are lost if the process is killed (SIGKILL,
+	// OOM) or crashes; a graceful stop (SIGTERM, SIGINT) writes them all. Nil until defaults
+	// are applied; use FlushEvery.
+	FlushInterval *Duration `json:"flush_interval,omitempty"`
+}
+
+// FlushEvery is FlushInterval after defaults: DefaultAuditFlush when it was not set.
+func (a Audit) FlushEvery() time.Duration {
+	if a.FlushInterval == nil {
+		return DefaultAuditFlush
+	}
+	return a.FlushInterval.D()
 }
 
 // Identity says where the workload identity comes from. Exactly one of SPIFFE or Static.

@@ -266,3 +266,33 @@ func TestParse_PolicyDirMustBeADirectory(t *testing.T) {
 		}
 	}
 }
+
+func TestParse_AuditFlushInterval(t *testing.T) {
+	c, err := Parse([]byte(minimal))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Audit.FlushEvery(); got != DefaultAuditFlush {
+		t.Errorf("default audit flush interval %v, want %v", got, DefaultAuditFlush)
+	}
+	c, err = Parse([]byte(minimal + "audit: {flush_interval: 0s}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Audit.FlushEvery(); got != 0 {
+		t.Errorf("flush_interval 0s gives %v, want 0 (write every record at once)", got)
+	}
+	c, err = Parse([]byte(minimal + "audit: {flush_interval: 250ms}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Audit.FlushEvery(); got != 250*time.Millisecond {
+		t.Errorf("flush_interval 250ms gives %v", got)
+	}
+	for _, bad := range []string{"2s", "-1s", "soon"} {
+		_, err := Parse([]byte(minimal + "audit: {flush_interval: " + bad + "}\n"))
+		if err == nil || !strings.Contains(err.Error(), "audit.flush_interval") {
+			t.Errorf("flush_interval %s: want an error naming audit.flush_interval, got %v", bad, err)
+		}
+	}
+}

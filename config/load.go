@@ -298,28 +298,53 @@ func (c *Config) applyDefaults() {
 	if c.Egress.DialTimeout == 0 {
 		c.Egress.DialTimeout = Duration(DefaultDialTimeout)
 	}
+	if c.Audit.FlushInterval == nil {
+		d := Duration(DefaultAuditFlush)
+		c.Audit.FlushInterval = &d
+	}
 	for i := range c.Upstreams {
 		c.Upstreams[i].Host = strings.ToLower(strings.TrimSuffix(c.Upstreams[i].Host, "."))
 	}
 }
 
-var (
-	hostLabel  = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
-	headerName = regexp.MustCompile("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-)
+var headerName = regexp.MustCompile("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
-// ValidHostPattern reports whether h is an exact DNS name, an IP literal, or "*.suffix".
+// ValidHostPattern reports whether h is an exact DNS name (lower-case labels of 1 to 63 letters,
+// digits and inner hyphens), an IP literal, or "*.suffix". The proxy calls it on every request's
+// host, so it neither allocates nor runs a regular expression.
 func ValidHostPattern(h string) bool {
 	h = strings.TrimPrefix(h, "*.")
 	if h == "" || len(h) > 253 {
 		return false
 	}
-	if _, err := netip.ParseAddr(h); err == nil {
+	if validDNSName(h) {
 		return true
 	}
-	for _, l := range strings.Split(h, ".") {
-		if !hostLabel.MatchString(l) {
+	// Names are the common case and are checked first: a failed ParseAddr allocates its error.
+	_, err := netip.ParseAddr(h)
+	return err == nil
+}
+
+// validDNSName reports whether every dot-separated label of h matches
+// ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$.
+func validDNSName(h string) bool {
+	for len(h) > 0 {
+		label := h
+		if i := strings.IndexByte(h, '.'); i >= 0 {
+			label, h = h[:i], h[i+1:]
+			if h == "" {
+				return false // a trailing dot leaves an empty last label
+			}
+		} else {
+			h = ""
+		}
+		if len(label) == 0 || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
 			return false
+		}
+		for i := 0; i < len(label); i++ {
+			if c := label[i]; (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' {
+				return false
+			}
 		}
 	}
 	return true
@@ -390,6 +415,9 @@ func (c *Config) validate() Errors {
 	}
 	if c.LeafTTL.D() < time.Minute {
 		add("leaf_ttl", "must be at least 1m")
+	}
+	if d := c.Audit.FlushEvery(); d < 0 || d > MaxAuditFlush {
+		add("audit.flush_interval", "must be between 0s (write every record at once) and %v", MaxAuditFlush)
 	}
 
 	type key struct {
