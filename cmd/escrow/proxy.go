@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime/debug"
 	"time"
 
 	"go.uber.org/zap"
@@ -54,13 +55,24 @@ func cmdProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer func() { _ = log.Sync() }()
-	sink := audit.NewZapSink(stdout)
-	defer func() { _ = sink.Sync() }()
+	// Records are batched into few writes (audit.flush_interval). Every record is written by
+	// the time rt.Wait returns (requests and tunnels drained), so stopping the sink after it
+	// loses none on a graceful shutdown.
+	sink := audit.NewBufferedZapSink(stdout, cfg.Audit.FlushEvery(), nil)
+	defer func() {
+		if err := sink.Stop(); err != nil {
+			log.Error("writing audit records failed", zap.Error(err))
+		}
+	}()
 
 	rt, err := start(ctx, startOptions{Config: cfg, Logger: log, Audit: sink, DrainTimeout: *drain})
 	if err != nil {
 		return err
 	}
+	// Starting up leaves a few MB of garbage behind (config, policy and schema parsing, the
+	// CA, the trust bundle) and no GC has run yet: collect it and return the pages now, or the
+	// idle proxy keeps them until the scavenger gets to them.
+	debug.FreeOSMemory()
 	log.Info("escrow proxy listening", zap.String("proxy", rt.ProxyAddr.String()), zap.String("admin", rt.AdminAddr.String()),
 		zap.String("ca_dir", cfg.CADir), zap.String("policy_mode", cfg.Policy.Mode))
 	return rt.Wait()
