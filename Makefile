@@ -14,8 +14,10 @@ FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy/egress:Fuzz
 
 all: build
 
+# CGO_ENABLED=0: a static binary (no libc mapped: about 1 MiB less resident memory; Go's own
+# DNS resolver), which is also what a distroless sidecar image wants.
 build:
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/escrow ./cmd/escrow
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/escrow ./cmd/escrow
 
 ## demo: build escrow and run the self-contained demo (proxy + local HTTPS API + three agent calls)
 demo: build

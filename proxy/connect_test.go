@@ -99,6 +99,53 @@ func TestProxy_StreamsSSEWithoutBuffering(t *testing.T) {
 	}
 }
 
+// TestProxy_FixedLengthResponseIsNotHeldUntilComplete: a response with a Content-Length is
+// not streamed flush by flush like SSE (a small one leaves in one write with its headers), but
+// what arrived is still passed on within fixedLengthFlushInterval, not held until the body is
+// complete.
+func TestProxy_FixedLengthResponseIsNotHeldUntilComplete(t *testing.T) {
+	gotFirst := make(chan struct{})
+	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "10")
+		_, _ = io.WriteString(w, "first")
+		_ = http.NewResponseController(w).Flush()
+		// If escrow held the body until it is complete, the agent never sees "first" before
+		// this gives up.
+		select {
+		case <-gotFirst:
+		case <-time.After(5 * time.Second):
+		}
+		_, _ = io.WriteString(w, "-last")
+	}), false, "api.example.com")
+	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.com", "credential: api"))
+
+	for _, h2 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("h2=%v", h2), func(t *testing.T) {
+			gotFirst = make(chan struct{})
+			tr := tp.Transport.Clone()
+			tr.ForceAttemptHTTP2 = h2
+			defer tr.CloseIdleConnections()
+			start := time.Now()
+			resp, err := (&http.Client{Transport: tr}).Get("https://api.example.com/v1/slow")
+			must(t, err)
+			defer resp.Body.Close()
+			first := make([]byte, 5)
+			if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
+				t.Fatalf("first part %q, %v", first, err)
+			}
+			took := time.Since(start)
+			close(gotFirst)
+			if took > 3*time.Second {
+				t.Errorf("the first part of the body took %v to arrive: escrow held it until the body was complete", took)
+			}
+			rest, err := io.ReadAll(resp.Body)
+			if err != nil || string(rest) != "-last" {
+				t.Errorf("rest %q, %v", rest, err)
+			}
+		})
+	}
+}
+
 func TestProxy_StreamsRequestBody(t *testing.T) {
 	firstChunk := make(chan string, 1)
 	total := make(chan int, 1)

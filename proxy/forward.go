@@ -24,10 +24,14 @@ import (
 // fwdKey carries the in-flight forward's state to the ReverseProxy callbacks.
 type fwdKey struct{}
 
+// fwdState is one forward's state. The body and response counters live in it so a request
+// makes one allocation for all three.
 type fwdState struct {
 	rec   *audit.Record
 	start time.Time
 	out   outbound
+	cr    countingReader
+	cw    countingWriter
 }
 
 // outbound is what handle decided for the upstream request: where it goes and which credential
@@ -40,17 +44,26 @@ type outbound struct {
 	token        credential.Token
 }
 
-// newReverseProxy is the forwarder of one route. It flushes every write so streamed responses
-// (SSE, chunked LLM output) reach the agent as the upstream sends them, passes WebSocket
-// upgrades, removes hop-by-hop headers, and strips X-Escrow-Reason from upstream responses so an
-// upstream cannot forge an escrow denial.
+// fixedLengthFlushInterval is how long bytes of a response with a Content-Length may wait in
+// escrow's write buffer before they are flushed to the agent. Streamed responses (SSE, or no
+// Content-Length, as chunked LLM output) are flushed after every write whatever this is:
+// httputil.ReverseProxy always does that for them. A fixed-length response is written as it is
+// copied and flushed at the latest after this interval, or when the handler returns: a small
+// response then leaves in one write with its headers. Flushing after every write instead costs
+// a timer goroutine and a header-only write (a loopback TCP segment) per request.
+const fixedLengthFlushInterval = 5 * time.Millisecond
+
+// newReverseProxy is the forwarder of one route. Streamed responses (SSE, chunked LLM output)
+// are flushed after every write so they reach the agent as the upstream sends them, others
+// within fixedLengthFlushInterval; it passes WebSocket upgrades, removes hop-by-hop headers, and
+// strips X-Escrow-Reason from upstream responses so an upstream cannot forge an escrow denial.
 func (p *Proxy) newReverseProxy(tr *http.Transport) *httputil.ReverseProxy {
 	return &httputil.ReverseProxy{
 		// Rewrite (rather than Director) also keeps ReverseProxy from adding X-Forwarded-*
 		// headers that would leak the agent's address upstream.
 		Rewrite:       rewrite,
 		Transport:     tr,
-		FlushInterval: -1,
+		FlushInterval: fixedLengthFlushInterval,
 		BufferPool:    p.buffers,
 		ErrorLog:      zap.NewStdLog(p.log.Named("forward")),
 		ModifyResponse: func(resp *http.Response) error {
@@ -75,11 +88,13 @@ func (p *Proxy) newReverseProxy(tr *http.Transport) *httputil.ReverseProxy {
 func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *audit.Record, ob outbound) {
 	st := &fwdState{rec: rec, start: p.now(), out: ob}
 	out := r.WithContext(context.WithValue(r.Context(), fwdKey{}, st))
-	cr := &countingReader{ReadCloser: out.Body}
+	cr := &st.cr
+	cr.ReadCloser = out.Body
 	if out.Body != nil && out.Body != http.NoBody {
 		out.Body = cr
 	}
-	cw := &countingWriter{ResponseWriter: w, n: &rec.BytesOut, p: p}
+	cw := &st.cw
+	cw.ResponseWriter, cw.n, cw.p = w, &rec.BytesOut, p
 	defer func() {
 		if v := recover(); v != nil {
 			// The transport may still hold the body reader in another goroutine: read atomically.
@@ -263,12 +278,23 @@ func withoutURL(err error) error {
 	return err
 }
 
+// copyBufferSize is the size of ReverseProxy's copy buffers (its own default).
+const copyBufferSize = 32 << 10
+
 // bufferPool recycles ReverseProxy's copy buffers: without it every request allocates 32 KiB.
+// It pools array pointers, which convert to and from the slices ReverseProxy handles without
+// allocating (pooling a *[]byte would allocate a slice header on every Put).
 type bufferPool struct{ p sync.Pool }
 
 func newBufferPool() *bufferPool {
-	return &bufferPool{p: sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+	return &bufferPool{p: sync.Pool{New: func() any { return new([copyBufferSize]byte) }}}
 }
 
-func (b *bufferPool) Get() []byte  { return *(b.p.Get().(*[]byte)) }
-func (b *bufferPool) Put(x []byte) { b.p.Put(&x) }
+func (b *bufferPool) Get() []byte { return b.p.Get().(*[copyBufferSize]byte)[:] }
+
+func (b *bufferPool) Put(x []byte) {
+	if cap(x) < copyBufferSize {
+		return // not one of ours
+	}
+	b.p.Put((*[copyBufferSize]byte)(x[:copyBufferSize]))
+}

@@ -119,7 +119,7 @@ func withDial(d func(ctx context.Context, network, addr string) (net.Conn, error
 // withDrain sets ServeOptions.DrainTimeout.
 func withDrain(d time.Duration) option { return func(s *setup) { s.drain = d } }
 
-// withAuditJSON also writes every record through the production zap sink into w.
+// withAuditJSON also writes every record through the production JSON sink into w.
 func withAuditJSON(w io.Writer) option { return func(s *setup) { s.auditWriter = w } }
 
 // withoutRecords keeps no records in memory (benchmarks).

@@ -66,10 +66,6 @@ func (t *routeTable) match(host string, port int, defaultPort int) *route {
 // buildRoutes compiles the upstream entries. dial is the egress-checked dialer shared by every
 // route's transport.
 func buildRoutes(cfg *config.Config, dial dialFunc, newProxy func(*http.Transport) *httputil.ReverseProxy) (*routeTable, error) {
-	systemRoots, err := x509.SystemCertPool()
-	if err != nil {
-		systemRoots = x509.NewCertPool()
-	}
 	t := &routeTable{exact: map[string][]*route{}}
 	for i, u := range cfg.Upstreams {
 		r := &route{port: u.Port, tunnel: u.Tunnel, credential: u.Credential, plaintext: u.UnsafePlaintextCredential, address: u.Address}
@@ -97,13 +93,19 @@ func buildRoutes(cfg *config.Config, dial dialFunc, newProxy func(*http.Transpor
 			r.applier = a
 		}
 		if !u.Tunnel {
-			roots := systemRoots
+			// nil RootCAs is the system roots, which crypto/tls then loads at the first upstream
+			// handshake: parsing the system bundle leaves a few MB of startup garbage that a
+			// proxy with no HTTPS upstream in use never needs. Only a ca_file needs them now, to
+			// extend a copy (SystemCertPool returns a fresh one each call).
+			var roots *x509.CertPool
 			if u.CAFile != "" {
 				pem, err := os.ReadFile(u.CAFile)
 				if err != nil {
 					return nil, fmt.Errorf("proxy: upstreams[%d].ca_file: %w", i, err)
 				}
-				roots = systemRoots.Clone()
+				if roots, err = x509.SystemCertPool(); err != nil {
+					roots = x509.NewCertPool()
+				}
 				if !roots.AppendCertsFromPEM(pem) {
 					return nil, fmt.Errorf("proxy: upstreams[%d].ca_file: no PEM certificates in %s", i, u.CAFile)
 				}
@@ -133,8 +135,9 @@ func buildRoutes(cfg *config.Config, dial dialFunc, newProxy func(*http.Transpor
 
 type dialFunc = func(ctx context.Context, network, addr string) (net.Conn, error)
 
-// newTransport is the pooled upstream transport of one route: TLS always verified, HTTP/2 when
-// the upstream offers it, and never the environment's proxy settings (Proxy is nil).
+// newTransport is the pooled upstream transport of one route: TLS always verified (against roots,
+// or the system roots when roots is nil), HTTP/2 when the upstream offers it, and never the
+// environment's proxy settings (Proxy is nil).
 func newTransport(roots *x509.CertPool, dial dialFunc) *http.Transport {
 	return &http.Transport{
 		Proxy:                 nil,
@@ -153,16 +156,22 @@ func newTransport(roots *x509.CertPool, dial dialFunc) *http.Transport {
 
 // splitHostPort parses an authority, lower-cases the host and strips IPv6 brackets.
 func splitHostPort(authority string, defaultPort int) (string, int, error) {
-	host, portStr, err := net.SplitHostPort(authority)
-	if err != nil {
-		if !strings.Contains(err.Error(), "missing port") {
-			return "", 0, err
+	// Without a colon there is no port (net.SplitHostPort would build a "missing port" error
+	// for it, on every plain request to a default port).
+	host, portStr := authority, ""
+	if strings.IndexByte(authority, ':') >= 0 {
+		var err error
+		host, portStr, err = net.SplitHostPort(authority)
+		if err != nil {
+			if !strings.Contains(err.Error(), "missing port") {
+				return "", 0, err
+			}
+			host, portStr = authority, ""
 		}
-		// No port: a bare host, or a bracketed IPv6 literal and nothing after it.
-		host, portStr = authority, ""
-		if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
-			host = host[1 : len(host)-1]
-		}
+	}
+	if portStr == "" && strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		// No port: a bracketed IPv6 literal and nothing after it.
+		host = host[1 : len(host)-1]
 	}
 	port := defaultPort
 	if portStr != "" {

@@ -1,6 +1,9 @@
 package proxy
 
 import (
+	"fmt"
+	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httputil"
 	"strings"
@@ -49,6 +52,57 @@ func TestSplitHostPort(t *testing.T) {
 		if err != nil || h != c.host || p != c.port {
 			t.Errorf("splitHostPort(%q, %d) = %q, %d, %v; want %q, %d", c.in, c.def, h, p, err, c.host, c.port)
 		}
+	}
+}
+
+// referenceSplitHostPort is splitHostPort as first written, always through net.SplitHostPort:
+// the shortcut for authorities without a colon must not change any answer.
+func referenceSplitHostPort(authority string, defaultPort int) (string, int, error) {
+	host, portStr, err := net.SplitHostPort(authority)
+	if err != nil {
+		if !strings.Contains(err.Error(), "missing port") {
+			return "", 0, err
+		}
+		host, portStr = authority, ""
+		if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+			host = host[1 : len(host)-1]
+		}
+	}
+	port := defaultPort
+	if portStr != "" {
+		p, err := parsePort(portStr)
+		if err != nil {
+			return "", 0, err
+		}
+		port = p
+	}
+	host = strings.ToLower(strings.TrimSuffix(host, "."))
+	if host == "" || strings.ContainsAny(host, "[]%") || !config.ValidHostPattern(host) || strings.HasPrefix(host, "*.") {
+		return "", 0, fmt.Errorf("invalid host %q", host)
+	}
+	return host, port, nil
+}
+
+func TestSplitHostPort_SameAnswersAsTheReference(t *testing.T) {
+	const alphabet = "aZ0.:[]%*-@ "
+	r := rand.New(rand.NewPCG(3, 4))
+	for range 50000 {
+		b := make([]byte, r.IntN(10))
+		for i := range b {
+			b[i] = alphabet[r.IntN(len(alphabet))]
+		}
+		in := string(b)
+		h, p, err := splitHostPort(in, 443)
+		rh, rp, rerr := referenceSplitHostPort(in, 443)
+		if h != rh || p != rp || (err == nil) != (rerr == nil) {
+			t.Fatalf("splitHostPort(%q) = %q, %d, %v; the reference says %q, %d, %v", in, h, p, err, rh, rp, rerr)
+		}
+	}
+}
+
+func TestSplitHostPort_DoesNotAllocateWithoutAPort(t *testing.T) {
+	if n := testing.AllocsPerRun(100, func() { _, _, _ = splitHostPort("api.example.com", 80) }); n != 0 {
+		t.Errorf("%v allocations per call, want 0", n)
 	}
 }
 
