@@ -7,9 +7,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -347,6 +349,35 @@ func TestLeaf_CacheIsBounded(t *testing.T) {
 	if n != 5 {
 		t.Errorf("cache holds %d leaves, want 5", n)
 	}
+}
+
+// An agent behind a wildcard upstream can ask for any number of names: the default cap keeps
+// what the cache retains small (a few MB), not proportional to the names it was asked for.
+func TestLeaf_DefaultCacheRetainsAFewMegabytesAtMost(t *testing.T) {
+	if testing.Short() {
+		t.Skip("mints over a thousand leaves")
+	}
+	c := newTestCA(t, Options{})
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for i := range DefaultMaxLeaves + 200 {
+		if _, err := c.Leaf(fmt.Sprintf("h%d.example.com", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	c.mu.RLock()
+	n := len(c.leaves)
+	c.mu.RUnlock()
+	if n != DefaultMaxLeaves {
+		t.Errorf("cache holds %d leaves, want the cap %d", n, DefaultMaxLeaves)
+	}
+	if grown := int64(after.HeapAlloc) - int64(before.HeapAlloc); grown > 8<<20 {
+		t.Errorf("a full leaf cache retains %d MB of heap, want at most 8", grown>>20)
+	}
+	runtime.KeepAlive(c)
 }
 
 func BenchmarkLeaf_CacheHit(b *testing.B) {
