@@ -112,7 +112,7 @@ func parseFlags(args []string) (options, error) {
 				apply()
 			}
 		}
-		def("duration", func() { o.Duration = 2 * time.Second })
+		def("duration", func() { o.Duration = 1500 * time.Millisecond })
 		def("warmup", func() { o.Warmup = 300 * time.Millisecond })
 		def("sat-duration", func() { o.SatDuration = 1500 * time.Millisecond })
 		def("newconn-rate", func() { o.NewConnRate = 100 })
