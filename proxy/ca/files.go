@@ -9,12 +9,14 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/escrowproxy/escrow/config"
 )
 
-// File names written by WriteFiles.
+// File names written by WriteFiles (defined in config, shared with the injector).
 const (
-	CAFile     = "ca.crt"
-	BundleFile = "trust-bundle.pem"
+	CAFile     = config.CACertFile
+	BundleFile = config.TrustBundleFile
 )
 
 // systemRootFiles are the well-known Linux locations of the system's PEM root bundle, in the
