@@ -4,6 +4,8 @@
 package config
 
 import (
+	"net/netip"
+	"strconv"
 	"time"
 )
 
@@ -22,11 +24,21 @@ const (
 	MaxAuditFlush = time.Second
 )
 
+// PolicyMode says whether policy decisions are enforced. It is the one mode type of the program:
+// config validates it once, the proxy applies it, audit records and metrics print it.
+type PolicyMode string
+
 // Policy modes.
 const (
-	PolicyModeEnforce = "enforce"
-	PolicyModeReport  = "report"
+	// PolicyModeEnforce denies what the policy denies.
+	PolicyModeEnforce PolicyMode = "enforce"
+	// PolicyModeReport lets through what the policy would deny (not what fails for want of a
+	// policy set or an identity) and records it as would_deny.
+	PolicyModeReport PolicyMode = "report"
 )
+
+// Valid reports whether m is a known mode.
+func (m PolicyMode) Valid() bool { return m == PolicyModeEnforce || m == PolicyModeReport }
 
 // Config is the whole configuration file.
 type Config struct {
@@ -42,6 +54,11 @@ type Config struct {
 	Identity Identity `json:"identity"`
 	// CADir receives ca.crt and trust-bundle.pem (system roots + the pod CA).
 	CADir string `json:"ca_dir,omitempty"`
+	// CAKeyDir, when set, keeps the pod CA's key and certificate so that a restarted escrow
+	// reuses a still-valid CA and agents that loaded the trust bundle keep trusting it. It must
+	// be a directory only escrow can read (in Kubernetes a memory-backed emptyDir mounted into
+	// escrow alone), never ca_dir or a directory below it. Empty: a new CA at every start.
+	CAKeyDir string `json:"ca_key_dir,omitempty"`
 	// LeafTTL is the lifetime of the leaf certificates minted for intercepted hosts.
 	LeafTTL Duration `json:"leaf_ttl,omitempty"`
 
@@ -50,7 +67,14 @@ type Config struct {
 	Credentials map[string]Credential `json:"credentials,omitempty"`
 	Egress      Egress                `json:"egress,omitempty"`
 	Audit       Audit                 `json:"audit,omitempty"`
+
+	// validated is set by Validate: the compiled values below exist only then.
+	validated bool
 }
+
+// Validated reports whether c passed Validate (Parse and Load call it), so its compiled values
+// (Egress.Allow, Upstream.Injection) are filled in. A Config assembled by hand is not.
+func (c *Config) Validated() bool { return c != nil && c.validated }
 
 // Audit configures how audit records (stdout) are written.
 type Audit struct {
@@ -89,7 +113,7 @@ type Policy struct {
 	// Dir holds *.cedar files and optionally schema.cedarschema.
 	Dir string `json:"dir"`
 	// Mode is enforce (default) or report (log the would-be deny, allow).
-	Mode string `json:"mode,omitempty"`
+	Mode PolicyMode `json:"mode,omitempty"`
 	// ReloadInterval is how often Dir is checked for changes.
 	ReloadInterval Duration `json:"reload_interval,omitempty"`
 }
@@ -117,6 +141,51 @@ type Upstream struct {
 	// UnsafePlaintextCredential lets the credential be applied to plain http:// requests, where
 	// it crosses the network in clear text. Off by default: such requests are refused.
 	UnsafePlaintextCredential bool `json:"unsafe_plaintext_credential,omitempty"`
+
+	injection Injection // compiled by Validate from Inject, Basic, Query
+}
+
+// Injection returns how the upstream's credential is applied, compiled once by Validate: the
+// header and the template already checked and split. The zero value for an upstream without a
+// credential, or before Validate.
+func (u Upstream) Injection() Injection { return u.injection }
+
+// InjectKind is how a credential is put on a request.
+type InjectKind int
+
+const (
+	// InjectHeader sets Header to Prefix + token + Suffix.
+	InjectHeader InjectKind = iota
+	// InjectBasic sets "Authorization: Basic base64(Username:token)".
+	InjectBasic
+	// InjectQuery sets the query parameter Param to the token.
+	InjectQuery
+)
+
+func (k InjectKind) String() string {
+	switch k {
+	case InjectHeader:
+		return "header"
+	case InjectBasic:
+		return "basic"
+	case InjectQuery:
+		return "query"
+	}
+	return "InjectKind(" + strconv.Itoa(int(k)) + ")"
+}
+
+// Injection is a validated, compiled way of applying a credential.
+type Injection struct {
+	Kind InjectKind
+	// Header is the canonical header name (InjectHeader; "Authorization" for InjectBasic).
+	Header string
+	// Prefix and Suffix surround the token in the header value (InjectHeader), split once
+	// around {{.Token}}; free of control characters, "{{" and "}}".
+	Prefix, Suffix string
+	// Username is the basic-auth user (InjectBasic): non-empty, no ':' and no control characters.
+	Username string
+	// Param is the query parameter's name (InjectQuery), non-empty.
+	Param string
 }
 
 // Inject sets a header from a template; {{.Token}} is replaced by the credential.
@@ -153,4 +222,9 @@ type Egress struct {
 	AllowCIDRs []string `json:"allow_cidrs,omitempty"`
 	// DialTimeout bounds DNS resolution plus the TCP connect.
 	DialTimeout Duration `json:"dial_timeout,omitempty"`
+
+	allow []netip.Prefix // AllowCIDRs, parsed by Validate
 }
+
+// Allow returns AllowCIDRs parsed (by Validate; empty before it, which allows nothing extra).
+func (e Egress) Allow() []netip.Prefix { return e.allow }

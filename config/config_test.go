@@ -2,8 +2,11 @@ package config
 
 import (
 	"errors"
+	"io/fs"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -112,15 +115,116 @@ func TestParse_NonLoopbackListenNeedsUnsafeSwitch(t *testing.T) {
 	}
 }
 
-func TestParse_SPIFFESocketFromEnvironment(t *testing.T) {
-	doc := "identity: {spiffe: {}}\npolicy: {dir: p}\n"
-	t.Setenv("SPIFFE_ENDPOINT_SOCKET", "")
-	if _, err := Parse([]byte(doc)); err == nil || !strings.Contains(err.Error(), "identity.spiffe.socket") {
+// fakeLocal is a machine with the given directories and environment, for CheckLocal.
+func fakeLocal(dirs []string, env map[string]string) Local {
+	return Local{
+		Stat: func(name string) (fs.FileInfo, error) {
+			if slices.Contains(dirs, name) {
+				return os.Stat(".") // any directory
+			}
+			return nil, &fs.PathError{Op: "stat", Path: name, Err: fs.ErrNotExist}
+		},
+		LookupEnv: func(k string) (string, bool) { v, ok := env[k]; return v, ok },
+	}
+}
+
+func TestCheckLocal_SPIFFESocketFromEnvironment(t *testing.T) {
+	c, err := Parse([]byte("identity: {spiffe: {}}\npolicy: {dir: p}\n"))
+	if err != nil {
+		t.Fatalf("Parse must not look at the environment: %v", err)
+	}
+	if err := c.CheckLocal(fakeLocal([]string{"p"}, nil)); err == nil || !strings.Contains(err.Error(), "identity.spiffe.socket: required") {
 		t.Fatalf("want a socket error, got %v", err)
 	}
-	t.Setenv("SPIFFE_ENDPOINT_SOCKET", "unix:///run/spire/agent.sock")
-	if _, err := Parse([]byte(doc)); err != nil {
+	if err := c.CheckLocal(fakeLocal([]string{"p"}, map[string]string{"SPIFFE_ENDPOINT_SOCKET": "/no/scheme"})); err == nil || !strings.Contains(err.Error(), "SPIFFE_ENDPOINT_SOCKET: want unix://") {
+		t.Fatalf("want a bad-socket error, got %v", err)
+	}
+	if err := c.CheckLocal(fakeLocal([]string{"p"}, map[string]string{"SPIFFE_ENDPOINT_SOCKET": "unix:///run/spire/agent.sock"})); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestParse_IsPureAndCheckLocalReportsEveryMachineProblem(t *testing.T) {
+	doc := minimal + `
+upstreams:
+  - {host: a.example, ca_file: /nonexistent/ca.pem}
+`
+	c, err := Parse([]byte(doc))
+	if err != nil {
+		t.Fatalf("Parse read the filesystem: %v", err)
+	}
+	err = c.CheckLocal(fakeLocal(nil, nil))
+	for _, want := range []string{"policy.dir: cannot read policies", "upstreams[0].ca_file: cannot read"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("missing %q in %v", want, err)
+		}
+	}
+	if err := c.CheckLocal(fakeLocal([]string{"policies", "/nonexistent/ca.pem"}, nil)); err != nil {
+		t.Errorf("all present: %v", err)
+	}
+}
+
+func TestParse_CompilesTypedValuesOnce(t *testing.T) {
+	c, err := Parse([]byte(minimal + `
+upstreams:
+  - {host: a.example, credential: k}
+  - {host: b.example, credential: k, inject: {header: x-api-key, value: "key {{ .Token }}!"}}
+  - {host: c.example, credential: k, basic: {username: bot}}
+  - {host: d.example, credential: k, query: {param: api_key}}
+  - {host: e.example, tunnel: true}
+credentials:
+  k: {static: {env: K}}
+egress: {allow_cidrs: [10.0.0.0/8, "fd00::/8"]}
+policy: {dir: p, mode: report}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Validated() {
+		t.Error("Parse did not mark the config validated")
+	}
+	if c.Policy.Mode != PolicyModeReport {
+		t.Errorf("mode %q", c.Policy.Mode)
+	}
+	want := []Injection{
+		{Kind: InjectHeader, Header: "Authorization", Prefix: "Bearer "},
+		{Kind: InjectHeader, Header: "X-Api-Key", Prefix: "key ", Suffix: "!"},
+		{Kind: InjectBasic, Header: "Authorization", Username: "bot"},
+		{Kind: InjectQuery, Param: "api_key"},
+		{},
+	}
+	for i, w := range want {
+		if got := c.Upstreams[i].Injection(); got != w {
+			t.Errorf("upstreams[%d].Injection() = %+v, want %+v", i, got, w)
+		}
+	}
+	if got := c.Egress.Allow(); len(got) != 2 || got[0] != netip.MustParsePrefix("10.0.0.0/8") || got[1] != netip.MustParsePrefix("fd00::/8") {
+		t.Errorf("Egress.Allow() = %v", got)
+	}
+	var hand Config
+	if hand.Validated() || len(hand.Egress.Allow()) != 0 {
+		t.Error("a Config built by hand claims compiled values")
+	}
+}
+
+func TestParse_InjectHeaderThatFramesTheMessageIsRejected(t *testing.T) {
+	for _, h := range []string{"Host", "content-length", "Proxy-Authorization", "transfer-encoding"} {
+		_, err := Parse([]byte(minimal + "upstreams:\n  - {host: a.example, credential: k, inject: {header: " + h + "}}\ncredentials:\n  k: {static: {env: K}}\n"))
+		if err == nil || !strings.Contains(err.Error(), "upstreams[0].inject.header") {
+			t.Errorf("header %s: want an error naming upstreams[0].inject.header, got %v", h, err)
+		}
+	}
+}
+
+func TestParse_CAKeyDirMustNotBeReadableByTheAgent(t *testing.T) {
+	for _, dir := range []string{"/var/run/escrow", "/var/run/escrow/", "/var/run/escrow/key"} {
+		_, err := Parse([]byte(minimal + "ca_dir: /var/run/escrow\nca_key_dir: " + dir + "\n"))
+		if err == nil || !strings.Contains(err.Error(), "ca_key_dir: must not be ca_dir") {
+			t.Errorf("ca_key_dir %s: got %v", dir, err)
+		}
+	}
+	if _, err := Parse([]byte(minimal + "ca_dir: /var/run/escrow\nca_key_dir: /var/run/escrow-ca\n")); err != nil {
+		t.Errorf("a separate directory: %v", err)
 	}
 }
 
@@ -237,31 +341,16 @@ egress: {allow_cidrs: [nope]}
 	}
 }
 
-// TestMain runs the tests in a directory where the policy directories the configs name exist.
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "escrow-config-test-")
-	if err != nil {
-		panic(err)
-	}
-	for _, d := range []string{"policies", "p"} {
-		if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
-			panic(err)
-		}
-	}
-	if err := os.Chdir(dir); err != nil {
-		panic(err)
-	}
-	code := m.Run()
-	_ = os.RemoveAll(dir)
-	os.Exit(code)
-}
-
-func TestParse_PolicyDirMustBeADirectory(t *testing.T) {
+func TestCheckLocal_PolicyDirMustBeADirectory(t *testing.T) {
 	for doc, want := range map[string]string{
 		"identity: {static: spiffe://example.org/a}\npolicy: {dir: /nonexistent/policies}\n": "policy.dir: cannot read /nonexistent/policies",
 		"identity: {static: spiffe://example.org/a}\npolicy: {dir: /dev/null}\n":             "policy.dir: /dev/null is not a directory",
 	} {
-		if _, err := Parse([]byte(doc)); err == nil || !strings.Contains(err.Error(), want) {
+		c, err := Parse([]byte(doc))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.CheckLocal(OSLocal()); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("got %v, want %q", err, want)
 		}
 	}

@@ -5,9 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"sort"
@@ -66,17 +69,27 @@ func (es Errors) Error() string {
 	return b.String()
 }
 
-// Load reads, parses, defaults and validates the file at path.
+// Load reads the file at path, parses and validates it (Parse), then runs the checks that need
+// this machine (CheckLocal against the real filesystem and environment). It is what the binary
+// uses; config that arrives as bytes from elsewhere goes through Parse alone.
 func Load(path string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	return Parse(data)
+	c, err := Parse(data)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.CheckLocal(OSLocal()); err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
-// Parse parses YAML (or JSON), rejects unknown keys, fills defaults and validates. The error, if
-// any, is an Errors naming every bad key path.
+// Parse parses YAML (or JSON), rejects unknown keys, fills defaults and validates (Validate).
+// It is pure: it reads no file and no environment variable, so config can be validated from
+// bytes that arrive over the network. The error, if any, is an Errors naming every bad key path.
 func Parse(data []byte) (*Config, error) {
 	js, err := yaml.YAMLToJSON(data)
 	if err != nil {
@@ -113,7 +126,73 @@ func Parse(data []byte) (*Config, error) {
 	if len(errs) > 0 {
 		return nil, sortErrs(errs)
 	}
+	c.validated = true
 	return &c, nil
+}
+
+// Validate fills defaults, checks every value and compiles what the rest of the program uses
+// (Egress.Allow, Upstream.Injection). It is pure (no filesystem, no environment) and
+// idempotent. Parse calls it; call it yourself only on a Config built in code.
+func (c *Config) Validate() error {
+	c.applyDefaults()
+	if errs := c.validate(); len(errs) > 0 {
+		return sortErrs(errs)
+	}
+	c.validated = true
+	return nil
+}
+
+// Local is what CheckLocal may consult of the machine escrow runs on.
+type Local struct {
+	Stat      func(name string) (fs.FileInfo, error)
+	LookupEnv func(key string) (string, bool)
+}
+
+// OSLocal is the real filesystem and the process's environment.
+func OSLocal() Local { return Local{Stat: os.Stat, LookupEnv: os.LookupEnv} }
+
+// CheckLocal runs the checks that need the machine escrow runs on: the policy directory exists,
+// upstream CA files are there, a Workload API socket is configured or in the environment. Every
+// problem is reported at once, with its key path. Load calls it after Parse.
+func (c *Config) CheckLocal(l Local) error {
+	var errs Errors
+	add := func(path, format string, a ...any) {
+		errs = append(errs, FieldError{path, fmt.Sprintf(format, a...)})
+	}
+	if c.Identity.SPIFFE != nil && c.Identity.SPIFFE.Socket == "" {
+		s, _ := l.LookupEnv("SPIFFE_ENDPOINT_SOCKET")
+		if s == "" {
+			add("identity.spiffe.socket", "required (or set SPIFFE_ENDPOINT_SOCKET)")
+		} else if msg := checkSocket(s); msg != "" {
+			add("identity.spiffe.socket", "SPIFFE_ENDPOINT_SOCKET: %s", msg)
+		}
+	}
+	if c.Policy.Dir != "" {
+		if fi, err := l.Stat(c.Policy.Dir); err != nil {
+			add("policy.dir", "cannot read %s: %v", c.Policy.Dir, unwrapPath(err))
+		} else if !fi.IsDir() {
+			add("policy.dir", "%s is not a directory", c.Policy.Dir)
+		}
+	}
+	for i, u := range c.Upstreams {
+		if u.CAFile != "" {
+			if _, err := l.Stat(u.CAFile); err != nil {
+				add(fmt.Sprintf("upstreams[%d].ca_file", i), "cannot read: %v", unwrapPath(err))
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return sortErrs(errs)
+	}
+	return nil
+}
+
+// unwrapPath drops the *PathError's repetition of the path the message already names.
+func unwrapPath(err error) error {
+	if u := errors.Unwrap(err); u != nil {
+		return u
+	}
+	return err
 }
 
 func coveredBy(path string, shape Errors) bool {
@@ -309,6 +388,16 @@ func (c *Config) applyDefaults() {
 
 var headerName = regexp.MustCompile("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
+// forbiddenHeaders never carry a credential: they frame the message, route it, are hop-by-hop,
+// or authenticate the agent to escrow.
+var forbiddenHeaders = map[string]bool{
+	"Host": true, "Content-Length": true, "Transfer-Encoding": true, "Connection": true,
+	"Keep-Alive": true, "Te": true, "Trailer": true, "Upgrade": true,
+	"Proxy-Connection": true, "Proxy-Authorization": true, "Proxy-Authenticate": true,
+}
+
+func isCTL(r rune) bool { return r < 0x20 || r == 0x7f }
+
 // ValidHostPattern reports whether h is an exact DNS name (lower-case labels of 1 to 63 letters,
 // digits and inner hyphens), an IP literal, or "*.suffix". The proxy calls it on every request's
 // host, so it neither allocates nor runs a regular expression.
@@ -389,25 +478,24 @@ func (c *Config) validate() Errors {
 			add("identity.static", "%v", err)
 		}
 	case c.Identity.SPIFFE != nil:
-		s := c.Identity.SPIFFE.Socket
-		if s == "" {
-			s = os.Getenv("SPIFFE_ENDPOINT_SOCKET")
+		// Empty means SPIFFE_ENDPOINT_SOCKET, which CheckLocal looks at.
+		if s := c.Identity.SPIFFE.Socket; s != "" {
+			if msg := checkSocket(s); msg != "" {
+				add("identity.spiffe.socket", "%s", msg)
+			}
 		}
-		if s == "" {
-			add("identity.spiffe.socket", "required (or set SPIFFE_ENDPOINT_SOCKET)")
-		} else if !strings.HasPrefix(s, "unix://") && !strings.HasPrefix(s, "tcp://") {
-			add("identity.spiffe.socket", "want unix:///path or tcp://ip:port, got %q", s)
+	}
+	if c.CAKeyDir != "" {
+		key, dir := filepath.Clean(c.CAKeyDir), filepath.Clean(c.CADir)
+		if key == dir || strings.HasPrefix(key, dir+string(filepath.Separator)) {
+			add("ca_key_dir", "must not be ca_dir or below it: the agent reads ca_dir, and this holds the CA's private key")
 		}
 	}
 
 	if c.Policy.Dir == "" {
 		add("policy.dir", "required: a directory of *.cedar files")
-	} else if fi, err := os.Stat(c.Policy.Dir); err != nil {
-		add("policy.dir", "cannot read %s: %v", c.Policy.Dir, errors.Unwrap(err))
-	} else if !fi.IsDir() {
-		add("policy.dir", "%s is not a directory", c.Policy.Dir)
 	}
-	if c.Policy.Mode != PolicyModeEnforce && c.Policy.Mode != PolicyModeReport {
+	if !c.Policy.Mode.Valid() {
 		add("policy.mode", "want enforce or report, got %q", c.Policy.Mode)
 	}
 	if c.Policy.ReloadInterval.D() < 100*time.Millisecond {
@@ -467,6 +555,8 @@ func (c *Config) validate() Errors {
 		if u.Inject != nil {
 			if !headerName.MatchString(u.Inject.Header) {
 				add(p+".inject.header", "want an HTTP header name, got %q", u.Inject.Header)
+			} else if h := http.CanonicalHeaderKey(u.Inject.Header); forbiddenHeaders[h] {
+				add(p+".inject.header", "%s frames, routes or authenticates the message to escrow itself; it cannot carry a credential", h)
 			}
 			if u.Inject.Value != "" {
 				if msg := checkTemplate(u.Inject.Value); msg != "" {
@@ -474,8 +564,8 @@ func (c *Config) validate() Errors {
 				}
 			}
 		}
-		if u.Basic != nil && (u.Basic.Username == "" || strings.Contains(u.Basic.Username, ":")) {
-			add(p+".basic.username", "required, and may not contain ':'")
+		if u.Basic != nil && (u.Basic.Username == "" || strings.Contains(u.Basic.Username, ":") || strings.ContainsFunc(u.Basic.Username, isCTL)) {
+			add(p+".basic.username", "required, and may not contain ':' or control characters")
 		}
 		if u.Query != nil && u.Query.Param == "" {
 			add(p+".query.param", "required")
@@ -483,11 +573,6 @@ func (c *Config) validate() Errors {
 		if u.Address != "" {
 			if _, port, err := net.SplitHostPort(u.Address); err != nil || port == "" {
 				add(p+".address", "want host:port, got %q", u.Address)
-			}
-		}
-		if u.CAFile != "" {
-			if _, err := os.Stat(u.CAFile); err != nil {
-				add(p+".ca_file", "cannot read: %v", errors.Unwrap(err))
 			}
 		}
 	}
@@ -513,13 +598,25 @@ func (c *Config) validate() Errors {
 		}
 	}
 
+	c.Egress.allow = c.Egress.allow[:0]
 	for i, cidr := range c.Egress.AllowCIDRs {
-		if _, err := netip.ParsePrefix(cidr); err != nil {
+		pfx, err := netip.ParsePrefix(cidr)
+		if err != nil {
 			add(fmt.Sprintf("egress.allow_cidrs[%d]", i), "want a CIDR such as 10.0.0.0/8, got %q", cidr)
+			continue
 		}
+		c.Egress.allow = append(c.Egress.allow, pfx)
 	}
 	if c.Egress.DialTimeout.D() <= 0 {
 		add("egress.dial_timeout", "must be positive")
+	}
+	if len(errs) == 0 {
+		// Compiled only from values that passed every check above.
+		for i, u := range c.Upstreams {
+			if !u.Tunnel && u.Credential != "" {
+				c.Upstreams[i].injection = compileInjection(u)
+			}
+		}
 	}
 	return errs
 }
@@ -536,6 +633,39 @@ func checkTemplate(v string) string {
 	}
 	if strings.ContainsAny(v, "\r\n\x00") {
 		return "may not contain CR, LF or NUL"
+	}
+	return ""
+}
+
+// compileInjection turns an upstream's validated inject/basic/query into an Injection; the
+// default is "Authorization: Bearer <token>".
+func compileInjection(u Upstream) Injection {
+	switch {
+	case u.Basic != nil:
+		return Injection{Kind: InjectBasic, Header: "Authorization", Username: u.Basic.Username}
+	case u.Query != nil:
+		return Injection{Kind: InjectQuery, Param: u.Query.Param}
+	}
+	in := Injection{Kind: InjectHeader, Header: "Authorization", Prefix: "Bearer "}
+	if u.Inject != nil {
+		in.Header = http.CanonicalHeaderKey(u.Inject.Header)
+		if u.Inject.Value != "" {
+			in.Prefix, in.Suffix = splitTemplate(u.Inject.Value)
+		}
+	}
+	return in
+}
+
+// splitTemplate splits a template that checkTemplate accepted around its {{.Token}}.
+func splitTemplate(v string) (prefix, suffix string) {
+	i := strings.Index(v, "{{")
+	j := strings.Index(v[i:], "}}")
+	return v[:i], v[i+j+2:]
+}
+
+func checkSocket(s string) string {
+	if !strings.HasPrefix(s, "unix://") && !strings.HasPrefix(s, "tcp://") {
+		return fmt.Sprintf("want unix:///path or tcp://ip:port, got %q", s)
 	}
 	return ""
 }
