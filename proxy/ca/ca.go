@@ -2,8 +2,11 @@
 // certificate for each upstream host the agent connects to, and writes the CA certificate and a
 // trust bundle for the agent's containers.
 //
-// The CA's private key is generated in New, lives only in this process's memory and is never
-// written anywhere; a restarted escrow has a new CA (and rewrites the trust files).
+// The CA's private key is generated in New and lives only in this process's memory; New never
+// writes it anywhere, and a restarted escrow has a new CA (and rewrites the trust files).
+// LoadOrNew is the one exception, chosen by the caller: it keeps the key in a directory meant to
+// be a memory-backed volume visible only to escrow, so that a restarted escrow container in the
+// same pod reuses the CA the agent already trusts (see persist.go).
 //
 // Name constraints (permitting only the configured upstream hosts) would bound the damage of a
 // leaked key, but the upstream set changes at runtime and the key never leaves memory, so the
@@ -86,6 +89,15 @@ type leafEntry struct {
 
 // New generates the CA key (ECDSA P-256, in memory only) and its self-signed certificate.
 func New(o Options) (*CA, error) {
+	c, err := newShell(o)
+	if err != nil {
+		return nil, err
+	}
+	return c, c.generate(o)
+}
+
+// newShell is a CA without its key and certificate: the options checked and defaulted.
+func newShell(o Options) (*CA, error) {
 	if o.LeafTTL < 0 || o.CATTL < 0 {
 		return nil, errors.New("ca: negative TTL")
 	}
@@ -101,6 +113,11 @@ func New(o Options) (*CA, error) {
 	if c.leafTTL == 0 {
 		c.leafTTL = DefaultLeafTTL
 	}
+	return c, nil
+}
+
+// generate makes a new key and self-signed certificate for c.
+func (c *CA) generate(o Options) error {
 	caTTL := o.CATTL
 	if caTTL == 0 {
 		caTTL = DefaultCATTL
@@ -115,11 +132,11 @@ func New(o Options) (*CA, error) {
 
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("ca: generate key: %w", err)
+		return fmt.Errorf("ca: generate key: %w", err)
 	}
 	serial, err := randomSerial()
 	if err != nil {
-		return nil, err
+		return err
 	}
 	now := c.now()
 	tmpl := &x509.Certificate{
@@ -135,17 +152,22 @@ func New(o Options) (*CA, error) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
-		return nil, fmt.Errorf("ca: create CA certificate: %w", err)
+		return fmt.Errorf("ca: create CA certificate: %w", err)
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, fmt.Errorf("ca: parse CA certificate: %w", err)
+		return fmt.Errorf("ca: parse CA certificate: %w", err)
 	}
+	c.setKeyPair(key, cert)
+	return nil
+}
+
+// setKeyPair installs the CA's key and its (parsed) certificate.
+func (c *CA) setKeyPair(key *ecdsa.PrivateKey, cert *x509.Certificate) {
 	c.key = key
 	c.cert = cert
 	c.notAfter = cert.NotAfter
-	c.certPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-	return c, nil
+	c.certPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})
 }
 
 // Certificate returns a copy of the CA certificate.

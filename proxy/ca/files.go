@@ -82,10 +82,10 @@ func WriteFiles(dir string, caPEM []byte, systemRoots []byte) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("ca: create %s: %w", dir, err)
 	}
-	if err := writeAtomic(dir, CAFile, ca); err != nil {
+	if err := writeAtomic(dir, CAFile, ca, 0o644); err != nil {
 		return err
 	}
-	return writeAtomic(dir, BundleFile, bundle.Bytes())
+	return writeAtomic(dir, BundleFile, bundle.Bytes(), 0o644)
 }
 
 // caCertsPEM re-encodes caPEM's certificates, refusing anything that is not a certificate.
@@ -118,7 +118,7 @@ func caCertsPEM(caPEM []byte) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
-func writeAtomic(dir, name string, data []byte) (err error) {
+func writeAtomic(dir, name string, data []byte, perm os.FileMode) (err error) {
 	f, err := os.CreateTemp(dir, "."+name+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("ca: write %s: %w", name, err)
@@ -133,7 +133,7 @@ func writeAtomic(dir, name string, data []byte) (err error) {
 	if _, err = f.Write(data); err != nil {
 		return fmt.Errorf("ca: write %s: %w", name, err)
 	}
-	if err = f.Chmod(0o644); err != nil {
+	if err = f.Chmod(perm); err != nil {
 		return fmt.Errorf("ca: write %s: %w", name, err)
 	}
 	if err = f.Sync(); err != nil {
