@@ -41,21 +41,33 @@
 //
 // # Policies
 //
-// [Engine.LoadDir] reads every *.cedar file of a directory (sorted by name; dot-files are
-// skipped) and, when the directory holds schema.cedarschema, validates every policy against
-// it (strict mode). Every policy must carry a unique @id("...") annotation: it is the name that
-// decisions, audit records and metrics use. A directory that fails to load in any way is
-// rejected whole and the last good set stays in force. With a schema, a policy that names a
-// method outside the schema (say Action::"PROPFIND") fails validation: add the method to the
-// schema to write policies for it. Without a schema such methods work as described above.
+// A policy set arrives as a [Source]: file name → Cedar text, plus an optional schema. It comes
+// from a directory ([ReadDir] reads every *.cedar file, skipping dot-files and following
+// symlinks, and schema.cedarschema if present) or from the control plane as bytes. [Compile]
+// turns it into an immutable [Set], or into a *[LoadError] listing every problem, each with its
+// position as "name:line:col". Compile does no I/O, so text from the network is checked exactly
+// like a directory. Files are compiled in name order. With a schema, every policy is validated
+// against it (strict mode); without one (Source.Schema nil) policies are parsed and checked
+// for @id only. Every policy must carry a unique @id("...") annotation: it is the name that
+// decisions, audit records and metrics use. A set's [Set.Version] is a short hash of the
+// names and texts (not of where they came from), so the same set has the same version from a
+// directory and from the control plane.
+//
+// There is one update path: [Engine.Install] swaps a compiled set in atomically;
+// [Engine.Load] compiles and installs; [Engine.LoadDir] and [Engine.Watch] read a directory
+// and load it. A set that fails to compile in any way is rejected whole and the last good one
+// stays in force. With a schema, a policy that names a method outside the schema (say
+// Action::"PROPFIND") fails validation: add the method to the schema to write policies for
+// it. Without a schema such methods work as described above.
 //
 // # Decisions
 //
-// [Engine.Decide] is evaluated against a lock-free snapshot of the loaded set. The set is
-// indexed by principal, action and resource scope, so only the policies whose scope can match
-// the request are evaluated (an `==`/`in` scope is bucketed by its entity; `principal`,
-// `is`-only and other unindexable scopes are always evaluated); the result is identical to
-// evaluating the full set.
+// [Engine.Decide] is evaluated against a lock-free snapshot of the set in force: a decision is
+// made wholly by one set, even while another is being installed. The set is indexed by
+// principal, action and resource scope, so only the policies whose scope can match the request
+// are evaluated (an `==`/`in` scope is bucketed by its entity; `principal`, `is`-only and
+// other unindexable scopes are always evaluated); the result is identical to evaluating the
+// full set.
 //
 // Cedar's answer is mapped as follows:
 //
@@ -66,10 +78,12 @@
 //   - any policy raised an evaluation error: denied (ReasonError), PolicyIDs are the
 //     erroring policies. Cedar skips an erroring policy, including a forbid, so the engine
 //     fails closed rather than let a broken forbid silently allow.
+//   - an input the engine cannot build a Cedar request from (empty SPIFFE ID, action or
+//     host): denied (ReasonError), no PolicyIDs.
 //   - no policy set is loaded: denied (ReasonUnavailable).
 //
-// In report mode (ModeReport) a request that Cedar denies or that errors is let through:
-// Allow is true, WouldDeny is true and Reason still says what Cedar decided. Report mode is
-// about policy decisions only: with no policy set loaded, or with an input the engine cannot
-// build a Cedar request from (empty SPIFFE ID, action or host), it still denies.
+// The engine always answers with enforce semantics; it has no mode. A caller that runs in
+// report mode (log the would-be deny, allow) asks [Decision.Overridable] which denials it may
+// let through: the policies' own outcomes (ReasonDenied, and ReasonError from evaluation), not
+// a missing policy set nor a malformed input.
 package policy

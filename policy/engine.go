@@ -2,7 +2,6 @@ package policy
 
 import (
 	"context"
-	"fmt"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -13,27 +12,6 @@ import (
 
 	"github.com/escrowproxy/escrow/attest"
 )
-
-// Mode says whether decisions are enforced.
-type Mode string
-
-const (
-	// ModeEnforce denies what the policy denies.
-	ModeEnforce Mode = "enforce"
-	// ModeReport lets through what the policy would deny and says so (Decision.WouldDeny).
-	ModeReport Mode = "report"
-)
-
-// ParseMode parses a mode name; "" is ModeEnforce.
-func ParseMode(s string) (Mode, error) {
-	switch Mode(s) {
-	case "", ModeEnforce:
-		return ModeEnforce, nil
-	case ModeReport:
-		return ModeReport, nil
-	}
-	return "", fmt.Errorf("policy: unknown mode %q (want %q or %q)", s, ModeEnforce, ModeReport)
-}
 
 // Input is one outbound request to decide on.
 type Input struct {
@@ -57,31 +35,49 @@ const (
 	ReasonUnavailable Reason = "policy_unavailable"
 )
 
-// Decision is the engine's answer for one request.
+// Decision is the engine's answer for one request, with enforce semantics: whether a denial
+// is enforced (report mode) is the caller's choice, guided by [Decision.Overridable].
 type Decision struct {
-	// Allow is the effective decision: true if Cedar allowed, or if the mode is report (then
-	// WouldDeny is true).
+	// Allow is Cedar's verdict: true only if a permit matched, no forbid matched and nothing
+	// errored.
 	Allow bool
-	// Reason is what Cedar decided, even in report mode.
+	// Reason says why.
 	Reason Reason
 	// PolicyIDs are the @id of the determining policies: the permits on allow, the forbids on
 	// an explicit deny, the erroring policies on ReasonError; empty on a default deny.
 	PolicyIDs []string
-	Mode      Mode
-	// WouldDeny is true when report mode allowed something enforce mode would deny.
-	WouldDeny bool
 	// Errors are evaluation errors, for logs only (never sent to the agent).
 	Errors []string
+
+	// final marks a ReasonError that did not come from evaluating a policy (an input the
+	// engine could not build a Cedar request from): a caller bug, never overridable. A bool
+	// rather than a Reason of its own, because the machine-readable reason stays policy_error
+	// and two constants with one string would compare equal.
+	final bool
+}
+
+// Overridable reports whether report mode may let this denial through: true for a policy
+// denial (ReasonDenied) and for an error raised while evaluating the policies (ReasonError);
+// false for an allowed decision (nothing to override), with no policy set loaded
+// (ReasonUnavailable), and for an input the engine could not build a request from (also
+// ReasonError, but a caller bug rather than a policy outcome). Report mode is about what the
+// policies decide, so only their outcomes may be overridden.
+func (d Decision) Overridable() bool {
+	switch d.Reason {
+	case ReasonDenied:
+		return true
+	case ReasonError:
+		return !d.final
+	}
+	return false
 }
 
 // Options configure an Engine.
 type Options struct {
-	// Mode is ModeEnforce (also for "" and any unknown value) or ModeReport.
-	Mode Mode
 	// OnReload is called after every load attempt with "success" or "failure" (and the
 	// error), so the caller can count reloads without this package importing Prometheus.
-	// It is called from the goroutine that loaded (LoadDir's caller or Watch), after the
-	// new set is in force, and never while a lock is held.
+	// It is called from the goroutine that loaded (the caller of Load, LoadDir or Install, or
+	// Watch), after the new set is in force, and never while a lock is held.
 	OnReload func(result string, err error)
 	// Logger may be nil (no logging).
 	Logger *zap.Logger
@@ -91,13 +87,12 @@ type Options struct {
 
 // Engine holds the current policy set and decides on requests. It is safe for concurrent use.
 type Engine struct {
-	mode     Mode
 	onReload func(string, error)
 	log      *zap.Logger
 	now      func() time.Time
 
-	set        atomic.Pointer[compiledSet]
-	loadMu     sync.Mutex // serialises loads so reloads are applied in order
+	set        atomic.Pointer[Set]
+	loadMu     sync.Mutex // serialises loads so that they take effect in the order they were made
 	principals principalCache
 	bufs       sync.Pool // *[]int32 scratch for candidate lists
 
@@ -106,34 +101,24 @@ type Engine struct {
 }
 
 // NewEngine returns an engine with no policy set loaded: it denies everything
-// (ReasonUnavailable) until LoadDir succeeds.
+// (ReasonUnavailable) until a set is installed.
 func NewEngine(o Options) *Engine {
-	e := &Engine{mode: ModeEnforce, onReload: o.OnReload, log: o.Logger, now: o.Now}
+	e := &Engine{onReload: o.OnReload, log: o.Logger, now: o.Now}
 	if e.log == nil {
 		e.log = zap.NewNop()
 	}
 	if e.now == nil {
 		e.now = time.Now
 	}
-	switch o.Mode {
-	case ModeReport:
-		e.mode = ModeReport
-	case "", ModeEnforce:
-	default:
-		e.log.Warn("unknown policy mode, enforcing", zap.String("mode", string(o.Mode)))
-	}
 	e.bufs.New = func() any { b := make([]int32, 0, 16); return &b }
 	return e
 }
 
-// Mode returns the engine's effective mode.
-func (e *Engine) Mode() Mode { return e.mode }
-
 // Ready reports whether a policy set has been loaded.
 func (e *Engine) Ready() bool { return e.set.Load() != nil }
 
-// Info returns the short content hash of the loaded set and its number of policies
-// ("", 0 before the first successful load).
+// Info returns the version of the set in force and its number of policies ("", 0 before the
+// first successful load).
 func (e *Engine) Info() (version string, policies int) {
 	s := e.set.Load()
 	if s == nil {
@@ -142,37 +127,65 @@ func (e *Engine) Info() (version string, policies int) {
 	return s.version, len(s.ids)
 }
 
-// LoadDir loads dir (see the package documentation). On any error the new set is rejected
-// whole, the last good one stays in force, and the error (a *LoadError listing every problem,
-// or an I/O error) is returned. OnReload is called either way.
-func (e *Engine) LoadDir(dir string) error {
+// Install puts s in force: decisions that start after Install returns use s; decisions already
+// running finish with the set they started with. It logs the previous and the new version and
+// calls OnReload("success"). Installing nil is a no-op (nothing is swapped, logged or
+// reported): there is no way back to "no policy set", which would deny everything.
+func (e *Engine) Install(s *Set) {
+	if s == nil {
+		return
+	}
 	e.loadMu.Lock()
-	src, err := readSource(dir)
-	err = e.install(src, err)
+	e.swap(s)
 	e.loadMu.Unlock()
-	e.reported(err)
-	return err
+	e.reported(nil)
 }
 
-// install compiles src and swaps it in; the caller holds loadMu.
-func (e *Engine) install(src *source, readErr error) error {
-	if readErr != nil {
-		e.log.Error("policy reload failed; keeping the last good set", zap.String("version", e.version()), zap.Error(readErr))
-		return readErr
-	}
-	set, err := compile(src)
+// Load compiles src and installs it. On any error the new set is rejected whole, the last good
+// one stays in force, the error (a *LoadError listing every problem) is logged and returned,
+// and OnReload("failure", err) is called.
+func (e *Engine) Load(src Source) error {
+	e.loadMu.Lock()
+	s, err := Compile(src)
 	if err != nil {
-		e.log.Error("policy reload failed; keeping the last good set", zap.String("dir", src.dir), zap.String("version", e.version()), zap.Error(err))
+		e.failed(src.Origin, err)
+		e.loadMu.Unlock()
+		e.reported(err)
 		return err
 	}
-	old := e.set.Swap(set)
+	e.swap(s)
+	e.loadMu.Unlock()
+	e.reported(nil)
+	return nil
+}
+
+// LoadDir reads dir (see [ReadDir]) and loads it (see [Engine.Load]). A directory that cannot
+// be read is a failure like any other: logged, reported and returned.
+func (e *Engine) LoadDir(dir string) error {
+	src, err := ReadDir(dir)
+	if err != nil {
+		e.failed(dir, err)
+		e.reported(err)
+		return err
+	}
+	return e.Load(src)
+}
+
+// swap installs s; the caller holds loadMu.
+func (e *Engine) swap(s *Set) {
+	old := e.set.Swap(s)
 	prev := ""
 	if old != nil {
 		prev = old.version
 	}
-	e.log.Info("policy set loaded", zap.String("dir", src.dir), zap.String("version", set.version),
-		zap.String("previous_version", prev), zap.Int("policies", len(set.ids)))
-	return nil
+	e.log.Info("policy set loaded", zap.String("origin", s.origin), zap.String("version", s.version),
+		zap.String("previous_version", prev), zap.Int("policies", len(s.ids)))
+}
+
+func (e *Engine) failed(origin string, err error) {
+	v, _ := e.Info()
+	e.log.Error("policy reload failed; keeping the last good set", zap.String("origin", origin),
+		zap.String("version", v), zap.Error(err))
 }
 
 func (e *Engine) reported(err error) {
@@ -186,17 +199,13 @@ func (e *Engine) reported(err error) {
 	}
 }
 
-func (e *Engine) version() string {
-	v, _ := e.Info()
-	return v
-}
-
-// Watch polls dir every interval (default 5s if every <= 0) and reloads when the content of
-// its *.cedar files or schema changes (or when it differs from the loaded set at the start).
-// A change is loaded only once it has settled (seen the same on two consecutive polls): a file
-// caught half-written must neither be reported as broken nor, worse, load as a truncated set
-// that lost its trailing forbid. A change that fails to load is reported once (log and
-// OnReload), not on every poll. Watch returns when ctx ends.
+// Watch polls dir every interval (default 5s if every <= 0) and loads it (through
+// [Engine.Load]) when the content of its *.cedar files or schema changes, or when it differs
+// from the set in force at the start. A change is loaded only once it has settled (seen the
+// same on two consecutive polls): a file caught half-written must neither be reported as
+// broken nor, worse, load as a truncated set that lost its trailing forbid. A change that
+// fails to load is reported once (log and OnReload), not on every poll. Watch returns when ctx
+// ends.
 func (e *Engine) Watch(ctx context.Context, dir string, every time.Duration) {
 	if every <= 0 {
 		every = 5 * time.Second
@@ -206,28 +215,28 @@ func (e *Engine) Watch(ctx context.Context, dir string, every time.Duration) {
 		last = s.hash
 	}
 	check := func() {
-		e.loadMu.Lock()
-		src, err := readSource(dir)
+		src, err := ReadDir(dir)
 		state := ""
 		if err != nil {
 			state = "error: " + err.Error()
 		} else {
-			state = src.hash
+			state = src.hash()
 		}
 		switch {
 		case state == last:
 			pending = ""
-			e.loadMu.Unlock()
 			return
 		case state != pending:
 			pending = state // wait one more poll for the change to settle
-			e.loadMu.Unlock()
 			return
 		}
 		last, pending = state, ""
-		err = e.install(src, err)
-		e.loadMu.Unlock()
-		e.reported(err)
+		if err != nil {
+			e.failed(dir, err)
+			e.reported(err)
+			return
+		}
+		_ = e.Load(src) // logged and reported by Load
 	}
 	check()
 	t := time.NewTicker(every)
@@ -247,28 +256,21 @@ func (e *Engine) Watch(ctx context.Context, dir string, every time.Duration) {
 func (e *Engine) Decide(_ context.Context, in Input) Decision {
 	s := e.set.Load()
 	if s == nil {
-		// Report mode is about policy decisions; with no policy at all we deny.
-		return Decision{Reason: ReasonUnavailable, Mode: e.mode}
+		return Decision{Reason: ReasonUnavailable}
 	}
 	r, err := buildRequest(&e.principals, in, e.now)
 	if err != nil {
-		// An input we cannot build a request from is a caller bug: deny in every mode.
-		return Decision{Reason: ReasonError, Mode: e.mode, Errors: []string{err.Error()}}
+		// An input we cannot build a request from is a caller bug, not a policy outcome.
+		return Decision{Reason: ReasonError, Errors: []string{err.Error()}, final: true}
 	}
-	var d Decision
 	if e.unindexed {
-		d = decisionFrom(cedar.Authorize(s.full, r, r.req))
-	} else {
-		bp := e.bufs.Get().(*[]int32)
-		ss := subset{ids: s.ids, pols: s.pols, idx: s.idx.candidates(r, (*bp)[:0])}
-		d = decisionFrom(cedar.Authorize(&ss, r, r.req))
-		*bp = ss.idx[:0]
-		e.bufs.Put(bp)
+		return decisionFrom(cedar.Authorize(s.full, r, r.req))
 	}
-	d.Mode = e.mode
-	if e.mode == ModeReport && !d.Allow {
-		d.Allow, d.WouldDeny = true, true
-	}
+	bp := e.bufs.Get().(*[]int32)
+	ss := subset{ids: s.ids, pols: s.pols, idx: s.idx.candidates(r, (*bp)[:0])}
+	d := decisionFrom(cedar.Authorize(&ss, r, r.req))
+	*bp = ss.idx[:0]
+	e.bufs.Put(bp)
 	return d
 }
 

@@ -12,18 +12,14 @@ import (
 )
 
 func TestEngine_NoPolicyLoadedDenies(t *testing.T) {
-	for _, mode := range []Mode{ModeEnforce, ModeReport} {
-		t.Run(string(mode), func(t *testing.T) {
-			e := NewEngine(Options{Mode: mode})
-			if e.Ready() {
-				t.Fatal("Ready before any load")
-			}
-			d := decide(e, get(coderID, "api.github.com", "/"))
-			wantDecision(t, d, false, ReasonUnavailable)
-			if d.WouldDeny || d.Mode != mode {
-				t.Fatalf("decision = %+v", d)
-			}
-		})
+	e := NewEngine(Options{})
+	if e.Ready() {
+		t.Fatal("Ready before any load")
+	}
+	d := decide(e, get(coderID, "api.github.com", "/"))
+	wantDecision(t, d, false, ReasonUnavailable)
+	if d.Overridable() {
+		t.Fatalf("no policy set, yet overridable: %+v", d)
 	}
 }
 
@@ -33,7 +29,7 @@ func TestEngine_PermitAllowsWithItsID(t *testing.T) {
 @id("allow-other") permit(principal, action, resource == Host::"example.com");`)
 	d := decide(e, get(coderID, "api.github.com", "/"))
 	wantDecision(t, d, true, ReasonAllowed, "allow-github")
-	if d.Mode != ModeEnforce || d.WouldDeny || len(d.Errors) != 0 {
+	if d.Overridable() || len(d.Errors) != 0 {
 		t.Fatalf("decision = %+v", d)
 	}
 }
@@ -68,34 +64,43 @@ func TestEngine_EvaluationErrorDenies(t *testing.T) {
 	wantDecision(t, decide(e, get(coderID, "h.example", "/")), false, ReasonError, "allow-broken")
 }
 
-func TestEngine_ReportModeAllowsWouldDeny(t *testing.T) {
+func TestDecision_OverridableOnlyForPolicyDenials(t *testing.T) {
 	e := loaded(t, `
 @id("allow-read") permit(principal, action in Action::"read", resource);
 @id("forbid-admin") forbid(principal, action, resource) when { context.path == "/admin" };
-@id("forbid-broken") forbid(principal, action, resource) when { context.path == "/broken" && context.nope };`, reportMode)
-
-	d := decide(e, get(coderID, "h.example", "/admin"))
-	wantDecision(t, d, true, ReasonDenied, "forbid-admin")
-	if !d.WouldDeny || d.Mode != ModeReport {
-		t.Fatalf("explicit deny in report mode: %+v", d)
+@id("forbid-broken") forbid(principal, action, resource) when { context.path == "/broken" && context.nope };`)
+	for _, tc := range []struct {
+		name        string
+		in          Input
+		reason      Reason
+		overridable bool
+	}{
+		{"allowed: nothing to override", get(coderID, "h.example", "/fine"), ReasonAllowed, false},
+		{"explicit forbid", get(coderID, "h.example", "/admin"), ReasonDenied, true},
+		{"default deny", with(get(coderID, "h.example", "/x"), func(in *Input) { in.Action = "POST" }), ReasonDenied, true},
+		{"evaluation error", get(coderID, "h.example", "/broken"), ReasonError, true},
+		// An input the engine cannot build a request from is a caller bug: policy_error like
+		// an evaluation error, but never overridable.
+		{"no principal", with(get(coderID, "h.example", "/"), func(in *Input) { in.Identity.SPIFFEID = "" }), ReasonError, false},
+		{"no action", with(get(coderID, "h.example", "/"), func(in *Input) { in.Action = "" }), ReasonError, false},
+		{"no host", with(get(coderID, "h.example", "/"), func(in *Input) { in.Host = "" }), ReasonError, false},
+	} {
+		d := decide(e, tc.in)
+		if d.Reason != tc.reason || d.Overridable() != tc.overridable || d.Allow != (tc.reason == ReasonAllowed) {
+			t.Errorf("%s: %+v, Overridable=%v; want reason %s, Overridable=%v", tc.name, d, d.Overridable(), tc.reason, tc.overridable)
+		}
+		if tc.reason == ReasonError && len(d.Errors) == 0 {
+			t.Errorf("%s: policy_error without errors: %+v", tc.name, d)
+		}
 	}
-
-	d = decide(e, with(get(coderID, "h.example", "/x"), func(in *Input) { in.Action = "POST" }))
-	wantDecision(t, d, true, ReasonDenied)
-	if !d.WouldDeny {
-		t.Fatalf("default deny in report mode: %+v", d)
+	if d := decide(NewEngine(Options{}), get(coderID, "h.example", "/")); d.Overridable() {
+		t.Errorf("no policy set loaded, yet overridable: %+v", d)
 	}
-
-	d = decide(e, get(coderID, "h.example", "/broken"))
-	wantDecision(t, d, true, ReasonError, "forbid-broken")
-	if !d.WouldDeny || len(d.Errors) == 0 {
-		t.Fatalf("error in report mode: %+v", d)
-	}
-
-	d = decide(e, get(coderID, "h.example", "/fine"))
-	wantDecision(t, d, true, ReasonAllowed, "allow-read")
-	if d.WouldDeny {
-		t.Fatalf("allowed request marked WouldDeny: %+v", d)
+	// A decision made outside the engine (a test fake) is overridable by its reason alone.
+	for r, want := range map[Reason]bool{ReasonAllowed: false, ReasonDenied: true, ReasonError: true, ReasonUnavailable: false, "": false} {
+		if got := (Decision{Reason: r}).Overridable(); got != want {
+			t.Errorf("Decision{Reason: %q}.Overridable() = %v, want %v", r, got, want)
+		}
 	}
 }
 
@@ -215,15 +220,15 @@ func TestEngine_HostIsNormalized(t *testing.T) {
 	}
 }
 
-func TestEngine_InvalidInputDeniesEvenInReportMode(t *testing.T) {
-	e := loaded(t, `@id("allow-all") permit(principal, action, resource);`, reportMode)
+func TestEngine_InvalidInputDenies(t *testing.T) {
+	e := loaded(t, `@id("allow-all") permit(principal, action, resource);`)
 	for name, change := range map[string]func(*Input){
 		"no principal": func(in *Input) { in.Identity.SPIFFEID = "" },
 		"no action":    func(in *Input) { in.Action = "" },
 		"no host":      func(in *Input) { in.Host = "" },
 	} {
 		d := decide(e, with(get(coderID, "h.example", "/"), change))
-		if d.Allow || d.Reason != ReasonError || len(d.Errors) != 1 {
+		if d.Allow || d.Reason != ReasonError || len(d.Errors) != 1 || d.Overridable() {
 			t.Errorf("%s: %+v", name, d)
 		}
 	}
@@ -451,20 +456,6 @@ func TestEngine_DecideIsSafeDuringReloads(t *testing.T) {
 	}
 	close(stop)
 	wg.Wait()
-}
-
-func TestParseMode(t *testing.T) {
-	for in, want := range map[string]Mode{"": ModeEnforce, "enforce": ModeEnforce, "report": ModeReport} {
-		if got, err := ParseMode(in); err != nil || got != want {
-			t.Errorf("ParseMode(%q) = %q, %v", in, got, err)
-		}
-	}
-	if _, err := ParseMode("audit"); err == nil {
-		t.Error("ParseMode(audit) succeeded")
-	}
-	if m := NewEngine(Options{Mode: "audit"}).Mode(); m != ModeEnforce {
-		t.Errorf("unknown mode gives %q, want enforce", m)
-	}
 }
 
 func TestEngine_PrincipalCacheIsKeyedByWholeIdentityAndBounded(t *testing.T) {

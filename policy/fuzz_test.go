@@ -1,10 +1,12 @@
 package policy
 
 import (
+	"errors"
+	"strings"
 	"testing"
 )
 
-// FuzzLoad feeds arbitrary bytes to the loader as a .cedar file, with and without the default
+// FuzzLoad feeds arbitrary bytes to Compile as a .cedar file, with and without the default
 // schema. It must never panic; a set that loads must also decide without panicking.
 // Run longer with: go test -run x -fuzz FuzzLoad -fuzztime 30s ./policy/
 func FuzzLoad(f *testing.F) {
@@ -24,17 +26,20 @@ func FuzzLoad(f *testing.F) {
 	}
 	schema := DefaultSchema()
 	f.Fuzz(func(t *testing.T, data []byte, withSchema bool) {
-		src := &source{dir: "fuzz", policies: []sourceFile{{name: "fuzz.cedar", data: data}}}
+		src := Source{Origin: "fuzz", Policies: map[string][]byte{"fuzz.cedar": data}}
 		if withSchema {
-			src.schema = &sourceFile{name: SchemaFile, data: schema}
+			src.Schema = schema
 		}
-		src.hash = hashSource(src)
-		s, err := compile(src)
+		s, err := Compile(src)
 		if err != nil {
-			if err.Error() == "" {
-				t.Fatal("empty error message")
+			var le *LoadError
+			if !errors.As(err, &le) || len(le.Problems) == 0 || !strings.HasPrefix(err.Error(), "policy: ") {
+				t.Fatalf("Compile error %T %q is not a *LoadError with problems", err, err)
 			}
 			return
+		}
+		if len(s.Version()) != versionLen {
+			t.Fatalf("compiled set: version %q", s.Version())
 		}
 		e := engineWith(s)
 		for _, in := range []Input{

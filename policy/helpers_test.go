@@ -59,8 +59,6 @@ func loaded(t testing.TB, policies string, opts ...func(*Options)) *Engine {
 	return e
 }
 
-func reportMode(o *Options) { o.Mode = ModeReport }
-
 func spiffeIdentity(id string) attest.Identity {
 	return attest.Identity{
 		SPIFFEID:    id,

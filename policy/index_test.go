@@ -11,11 +11,9 @@ import (
 )
 
 // compileText compiles policies held in memory (no directory).
-func compileText(t testing.TB, text string) *compiledSet {
+func compileText(t testing.TB, text string) *Set {
 	t.Helper()
-	src := &source{dir: "mem", policies: []sourceFile{{name: "mem.cedar", data: []byte(text)}}}
-	src.hash = hashSource(src)
-	s, err := compile(src)
+	s, err := Compile(Source{Origin: "mem", Policies: map[string][]byte{"mem.cedar": []byte(text)}})
 	if err != nil {
 		t.Fatalf("compile: %v\n%s", err, text)
 	}
@@ -23,9 +21,9 @@ func compileText(t testing.TB, text string) *compiledSet {
 }
 
 // engineWith returns an enforcing engine with s installed.
-func engineWith(s *compiledSet) *Engine {
+func engineWith(s *Set) *Engine {
 	e := NewEngine(Options{Now: fixedClock})
-	e.set.Store(s)
+	e.Install(s)
 	return e
 }
 
@@ -156,7 +154,7 @@ func comparableDecision(d Decision) string {
 }
 
 // fullDecision evaluates the whole set with plain cedar.Authorize, no index.
-func fullDecision(t testing.TB, s *compiledSet, in Input) Decision {
+func fullDecision(t testing.TB, s *Set, in Input) Decision {
 	t.Helper()
 	var pc principalCache
 	r, err := buildRequest(&pc, in, fixedClock)
@@ -169,7 +167,7 @@ func fullDecision(t testing.TB, s *compiledSet, in Input) Decision {
 // indexMismatches runs the property check over sets random policy sets and returns how many
 // decisions of the indexed engine differed from full evaluation, and the first difference.
 // sabotage, if not nil, damages each set's index after it is built.
-func indexMismatches(t *testing.T, seed uint64, sets, inputs int, sabotage func(*compiledSet)) (n int, first string) {
+func indexMismatches(t *testing.T, seed uint64, sets, inputs int, sabotage func(*Set)) (n int, first string) {
 	r := rand.New(rand.NewPCG(seed, 0x65736372))
 	var errored, allowed, total int
 	for range sets {
@@ -221,20 +219,20 @@ func TestIndex_MatchesFullEvaluation(t *testing.T) {
 // is caught. (Over-approximating, e.g. treating `is` as `all` or `==` as `in`, is
 // sound and cannot be caught here; TestIndex_EvaluatesOnlyCandidates checks the narrowing.)
 func TestIndex_BrokenIndexIsCaught(t *testing.T) {
-	for name, sabotage := range map[string]func(*compiledSet){
-		"always-buckets dropped": func(s *compiledSet) {
+	for name, sabotage := range map[string]func(*Set){
+		"always-buckets dropped": func(s *Set) {
 			for d := range s.idx.dims {
 				s.idx.dims[d].always = nil
 			}
 		},
-		"principal ancestors ignored (in treated as ==)": func(s *compiledSet) {
+		"principal ancestors ignored (in treated as ==)": func(s *Set) {
 			for i := range s.idx.scopes {
 				if sc := &s.idx.scopes[i][dimPrincipal]; sc.kind == scopeIn {
 					sc.kind = scopeEq
 				}
 			}
 		},
-		"namespace buckets dropped": func(s *compiledSet) {
+		"namespace buckets dropped": func(s *Set) {
 			for d := range s.idx.dims {
 				for k := range s.idx.dims[d].byKey {
 					if k.Type == TypeNamespace {
@@ -243,11 +241,11 @@ func TestIndex_BrokenIndexIsCaught(t *testing.T) {
 				}
 			}
 		},
-		"action groups dropped": func(s *compiledSet) {
+		"action groups dropped": func(s *Set) {
 			delete(s.idx.dims[dimAction].byKey, uidRead)
 			delete(s.idx.dims[dimAction].byKey, uidWrite)
 		},
-		"is-scopes never match": func(s *compiledSet) {
+		"is-scopes never match": func(s *Set) {
 			for i := range s.idx.scopes {
 				for d := range numDims {
 					if s.idx.scopes[i][d].kind == scopeIs {

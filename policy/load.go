@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -16,7 +17,7 @@ import (
 )
 
 // Kinds of load problems; a [Problem] wraps one of these, so errors.Is works on the error
-// returned by [Engine.LoadDir] and [ValidateDir].
+// returned by [Compile], [Engine.Load], [Engine.LoadDir] and [ValidateDir].
 var (
 	ErrNoPolicies  = errors.New("no *.cedar policy files")
 	ErrParse       = errors.New("parse error")
@@ -26,9 +27,9 @@ var (
 	ErrValidation  = errors.New("policy does not match the schema")
 )
 
-// Problem is one thing wrong with a policy directory.
+// Problem is one thing wrong with a policy set.
 type Problem struct {
-	File     string // the file, as dir/name
+	File     string // the file, as origin/name (or name when the Source has no Origin)
 	Line     int    // 1-based; 0 if unknown
 	Column   int    // 1-based; 0 if unknown
 	PolicyID string // the policy's @id, when known
@@ -66,18 +67,22 @@ func (p *Problem) Unwrap() []error {
 	return []error{p.Kind}
 }
 
-// LoadError is returned when a policy directory cannot be loaded; it lists every problem.
+// LoadError is returned when a policy set cannot be compiled; it lists every problem.
 type LoadError struct {
-	Dir      string
+	Origin   string // the Source's Origin (the directory, for ReadDir)
 	Problems []*Problem
 }
 
 func (e *LoadError) Error() string {
+	prefix := "policy: load"
+	if e.Origin != "" {
+		prefix += " " + e.Origin
+	}
 	if len(e.Problems) == 1 {
-		return "policy: load " + e.Dir + ": " + e.Problems[0].Error()
+		return prefix + ": " + e.Problems[0].Error()
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "policy: load %s: %d problems:", e.Dir, len(e.Problems))
+	fmt.Fprintf(&b, "%s: %d problems:", prefix, len(e.Problems))
 	for _, p := range e.Problems {
 		b.WriteString("\n\t" + p.Error())
 	}
@@ -92,28 +97,31 @@ func (e *LoadError) Unwrap() []error {
 	return errs
 }
 
-// sourceFile is one file read from a policy directory.
-type sourceFile struct {
-	name string // dir/name, for messages and positions
-	data []byte
+// Source is a complete policy set as text: what a policy directory holds, or what the control
+// plane sends. Compile turns it into a [Set].
+type Source struct {
+	// Origin says where the text came from (a directory such as "policies/", or "xds"). It
+	// only prefixes file names in messages: it is not part of the content hash, so the same
+	// text has the same version wherever it came from.
+	Origin string
+	// Policies maps a file name (e.g. "base.cedar") to its Cedar text. Files are compiled in
+	// name order, so policy order (and the order of determining policy ids) is stable.
+	Policies map[string][]byte
+	// Schema is the Cedar schema (human-readable format) every policy is validated against
+	// (strict mode). nil means no schema: policies are parsed and checked for @id but not
+	// type-checked, as for a directory without schema.cedarschema. A non-nil empty schema is
+	// a schema that declares nothing.
+	Schema []byte
 }
 
-// source is the content of a policy directory, read once.
-type source struct {
-	dir      string
-	policies []sourceFile // sorted by name
-	schema   *sourceFile
-	hash     string // hex sha256 over the names and contents
-}
-
-// readSource reads dir/*.cedar (sorted, dot-files skipped, symlinks followed, so Kubernetes
-// ConfigMap mounts work) and dir/schema.cedarschema if present.
-func readSource(dir string) (*source, error) {
+// ReadDir reads dir/*.cedar (dot-files skipped, symlinks followed, so Kubernetes ConfigMap
+// mounts work) and dir/schema.cedarschema if present. The Source's Origin is dir.
+func ReadDir(dir string) (Source, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
-		return nil, fmt.Errorf("policy: read %s: %w", dir, err)
+		return Source{}, fmt.Errorf("policy: read %s: %w", dir, err)
 	}
-	src := &source{dir: dir}
+	src := Source{Origin: dir, Policies: map[string][]byte{}}
 	for _, de := range ents {
 		name := de.Name()
 		isPolicy := strings.HasSuffix(name, ".cedar")
@@ -123,50 +131,73 @@ func readSource(dir string) (*source, error) {
 		path := filepath.Join(dir, name)
 		fi, err := os.Stat(path)
 		if err != nil {
-			return nil, fmt.Errorf("policy: read %s: %w", path, err)
+			return Source{}, fmt.Errorf("policy: read %s: %w", path, err)
 		}
 		if fi.IsDir() {
 			continue
 		}
 		data, err := os.ReadFile(path)
 		if err != nil {
-			return nil, fmt.Errorf("policy: read %s: %w", path, err)
+			return Source{}, fmt.Errorf("policy: read %s: %w", path, err)
 		}
-		f := sourceFile{name: path, data: data}
+		if data == nil {
+			data = []byte{} // an empty schema file is still a schema (nil means none)
+		}
 		if isPolicy {
-			src.policies = append(src.policies, f)
+			src.Policies[name] = data
 		} else {
-			src.schema = &f
+			src.Schema = data
 		}
 	}
-	src.hash = hashSource(src)
 	return src, nil
 }
 
-func hashSource(src *source) string {
+// names returns the policy file names in the order they are compiled and hashed.
+func (src *Source) names() []string {
+	names := make([]string, 0, len(src.Policies))
+	for n := range src.Policies {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// displayName is a file name as messages and positions show it: under Origin, if any.
+func (src *Source) displayName(name string) string {
+	if src.Origin == "" {
+		return name
+	}
+	return filepath.Join(src.Origin, name)
+}
+
+// hash is the hex sha256 over the file names and contents (not Origin). Every part is
+// length-prefixed so that no two different sources hash alike.
+func (src *Source) hash() string {
 	h := sha256.New()
-	write := func(tag byte, f sourceFile) {
+	write := func(tag byte, name string, data []byte) {
 		var n [8]byte
 		h.Write([]byte{tag})
-		binary.BigEndian.PutUint64(n[:], uint64(len(f.name)))
+		binary.BigEndian.PutUint64(n[:], uint64(len(name)))
 		h.Write(n[:])
-		h.Write([]byte(filepath.Base(f.name)))
-		binary.BigEndian.PutUint64(n[:], uint64(len(f.data)))
+		h.Write([]byte(name))
+		binary.BigEndian.PutUint64(n[:], uint64(len(data)))
 		h.Write(n[:])
-		h.Write(f.data)
+		h.Write(data)
 	}
-	for _, f := range src.policies {
-		write('p', f)
+	for _, name := range src.names() {
+		write('p', name, src.Policies[name])
 	}
-	if src.schema != nil {
-		write('s', *src.schema)
+	if src.Schema != nil {
+		write('s', SchemaFile, src.Schema)
 	}
 	return hex.EncodeToString(h.Sum(nil))
 }
 
-// compiledSet is a loaded, validated and indexed policy set. It is immutable once built.
-type compiledSet struct {
-	dir     string
+// Set is a compiled policy set: parsed, checked, validated against the Source's schema and
+// indexed. It is immutable, so one Set may be installed in several engines and read by any
+// number of goroutines.
+type Set struct {
+	origin  string // for logs
 	hash    string
 	version string // short hash
 	ids     []cedar.PolicyID
@@ -175,38 +206,50 @@ type compiledSet struct {
 	full    *cedar.PolicySet // the same policies, unindexed (tests and the baseline benchmark)
 }
 
-// versionLen is the length of the short content hash returned by Info.
+// Version returns the short content hash of the set: the same text gives the same version,
+// whatever its Origin.
+func (s *Set) Version() string { return s.version }
+
+// Len returns the number of policies in the set.
+func (s *Set) Len() int { return len(s.ids) }
+
+// versionLen is the length of the short content hash returned by Version.
 const versionLen = 12
 
-// compile parses, checks, validates and indexes a source. On any problem it returns a
-// *LoadError listing all of them.
-func compile(src *source) (*compiledSet, error) {
+// Compile parses, checks, validates and indexes src. It does no I/O, so text that arrives
+// over the network is checked exactly like a directory. On any problem it returns a
+// *LoadError listing all of them, each with its position as "name:line:col".
+func Compile(src Source) (*Set, error) {
 	var probs []*Problem
-	if len(src.policies) == 0 {
-		probs = append(probs, &Problem{File: src.dir, Kind: ErrNoPolicies})
+	names := src.names()
+	if len(names) == 0 {
+		probs = append(probs, &Problem{File: src.Origin, Kind: ErrNoPolicies})
 	}
 	var sch *Schema
-	if src.schema != nil {
-		s, err := ParseSchema(src.schema.name, src.schema.data)
+	if src.Schema != nil {
+		name := src.displayName(SchemaFile)
+		s, err := ParseSchema(name, src.Schema)
 		if err != nil {
-			line, col, detail := splitPosition(src.schema.name, err.Error())
-			probs = append(probs, &Problem{File: src.schema.name, Line: line, Column: col, Kind: ErrSchema, Detail: detail, cause: err})
+			line, col, detail := splitPosition(name, err.Error())
+			probs = append(probs, &Problem{File: name, Line: line, Column: col, Kind: ErrSchema, Detail: detail, cause: err})
 		}
 		sch = s
 	}
 
-	set := &compiledSet{dir: src.dir, hash: src.hash, version: src.hash[:versionLen], full: cedar.NewPolicySet()}
+	hash := src.hash()
+	set := &Set{origin: src.Origin, hash: hash, version: hash[:versionLen], full: cedar.NewPolicySet()}
 	firstAt := map[cedar.PolicyID]cedar.Position{}
-	for _, f := range src.policies {
-		list, err := cedar.NewPolicyListFromBytes(f.name, f.data)
+	for _, name := range names {
+		file := src.displayName(name)
+		list, err := cedar.NewPolicyListFromBytes(file, src.Policies[name])
 		if err != nil {
-			probs = append(probs, parseProblem(f.name, err))
+			probs = append(probs, parseProblem(file, err))
 			continue
 		}
 		for _, p := range list {
 			pos := p.Position()
 			prob := func(id string, kind error, detail string) *Problem {
-				return &Problem{File: f.name, Line: pos.Line, Column: pos.Column, PolicyID: id, Kind: kind, Detail: detail}
+				return &Problem{File: file, Line: pos.Line, Column: pos.Column, PolicyID: id, Kind: kind, Detail: detail}
 			}
 			rawID, hasID := p.Annotations()["id"]
 			id := string(rawID)
@@ -235,7 +278,7 @@ func compile(src *source) (*compiledSet, error) {
 		}
 	}
 	if len(probs) > 0 {
-		return nil, &LoadError{Dir: src.dir, Problems: probs}
+		return nil, &LoadError{Origin: src.Origin, Problems: probs}
 	}
 	set.idx = newIndex(set.pols)
 	return set, nil
@@ -281,16 +324,16 @@ func splitPosition(name, msg string) (line, col int, rest string) {
 	return ln, cn, strings.TrimSpace(r2)
 }
 
-// ValidateDir loads dir exactly as [Engine.LoadDir] would, without installing it, and returns
-// the number of policies. It is `escrow policy validate --dir D`.
+// ValidateDir reads and compiles dir exactly as [Engine.LoadDir] would, without installing
+// it, and returns the number of policies. It is `escrow policy validate --dir D`.
 func ValidateDir(dir string) (policies int, err error) {
-	src, err := readSource(dir)
+	src, err := ReadDir(dir)
 	if err != nil {
 		return 0, err
 	}
-	set, err := compile(src)
+	set, err := Compile(src)
 	if err != nil {
 		return 0, err
 	}
-	return len(set.ids), nil
+	return set.Len(), nil
 }

@@ -169,7 +169,7 @@ func RunTests(path string, opts ...TestOption) (Report, error) {
 		}
 	}
 	rep.PolicyDir = dir
-	eng := NewEngine(Options{Mode: ModeEnforce, Now: cfg.now})
+	eng := NewEngine(Options{Now: cfg.now})
 	if err := eng.LoadDir(dir); err != nil {
 		return rep, err
 	}
