@@ -61,14 +61,14 @@ func TestJWTSVIDCachedUntilHalfLife(t *testing.T) {
 		t.Fatalf("%d fetches after the first call, want 1", n)
 	}
 
-	h.clk.Add(5*time.Minute - time.Second) // just before half-life: cached
+	h.clk.Advance(5*time.Minute - time.Second) // just before half-life: cached
 	tok, exp := mustJWT(t, w, h.src, "https://idp.example/token", id1)
 	if tok != tok1 || !exp.Equal(exp1) || w.JWTSVIDCalls() != 1 {
 		t.Fatalf("before half-life: fetches %d, same token %v; want 1 fetch and the cached token",
 			w.JWTSVIDCalls(), tok == tok1)
 	}
 
-	h.clk.Add(time.Second) // half-life reached: fetch again
+	h.clk.Advance(time.Second) // half-life reached: fetch again
 	tok2, exp2 := mustJWT(t, w, h.src, "https://idp.example/token", id1)
 	if tok2 == tok1 || !exp2.Equal(t0.Add(15*time.Minute)) || w.JWTSVIDCalls() != 2 {
 		t.Fatalf("at half-life: fetches %d, exp %v, new token %v; want 2 fetches, exp %v, a new token",
@@ -177,7 +177,7 @@ func TestJWTSVIDExpiredOnArrivalIsRejected(t *testing.T) {
 	t0 := h.clk.Now()
 	w.SetClock(func() time.Time { return t0 })
 	w.SetJWTTTL(20 * time.Minute)
-	h.clk.Add(50 * time.Minute)
+	h.clk.Advance(50 * time.Minute)
 	_, _, err := h.src.JWTSVID(context.Background(), "aud")
 	if !errors.Is(err, attest.ErrUnavailable) {
 		t.Fatalf("JWTSVID with an expired token: %v, want ErrUnavailable", err)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -13,6 +12,7 @@ import (
 
 	"github.com/escrowproxy/escrow/attest"
 	"github.com/escrowproxy/escrow/attest/attesttest"
+	"github.com/escrowproxy/escrow/internal/fakeclock"
 )
 
 const (
@@ -21,35 +21,18 @@ const (
 	id2 = "spiffe://example.org/ns/agents/sa/reviewer"
 )
 
-// fakeClock is the injected clock. It starts at the wall clock (go-spiffe checks JWT times
+// newClock is the injected clock. It starts at the wall clock (go-spiffe checks JWT times
 // against the wall clock), truncated to seconds as certificate and JWT times are.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newClock() *fakeClock { return &fakeClock{t: time.Now().Truncate(time.Second)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
+func newClock() *fakeclock.Clock { return fakeclock.New(time.Now().Truncate(time.Second)) }
 
 type harness struct {
 	src     *attest.SPIFFE
-	clk     *fakeClock
+	clk     *fakeclock.Clock
 	logs    *observer.ObservedLogs
 	updates chan time.Time
 }
 
-func startSPIFFE(t *testing.T, ctx context.Context, addr string, clk *fakeClock) *harness {
+func startSPIFFE(t *testing.T, ctx context.Context, addr string, clk *fakeclock.Clock) *harness {
 	t.Helper()
 	core, logs := observer.New(zap.DebugLevel)
 	h := &harness{clk: clk, logs: logs, updates: make(chan time.Time, 64)}
@@ -184,7 +167,7 @@ func TestSPIFFERotationIsFollowed(t *testing.T) {
 	mustIdentify(t, h.src, id2, t0.Add(2*time.Hour))
 
 	// The expiry check uses the new NotAfter: past the first SVID's, still valid.
-	clk.Add(90 * time.Minute)
+	clk.Advance(90 * time.Minute)
 	mustIdentify(t, h.src, id2, t0.Add(2*time.Hour))
 
 	// Same ID, renewed.
@@ -201,13 +184,13 @@ func TestSPIFFEExpiredSVIDIsUnavailable(t *testing.T) {
 	w.SetSVID(id1, exp)
 	h.waitUpdate(t, exp)
 
-	clk.Add(10*time.Minute - time.Second)
+	clk.Advance(10*time.Minute - time.Second)
 	mustIdentify(t, h.src, id1, exp)
 	if !h.src.Ready() {
 		t.Fatal("not Ready one second before NotAfter")
 	}
 
-	clk.Add(time.Second) // Now == NotAfter: expired.
+	clk.Advance(time.Second) // Now == NotAfter: expired.
 	mustUnavailable(t, h.src, "SVID expired at "+exp.UTC().Format(time.RFC3339))
 	if h.src.Ready() {
 		t.Fatal("Ready with an expired SVID")
@@ -241,10 +224,10 @@ func TestSPIFFEWorkloadAPIGoneKeepsSVIDOnlyUntilExpiry(t *testing.T) {
 		}
 	}
 
-	clk.Add(59 * time.Minute)
+	clk.Advance(59 * time.Minute)
 	mustIdentify(t, h.src, id1, exp)
 
-	clk.Add(time.Minute)
+	clk.Advance(time.Minute)
 	mustUnavailable(t, h.src, "SVID expired at")
 	if h.src.Ready() {
 		t.Fatal("Ready after the last SVID expired with no Workload API")
