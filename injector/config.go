@@ -258,8 +258,10 @@ func (c *Config) validate() config.Errors {
 			}
 		}
 	}
-	if _, err := buildResources(c.Resources.Requests, c.Resources.Limits); err != nil {
-		add("resources", "%v", err)
+	if len(errs) == 0 { // the quantities parse: compare requests with limits
+		if _, err := buildResources(c.Resources.Requests, c.Resources.Limits); err != nil {
+			add("resources", "%v", err)
+		}
 	}
 	for key, p := range map[string]int{"proxy_port": c.ProxyPort, "admin_port": c.AdminPort} {
 		if p < 1 || p > 65535 {

@@ -57,6 +57,7 @@ type Server struct {
 	metrics  *metrics
 	registry *prometheus.Registry
 	draining atomic.Bool
+	inflight atomic.Int64 // /mutate requests being handled (tests observe the drain with it)
 	handler  http.Handler
 }
 
@@ -148,7 +149,11 @@ func (s *Server) Serve(ctx context.Context) error {
 	return nil
 }
 
+func (s *Server) activeMutations() int64 { return s.inflight.Load() }
+
 func (s *Server) mutate(w http.ResponseWriter, r *http.Request) {
+	s.inflight.Add(1)
+	defer s.inflight.Add(-1)
 	start := s.o.Now()
 	result, d := s.serveMutate(w, r)
 	s.metrics.observe(result, s.o.Now().Sub(start))
