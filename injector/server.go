@@ -108,6 +108,9 @@ func NewServer(o ServerOptions) (*Server, error) {
 // Addr is the bound address.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
+// Close releases the listener of a server that will not Serve (e.g. after a config check).
+func (s *Server) Close() error { return s.ln.Close() }
+
 // Registry is the server's own metrics registry (not the global one).
 func (s *Server) Registry() *prometheus.Registry { return s.registry }
 

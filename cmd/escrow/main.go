@@ -31,6 +31,7 @@ Usage:
 Commands:
   proxy             run the egress proxy (the sidecar)
   demo              run a self-contained demo: proxy, a local HTTPS API, three agent calls
+  webhook           run the Kubernetes admission webhook that adds escrow to pods
   policy validate   check that a policy directory parses and validates
   policy test       run policy test cases from a file
   version           print the version
@@ -62,6 +63,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdProxy(ctx, rest, stdout, stderr)
 	case "demo":
 		err = cmdDemo(ctx, rest, stdout, stderr)
+	case "webhook":
+		err = cmdWebhook(ctx, rest, stdout, stderr)
 	case "policy":
 		err = cmdPolicy(rest, stdout, stderr)
 	case "version", "--version":
