@@ -8,66 +8,58 @@ import (
 	"net/url"
 	"strings"
 	"sync/atomic"
+
+	"github.com/escrowproxy/escrow/config"
 )
 
-// Method says how a credential is put on a request.
-type Method int
+// Applier puts a credential on an outbound request. Implementations are safe for concurrent
+// use.
+type Applier interface {
+	// Apply strips every credential the agent sent and puts tok on r (r is the outbound copy:
+	// method, URL, headers and body are final). It may sign (SigV4 needs the method, URL,
+	// headers and a payload hash, and can fail). On error the agent's credentials are still
+	// stripped and r must not be sent; the error never contains a secret and wraps
+	// ErrUnavailable, so the proxy denies with credential_unavailable rather than forwarding
+	// an unauthenticated request.
+	Apply(r *http.Request, tok Token) error
+}
 
-const (
-	// MethodHeader sets a header from a template (default "Authorization: Bearer {{.Token}}").
-	MethodHeader Method = iota
-	// MethodBasic sets "Authorization: Basic base64(username:token)".
-	MethodBasic
-	// MethodQuery sets a query parameter to the token.
-	MethodQuery
-)
-
-func (m Method) String() string {
-	switch m {
-	case MethodHeader:
-		return "header"
-	case MethodBasic:
-		return "basic"
-	case MethodQuery:
-		return "query"
+// NewApplier returns the Applier for a validated injection. config has checked the header name
+// and template once; NewApplier does not check them again. It refuses an unknown kind and one
+// missing the field its kind needs (a zero Injection from a caller bug must not become a request
+// that silently carries no credential).
+func NewApplier(in config.Injection) (Applier, error) {
+	a := &valueApplier{kind: in.Kind}
+	switch in.Kind {
+	case config.InjectHeader:
+		if in.Header == "" {
+			return nil, errors.New("credential: header injection without a header name")
+		}
+		a.header, a.prefix, a.suffix = in.Header, in.Prefix, in.Suffix
+	case config.InjectBasic:
+		a.header, a.prefix, a.user = "Authorization", "Basic ", in.Username
+	case config.InjectQuery:
+		if in.Param == "" {
+			return nil, errors.New("credential: query injection without a parameter name")
+		}
+		a.param = in.Param
+	default:
+		return nil, fmt.Errorf("credential: unknown injection kind %v", in.Kind)
 	}
-	return fmt.Sprintf("Method(%d)", int(m))
+	return a, nil
 }
 
-// Defaults for ApplySpec fields left empty with MethodHeader.
-const (
-	DefaultHeader   = "Authorization"
-	DefaultTemplate = "Bearer {{.Token}}"
-)
-
-// ApplySpec says how one route applies its credential.
-type ApplySpec struct {
-	// Header is, for MethodHeader, the header to set (default DefaultHeader).
-	Header string
-	// Template is, for MethodHeader, the header's value with the token's place marked by
-	// {{.Token}} (default DefaultTemplate). The only action allowed is {{.Token}} (spaces inside
-	// the braces allowed: {{ .Token }}), exactly once; the text around it may not contain
-	// control characters, "{{" or "}}". Examples: "Bearer {{.Token}}", "token {{.Token}}",
-	// "{{.Token}}".
-	Template string
-	// Username is, for MethodBasic, the user name (required, no ':'); the token is the password.
-	Username string
-	// Param is, for MethodQuery, the query parameter's name (required).
-	Param string
-	// Method is how the credential is applied; the zero value is MethodHeader.
-	Method Method
-}
-
-// Applier puts a credential on requests as its ApplySpec says. It is safe for concurrent use.
-type Applier struct {
-	method Method
-	header string // canonical name of the header set (MethodHeader, MethodBasic)
-	prefix string // value = prefix + token + suffix (MethodHeader) or prefix + base64(...) (MethodBasic)
+// valueApplier applies a single-value token as a header (template), basic auth or a query
+// parameter.
+type valueApplier struct {
+	kind   config.InjectKind
+	header string // canonical name of the header set (InjectHeader, InjectBasic)
+	prefix string // value = prefix + token + suffix (InjectHeader) or prefix + base64(...) (InjectBasic)
 	suffix string
-	user   string // MethodBasic
-	param  string // MethodQuery
+	user   string // InjectBasic
+	param  string // InjectQuery
 
-	// last caches the rendered value for the most recent token, keyed by its value's box, so
+	// last caches the rendered value for the most recent token, keyed by its secret's box, so
 	// the hot path for an unchanged credential does no concatenation or encoding.
 	last atomic.Pointer[rendered]
 }
@@ -75,143 +67,77 @@ type Applier struct {
 type rendered struct {
 	sec   *secret
 	value string // header value or escaped query value
-	ok    bool   // false: the token cannot be applied (control characters in a header value)
-}
-
-// headers never set by an Applier: they frame the message, route it or are hop-by-hop.
-var forbiddenHeaders = map[string]bool{
-	"Host": true, "Content-Length": true, "Transfer-Encoding": true, "Connection": true,
-	"Keep-Alive": true, "Te": true, "Trailer": true, "Upgrade": true,
-	"Proxy-Connection": true, "Proxy-Authorization": true, "Proxy-Authenticate": true,
-}
-
-// NewApplier validates spec and precompiles it.
-func NewApplier(spec ApplySpec) (*Applier, error) {
-	a := &Applier{method: spec.Method}
-	switch spec.Method {
-	case MethodHeader:
-		h := spec.Header
-		if h == "" {
-			h = DefaultHeader
-		}
-		if !validHeaderName(h) {
-			return nil, fmt.Errorf("credential: header %q is not a valid HTTP header name", h)
-		}
-		a.header = http.CanonicalHeaderKey(h)
-		if forbiddenHeaders[a.header] {
-			return nil, fmt.Errorf("credential: header %s cannot carry a credential", a.header)
-		}
-		t := spec.Template
-		if t == "" {
-			t = DefaultTemplate
-		}
-		var err error
-		if a.prefix, a.suffix, err = compileTemplate(t); err != nil {
-			return nil, fmt.Errorf("credential: template %q: %w", t, err)
-		}
-	case MethodBasic:
-		switch {
-		case spec.Username == "":
-			return nil, errors.New("credential: basic auth needs a username")
-		case strings.Contains(spec.Username, ":"):
-			return nil, errors.New("credential: basic auth username may not contain ':'")
-		case hasCTL(spec.Username):
-			return nil, errors.New("credential: basic auth username contains a control character")
-		}
-		a.header = "Authorization"
-		a.prefix = "Basic "
-		a.user = spec.Username
-	case MethodQuery:
-		if spec.Param == "" {
-			return nil, errors.New("credential: query method needs a parameter name")
-		}
-		a.param = spec.Param
-	default:
-		return nil, fmt.Errorf("credential: unknown apply method %v", spec.Method)
-	}
-	return a, nil
-}
-
-// compileTemplate splits t around its single {{.Token}} action.
-func compileTemplate(t string) (prefix, suffix string, err error) {
-	i := strings.Index(t, "{{")
-	if i < 0 {
-		return "", "", errors.New("must contain {{.Token}}")
-	}
-	j := strings.Index(t[i:], "}}")
-	if j < 0 {
-		return "", "", errors.New("unclosed action")
-	}
-	if strings.TrimSpace(t[i+2:i+j]) != ".Token" {
-		return "", "", errors.New("the only action allowed is {{.Token}}")
-	}
-	prefix, suffix = t[:i], t[i+j+2:]
-	for _, s := range []string{prefix, suffix} {
-		if strings.Contains(s, "{{") || strings.Contains(s, "}}") {
-			return "", "", errors.New("must contain {{.Token}} exactly once and no other action")
-		}
-		if hasCTL(s) {
-			return "", "", errors.New("contains a control character")
-		}
-	}
-	return prefix, suffix, nil
+	err   error  // the token cannot be applied (control characters in a header value)
 }
 
 // Apply removes every credential the agent sent (Authorization, Proxy-Authorization, the
-// configured header in any letter case and, for MethodQuery, every occurrence of the configured
+// configured header in any letter case and, for InjectQuery, every occurrence of the configured
 // parameter) and then sets the real one: exactly one value, never appended.
 //
-// For MethodHeader, a token whose value contains control characters (CR, LF, NUL, ...) is not
-// applied: the agent's credentials are still removed and nothing is set, so the request fails
-// upstream rather than carrying a split header. (Basic and query encode the value, so they are
-// safe regardless.) Manager never returns such a token.
+// It fails, having stripped the agent's credentials and set nothing, when tok has no single
+// value (a zero or multi-part token) or, for InjectHeader, when the rendered value contains a
+// control character (CR, LF, NUL, ...), which would split or truncate the header. Basic and
+// query encode the value, so they are safe regardless. Manager never returns such a token.
 //
-// For MethodQuery the secret ends up in r.URL.RawQuery: log or audit r.URL before Apply, not
+// For InjectQuery the secret ends up in r.URL.RawQuery: log or audit r.URL before Apply, not
 // after.
-func (a *Applier) Apply(r *http.Request, tok Token) {
+func (a *valueApplier) Apply(r *http.Request, tok Token) error {
 	stripHeader(r.Header, "Authorization")
 	stripHeader(r.Header, "Proxy-Authorization")
-	if a.method == MethodHeader && a.header != "Authorization" {
+	if a.kind == config.InjectHeader && a.header != "Authorization" {
 		stripHeader(r.Header, a.header)
 	}
-	rd := a.render(tok)
-	if a.method == MethodQuery {
+	var (
+		rd  *rendered
+		err error
+	)
+	if tok.sec == nil || tok.multi {
+		err = unavailable(tok.name, fmt.Errorf("cannot apply %s as %v: it has no single value", tok, a.kind))
+	} else if rd = a.render(tok); rd.err != nil {
+		err = rd.err
+	}
+	if a.kind == config.InjectQuery {
 		if r.URL == nil {
-			return
+			return unavailable(tok.name, errors.New("cannot apply to a request without a URL"))
+		}
+		if err != nil {
+			r.URL.RawQuery = stripQueryParam(r.URL.RawQuery, a.param)
+			return err
 		}
 		r.URL.RawQuery = replaceQueryParam(r.URL.RawQuery, a.param, rd.value)
-		return
+		return nil
 	}
-	if !rd.ok {
-		return
+	if err != nil {
+		return err
 	}
 	if r.Header == nil {
 		r.Header = make(http.Header, 1)
 	}
 	r.Header[a.header] = []string{rd.value}
+	return nil
 }
 
-// render returns what Apply writes for tok, cached for the last token seen.
-func (a *Applier) render(tok Token) *rendered {
-	if rd := a.last.Load(); rd != nil && rd.sec == tok.sec && tok.sec != nil {
+// render returns what Apply writes for a single-value tok, cached for the last token seen.
+func (a *valueApplier) render(tok Token) *rendered {
+	if rd := a.last.Load(); rd != nil && rd.sec == tok.sec {
 		return rd
 	}
 	v := tok.Value()
 	rd := &rendered{sec: tok.sec}
-	switch a.method {
-	case MethodHeader:
+	switch a.kind {
+	case config.InjectHeader:
 		rd.value = a.prefix + v + a.suffix
-		rd.ok = !hasCTL(rd.value)
-	case MethodBasic:
+		if i := ctlIndex(rd.value); i >= 0 {
+			rd.err = unavailable(tok.name, fmt.Errorf("cannot apply %s to header %s: the value contains a control character (%s)",
+				tok, a.header, ctlName(rd.value[i])))
+			rd.value = ""
+		}
+	case config.InjectBasic:
 		rd.value = a.prefix + base64.StdEncoding.EncodeToString([]byte(a.user+":"+v))
-		rd.ok = true
-	case MethodQuery:
+	case config.InjectQuery:
 		rd.value = url.QueryEscape(v)
-		rd.ok = true
 	}
-	if tok.sec != nil {
-		a.last.Store(rd)
-	}
+	a.last.Store(rd)
 	return rd
 }
 
@@ -229,15 +155,36 @@ func stripHeader(h http.Header, name string) {
 	}
 }
 
-// replaceQueryParam removes every pair of rawQuery whose key means param and appends
-// param=escapedValue. Pairs are split at '&' and also at ';' (some servers still split there,
-// so "a=1;key=x" must not smuggle a second key past us). Keys are compared after
-// percent-decoding (lenient: an invalid escape stays literal, '+' is a space) and without
-// regard to case, so "KEY" or "k%65y" cannot survive. The remaining pairs keep their bytes,
-// order and separators; empty pairs ("a=1&&b=2") are dropped.
+// replaceQueryParam removes every pair of rawQuery whose key means param (see
+// writeQueryWithout) and appends param=escapedValue.
 func replaceQueryParam(rawQuery, param, escapedValue string) string {
 	var b strings.Builder
 	b.Grow(len(rawQuery) + len(param) + len(escapedValue) + 2)
+	writeQueryWithout(&b, rawQuery, param)
+	if b.Len() > 0 {
+		b.WriteByte('&')
+	}
+	b.WriteString(url.QueryEscape(param))
+	b.WriteByte('=')
+	b.WriteString(escapedValue)
+	return b.String()
+}
+
+// stripQueryParam removes every pair of rawQuery whose key means param.
+func stripQueryParam(rawQuery, param string) string {
+	var b strings.Builder
+	b.Grow(len(rawQuery))
+	writeQueryWithout(&b, rawQuery, param)
+	return b.String()
+}
+
+// writeQueryWithout writes the pairs of rawQuery whose key does not mean param. Pairs are split
+// at '&' and also at ';' (some servers still split there, so "a=1;key=x" must not smuggle a
+// second key past us). Keys are compared after percent-decoding (lenient: an invalid escape
+// stays literal, '+' is a space) and without regard to case, so "KEY" or "k%65y" cannot
+// survive. The remaining pairs keep their bytes, order and separators; empty pairs
+// ("a=1&&b=2") are dropped.
+func writeQueryWithout(b *strings.Builder, rawQuery, param string) {
 	sep := "" // the separator that preceded seg in rawQuery
 	for rest := rawQuery; rest != ""; {
 		seg, next := rest, ""
@@ -254,13 +201,6 @@ func replaceQueryParam(rawQuery, param, escapedValue string) string {
 		}
 		sep = next
 	}
-	if b.Len() > 0 {
-		b.WriteByte('&')
-	}
-	b.WriteString(url.QueryEscape(param))
-	b.WriteByte('=')
-	b.WriteString(escapedValue)
-	return b.String()
 }
 
 // isParam reports whether the query pair seg ("k=v" or "k") has the key param.
@@ -307,29 +247,13 @@ func unhex(c byte) byte {
 	}
 }
 
-// hasCTL reports whether s contains an ASCII control character (including TAB) or DEL.
-func hasCTL(s string) bool {
+// ctlIndex returns the index of the first ASCII control character (including TAB) or DEL in
+// s, or -1.
+func ctlIndex(s string) int {
 	for i := 0; i < len(s); i++ {
 		if c := s[i]; c < 0x20 || c == 0x7f {
-			return true
+			return i
 		}
 	}
-	return false
-}
-
-// validHeaderName reports whether s is an RFC 9110 token.
-func validHeaderName(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
-		case strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0:
-		default:
-			return false
-		}
-	}
-	return true
+	return -1
 }

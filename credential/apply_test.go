@@ -4,11 +4,14 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/base64"
+	"errors"
 	"net/http"
 	"net/url"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/escrowproxy/escrow/config"
 )
 
 func newRequest(t testing.TB, rawURL string) *http.Request {
@@ -20,13 +23,29 @@ func newRequest(t testing.TB, rawURL string) *http.Request {
 	return r
 }
 
-func mustApplier(t testing.TB, spec ApplySpec) *Applier {
+// Injections as config compiles them (config has validated and split the template).
+var (
+	bearer = config.Injection{Kind: config.InjectHeader, Header: "Authorization", Prefix: "Bearer "}
+	apiKey = config.Injection{Kind: config.InjectHeader, Header: "X-Api-Key"}
+	basicU = config.Injection{Kind: config.InjectBasic, Header: "Authorization", Username: "user"}
+	queryK = config.Injection{Kind: config.InjectQuery, Param: "key"}
+)
+
+func mustApplier(t testing.TB, in config.Injection) Applier {
 	t.Helper()
-	a, err := NewApplier(spec)
+	a, err := NewApplier(in)
 	if err != nil {
-		t.Fatalf("NewApplier(%+v): %v", spec, err)
+		t.Fatalf("NewApplier(%+v): %v", in, err)
 	}
 	return a
+}
+
+// mustApply applies tok and fails the test on an error.
+func mustApply(t testing.TB, a Applier, r *http.Request, tok Token) {
+	t.Helper()
+	if err := a.Apply(r, tok); err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
 }
 
 // keysFold returns the header keys equal to name in any case, with their values.
@@ -48,7 +67,7 @@ func TestApply_ReplacesAgentAuthorization(t *testing.T) {
 	r.Header["AUTHORIZATION"] = []string{"Bearer agent-upper"}
 	r.Header.Set("Accept", "application/json")
 
-	mustApplier(t, ApplySpec{}).Apply(r, NewToken("openai", secretValue, time.Time{}))
+	mustApply(t, mustApplier(t, bearer), r, NewToken("openai", secretValue, time.Time{}))
 
 	got := keysFold(r.Header, "Authorization")
 	if len(got) != 1 || len(got["Authorization"]) != 1 || got["Authorization"][0] != "Bearer "+secretValue {
@@ -60,32 +79,24 @@ func TestApply_ReplacesAgentAuthorization(t *testing.T) {
 }
 
 func TestApply_StripsProxyAuthorization(t *testing.T) {
-	for _, spec := range []ApplySpec{
-		{},
-		{Header: "X-Api-Key", Template: "{{.Token}}"},
-		{Method: MethodBasic, Username: "user"},
-		{Method: MethodQuery, Param: "key"},
-	} {
+	for _, in := range []config.Injection{bearer, apiKey, basicU, queryK} {
 		r := newRequest(t, "https://example.com/")
 		r.Header.Set("Proxy-Authorization", "Bearer delegation-jwt")
 		r.Header["proxy-authorization"] = []string{"Basic agent"}
-		mustApplier(t, spec).Apply(r, NewToken("n", secretValue, time.Time{}))
+		mustApply(t, mustApplier(t, in), r, NewToken("n", secretValue, time.Time{}))
 		if got := keysFold(r.Header, "Proxy-Authorization"); len(got) != 0 {
-			t.Errorf("%v: Proxy-Authorization survived: %q", spec.Method, got)
+			t.Errorf("%v: Proxy-Authorization survived: %q", in.Kind, got)
 		}
 	}
 }
 
 func TestApply_StripsAgentAuthorizationForEveryMethod(t *testing.T) {
-	for _, spec := range []ApplySpec{
-		{Header: "X-Api-Key", Template: "{{.Token}}"},
-		{Method: MethodQuery, Param: "key"},
-	} {
+	for _, in := range []config.Injection{apiKey, queryK} {
 		r := newRequest(t, "https://example.com/")
 		r.Header.Set("Authorization", "Bearer agent-fake")
-		mustApplier(t, spec).Apply(r, NewToken("n", secretValue, time.Time{}))
+		mustApply(t, mustApplier(t, in), r, NewToken("n", secretValue, time.Time{}))
 		if got := keysFold(r.Header, "Authorization"); len(got) != 0 {
-			t.Errorf("%+v: agent's Authorization survived: %q", spec, got)
+			t.Errorf("%+v: agent's Authorization survived: %q", in, got)
 		}
 	}
 }
@@ -97,7 +108,7 @@ func TestApply_ReplacesConfiguredHeaderInAnyCase(t *testing.T) {
 	r.Header["X-API-KEY"] = []string{"agent-3", "agent-4"}
 	r.Header.Set("Anthropic-Version", "2023-06-01")
 
-	mustApplier(t, ApplySpec{Header: "x-api-key", Template: "{{.Token}}"}).Apply(r, NewToken("anthropic", secretValue, time.Time{}))
+	mustApply(t, mustApplier(t, apiKey), r, NewToken("anthropic", secretValue, time.Time{}))
 
 	got := keysFold(r.Header, "X-Api-Key")
 	if len(got) != 1 || len(got["X-Api-Key"]) != 1 || got["X-Api-Key"][0] != secretValue {
@@ -108,52 +119,43 @@ func TestApply_ReplacesConfiguredHeaderInAnyCase(t *testing.T) {
 	}
 }
 
-func TestApply_Templates(t *testing.T) {
-	for tmpl, want := range map[string]string{
-		"":                    "Bearer S",
-		"Bearer {{.Token}}":   "Bearer S",
-		"token {{.Token}}":    "token S",
-		"{{.Token}}":          "S",
-		"{{ .Token }}":        "S",
-		"key={{.Token}}; v=1": "key=S; v=1",
-		"{{.Token}} }x":       "S }x",
+func TestApply_PrefixAndSuffix(t *testing.T) {
+	for _, c := range []struct{ prefix, suffix, want string }{
+		{"Bearer ", "", "Bearer S"},
+		{"token ", "", "token S"},
+		{"", "", "S"},
+		{"key=", "; v=1", "key=S; v=1"},
+		{"", " }x", "S }x"},
 	} {
 		r := newRequest(t, "https://example.com/")
-		mustApplier(t, ApplySpec{Template: tmpl}).Apply(r, NewToken("n", "S", time.Time{}))
-		if got := r.Header.Values("Authorization"); len(got) != 1 || got[0] != want {
-			t.Errorf("template %q: got %q, want %q", tmpl, got, want)
+		in := config.Injection{Kind: config.InjectHeader, Header: "Authorization", Prefix: c.prefix, Suffix: c.suffix}
+		mustApply(t, mustApplier(t, in), r, NewToken("n", "S", time.Time{}))
+		if got := r.Header.Values("Authorization"); len(got) != 1 || got[0] != c.want {
+			t.Errorf("%q {{.Token}} %q: got %q, want %q", c.prefix, c.suffix, got, c.want)
 		}
 	}
 }
 
-func TestNewApplier_RejectsBadSpecs(t *testing.T) {
-	for name, spec := range map[string]ApplySpec{
-		"no action":           {Template: "Bearer"},
-		"two actions":         {Template: "{{.Token}}:{{.Token}}"},
-		"other field":         {Template: "Bearer {{.Secret}}"},
-		"pipeline":            {Template: "{{.Token | printf \"%s\"}}"},
-		"control structure":   {Template: "{{if .Token}}{{.Token}}{{end}}"},
-		"trim markers":        {Template: "{{- .Token -}}"},
-		"unclosed":            {Template: "Bearer {{.Token"},
-		"stray close":         {Template: "{{.Token}} }}"},
-		"CRLF in template":    {Template: "Bearer {{.Token}}\r\nX-Evil: 1"},
-		"LF in prefix":        {Template: "a\n{{.Token}}"},
-		"TAB":                 {Template: "Bearer\t{{.Token}}"},
-		"header with space":   {Header: "X Api Key"},
-		"header with colon":   {Header: "X-Key:"},
-		"header with CRLF":    {Header: "X-Key\r\nX-Evil"},
-		"Host header":         {Header: "host"},
-		"Content-Length":      {Header: "Content-Length"},
-		"Proxy-Authorization": {Header: "proxy-authorization"},
-		"basic no username":   {Method: MethodBasic},
-		"basic colon user":    {Method: MethodBasic, Username: "a:b"},
-		"basic CR user":       {Method: MethodBasic, Username: "a\rb"},
-		"query no param":      {Method: MethodQuery},
-		"unknown method":      {Method: Method(42)},
+func TestNewApplier_RefusesUnknownKindAndMissingField(t *testing.T) {
+	for name, in := range map[string]config.Injection{
+		"unknown kind":        {Kind: config.InjectKind(42), Header: "Authorization"},
+		"header without name": {Kind: config.InjectHeader, Prefix: "Bearer "},
+		"query without param": {Kind: config.InjectQuery},
 	} {
-		if a, err := NewApplier(spec); err == nil {
-			t.Errorf("%s: NewApplier(%+v) = %+v, want an error", name, spec, a)
+		if a, err := NewApplier(in); err == nil || !strings.HasPrefix(err.Error(), "credential: ") {
+			t.Errorf("%s: NewApplier(%+v) = %+v, %v; want a credential: error", name, in, a, err)
 		}
+	}
+}
+
+// TestNewApplier_TrustsConfigValidation: the template and header syntax are config's to check,
+// once; NewApplier takes what it is given (the apply-time value check still guards the wire).
+func TestNewApplier_TrustsConfigValidation(t *testing.T) {
+	in := config.Injection{Kind: config.InjectHeader, Header: "X-Key", Prefix: "{{", Suffix: "}}"}
+	r := newRequest(t, "https://example.com/")
+	mustApply(t, mustApplier(t, in), r, NewToken("n", "S", time.Time{}))
+	if got := r.Header.Get("X-Key"); got != "{{S}}" {
+		t.Errorf("got %q", got)
 	}
 }
 
@@ -161,7 +163,8 @@ func TestApply_Basic(t *testing.T) {
 	r := newRequest(t, "https://registry.example.com/")
 	r.SetBasicAuth("agent", "fake")
 	r.Header["authorization"] = []string{"Bearer other"}
-	mustApplier(t, ApplySpec{Method: MethodBasic, Username: "deploy"}).Apply(r, NewToken("reg", "p:ss w0rd", time.Time{}))
+	in := config.Injection{Kind: config.InjectBasic, Header: "Authorization", Username: "deploy"}
+	mustApply(t, mustApplier(t, in), r, NewToken("reg", "p:ss w0rd", time.Time{}))
 	if got := keysFold(r.Header, "Authorization"); len(got) != 1 || len(got["Authorization"]) != 1 {
 		t.Fatalf("Authorization headers: %q", got)
 	}
@@ -178,7 +181,8 @@ func TestApply_Basic(t *testing.T) {
 func TestApply_QueryParamReplacesAgentValue(t *testing.T) {
 	r := newRequest(t, "https://maps.example.com/geo?api_key=agent&x=1&API_KEY=2&api%5Fkey=3&y=a%20b;api_key=4&z&api+key=5&api_key")
 	r.Header.Set("Authorization", "Bearer agent")
-	mustApplier(t, ApplySpec{Method: MethodQuery, Param: "api_key"}).Apply(r, NewToken("maps", "s3cr&t=+/ value", time.Time{}))
+	in := config.Injection{Kind: config.InjectQuery, Param: "api_key"}
+	mustApply(t, mustApplier(t, in), r, NewToken("maps", "s3cr&t=+/ value", time.Time{}))
 
 	if want := "x=1&y=a%20b&z&api+key=5&api_key=s3cr%26t%3D%2B%2F+value"; r.URL.RawQuery != want {
 		t.Errorf("RawQuery = %q\n                 want %q", r.URL.RawQuery, want)
@@ -204,20 +208,28 @@ func TestApply_QueryOnEmptyQuery(t *testing.T) {
 		"https://e.com/p?&&a=1&&b=2&;": "a=1&b=2&key=S",
 	} {
 		r := newRequest(t, raw)
-		mustApplier(t, ApplySpec{Method: MethodQuery, Param: "key"}).Apply(r, NewToken("n", "S", time.Time{}))
+		mustApply(t, mustApplier(t, queryK), r, NewToken("n", "S", time.Time{}))
 		if r.URL.RawQuery != want {
 			t.Errorf("%s: RawQuery %q, want %q", raw, r.URL.RawQuery, want)
 		}
 	}
 }
 
+// TestApply_RefusesTokenWithCRLF: a value that would split a header is an error (so the proxy
+// denies with credential_unavailable), the agent's credentials are gone, and nothing is set.
 func TestApply_RefusesTokenWithCRLF(t *testing.T) {
-	a := mustApplier(t, ApplySpec{Header: "X-Api-Key", Template: "key {{.Token}}"})
+	a := mustApplier(t, config.Injection{Kind: config.InjectHeader, Header: "X-Api-Key", Prefix: "key "})
 	for _, v := range []string{"abc\r\nX-Injected: 1", "abc\n", "abc\x00def", "abc\rdef"} {
 		r := newRequest(t, "https://example.com/")
 		r.Header.Set("X-Api-Key", "agent")
 		r.Header.Set("Authorization", "Bearer agent")
-		a.Apply(r, NewToken("n", v, time.Time{}))
+		err := a.Apply(r, NewToken("n", v, time.Time{}))
+		if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "control character") {
+			t.Errorf("%q: Apply error %v; want ErrUnavailable about a control character", v, err)
+		}
+		if err != nil && (strings.Contains(err.Error(), "abc") || strings.Contains(err.Error(), "X-Injected")) {
+			t.Errorf("%q: error reveals the value: %v", v, err)
+		}
 		for k, vs := range r.Header {
 			for _, hv := range vs {
 				if strings.ContainsAny(k+hv, "\r\n\x00") {
@@ -238,18 +250,41 @@ func TestApply_RefusesTokenWithCRLF(t *testing.T) {
 	}
 }
 
+// TestApply_RefusesTokenWithoutSingleValue: a zero or multi-part token on a single-value route
+// (a misconfigured route, a caller bug) fails rather than sending no credential; the agent's
+// credentials are stripped either way.
+func TestApply_RefusesTokenWithoutSingleValue(t *testing.T) {
+	parts := NewTokenParts("aws", map[string]string{"access_key_id": "AKIDEXAMPLE", "secret_access_key": secretValue}, time.Time{})
+	for _, in := range []config.Injection{bearer, apiKey, basicU, queryK} {
+		for _, tok := range []Token{{}, parts} {
+			r := newRequest(t, "https://example.com/?key=agent")
+			r.Header.Set("Authorization", "Bearer agent")
+			r.Header.Set("X-Api-Key", "agent")
+			err := mustApplier(t, in).Apply(r, tok)
+			if !errors.Is(err, ErrUnavailable) || strings.Contains(err.Error(), secretValue) {
+				t.Errorf("%v %v: error %v; want ErrUnavailable without the secret", in.Kind, tok, err)
+			}
+			if len(keysFold(r.Header, "Authorization")) != 0 ||
+				(in.Kind == config.InjectQuery && strings.Contains(r.URL.RawQuery, "key=")) ||
+				(in.Kind == config.InjectHeader && len(keysFold(r.Header, in.Header)) != 0) {
+				t.Errorf("%v %v: a credential is left: %q %q", in.Kind, tok, r.Header, r.URL.RawQuery)
+			}
+		}
+	}
+}
+
 func TestApply_FollowsRotatedToken(t *testing.T) {
-	for _, spec := range []ApplySpec{{}, {Method: MethodBasic, Username: "u"}, {Method: MethodQuery, Param: "k"}} {
-		a := mustApplier(t, spec)
+	for _, in := range []config.Injection{bearer, basicU, queryK} {
+		a := mustApplier(t, in)
 		for i, v := range []string{"first", "second", "second", "first"} {
 			r := newRequest(t, "https://example.com/")
-			a.Apply(r, NewToken("n", v, time.Time{}))
+			mustApply(t, a, r, NewToken("n", v, time.Time{}))
 			got := r.Header.Get("Authorization") + r.URL.RawQuery
 			if _, p, _ := r.BasicAuth(); p != "" {
 				got = p
 			}
 			if !strings.Contains(got, v) {
-				t.Errorf("%v apply %d: %q does not carry %q (stale render cache?)", spec.Method, i, got, v)
+				t.Errorf("%v apply %d: %q does not carry %q (stale render cache?)", in.Kind, i, got, v)
 			}
 		}
 	}
@@ -259,7 +294,8 @@ func TestApply_WireFormHasExactlyOneCredential(t *testing.T) {
 	r := newRequest(t, "https://api.github.com/user")
 	r.Header.Set("Authorization", "token agent")
 	r.Header["authorization"] = []string{"token agent2"}
-	mustApplier(t, ApplySpec{Template: "token {{.Token}}"}).Apply(r, NewToken("gh", secretValue, time.Time{}))
+	in := config.Injection{Kind: config.InjectHeader, Header: "Authorization", Prefix: "token "}
+	mustApply(t, mustApplier(t, in), r, NewToken("gh", secretValue, time.Time{}))
 	var buf bytes.Buffer
 	if err := r.Write(&buf); err != nil {
 		t.Fatal(err)
@@ -276,26 +312,51 @@ func TestApply_WireFormHasExactlyOneCredential(t *testing.T) {
 	}
 }
 
-func TestMethod_String(t *testing.T) {
-	if MethodHeader.String() != "header" || MethodBasic.String() != "basic" || MethodQuery.String() != "query" || Method(9).String() != "Method(9)" {
-		t.Errorf("Method.String")
+// validToken mirrors what config guarantees of a header name (an RFC 9110 token) so the fuzzer
+// explores only injections config can produce.
+func validToken(s string) bool {
+	if s == "" {
+		return false
 	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return true
 }
 
 func FuzzApplier(f *testing.F) {
-	f.Add(uint8(0), "Authorization", "Bearer {{.Token}}", "", "", secretValue, "X-Agent")
-	f.Add(uint8(0), "x-api-key", "{{.Token}}", "", "", "a\r\nb", "X-API-KEY")
-	f.Add(uint8(0), "X-K", "pre {{ .Token }} post", "", "", "\x00\n", "authorization")
-	f.Add(uint8(0), "X-K", "a\r\n{{.Token}}", "", "", "v", "")
-	f.Add(uint8(1), "", "", "user", "", "p\r\nw", "proxy-authorization")
-	f.Add(uint8(2), "", "", "", "api_key", "v&x=1\n", "Api_Key")
-	f.Add(uint8(2), "", "", "", "k;e%y", "%zz", "")
-	f.Fuzz(func(t *testing.T, method uint8, header, tmpl, user, param, value, agentHeader string) {
-		spec := ApplySpec{Method: Method(method % 4), Header: header, Template: tmpl, Username: user, Param: param}
-		a, err := NewApplier(spec)
+	f.Add(uint8(0), "Authorization", "Bearer ", "", "", "", secretValue, "X-Agent")
+	f.Add(uint8(0), "x-api-key", "", "", "", "", "a\r\nb", "X-API-KEY")
+	f.Add(uint8(0), "X-K", "pre ", " post", "", "", "\x00\n", "authorization")
+	f.Add(uint8(0), "X-K", "a\r\n", "", "", "", "v", "")
+	f.Add(uint8(1), "", "", "", "user", "", "p\r\nw", "proxy-authorization")
+	f.Add(uint8(2), "", "", "", "", "api_key", "v&x=1\n", "Api_Key")
+	f.Add(uint8(2), "", "", "", "", "k;e%y", "%zz", "")
+	f.Fuzz(func(t *testing.T, kind uint8, header, prefix, suffix, user, param, value, agentHeader string) {
+		in := config.Injection{Kind: config.InjectKind(kind % 4), Prefix: prefix, Suffix: suffix, Username: user, Param: param}
+		switch in.Kind {
+		case config.InjectHeader:
+			if !validToken(header) {
+				return // config refuses it
+			}
+			in.Header = http.CanonicalHeaderKey(header)
+		case config.InjectBasic:
+			if user == "" || strings.Contains(user, ":") || ctlIndex(user) >= 0 {
+				return // config refuses it
+			}
+			in.Header = "Authorization"
+		}
+		ap, err := NewApplier(in)
 		if err != nil {
+			if in.Kind <= config.InjectQuery && !(in.Kind == config.InjectQuery && param == "") {
+				t.Fatalf("NewApplier(%+v): %v", in, err)
+			}
 			return
 		}
+		a := ap.(*valueApplier)
 		r := &http.Request{
 			Method: http.MethodGet,
 			URL: &url.URL{Scheme: "https", Host: "example.com", Path: "/",
@@ -309,7 +370,11 @@ func FuzzApplier(f *testing.F) {
 				strings.ToLower(header): {"agent"},
 			},
 		}
-		a.Apply(r, NewToken("n", value, time.Time{}))
+		applyErr := a.Apply(r, NewToken("n", value, time.Time{}))
+		// The error text has no control characters, so a value with one must not be in it.
+		if applyErr != nil && ctlIndex(value) >= 0 && strings.Contains(applyErr.Error(), value) {
+			t.Fatalf("error reveals the value: %v", applyErr)
+		}
 
 		for k, vs := range r.Header {
 			for _, v := range vs {
@@ -318,33 +383,33 @@ func FuzzApplier(f *testing.F) {
 				}
 				if v == "agent" || strings.HasSuffix(v, " agent") {
 					if strings.EqualFold(k, "Authorization") || strings.EqualFold(k, "Proxy-Authorization") ||
-						(a.method == MethodHeader && strings.EqualFold(k, a.header)) {
+						(a.kind == config.InjectHeader && strings.EqualFold(k, a.header)) {
 						t.Fatalf("agent credential survived in %q", k)
 					}
 				}
 			}
 		}
-		switch a.method {
-		case MethodHeader:
+		switch a.kind {
+		case config.InjectHeader:
 			got := keysFold(r.Header, a.header)
-			if hasCTL(value) {
-				if len(got) != 0 {
-					t.Fatalf("unusable value applied: %q", got)
+			if ctlIndex(prefix+value+suffix) >= 0 {
+				if len(got) != 0 || !errors.Is(applyErr, ErrUnavailable) {
+					t.Fatalf("unusable value: applied %q, error %v; want nothing applied and ErrUnavailable", got, applyErr)
 				}
 				return
 			}
-			if len(got) != 1 || len(got[a.header]) != 1 || got[a.header][0] != a.prefix+value+a.suffix {
-				t.Fatalf("header %s: %q; want exactly %q", a.header, got, a.prefix+value+a.suffix)
+			if applyErr != nil || len(got) != 1 || len(got[a.header]) != 1 || got[a.header][0] != prefix+value+suffix {
+				t.Fatalf("header %s: %q, %v; want exactly %q", a.header, got, applyErr, prefix+value+suffix)
 			}
-		case MethodBasic:
+		case config.InjectBasic:
 			u, p, ok := r.BasicAuth()
-			if !ok || u != user || p != value || len(keysFold(r.Header, "Authorization")["Authorization"]) != 1 {
-				t.Fatalf("basic auth: %q %q %v", u, p, ok)
+			if applyErr != nil || !ok || u != user || p != value || len(keysFold(r.Header, "Authorization")["Authorization"]) != 1 {
+				t.Fatalf("basic auth: %q %q %v, %v", u, p, ok, applyErr)
 			}
-		case MethodQuery:
+		case config.InjectQuery:
 			q, _ := url.ParseQuery(r.URL.RawQuery)
-			if got := q[param]; len(got) != 1 || got[0] != value {
-				t.Fatalf("query %q: %q; want exactly [%q] (raw %q)", param, got, value, r.URL.RawQuery)
+			if got := q[param]; applyErr != nil || len(got) != 1 || got[0] != value {
+				t.Fatalf("query %q: %q, %v; want exactly [%q] (raw %q)", param, got, applyErr, value, r.URL.RawQuery)
 			}
 		}
 	})

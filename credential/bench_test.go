@@ -16,7 +16,7 @@ func BenchmarkManagerGet_Hit(b *testing.B) {
 	mustGet(b, m, "openai")
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := m.Get(ctx, "openai"); err != nil {
+		if _, err := m.Get(ctx, Request{Name: "openai"}); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -28,12 +28,12 @@ func BenchmarkManagerGet_HitFile(b *testing.B) {
 	writeFile(b, path, secretValue)
 	m := NewManager(map[string]Provider{"openai": StaticFile(path)}, Options{})
 	ctx := context.Background()
-	if _, err := m.Get(ctx, "openai"); err != nil {
+	if _, err := m.Get(ctx, Request{Name: "openai"}); err != nil {
 		b.Fatal(err)
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := m.Get(ctx, "openai"); err != nil {
+		if _, err := m.Get(ctx, Request{Name: "openai"}); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -44,13 +44,13 @@ func BenchmarkManagerGet_HitParallel(b *testing.B) {
 		"openai": StaticEnvFrom("K", func(string) (string, bool) { return secretValue, true }),
 	}, Options{})
 	ctx := context.Background()
-	if _, err := m.Get(ctx, "openai"); err != nil {
+	if _, err := m.Get(ctx, Request{Name: "openai"}); err != nil {
 		b.Fatal(err)
 	}
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			if _, err := m.Get(ctx, "openai"); err != nil {
+			if _, err := m.Get(ctx, Request{Name: "openai"}); err != nil {
 				b.Error(err)
 				return
 			}
@@ -58,8 +58,24 @@ func BenchmarkManagerGet_HitParallel(b *testing.B) {
 	})
 }
 
+// BenchmarkManagerGet_HitSubject is a hit on a per-caller provider's (Subject, Scope) entry.
+func BenchmarkManagerGet_HitSubject(b *testing.B) {
+	m := NewManager(map[string]Provider{"idp": perSubject(nil)}, Options{})
+	ctx := context.Background()
+	r := Request{Name: "idp", Subject: "spiffe://example.org/ns/agents/sa/coder", Scope: "read"}
+	if _, err := m.Get(ctx, r); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := m.Get(ctx, r); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 func BenchmarkApply_Header(b *testing.B) {
-	a := mustApplier(b, ApplySpec{})
+	a := mustApplier(b, bearer)
 	tok := NewToken("openai", secretValue, time.Time{})
 	r, _ := http.NewRequest(http.MethodPost, "https://api.openai.com/v1/chat/completions", nil)
 	r.Header.Set("Content-Type", "application/json")
@@ -70,18 +86,22 @@ func BenchmarkApply_Header(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		r.Header["Authorization"] = agent // what the agent sent
-		a.Apply(r, tok)
+		if err := a.Apply(r, tok); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
 
 func BenchmarkApply_Query(b *testing.B) {
-	a := mustApplier(b, ApplySpec{Method: MethodQuery, Param: "key"})
+	a := mustApplier(b, queryK)
 	tok := NewToken("maps", secretValue, time.Time{})
 	r, _ := http.NewRequest(http.MethodGet, "https://maps.example.com/geo?address=1600+Amphitheatre&key=agent&lang=en", nil)
 	raw := r.URL.RawQuery
 	b.ReportAllocs()
 	for b.Loop() {
 		r.URL.RawQuery = raw
-		a.Apply(r, tok)
+		if err := a.Apply(r, tok); err != nil {
+			b.Fatal(err)
+		}
 	}
 }

@@ -29,7 +29,7 @@ func counting(clock *fakeClock, life time.Duration) (Provider, *atomic.Int32) {
 
 func mustGet(t testing.TB, m *Manager, name string) Token {
 	t.Helper()
-	tok, err := m.Get(context.Background(), name)
+	tok, err := m.Get(context.Background(), Request{Name: name})
 	if err != nil {
 		t.Fatalf("Get(%q): %v", name, err)
 	}
@@ -64,7 +64,7 @@ func TestManager_ConcurrentGetsFetchOnce(t *testing.T) {
 	errs := make([]error, n)
 	for i := range n {
 		wg.Go(func() {
-			tok, err := m.Get(context.Background(), "openai")
+			tok, err := m.Get(context.Background(), Request{Name: "openai"})
 			ids[i], errs[i] = tok.ID(), err
 		})
 	}
@@ -85,6 +85,32 @@ func TestManager_ConcurrentGetsFetchOnce(t *testing.T) {
 	}
 }
 
+// TestManager_ColdStartFetchesOnce: callers that missed while a fast fetch ran, and reach the
+// singleflight only after it finished, take its result instead of fetching again.
+func TestManager_ColdStartFetchesOnce(t *testing.T) {
+	for round := range 50 {
+		var calls atomic.Int32
+		p := providerFunc(func(ctx context.Context, args FetchArgs) (Token, error) {
+			calls.Add(1)
+			return NewToken(args.Name, secretValue, time.Time{}), nil
+		})
+		m := NewManager(map[string]Provider{"k": p}, Options{})
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		for range 32 {
+			wg.Go(func() {
+				<-start
+				mustGet(t, m, "k")
+			})
+		}
+		close(start)
+		wg.Wait()
+		if c := calls.Load(); c != 1 {
+			t.Fatalf("round %d: %d fetches on a cold cache; want 1", round, c)
+		}
+	}
+}
+
 func TestManager_WaiterWhoseContextEndsReturnsPromptly(t *testing.T) {
 	release := make(chan struct{})
 	var calls atomic.Int32
@@ -100,7 +126,7 @@ func TestManager_WaiterWhoseContextEndsReturnsPromptly(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { _, err := m.Get(ctx, "openai"); done <- err }()
+	go func() { _, err := m.Get(ctx, Request{Name: "openai"}); done <- err }()
 	for calls.Load() == 0 {
 		time.Sleep(time.Millisecond)
 	}
@@ -192,12 +218,12 @@ func TestManager_RotatedFileThatVanishesFailsClosed(t *testing.T) {
 		t.Fatal(err)
 	}
 	clock.Advance(DefaultRecheckEvery)
-	_, err := m.Get(context.Background(), "openai")
+	_, err := m.Get(context.Background(), Request{Name: "openai"})
 	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "does not exist") {
 		t.Errorf("error %v: want ErrUnavailable saying the file does not exist", err)
 	}
 	// Still failing within the backoff, and the old value is not served again.
-	if _, err := m.Get(context.Background(), "openai"); !errors.Is(err, ErrUnavailable) {
+	if _, err := m.Get(context.Background(), Request{Name: "openai"}); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("second Get: %v, want ErrUnavailable", err)
 	}
 	writeFile(t, path, "sk-restored")
@@ -315,12 +341,12 @@ func TestManager_NeverServesExpiredToken(t *testing.T) {
 	}
 	m.waitBackground()
 	clock.Advance(time.Millisecond) // exactly at expiry
-	tok, err := m.Get(context.Background(), "gh")
+	tok, err := m.Get(context.Background(), Request{Name: "gh"})
 	if !errors.Is(err, ErrUnavailable) || !tok.IsZero() {
 		t.Fatalf("at expiry: %v, %v; want ErrUnavailable and no token", tok, err)
 	}
 	clock.Advance(time.Hour)
-	if _, err := m.Get(context.Background(), "gh"); !errors.Is(err, ErrUnavailable) {
+	if _, err := m.Get(context.Background(), Request{Name: "gh"}); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("long after expiry: %v", err)
 	}
 }
@@ -338,7 +364,7 @@ func TestManager_FailedFetchIsUnavailable(t *testing.T) {
 		"openai":   "does not exist",
 		"env":      "environment variable OPENAI_KEY is not set",
 	} {
-		tok, err := m.Get(context.Background(), name)
+		tok, err := m.Get(context.Background(), Request{Name: name})
 		if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnknown) || !tok.IsZero() {
 			t.Errorf("%s: %v, %v; want ErrUnavailable", name, tok, err)
 			continue
@@ -351,7 +377,7 @@ func TestManager_FailedFetchIsUnavailable(t *testing.T) {
 			t.Errorf("%s: not an *Error for the credential: %#v", name, err)
 		}
 	}
-	if _, err := m.Get(context.Background(), "internal"); !errors.Is(err, cause) {
+	if _, err := m.Get(context.Background(), Request{Name: "internal"}); !errors.Is(err, cause) {
 		t.Errorf("cause not wrapped: %v", err)
 	}
 }
@@ -370,7 +396,7 @@ func TestManager_FailedFetchBacksOffAndIsNotCached(t *testing.T) {
 	})
 	m := NewManager(map[string]Provider{"k": p}, Options{Now: clock.Now})
 	for range 5 {
-		if _, err := m.Get(context.Background(), "k"); !errors.Is(err, ErrUnavailable) {
+		if _, err := m.Get(context.Background(), Request{Name: "k"}); !errors.Is(err, ErrUnavailable) {
 			t.Fatalf("Get: %v", err)
 		}
 	}
@@ -378,7 +404,7 @@ func TestManager_FailedFetchBacksOffAndIsNotCached(t *testing.T) {
 		t.Errorf("%d provider calls within the backoff; want 1", calls.Load())
 	}
 	clock.Advance(DefaultFailureBackoff - time.Millisecond)
-	m.Get(context.Background(), "k")
+	m.Get(context.Background(), Request{Name: "k"})
 	if calls.Load() != 1 {
 		t.Errorf("provider called again before the backoff ended")
 	}
@@ -401,7 +427,7 @@ func TestManager_RefusesUnusableValues(t *testing.T) {
 	} {
 		p := providerFunc(func(context.Context, FetchArgs) (Token, error) { return tok, nil })
 		m := NewManager(map[string]Provider{"k": p}, Options{Now: clock.Now})
-		got, err := m.Get(context.Background(), "k")
+		got, err := m.Get(context.Background(), Request{Name: "k"})
 		if !errors.Is(err, ErrUnavailable) || !got.IsZero() {
 			t.Errorf("%s: %v, %v; want ErrUnavailable", name, got, err)
 			continue
@@ -415,7 +441,7 @@ func TestManager_RefusesUnusableValues(t *testing.T) {
 func TestManager_ProviderPanicIsUnavailable(t *testing.T) {
 	p := providerFunc(func(context.Context, FetchArgs) (Token, error) { panic("oops " + secretValue) })
 	m := NewManager(map[string]Provider{"k": p}, Options{})
-	_, err := m.Get(context.Background(), "k")
+	_, err := m.Get(context.Background(), Request{Name: "k"})
 	if !errors.Is(err, ErrUnavailable) || strings.Contains(err.Error(), secretValue) {
 		t.Errorf("error %v: want ErrUnavailable without the panic value", err)
 	}
@@ -423,7 +449,7 @@ func TestManager_ProviderPanicIsUnavailable(t *testing.T) {
 
 func TestManager_UnknownCredential(t *testing.T) {
 	m := NewManager(map[string]Provider{"k": StaticEnvFrom("X", func(string) (string, bool) { return "v", true })}, Options{})
-	_, err := m.Get(context.Background(), "nope")
+	_, err := m.Get(context.Background(), Request{Name: "nope"})
 	if !errors.Is(err, ErrUnknown) || errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), `"nope"`) {
 		t.Errorf("error %v: want ErrUnknown naming the credential", err)
 	}
@@ -455,7 +481,7 @@ func TestManager_ForgetDiscardsFetchInFlight(t *testing.T) {
 	})
 	m := NewManager(map[string]Provider{"k": p}, Options{})
 	done := make(chan Token)
-	go func() { tok, _ := m.Get(context.Background(), "k"); done <- tok }()
+	go func() { tok, _ := m.Get(context.Background(), Request{Name: "k"}); done <- tok }()
 	for calls.Load() == 0 {
 		time.Sleep(time.Millisecond)
 	}
@@ -507,10 +533,18 @@ func TestManager_GetHitDoesNotAllocate(t *testing.T) {
 		"file": StaticFile(path),
 	}, Options{RecheckEvery: time.Hour})
 	ctx := context.Background()
-	for _, name := range []string{"env", "file"} {
-		mustGet(t, m, name)
-		if a := testing.AllocsPerRun(1000, func() { m.Get(ctx, name) }); a != 0 {
-			t.Errorf("%s: %v allocations per cache hit; want 0", name, a)
+	m.Update(map[string]Provider{"env": (*m.entries.Load())["env"].p, "file": (*m.entries.Load())["file"].p, "idp": perSubject(nil)})
+	for _, r := range []Request{
+		{Name: "env"},
+		{Name: "file"},
+		{Name: "env", Subject: subjA, Scope: "s"}, // a static provider ignores the caller
+		{Name: "idp", Subject: subjA, Scope: "s"}, // a per-caller provider's entry
+	} {
+		if _, err := m.Get(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+		if a := testing.AllocsPerRun(1000, func() { m.Get(ctx, r) }); a != 0 {
+			t.Errorf("%+v: %v allocations per cache hit; want 0", r, a)
 		}
 	}
 }

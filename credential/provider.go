@@ -6,24 +6,104 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/http"
 	"os"
 	"strings"
 	"sync"
 	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/escrowproxy/escrow/config"
 )
+
+// Request is what a caller asks the Manager for. It is a struct so it can grow (the delegation
+// chain, the calling process) without changing Get.
+type Request struct {
+	// Name is the configured credential name.
+	Name string
+	// Subject is the calling workload's SPIFFE ID; "" when unknown.
+	Subject string
+	// Scope holds provider-specific scope parameters (a down-scope, an audience) in canonical
+	// form, so equal scopes are equal strings; "" for none.
+	Scope string
+}
 
 // Provider fetches a fresh credential. Implementations must be safe for concurrent use, must
 // honour ctx, and must never put the secret into an error.
+//
+// Unless it implements Shared, a provider is assumed to mint per caller: the Manager caches its
+// tokens per (Name, Subject, Scope), so two workloads or two down-scopes never share one.
 type Provider interface {
 	Fetch(ctx context.Context, args FetchArgs) (Token, error)
 }
 
-// FetchArgs is what a Provider is asked for. It is a struct so providers that need more (the
-// caller's attest.Identity and its JWT-SVID for OAuth2 client assertions, RFC 8693 token
-// exchange or STS web identity) can grow it without changing the interface.
+// FetchArgs is what a Provider is asked to mint: exactly the cache key the result is stored
+// under, so a token is never served to a caller it was not minted for.
 type FetchArgs struct {
 	// Name is the credential's name from the configuration; providers name their Token with it.
 	Name string
+	// Subject is the SPIFFE ID the token is for ("" for a Shared provider, or when unknown).
+	Subject string
+	// Scope is the canonical scope parameters the token is for ("" for a Shared provider, or
+	// for none).
+	Scope string
+}
+
+// Shared is implemented by providers whose token does not depend on the caller (a static
+// secret). When Shared reports true (asked once, when the Manager takes the provider), the
+// Manager keeps one entry per name whoever calls, fetches it with Subject and Scope empty, and
+// its hit path takes no lock. A marker asked once rather than a per-request key function keeps
+// that hit path free of an interface call.
+type Shared interface {
+	Shared() bool
+}
+
+// JWTSource is what credential needs from attestation: a JWT-SVID of the pod's workload for an
+// audience, e.g. as an OAuth2 client assertion (RFC 7523), an RFC 8693 subject token or an STS
+// web identity. attest's SPIFFE source implements it; credential does not import attest.
+type JWTSource interface {
+	JWTSVID(ctx context.Context, audience string) (token string, expiresAt time.Time, err error)
+}
+
+// Deps is what providers may use, given to NewProvider. Zero fields mean: no network, no JWT
+// source, the process environment, time.Now, no logging; a provider that needs a missing one
+// fails at construction.
+type Deps struct {
+	// HTTPClient is the only way a provider may reach the network (token endpoints, STS, Vault):
+	// it dials through the same egress rules as upstream calls and ignores the process's
+	// HTTP(S)_PROXY. Providers must not build their own client or transport, and must not fall
+	// back to http.DefaultClient when it is nil (that one follows HTTP(S)_PROXY): they fail.
+	HTTPClient *http.Client
+	// JWT issues the pod's JWT-SVIDs.
+	JWT JWTSource
+	// LookupEnv reads the escrow process's environment; default os.LookupEnv.
+	LookupEnv func(string) (string, bool)
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+	// Logger receives what providers log (never a secret); default: nothing.
+	Logger *zap.Logger
+}
+
+// NewProvider is the one switch from a credential's configuration to its Provider. c has been
+// validated by config; a credential with no provider set is an error. Each new provider kind is
+// a new case here.
+func NewProvider(name string, c config.Credential, d Deps) (Provider, error) {
+	switch {
+	case c.Static != nil:
+		switch {
+		case c.Static.File != "":
+			return StaticFile(c.Static.File), nil
+		case c.Static.Env != "":
+			lookup := d.LookupEnv
+			if lookup == nil {
+				lookup = os.LookupEnv
+			}
+			return StaticEnvFrom(c.Static.Env, lookup), nil
+		}
+		return nil, fmt.Errorf("credential: %s: static: neither file nor env set", name)
+	}
+	return nil, fmt.Errorf("credential: %s: no provider set", name)
 }
 
 // Staler is implemented by providers whose source can change under a token that does not
@@ -97,6 +177,9 @@ func (p *fileProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error)
 	return NewToken(args.Name, v, time.Time{}), nil
 }
 
+// Shared is true: the file's secret does not depend on the caller.
+func (p *fileProvider) Shared() bool { return true }
+
 // Stale reports whether the file at path is no longer the file last read: it is gone, or its
 // inode, size or modification time differ.
 func (p *fileProvider) Stale(time.Time) bool {
@@ -140,6 +223,9 @@ type envProvider struct {
 	value string
 	err   error
 }
+
+// Shared is true: the variable's value does not depend on the caller.
+func (p *envProvider) Shared() bool { return true }
 
 func (p *envProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error) {
 	if p.err != nil {

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/escrowproxy/escrow/config"
 )
 
 func writeFile(t testing.TB, path, content string) {
@@ -131,5 +133,67 @@ func TestStaticEnv(t *testing.T) {
 	tok, err = StaticEnv("ESCROW_TEST_CREDENTIAL").Fetch(context.Background(), FetchArgs{Name: "n"})
 	if err != nil || tok.Value() != secretValue {
 		t.Errorf("StaticEnv: %q, %v", tok.Value(), err)
+	}
+}
+
+func TestNewProvider_StaticFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "key")
+	writeFile(t, path, secretValue+"\n")
+	p, err := NewProvider("openai", config.Credential{Static: &config.Static{File: path}}, Deps{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := p.Fetch(context.Background(), FetchArgs{Name: "openai"})
+	if err != nil || tok.Value() != secretValue {
+		t.Fatalf("Fetch: %v %v", tok, err)
+	}
+	if _, ok := p.(Staler); !ok {
+		t.Errorf("file provider is not a Staler: rotation would go unseen")
+	}
+	assertShared(t, p)
+}
+
+func TestNewProvider_StaticEnvUsesDepsLookup(t *testing.T) {
+	var asked []string
+	lookup := func(k string) (string, bool) { asked = append(asked, k); return secretValue, true }
+	p, err := NewProvider("openai", config.Credential{Static: &config.Static{Env: "OPENAI_API_KEY"}}, Deps{LookupEnv: lookup})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := p.Fetch(context.Background(), FetchArgs{Name: "openai"})
+	if err != nil || tok.Value() != secretValue || len(asked) != 1 || asked[0] != "OPENAI_API_KEY" {
+		t.Fatalf("Fetch: %v %v, lookups %q", tok, err, asked)
+	}
+	assertShared(t, p)
+}
+
+func TestNewProvider_StaticEnvDefaultsToProcessEnvironment(t *testing.T) {
+	t.Setenv("ESCROW_TEST_NEWPROVIDER", secretValue)
+	p, err := NewProvider("x", config.Credential{Static: &config.Static{Env: "ESCROW_TEST_NEWPROVIDER"}}, Deps{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tok, err := p.Fetch(context.Background(), FetchArgs{Name: "x"}); err != nil || tok.Value() != secretValue {
+		t.Errorf("Fetch: %v %v", tok, err)
+	}
+}
+
+func TestNewProvider_NoProviderSet(t *testing.T) {
+	for name, c := range map[string]config.Credential{
+		"no provider set":                  {},
+		"static: neither file nor env set": {Static: &config.Static{}},
+	} {
+		p, err := NewProvider("idp", c, Deps{})
+		if p != nil || err == nil || err.Error() != "credential: idp: "+name {
+			t.Errorf("NewProvider(%+v) = %v, %v; want the error %q", c, p, err, "credential: idp: "+name)
+		}
+	}
+}
+
+// assertShared checks that p keeps one cache entry per name whoever calls.
+func assertShared(t *testing.T, p Provider) {
+	t.Helper()
+	if s, ok := p.(Shared); !ok || !s.Shared() {
+		t.Errorf("%T is not Shared: it would be cached (and read) per subject", p)
 	}
 }

@@ -15,11 +15,25 @@ import (
 	"go.uber.org/zap/zapcore"
 )
 
+// Parts of a multi-part token the formatting tests look for, beside secretValue.
+const (
+	secretKeyID   = "AKIAVERYSECRETKEYID42"
+	secretSession = "FwoGZXIvYXdzVERYSECRETSESSIONtoken"
+)
+
+func multiPart(exp time.Time) Token {
+	return NewTokenParts("s3", map[string]string{
+		"access_key_id": secretKeyID, "secret_access_key": secretValue, "session_token": secretSession,
+	}, exp)
+}
+
 func TestToken_FormattingNeverRevealsValue(t *testing.T) {
 	exp := time.Date(2026, 3, 1, 13, 0, 0, 0, time.UTC)
 	for _, tok := range []Token{
 		NewToken("openai", secretValue, time.Time{}),
 		NewToken("github", secretValue, exp),
+		multiPart(time.Time{}),
+		multiPart(exp),
 	} {
 		ptr := &tok
 		type exported struct{ T Token }
@@ -76,8 +90,10 @@ func TestToken_FormattingNeverRevealsValue(t *testing.T) {
 		outputs["slog"] = sbuf.String()
 
 		for name, out := range outputs {
-			if strings.Contains(out, secretValue) || strings.Contains(out, secretValue[:12]) {
-				t.Errorf("%s reveals the secret: %s", name, out)
+			for _, sec := range []string{secretValue, secretKeyID, secretSession} {
+				if strings.Contains(out, sec) || strings.Contains(out, sec[:12]) {
+					t.Errorf("%s reveals the secret: %s", name, out)
+				}
 			}
 		}
 		for _, name := range []string{"value %v", "pointer %+v", "exported field %v", "String", "json value", "zap", "slog"} {
@@ -88,7 +104,12 @@ func TestToken_FormattingNeverRevealsValue(t *testing.T) {
 		if got, want := tok.String(), "credential(name="+tok.Name()+" id="+tok.ID()+")"; got != want {
 			t.Errorf("String = %q, want %q", got, want)
 		}
-		if tok.Value() != secretValue {
+		if tok.MultiPart() {
+			if tok.Value() != "" || tok.Part("secret_access_key") != secretValue || tok.Part("access_key_id") != secretKeyID ||
+				tok.Part("session_token") != secretSession || tok.Part("nope") != "" {
+				t.Errorf("parts not returned as given")
+			}
+		} else if tok.Value() != secretValue || tok.Part("secret_access_key") != "" {
 			t.Errorf("Value = %q, want the secret", tok.Value())
 		}
 	}
@@ -121,9 +142,56 @@ func TestToken_IDIdentifiesInstanceWithoutValue(t *testing.T) {
 	}
 }
 
+func TestToken_MultiPartIDCoversEveryPart(t *testing.T) {
+	base := map[string]string{"access_key_id": "AKID", "secret_access_key": "sk", "session_token": "st"}
+	a := NewTokenParts("s3", base, time.Time{})
+	if len(a.ID()) != 16 || strings.Trim(a.ID(), "0123456789abcdef") != "" {
+		t.Fatalf("ID %q: want 16 lower-case hex digits", a.ID())
+	}
+	// Map order does not matter; the expiry does not either.
+	for range 20 {
+		if b := NewTokenParts("s3", map[string]string{"session_token": "st", "secret_access_key": "sk", "access_key_id": "AKID"}, time.Now()); b.ID() != a.ID() {
+			t.Fatalf("same parts gave different IDs")
+		}
+	}
+	for name, parts := range map[string]map[string]string{
+		"key id rotated":  {"access_key_id": "AKID2", "secret_access_key": "sk", "session_token": "st"},
+		"secret rotated":  {"access_key_id": "AKID", "secret_access_key": "sk2", "session_token": "st"},
+		"session rotated": {"access_key_id": "AKID", "secret_access_key": "sk", "session_token": "st2"},
+		"part dropped":    {"access_key_id": "AKID", "secret_access_key": "sk"},
+		"bytes shifted":   {"access_key_id": "AKIDs", "secret_access_key": "k", "session_token": "st"},
+		"key renamed":     {"access_key": "AKID", "secret_access_key": "sk", "session_token": "st"},
+	} {
+		if b := NewTokenParts("s3", parts, time.Time{}); b.ID() == a.ID() {
+			t.Errorf("%s: ID unchanged", name)
+		}
+	}
+	if b := NewTokenParts("other", base, time.Time{}); b.ID() == a.ID() {
+		t.Errorf("another credential with the same parts got the same ID")
+	}
+	// A single value never shares an ID with a one-part token holding it.
+	if NewToken("n", "v", time.Time{}).ID() == NewTokenParts("n", map[string]string{"": "v"}, time.Time{}).ID() {
+		t.Errorf("single and multi-part IDs are not separated")
+	}
+	// Renaming (as the Manager does) keeps the parts and recomputes the ID.
+	if r := a.withName("s3b"); r.ID() != NewTokenParts("s3b", base, time.Time{}).ID() || r.Part("session_token") != "st" {
+		t.Errorf("withName lost parts or computed another ID")
+	}
+	if r := NewToken("x", "v", time.Time{}).withName("y"); r.ID() != NewToken("y", "v", time.Time{}).ID() || r.Value() != "v" {
+		t.Errorf("withName on a single value")
+	}
+}
+
+func TestToken_PartDoesNotAllocate(t *testing.T) {
+	tok := multiPart(time.Time{})
+	if a := testing.AllocsPerRun(1000, func() { _ = tok.Part("session_token") }); a != 0 {
+		t.Errorf("Part: %v allocations; want 0", a)
+	}
+}
+
 func TestToken_ZeroValue(t *testing.T) {
 	var z Token
-	if !z.IsZero() || z.Value() != "" || z.ID() != "" || !z.ExpiresAt().IsZero() {
+	if !z.IsZero() || z.Value() != "" || z.Part("k") != "" || z.MultiPart() || z.ID() != "" || !z.ExpiresAt().IsZero() {
 		t.Errorf("zero Token: %v IsZero=%v", z, z.IsZero())
 	}
 	if NewToken("n", "v", time.Time{}).IsZero() {
