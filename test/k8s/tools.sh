@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds the real parts the Kubernetes tests run (kube-apiserver and kubectl v1.34.4, helm v3.22.0)
+# into a binary cache once, installs etcd from Debian when it is missing, and prints the cache dir.
+#
+#   test/k8s/tools.sh            # -> prints the directory to export as ESCROW_K8S_TOOLS
+#
+# The cache lives outside the repository (ESCROW_TOOLS_BIN, default ~/.cache/escrow-tools/bin) so
+# that a fresh clone on the same machine reuses it. A binary is rebuilt when its tool module's
+# module, package or link flags change (a stamp beside it records their hash). Builds run one after another: each one
+# peaks at several GB and both cores.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+BIN=${ESCROW_TOOLS_BIN:-$HOME/.cache/escrow-tools/bin}
+mkdir -p "$BIN"
+K8S_VERSION=v1.34.4
+
+log() { echo "tools.sh: $*" >&2; }
+
+# The stamp: the tool module's go.mod and go.sum, the package and the link flags.
+stamp() { { cat "$ROOT/test/tools/$1/go.mod" "$ROOT/test/tools/$1/go.sum"; echo "$2 $3"; } | sha256sum | cut -d' ' -f1; }
+
+# need NAME MODULE_DIR PACKAGE [LDFLAGS]: build PACKAGE from test/tools/MODULE_DIR into $BIN/NAME
+# unless it is there and was built from the same go.sum.
+need() {
+  local name=$1 mod=$2 pkg=$3 ldflags=${4:-}
+  local stampfile=$BIN/.$name.stamp
+  if [ -x "$BIN/$name" ] && [ "$(cat "$stampfile" 2>/dev/null)" = "$(stamp "$mod" "$pkg" "$ldflags")" ]; then
+    return 0
+  fi
+  log "building $name (once; cached in $BIN)"
+  local start=$SECONDS
+  (cd "$ROOT/test/tools/$mod" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath \
+      -ldflags "-s -w $ldflags" -o "$BIN/$name.tmp" "$pkg")
+  mv "$BIN/$name.tmp" "$BIN/$name"
+  stamp "$mod" "$pkg" "$ldflags" > "$stampfile"
+  log "built $name in $((SECONDS - start))s"
+}
+
+# etcd: Debian's etcd-server (3.4), the one the API server is tested against.
+if ! command -v etcd >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then
+    log "etcd is missing: install Debian's etcd-server (apt-get install etcd-server) and rerun"
+    exit 1
+  fi
+  log "installing etcd-server"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >&2
+fi
+ln -sf "$(command -v etcd)" "$BIN/etcd"
+
+VFLAGS="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION \
+ -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=34 \
+ -X k8s.io/component-base/version.gitTreeState=clean"
+# One after another, never in parallel.
+need kube-apiserver k8s k8s.io/kubernetes/cmd/kube-apiserver "$VFLAGS"
+need kubectl k8s k8s.io/kubernetes/cmd/kubectl "$VFLAGS"
+# helm's default Kubernetes version (for `helm template` and `helm lint`; 1.20 unless set) is set
+# at link time, as helm's release build does: 1.34, the API server these tests run.
+H=helm.sh/helm/v3
+need helm helm $H/cmd/helm "-X $H/internal/version.version=v3.22.0 -X $H/internal/version.gitTreeState=clean \
+ -X $H/pkg/chartutil.k8sVersionMajor=1 -X $H/pkg/chartutil.k8sVersionMinor=34 \
+ -X $H/pkg/lint/rules.k8sVersionMajor=1 -X $H/pkg/lint/rules.k8sVersionMinor=34"
+
+for t in etcd kube-apiserver kubectl helm; do
+  [ -x "$BIN/$t" ] || { log "missing after build: $BIN/$t"; exit 1; }
+done
+echo "$BIN"
