@@ -12,7 +12,6 @@ import (
 	"sync"
 
 	"github.com/escrowproxy/escrow/attest"
-	"github.com/escrowproxy/escrow/audit"
 	"github.com/escrowproxy/escrow/policy"
 	"github.com/escrowproxy/escrow/proxy/egress"
 )
@@ -22,51 +21,48 @@ import (
 // every other route is intercepted, and each inner request goes through handle.
 func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request) {
 	peer := peerOfRequest(r)
+	st := p.state.Load()
 	host, port, err := splitHostPort(r.Host, 0)
 	if err != nil || port == 0 {
-		rec := p.newRecord(r, "connect")
+		rec := p.newRecord(r, kindConnect, st.mode)
 		rec.Host = r.Host
 		p.deny(w, rec, ReasonBadRequest, errors.New("CONNECT needs host:port"))
 		return
 	}
-	if p.closing.Load() {
+	if p.conns.shuttingDown() {
 		// Nothing new is relayed or intercepted once Shutdown began.
-		rec := p.newRecord(r, "connect")
+		rec := p.newRecord(r, kindConnect, st.mode)
 		rec.Host, rec.Port = host, port
 		p.deny(w, rec, ReasonShuttingDown, nil)
 		return
 	}
-	rt := p.routes.match(host, port, 443)
+	rt := st.routes.match(host, port, 443)
 	if rt == nil {
-		rec := p.newRecord(r, "connect")
+		rec := p.newRecord(r, kindConnect, st.mode)
 		rec.Host, rec.Port = host, port
 		p.bestEffortIdentity(r.Context(), peer, rec)
 		p.deny(w, rec, ReasonUnknownDestination, nil)
 		return
 	}
 	if rt.tunnel {
-		p.serveTunnel(w, r, host, port, rt, peer)
+		p.serveTunnel(w, r, st, host, port, rt, peer)
 		return
 	}
-	p.intercept(w, r, target{scheme: "https", host: host, port: port, route: rt}, peer)
+	// The route is fixed for the connection's life: its inner requests go where the CONNECT
+	// was decided to go, even if an update changes the routes meanwhile.
+	p.intercept(w, r, st, target{scheme: "https", host: host, port: port, route: rt}, peer)
 }
 
 // serveTunnel relays bytes to a tunnel-only upstream after identity, policy and egress checks.
 // Its audit record is written when the tunnel closes.
-func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, host string, port int, rt *route, peer attest.Peer) {
+func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, host string, port int, rt *route, peer attest.Peer) {
 	ctx := r.Context()
-	rec := p.newRecord(r, "tunnel")
+	rec := p.newRecord(r, kindTunnel, st.mode)
 	rec.Scheme, rec.Host, rec.Port = "https", host, port
 
-	id, err := p.id.Identify(ctx, peer)
-	if err != nil {
-		p.deny(w, rec, ReasonIdentityUnavailable, err)
-		return
-	}
-	setIdentity(rec, id)
-	if !p.decide(ctx, rec, policy.Input{
-		Identity: id, Action: "connect", Scheme: "https", Host: host, Port: port, Time: p.now(),
-	}, w) {
+	v := p.authorize(ctx, rec, peer, policy.Input{Action: actionConnect, Scheme: "https", Host: host, Port: port}, st.mode)
+	if v.Reason != ReasonAllowed {
+		p.deny(w, rec, v.Reason, v.Cause)
 		return
 	}
 
@@ -75,7 +71,7 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, host string,
 	if addr == "" {
 		addr = net.JoinHostPort(host, strconv.Itoa(port)) // always with the port: the dialer needs it
 	}
-	up, err := p.dial(ctx, "tcp", addr)
+	up, err := st.dialer.DialContext(ctx, "tcp", addr)
 	rec.UpstreamDur = p.now().Sub(start)
 	if err != nil {
 		reason := ReasonUpstreamUnavailable
@@ -95,24 +91,24 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, host string,
 	if _, err := agent.Write([]byte("HTTP/1.1 200 Connection Established\r\n\r\n")); err != nil {
 		_ = up.Close()
 		_ = agent.Close()
-		rec.Decision, rec.Reason = audit.Deny, string(ReasonUpstreamUnavailable)
+		markDenied(rec, ReasonUpstreamUnavailable)
 		p.finish(rec)
 		return
 	}
 	rec.UpstreamStatus = http.StatusOK
-	if !p.track(agent, up) {
-		rec.Decision, rec.Reason = audit.Deny, string(ReasonShuttingDown)
+	if !p.conns.track(agent, up) {
+		markDenied(rec, ReasonShuttingDown)
 		p.finish(rec)
 		return
 	}
 	p.metrics.TunnelsActive.Inc()
 	defer func() {
 		p.metrics.TunnelsActive.Dec()
-		p.untrack(agent, up)
+		p.conns.untrack(agent, up)
 		// The record before the release: Shutdown waits for the release, and the process may
 		// exit right after it.
 		p.finish(rec)
-		p.tunnels.Done()
+		p.conns.release()
 	}()
 
 	var reader io.Reader = agent
@@ -141,34 +137,6 @@ func relay(dst net.Conn, src io.Reader) int64 {
 	return n
 }
 
-// track registers connections so shutdown can close them after the drain period; false means
-// escrow is already shutting down and the connections were closed. After true, the caller
-// untracks the connections and, once its audit record is written, calls p.tunnels.Done.
-func (p *Proxy) track(cs ...net.Conn) bool {
-	p.tunnelsMu.Lock()
-	defer p.tunnelsMu.Unlock()
-	if p.closing.Load() {
-		for _, c := range cs {
-			_ = c.Close()
-		}
-		return false
-	}
-	p.tunnels.Add(1)
-	for _, c := range cs {
-		p.openConns[c] = struct{}{}
-	}
-	return true
-}
-
-func (p *Proxy) untrack(cs ...net.Conn) {
-	p.tunnelsMu.Lock()
-	for _, c := range cs {
-		_ = c.Close()
-		delete(p.openConns, c)
-	}
-	p.tunnelsMu.Unlock()
-}
-
 // connMeta is what an intercepted connection knows about itself: its CONNECT target and agent.
 type connMeta struct {
 	target target
@@ -179,10 +147,10 @@ type connMetaKey struct{}
 
 // intercept answers the CONNECT, terminates TLS with a leaf for the destination, and hands the
 // connection to the inner server, whose requests come to serveIntercepted.
-func (p *Proxy) intercept(w http.ResponseWriter, r *http.Request, t target, peer attest.Peer) {
+func (p *Proxy) intercept(w http.ResponseWriter, r *http.Request, st *state, t target, peer attest.Peer) {
 	agent, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
-		rec := p.newRecord(r, "connect")
+		rec := p.newRecord(r, kindConnect, st.mode)
 		rec.Host, rec.Port = t.host, t.port
 		p.deny(w, rec, ReasonBadRequest, err)
 		return
@@ -206,17 +174,17 @@ func (p *Proxy) intercept(w http.ResponseWriter, r *http.Request, t target, peer
 			return p.ca.Leaf(host)
 		},
 	})
-	p.connInfo.Store(tlsConn, &connMeta{target: t, peer: peer})
+	p.icpt.info.Store(tlsConn, &connMeta{target: t, peer: peer})
 	p.metrics.TunnelsActive.Inc()
-	if !p.innerLn.push(tlsConn) {
-		p.connInfo.Delete(tlsConn)
+	if !p.icpt.ln.push(tlsConn) {
+		p.icpt.info.Delete(tlsConn)
 		p.metrics.TunnelsActive.Dec()
 		_ = tlsConn.Close()
 	}
 }
 
 func (p *Proxy) innerConnContext(ctx context.Context, c net.Conn) context.Context {
-	v, ok := p.connInfo.LoadAndDelete(c)
+	v, ok := p.icpt.info.LoadAndDelete(c)
 	if !ok {
 		return ctx
 	}
@@ -234,7 +202,7 @@ func (p *Proxy) serveIntercepted(w http.ResponseWriter, r *http.Request) {
 	if r.Host != "" {
 		h, port, err := splitHostPort(r.Host, m.target.port)
 		if err != nil || h != m.target.host || port != m.target.port {
-			rec := p.newRecord(r, "request")
+			rec := p.newRecord(r, kindRequest, p.state.Load().mode)
 			rec.Scheme, rec.Host, rec.Port, rec.Path = "https", m.target.host, m.target.port, r.URL.Path
 			p.bestEffortIdentity(r.Context(), m.peer, rec)
 			p.deny(w, rec, ReasonHostMismatch, nil)
@@ -295,34 +263,18 @@ func (l *chanListener) Close() error {
 
 func (l *chanListener) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)} }
 
-// closeTunnels closes every open tunnel connection.
-func (p *Proxy) closeTunnels() {
-	p.tunnelsMu.Lock()
-	defer p.tunnelsMu.Unlock()
-	for c := range p.openConns {
-		_ = c.Close()
-	}
-}
-
 // Shutdown stops intercepting new connections, lets in-flight intercepted requests and tunnels
 // finish until ctx ends, then closes what is left.
 func (p *Proxy) Shutdown(ctx context.Context) error {
-	p.tunnelsMu.Lock()
-	p.closing.Store(true)
-	p.tunnelsMu.Unlock()
-	err := p.inner.Shutdown(ctx)
+	p.conns.beginShutdown()
+	err := p.icpt.srv.Shutdown(ctx)
 	if err != nil {
 		// The drain period is over (http.Server.Shutdown leaves active connections open).
-		_ = p.inner.Close()
+		_ = p.icpt.srv.Close()
 	}
-	done := make(chan struct{})
-	go func() { p.tunnels.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		p.log.Warn("drain period over: closing open tunnels")
-		p.closeTunnels()
-		<-done
+	_ = p.icpt.ln.Close()
+	if p.conns.drain(ctx) {
+		p.log.Warn("drain period over: closed open tunnels")
 	}
 	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
 		return err

@@ -40,7 +40,7 @@ type fwdState struct {
 type outbound struct {
 	scheme, host string
 	port         int
-	applier      *credential.Applier // nil: no credential bound
+	applier      credential.Applier // nil: no credential bound
 	token        credential.Token
 }
 
@@ -57,7 +57,7 @@ const fixedLengthFlushInterval = 5 * time.Millisecond
 // are flushed after every write so they reach the agent as the upstream sends them, others
 // within fixedLengthFlushInterval; it passes WebSocket upgrades, removes hop-by-hop headers, and
 // strips X-Escrow-Reason from upstream responses so an upstream cannot forge an escrow denial.
-func (p *Proxy) newReverseProxy(tr *http.Transport) *httputil.ReverseProxy {
+func (p *Proxy) newReverseProxy(tr http.RoundTripper) *httputil.ReverseProxy {
 	return &httputil.ReverseProxy{
 		// Rewrite (rather than Director) also keeps ReverseProxy from adding X-Forwarded-*
 		// headers that would leak the agent's address upstream.
@@ -110,7 +110,7 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *
 			}
 			p.finish(rec)
 			if cw.upgraded != nil {
-				p.tunnels.Done()
+				p.conns.release()
 			}
 			panic(v)
 		}
@@ -125,24 +125,44 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *
 		rec.BytesIn += u.in.Load()
 		rec.BytesOut += u.out.Load()
 		// Shutdown waits for this release; the record is written first.
-		defer p.tunnels.Done()
+		defer p.conns.release()
 	}
 	p.finish(rec)
 }
 
-// rewrite points ReverseProxy's copy of the request at the upstream and applies the credential:
-// the applier first strips whatever credential the agent sent.
+// rewrite points ReverseProxy's copy of the request at the upstream. The credential is applied
+// later, by applyingTransport, where applying can fail (and sign the final request).
 func rewrite(pr *httputil.ProxyRequest) {
 	st := pr.Out.Context().Value(fwdKey{}).(*fwdState)
 	out := pr.Out
 	out.URL.Scheme, out.URL.Host, out.Host = st.out.scheme, hostPort(st.out.host, st.out.port, st.out.scheme), ""
-	if st.out.applier != nil {
-		st.out.applier.Apply(out, st.out.token)
-		return
-	}
-	// No credential bound: Proxy-Authorization is the agent's credential for escrow, never the
-	// upstream's (ReverseProxy drops it as hop-by-hop too; this does not rely on that).
+	// Proxy-Authorization is the agent's credential for escrow, never the upstream's
+	// (ReverseProxy drops it as hop-by-hop too; this does not rely on that).
 	out.Header.Del("Proxy-Authorization")
+}
+
+// applyingTransport puts the route's credential on the outbound request right before it is
+// sent: the request is ReverseProxy's own copy (cloned URL and headers), final in method, URL,
+// headers and body, which is what a signing applier (SigV4) needs. An applier that fails stops
+// the request: it is never sent without its credential.
+type applyingTransport struct{ base *http.Transport }
+
+// applyError marks a failure to apply the credential, as opposed to an upstream failure.
+type applyError struct{ err error }
+
+func (e *applyError) Error() string { return "applying the credential: " + e.err.Error() }
+func (e *applyError) Unwrap() error { return e.err }
+
+func (t applyingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if st, ok := r.Context().Value(fwdKey{}).(*fwdState); ok && st.out.applier != nil {
+		if err := st.out.applier.Apply(r, st.out.token); err != nil {
+			if r.Body != nil {
+				_ = r.Body.Close() // RoundTrip owns the body, also on error
+			}
+			return nil, &applyError{err}
+		}
+	}
+	return t.base.RoundTrip(r)
 }
 
 // upstreamError classifies a failed round trip. The agent gets a stable reason, never the error.
@@ -156,14 +176,17 @@ func (p *Proxy) upstreamError(w http.ResponseWriter, r *http.Request, err error)
 	reason := ReasonUpstreamUnavailable
 	var denied *egress.DeniedError
 	var ne net.Error
+	var ae *applyError
 	switch {
+	case errors.As(err, &ae):
+		reason = ReasonCredentialUnavailable
 	case errors.As(err, &denied):
 		reason = ReasonEgressDenied
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
 		reason = ReasonUpstreamTimeout
 	}
 	rec.UpstreamDur = p.now().Sub(st.start)
-	rec.Decision, rec.Reason = audit.Deny, string(reason)
+	markDenied(rec, reason)
 	if r.Context().Err() != nil {
 		// The agent went away; there is nobody to answer.
 		p.log.Debug("agent canceled", zap.String("request_id", rec.RequestID))
@@ -200,7 +223,7 @@ func (c *countingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	u := &upgradedConn{Conn: conn, p: c.p}
-	if !c.p.track(conn) {
+	if !c.p.conns.track(conn) {
 		return nil, nil, errors.New("proxy: shutting down")
 	}
 	c.p.metrics.TunnelsActive.Inc()
@@ -231,7 +254,7 @@ func (u *upgradedConn) Write(b []byte) (int, error) {
 func (u *upgradedConn) Close() error {
 	u.once.Do(func() {
 		u.p.metrics.TunnelsActive.Dec()
-		u.p.untrack(u.Conn)
+		u.p.conns.untrack(u.Conn)
 	})
 	return nil
 }

@@ -30,7 +30,6 @@ import (
 	"github.com/escrowproxy/escrow/audit"
 	"github.com/escrowproxy/escrow/config"
 	"github.com/escrowproxy/escrow/credential"
-	"github.com/escrowproxy/escrow/policy"
 	"github.com/escrowproxy/escrow/proxy/ca"
 	"github.com/escrowproxy/escrow/proxy/egress"
 	"github.com/escrowproxy/escrow/telemetry"
@@ -84,7 +83,26 @@ type setup struct {
 	keepRecords   bool
 	wrapCA        func(LeafSource) LeafSource
 	secretContent string
+	inspectors    func(config.Upstream) Inspector
 }
+
+// withInspectors sets the request inspector of each upstream entry.
+func withInspectors(f func(config.Upstream) Inspector) option {
+	return func(s *setup) { s.inspectors = f }
+}
+
+// asSource makes an Identifier a sidecar identity source that is always ready.
+func asSource(id Identifier) IdentitySource {
+	if s, ok := id.(IdentitySource); ok {
+		return s
+	}
+	return readySource{id}
+}
+
+type readySource struct{ Identifier }
+
+func (readySource) Ready() bool  { return true }
+func (readySource) Close() error { return nil }
 
 type option func(*setup)
 
@@ -142,9 +160,12 @@ type testProxy struct {
 	Transport  *http.Transport
 	Roots      *x509.CertPool // the trust bundle the agent reads
 	Proxy      *Proxy
+	Sidecar    *Sidecar
 	Metrics    *telemetry.Metrics
 	Logs       *syncBuffer // ops logs (JSON, debug level)
 	SecretFile string
+
+	baseConfig string // the config newTestProxy wrote, before its yamlExtra
 
 	mu      sync.Mutex
 	recs    []*audit.Record
@@ -188,6 +209,7 @@ func newTestProxy(t testing.TB, yamlExtra string, opts ...option) *testProxy {
 	}
 	fmt.Fprintf(&y, "credentials:\n  api: {static: {file: %s}}\n  broken: {static: {file: %s}}\n",
 		secretFile, filepath.Join(dir, "no-such-secret"))
+	base := y.String()
 	y.WriteString(yamlExtra)
 	cfg, err := config.Parse([]byte(y.String()))
 	if err != nil {
@@ -197,44 +219,7 @@ func newTestProxy(t testing.TB, yamlExtra string, opts ...option) *testProxy {
 	logs := &syncBuffer{}
 	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), logs, zapcore.DebugLevel))
 
-	metrics := telemetry.New(telemetry.Options{})
-	engine := policy.NewEngine(policy.Options{Mode: policy.Mode(cfg.Policy.Mode), Logger: log.Named("policy")})
-	must(t, engine.LoadDir(cfg.Policy.Dir))
-
-	providers := map[string]credential.Provider{}
-	for name, c := range cfg.Credentials {
-		providers[name] = credential.StaticFile(c.Static.File)
-	}
-	for name, p := range s.providers {
-		providers[name] = p
-	}
-	s.credOpts.Logger = log.Named("credential")
-	creds := credential.NewManager(providers, s.credOpts)
-
-	podCA, err := ca.New(ca.Options{LeafTTL: cfg.LeafTTL.D(), Name: "escrow test pod CA"})
-	must(t, err)
-	must(t, ca.WriteFiles(cfg.CADir, podCA.CertPEM(), nil))
-	bundle, err := os.ReadFile(filepath.Join(cfg.CADir, ca.BundleFile))
-	must(t, err)
-	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(bundle) {
-		t.Fatal("trust bundle holds no certificate")
-	}
-
-	id := s.identity
-	if id == nil {
-		st, err := attest.NewStatic(cfg.Identity.Static)
-		must(t, err)
-		id = st
-	}
-
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	must(t, err)
-	adminLn, err := net.Listen("tcp", "127.0.0.1:0")
-	must(t, err)
-
-	tp := &testProxy{Metrics: metrics, Logs: logs, SecretFile: secretFile, Roots: roots,
-		recCond: make(chan struct{})}
+	tp := &testProxy{Logs: logs, SecretFile: secretFile, recCond: make(chan struct{}), baseConfig: base}
 	var sink audit.Sink = audit.SinkFunc(tp.addRecord)
 	if !s.keepRecords {
 		sink = audit.SinkFunc(func(*audit.Record) {})
@@ -244,40 +229,36 @@ func newTestProxy(t testing.TB, yamlExtra string, opts ...option) *testProxy {
 		mem := sink
 		sink = audit.SinkFunc(func(r *audit.Record) { zs.Write(r); mem.Write(r) })
 	}
-	var leaves LeafSource = podCA
-	if s.wrapCA != nil {
-		leaves = s.wrapCA(podCA)
-	}
-	o := Options{
-		Config: cfg, Identity: id, Policy: engine, Credentials: creds, CA: leaves,
-		Audit: sink, Metrics: metrics, Logger: log.Named("proxy"),
-		Self: []netip.AddrPort{ln.Addr().(*net.TCPAddr).AddrPort(), adminLn.Addr().(*net.TCPAddr).AddrPort()},
-		Dial: s.dial,
+	d := Deps{
+		Providers: s.providers, CredentialOptions: s.credOpts, Dial: s.dial,
+		Audit: sink, Logger: log, DrainTimeout: s.drain, WrapLeaves: s.wrapCA,
+		Inspectors:  s.inspectors,
+		SystemRoots: func() ([]byte, error) { return nil, nil }, // the bundle is the pod CA alone
 	}
 	if s.resolver != nil {
-		o.Resolver = s.resolver
+		d.Resolver = s.resolver
 	}
-	p, err := New(o)
+	if s.identity != nil {
+		d.Identity = asSource(s.identity)
+	}
+	sc, err := Build(context.Background(), cfg, d)
 	must(t, err)
-	checks := map[string]ReadyCheck{
-		"policy": func() error {
-			if !engine.Ready() {
-				return errors.New("no policy set loaded")
-			}
-			return nil
-		},
+	bundle, err := os.ReadFile(filepath.Join(cfg.CADir, config.TrustBundleFile))
+	must(t, err)
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(bundle) {
+		t.Fatal("trust bundle holds no certificate")
 	}
+	tp.Roots, tp.Metrics, tp.Sidecar = roots, sc.Metrics, sc
+	p := sc.Proxy()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() {
-		done <- p.Serve(ctx, ServeOptions{Listener: ln, AdminListener: adminLn,
-			AdminHandler: AdminHandler(metrics.Handler(), checks), DrainTimeout: s.drain, Logger: log.Named("serve")})
-	}()
+	go func() { done <- sc.Serve(ctx) }()
 
 	tp.Proxy, tp.cancel, tp.done = p, cancel, done
-	tp.Addr = ln.Addr().String()
+	tp.Addr = sc.ProxyAddr.String()
 	tp.URL = &url.URL{Scheme: "http", Host: tp.Addr}
-	tp.AdminURL = "http://" + adminLn.Addr().String()
+	tp.AdminURL = "http://" + sc.AdminAddr.String()
 	tp.Transport = &http.Transport{
 		Proxy:               http.ProxyURL(tp.URL),
 		TLSClientConfig:     &tls.Config{RootCAs: roots},
@@ -291,6 +272,16 @@ func newTestProxy(t testing.TB, yamlExtra string, opts ...option) *testProxy {
 		}
 	})
 	return tp
+}
+
+// Reconfigure updates the running sidecar to the test's base config plus yamlExtra (the same
+// shape as newTestProxy's argument) through Sidecar.Update.
+func (tp *testProxy) Reconfigure(yamlExtra string) error {
+	cfg, err := config.Parse([]byte(tp.baseConfig + yamlExtra))
+	if err != nil {
+		return err
+	}
+	return tp.Sidecar.Update(context.Background(), Update{Config: cfg})
 }
 
 // Stop cancels Serve's context and waits for it to return (drain included).

@@ -18,6 +18,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -45,9 +46,9 @@ type Authorizer interface {
 	Decide(ctx context.Context, in policy.Input) policy.Decision
 }
 
-// Credentials returns the current credential of a name.
+// Credentials returns the current credential for a request (a name, the caller, a scope).
 type Credentials interface {
-	Get(ctx context.Context, name string) (credential.Token, error)
+	Get(ctx context.Context, r credential.Request) (credential.Token, error)
 }
 
 // LeafSource mints (or returns cached) TLS leaf certificates for intercepted hosts.
@@ -55,8 +56,10 @@ type LeafSource interface {
 	Leaf(host string) (*tls.Certificate, error)
 }
 
-// Options are everything New needs. Clock, resolver and dialer are injected for tests.
+// Options are everything New needs. Most callers use Build, which makes them from the config.
 type Options struct {
+	// Config must be validated (config.Parse or Config.Validate): routes, egress rules and the
+	// policy mode are built from its compiled values.
 	Config      *config.Config
 	Identity    Identifier
 	Policy      Authorizer
@@ -72,37 +75,52 @@ type Options struct {
 	// Self are escrow's own listener addresses; the egress rules never let a request dial them.
 	Self []netip.AddrPort
 	Now  func() time.Time
+	// Inspectors returns the inspector of an upstream entry, or nil for none (the default).
+	Inspectors func(config.Upstream) Inspector
 }
 
 // Proxy is the request pipeline and the CONNECT handler. It is an http.Handler for the proxy
 // listener; Serve runs it.
 type Proxy struct {
-	cfg      *config.Config
-	id       Identifier
-	pol      Authorizer
-	creds    Credentials
-	ca       LeafSource
-	sink     audit.Sink
-	metrics  *telemetry.Metrics
-	log      *zap.Logger
-	now      func() time.Time
-	routes   *routeTable
-	dial     dialFunc
-	mode     string
+	id      Identifier
+	pol     Authorizer
+	creds   Credentials
+	ca      LeafSource
+	sink    audit.Sink
+	metrics *telemetry.Metrics
+	log     *zap.Logger
+	now     func() time.Time
+
+	// state is what an update replaces whole: routes, egress dialer, policy mode.
+	state    atomic.Pointer[state]
+	updateMu sync.Mutex // serialises updates (each builds on the previous state)
+	build    stateDeps  // what every state is built with
+
 	reqIDPfx string
 	reqSeq   atomic.Uint64
 
-	inner     *http.Server // serves requests on intercepted TLS connections
-	innerLn   *chanListener
-	connInfo  sync.Map // *tls.Conn → *connMeta, consumed by inner.ConnContext
-	tunnels   sync.WaitGroup
-	tunnelsMu sync.Mutex
-	openConns map[net.Conn]struct{}
-	closing   atomic.Bool
-	buffers   *bufferPool
+	icpt    interception // the inner server of intercepted TLS connections
+	conns   *conns       // tunnels and upgraded connections
+	buffers *bufferPool
 }
 
-// New validates the wiring and compiles the routes.
+// stateDeps are the fixed inputs of every state the proxy builds.
+type stateDeps struct {
+	resolver egress.Resolver
+	dial     dialFunc
+	self     []netip.AddrPort
+	inspect  func(config.Upstream) Inspector
+}
+
+// interception serves the requests of intercepted TLS connections: CONNECT hands each
+// connection over through ln, with its CONNECT target kept in info until the server picks it up.
+type interception struct {
+	srv  *http.Server // started by Serve
+	ln   *chanListener
+	info sync.Map // *tls.Conn → *connMeta, consumed by srv.ConnContext
+}
+
+// New checks the wiring and compiles the routes. It starts no goroutine: Serve does.
 func New(o Options) (*Proxy, error) {
 	var missing []string
 	for _, m := range []struct {
@@ -120,37 +138,30 @@ func New(o Options) (*Proxy, error) {
 	if len(missing) > 0 {
 		return nil, fmt.Errorf("proxy: missing options: %s", strings.Join(missing, ", "))
 	}
+	if !o.Config.Validated() {
+		return nil, errors.New("proxy: the config was not validated (use config.Parse, config.Load or Config.Validate)")
+	}
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
 	}
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	var allow []netip.Prefix
-	for _, c := range o.Config.Egress.AllowCIDRs {
-		allow = append(allow, netip.MustParsePrefix(c)) // validated by config
-	}
-	dialer := egress.NewDialer(egress.DialerOptions{
-		Rules:    egress.NewRules(egress.RulesOptions{AllowCIDRs: allow, Self: o.Self}),
-		Resolver: o.Resolver,
-		Dial:     o.Dial,
-		Timeout:  o.Config.Egress.DialTimeout.D(),
-	})
 	var pfx [4]byte
 	_, _ = rand.Read(pfx[:])
 	p := &Proxy{
-		cfg: o.Config, id: o.Identity, pol: o.Policy, creds: o.Credentials, ca: o.CA, sink: o.Audit,
-		metrics: o.Metrics, log: o.Logger, now: o.Now, dial: dialer.DialContext,
-		mode: o.Config.Policy.Mode, reqIDPfx: hex.EncodeToString(pfx[:]), openConns: map[net.Conn]struct{}{},
-		buffers: newBufferPool(),
+		id: o.Identity, pol: o.Policy, creds: o.Credentials, ca: o.CA, sink: o.Audit,
+		metrics: o.Metrics, log: o.Logger, now: o.Now,
+		build:    stateDeps{resolver: o.Resolver, dial: o.Dial, self: slices.Clone(o.Self), inspect: o.Inspectors},
+		reqIDPfx: hex.EncodeToString(pfx[:]), conns: newConns(), buffers: newBufferPool(),
 	}
-	routes, err := buildRoutes(o.Config, dialer.DialContext, p.newReverseProxy)
+	st, err := p.buildState(o.Config, nil)
 	if err != nil {
 		return nil, err
 	}
-	p.routes = routes
-	p.innerLn = newChanListener()
-	p.inner = &http.Server{
+	p.state.Store(st)
+	p.icpt.ln = newChanListener()
+	p.icpt.srv = &http.Server{
 		Handler:           http.HandlerFunc(p.serveIntercepted),
 		ConnContext:       p.innerConnContext,
 		ConnState:         p.innerConnState,
@@ -158,11 +169,10 @@ func New(o Options) (*Proxy, error) {
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          zap.NewStdLog(o.Logger.Named("intercept")),
 	}
-	p.inner.SetKeepAlivesEnabled(true)
-	p.inner.Protocols = new(http.Protocols)
-	p.inner.Protocols.SetHTTP1(true)
-	p.inner.Protocols.SetHTTP2(true)
-	go func() { _ = p.inner.Serve(p.innerLn) }()
+	p.icpt.srv.SetKeepAlivesEnabled(true)
+	p.icpt.srv.Protocols = new(http.Protocols)
+	p.icpt.srv.Protocols.SetHTTP1(true)
+	p.icpt.srv.Protocols.SetHTTP2(true)
 	return p, nil
 }
 
@@ -206,7 +216,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		t.host, t.port, err = splitHostPort(r.URL.Host, 80)
 	}
 	if err != nil {
-		rec := p.newRecord(r, "request")
+		rec := p.newRecord(r, kindRequest, p.state.Load().mode)
 		rec.Scheme, rec.Host = r.URL.Scheme, r.URL.Host
 		p.deny(w, rec, ReasonBadRequest, err)
 		return
@@ -241,16 +251,17 @@ type target struct {
 // and metrics for every outcome. Each step fails closed.
 func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer attest.Peer) {
 	ctx := r.Context()
-	rec := p.newRecord(r, "request")
+	st := p.state.Load()
+	rec := p.newRecord(r, kindRequest, st.mode)
 	rec.Scheme, rec.Host, rec.Port, rec.Path = t.scheme, t.host, t.port, r.URL.Path
-	if p.closing.Load() {
+	if p.conns.shuttingDown() {
 		w.Header().Set("Connection", "close")
 	}
 
 	// proxy: which upstream entry, if any.
 	rt := t.route
 	if rt == nil {
-		rt = p.routes.match(t.host, t.port, defaultPort(t.scheme))
+		rt = st.routes.match(t.host, t.port, defaultPort(t.scheme))
 	}
 	if rt == nil || rt.tunnel {
 		// A tunnel-only entry is for CONNECT; a plain request to it has no route either.
@@ -267,20 +278,31 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		return
 	}
 
-	// attest: who is calling.
-	id, err := p.id.Identify(ctx, peer)
-	if err != nil {
-		p.deny(w, rec, ReasonIdentityUnavailable, err)
+	// attest + policy: who is calling, and may it, now.
+	in := policy.Input{
+		Action: r.Method, Scheme: t.scheme, Host: t.host, Port: t.port,
+		Path: r.URL.Path, Credential: rt.credential,
+	}
+	v := p.authorize(ctx, rec, peer, in, st.mode)
+	if v.Reason != ReasonAllowed {
+		p.deny(w, rec, v.Reason, v.Cause)
 		return
 	}
-	setIdentity(rec, id)
-
-	// policy: may it, now.
-	if !p.decide(ctx, rec, policy.Input{
-		Identity: id, Action: r.Method, Scheme: t.scheme, Host: t.host, Port: t.port,
-		Path: r.URL.Path, Credential: rt.credential, Time: p.now(),
-	}, w) {
-		return
+	// inspect: a route's inspector may read the request (bounded, and put it back) and ask for
+	// more decisions, e.g. one per MCP tool call in the body. Every one of them must allow.
+	if rt.inspector != nil {
+		more, err := rt.inspector.Inspect(ctx, r, Inspection{Input: in})
+		if err != nil {
+			p.deny(w, rec, ReasonBadRequest, err)
+			return
+		}
+		for _, extra := range more {
+			extra.Identity, extra.Time = v.Identity, p.now()
+			if reason := p.decide(ctx, rec, extra, st.mode); reason != ReasonAllowed {
+				p.deny(w, rec, reason, nil)
+				return
+			}
+		}
 	}
 
 	// credential: the real one, applied to the outbound copy (which strips what the agent sent).
@@ -291,7 +313,7 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 			return
 		}
 		start := p.now()
-		tok, err := p.creds.Get(ctx, rt.credential)
+		tok, err := p.creds.Get(ctx, credential.Request{Name: rt.credential, Subject: v.Identity.SPIFFEID})
 		rec.CredentialDur = p.now().Sub(start)
 		if err != nil {
 			p.metrics.CredentialFetch.WithLabelValues("error").Inc()
@@ -335,55 +357,16 @@ func hostPort(host string, port int, scheme string) string {
 	return h + ":" + strconv.Itoa(port)
 }
 
-// decide asks the policy and records the outcome; it answers the agent and returns false when
-// the request must not proceed.
-func (p *Proxy) decide(ctx context.Context, rec *audit.Record, in policy.Input, w http.ResponseWriter) bool {
-	start := p.now()
-	d := p.pol.Decide(ctx, in)
-	rec.PolicyDur = p.now().Sub(start)
-	p.metrics.PolicyEval.Observe(rec.PolicyDur.Seconds())
-	rec.PolicyIDs, rec.Mode, rec.WouldDeny = d.PolicyIDs, string(d.Mode), d.WouldDeny
-	if len(d.Errors) > 0 {
-		p.log.Warn("policy evaluation errors", zap.String("request_id", rec.RequestID), zap.Strings("errors", d.Errors))
-	}
-	if d.Allow {
-		if d.WouldDeny {
-			rec.Reason = string(d.Reason)
-			p.log.Info("report mode: would deny", zap.String("request_id", rec.RequestID),
-				zap.String("reason", string(d.Reason)), zap.Strings("policy_ids", d.PolicyIDs))
-		}
-		return true
-	}
-	reason := Reason(d.Reason)
-	if _, known := denials[reason]; !known {
-		reason = ReasonPolicyDenied
-	}
-	p.deny(w, rec, reason, nil)
-	return false
-}
-
-func setIdentity(rec *audit.Record, id attest.Identity) {
-	rec.SPIFFEID, rec.Attested, rec.IdentitySrc = id.SPIFFEID, id.Attested, id.Source
-}
-
-// bestEffortIdentity fills the record's identity for denials that happen before attestation, so
-// the audit trail still says who tried.
-func (p *Proxy) bestEffortIdentity(ctx context.Context, peer attest.Peer, rec *audit.Record) {
-	if id, err := p.id.Identify(ctx, peer); err == nil {
-		setIdentity(rec, id)
-	}
-}
-
-func (p *Proxy) newRecord(r *http.Request, kind string) *audit.Record {
+func (p *Proxy) newRecord(r *http.Request, kind string, mode config.PolicyMode) *audit.Record {
 	return &audit.Record{
-		Time: p.now(), RequestID: p.nextRequestID(), Kind: kind, Method: r.Method, Mode: p.mode,
+		Time: p.now(), RequestID: p.nextRequestID(), Kind: kind, Method: r.Method, Mode: string(mode),
 	}
 }
 
 // deny answers the agent, logs the internal cause (never sent to the agent) and finishes the
 // record.
 func (p *Proxy) deny(w http.ResponseWriter, rec *audit.Record, reason Reason, cause error) {
-	rec.Decision, rec.Reason = audit.Deny, string(reason)
+	markDenied(rec, reason)
 	if cause != nil {
 		p.log.Info("denied", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(cause))
 	}
@@ -391,7 +374,13 @@ func (p *Proxy) deny(w http.ResponseWriter, rec *audit.Record, reason Reason, ca
 	p.finish(rec)
 }
 
-// finish writes the audit record and the request metrics.
+// markDenied sets the record's outcome to a denial for reason; finish writes it.
+func markDenied(rec *audit.Record, reason Reason) {
+	rec.Decision, rec.Reason = audit.Deny, string(reason)
+}
+
+// finish is the one place an audit record is completed and written, with the request metrics:
+// every request, tunnel and refused CONNECT ends here exactly once.
 func (p *Proxy) finish(rec *audit.Record) {
 	rec.TotalDur = p.now().Sub(rec.Time)
 	if rec.Decision == "" {

@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"os"
+	"reflect"
+	"slices"
 	"strings"
 	"time"
 
@@ -16,23 +18,28 @@ import (
 	"github.com/escrowproxy/escrow/credential"
 )
 
-// route is one compiled upstream entry. Routes are built once from the config and never change.
+// route is one compiled upstream entry. A route is immutable; an update builds new ones (or
+// keeps an old one whose entry did not change, with its connection pool).
 type route struct {
-	host       string // exact name, or the suffix of a wildcard without "*." (wildcard true)
+	spec       config.Upstream // what it was built from
+	host       string          // exact name, or the suffix of a wildcard without "*." (wildcard true)
 	wildcard   bool
 	port       int // 0: the scheme's default port
 	tunnel     bool
 	credential string
-	applier    *credential.Applier
-	plaintext  bool   // UnsafePlaintextCredential
-	address    string // dial this host:port instead of resolving the host
+	applier    credential.Applier // nil: no credential
+	plaintext  bool               // UnsafePlaintextCredential
+	address    string             // dial this host:port instead of resolving the host
+	inspector  Inspector          // nil: no inspection
 
-	forward *httputil.ReverseProxy
+	transport *http.Transport // nil for tunnels
+	forward   *httputil.ReverseProxy
 }
 
 // routeTable finds the route for a destination: an exact host first, then the longest wildcard
 // suffix; an entry with an explicit port beats one without.
 type routeTable struct {
+	all      []*route // in config order
 	exact    map[string][]*route
 	wildcard []*route // longest suffix first
 }
@@ -64,60 +71,22 @@ func (t *routeTable) match(host string, port int, defaultPort int) *route {
 }
 
 // buildRoutes compiles the upstream entries. dial is the egress-checked dialer shared by every
-// route's transport.
-func buildRoutes(cfg *config.Config, dial dialFunc, newProxy func(*http.Transport) *httputil.ReverseProxy) (*routeTable, error) {
+// route's transport. A route of prev whose entry is unchanged is reused (reuse is true only when
+// prev dials through the same dialer), so its pooled connections survive an update.
+func buildRoutes(cfg *config.Config, dial dialFunc, newProxy func(http.RoundTripper) *httputil.ReverseProxy, inspect func(config.Upstream) Inspector, prev *routeTable) (*routeTable, error) {
 	t := &routeTable{exact: map[string][]*route{}}
 	for i, u := range cfg.Upstreams {
-		r := &route{port: u.Port, tunnel: u.Tunnel, credential: u.Credential, plaintext: u.UnsafePlaintextCredential, address: u.Address}
-		r.host = u.Host
-		if strings.HasPrefix(u.Host, "*.") {
-			r.wildcard, r.host = true, strings.TrimPrefix(u.Host, "*.")
-		}
-		if u.Credential != "" {
-			spec := credential.ApplySpec{Method: credential.MethodHeader, Header: "Authorization", Template: "Bearer {{.Token}}"}
-			switch {
-			case u.Inject != nil:
-				spec.Header = u.Inject.Header
-				if u.Inject.Value != "" {
-					spec.Template = u.Inject.Value
-				}
-			case u.Basic != nil:
-				spec = credential.ApplySpec{Method: credential.MethodBasic, Username: u.Basic.Username}
-			case u.Query != nil:
-				spec = credential.ApplySpec{Method: credential.MethodQuery, Param: u.Query.Param}
-			}
-			a, err := credential.NewApplier(spec)
-			if err != nil {
+		r := prev.find(u)
+		if r == nil {
+			var err error
+			if r, err = buildRoute(u, dial, newProxy); err != nil {
 				return nil, fmt.Errorf("proxy: upstreams[%d]: %w", i, err)
 			}
-			r.applier = a
-		}
-		if !u.Tunnel {
-			// nil RootCAs is the system roots, which crypto/tls then loads at the first upstream
-			// handshake: parsing the system bundle leaves a few MB of startup garbage that a
-			// proxy with no HTTPS upstream in use never needs. Only a ca_file needs them now, to
-			// extend a copy (SystemCertPool returns a fresh one each call).
-			var roots *x509.CertPool
-			if u.CAFile != "" {
-				pem, err := os.ReadFile(u.CAFile)
-				if err != nil {
-					return nil, fmt.Errorf("proxy: upstreams[%d].ca_file: %w", i, err)
-				}
-				if roots, err = x509.SystemCertPool(); err != nil {
-					roots = x509.NewCertPool()
-				}
-				if !roots.AppendCertsFromPEM(pem) {
-					return nil, fmt.Errorf("proxy: upstreams[%d].ca_file: no PEM certificates in %s", i, u.CAFile)
-				}
+			if inspect != nil && !r.tunnel {
+				r.inspector = inspect(u)
 			}
-			d := dial
-			if u.Address != "" {
-				// Pinning: dial the configured address (still egress-checked), keep the name for TLS.
-				address := u.Address
-				d = func(ctx context.Context, network, _ string) (net.Conn, error) { return dial(ctx, network, address) }
-			}
-			r.forward = newProxy(newTransport(roots, d))
 		}
+		t.all = append(t.all, r)
 		if r.wildcard {
 			t.wildcard = append(t.wildcard, r)
 		} else {
@@ -131,6 +100,75 @@ func buildRoutes(cfg *config.Config, dial dialFunc, newProxy func(*http.Transpor
 		}
 	}
 	return t, nil
+}
+
+// find returns the route built from exactly u, or nil. t may be nil.
+func (t *routeTable) find(u config.Upstream) *route {
+	if t == nil {
+		return nil
+	}
+	for _, r := range t.all {
+		if reflect.DeepEqual(r.spec, u) {
+			return r
+		}
+	}
+	return nil
+}
+
+// closeIdle closes the idle pooled connections of t's routes that next does not keep.
+func (t *routeTable) closeIdle(next *routeTable) {
+	if t == nil {
+		return
+	}
+	for _, r := range t.all {
+		if r.transport != nil && (next == nil || !slices.Contains(next.all, r)) {
+			r.transport.CloseIdleConnections()
+		}
+	}
+}
+
+func buildRoute(u config.Upstream, dial dialFunc, newProxy func(http.RoundTripper) *httputil.ReverseProxy) (*route, error) {
+	r := &route{spec: u, port: u.Port, tunnel: u.Tunnel, credential: u.Credential, plaintext: u.UnsafePlaintextCredential, address: u.Address}
+	r.host = u.Host
+	if strings.HasPrefix(u.Host, "*.") {
+		r.wildcard, r.host = true, strings.TrimPrefix(u.Host, "*.")
+	}
+	if u.Credential != "" {
+		a, err := credential.NewApplier(u.Injection())
+		if err != nil {
+			return nil, err
+		}
+		r.applier = a
+	}
+	if u.Tunnel {
+		return r, nil
+	}
+	// nil RootCAs is the system roots, which crypto/tls then loads at the first upstream
+	// handshake: parsing the system bundle leaves a few MB of startup garbage that a proxy with
+	// no HTTPS upstream in use never needs. Only a ca_file needs them now, to extend a copy
+	// (SystemCertPool returns a fresh one each call).
+	var roots *x509.CertPool
+	if u.CAFile != "" {
+		pem, err := os.ReadFile(u.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("ca_file: %w", err)
+		}
+		if roots, err = x509.SystemCertPool(); err != nil {
+			roots = x509.NewCertPool()
+		}
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("ca_file: no PEM certificates in %s", u.CAFile)
+		}
+	}
+	d := dial
+	if u.Address != "" {
+		// Pinning: dial the configured address (still egress-checked), keep the name for TLS.
+		address := u.Address
+		d = func(ctx context.Context, network, _ string) (net.Conn, error) { return dial(ctx, network, address) }
+	}
+	r.transport = newTransport(roots, d)
+	r.forward = newProxy(applyingTransport{r.transport})
+	return r, nil
 }
 
 type dialFunc = func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -156,20 +194,11 @@ func newTransport(roots *x509.CertPool, dial dialFunc) *http.Transport {
 
 // splitHostPort parses an authority, lower-cases the host and strips IPv6 brackets.
 func splitHostPort(authority string, defaultPort int) (string, int, error) {
-	// Without a colon there is no port (net.SplitHostPort would build a "missing port" error
-	// for it, on every plain request to a default port).
-	host, portStr := authority, ""
-	if strings.IndexByte(authority, ':') >= 0 {
-		var err error
-		host, portStr, err = net.SplitHostPort(authority)
-		if err != nil {
-			if !strings.Contains(err.Error(), "missing port") {
-				return "", 0, err
-			}
-			host, portStr = authority, ""
-		}
+	host, portStr, hasPort, err := splitAuthority(authority)
+	if err != nil {
+		return "", 0, err
 	}
-	if portStr == "" && strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+	if !hasPort && strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
 		// No port: a bracketed IPv6 literal and nothing after it.
 		host = host[1 : len(host)-1]
 	}
@@ -187,6 +216,43 @@ func splitHostPort(authority string, defaultPort int) (string, int, error) {
 		return "", 0, fmt.Errorf("invalid host %q", host)
 	}
 	return host, port, nil
+}
+
+// splitAuthority splits host and port as net.SplitHostPort does, except that an authority
+// without a port is a result (hasPort false, host the whole authority), not an error to be told
+// apart by its text. It allocates only for a malformed authority.
+func splitAuthority(a string) (host, port string, hasPort bool, err error) {
+	i := strings.LastIndexByte(a, ':')
+	if i < 0 {
+		return a, "", false, nil
+	}
+	j, k := 0, 0
+	if a[0] == '[' {
+		end := strings.IndexByte(a, ']')
+		if end < 0 {
+			return "", "", false, fmt.Errorf("invalid authority %q: missing ']'", a)
+		}
+		switch end + 1 {
+		case len(a):
+			return a, "", false, nil // "[v6]" without a port
+		case i:
+		default:
+			if a[end+1] == ':' {
+				return "", "", false, fmt.Errorf("invalid authority %q: too many colons", a)
+			}
+			return a, "", false, nil // "[v6]x": no port; the host check refuses it
+		}
+		host, j, k = a[1:end], 1, end+1
+	} else {
+		host = a[:i]
+		if strings.IndexByte(host, ':') >= 0 {
+			return "", "", false, fmt.Errorf("invalid authority %q: too many colons", a)
+		}
+	}
+	if strings.IndexByte(a[j:], '[') >= 0 || strings.IndexByte(a[k:], ']') >= 0 {
+		return "", "", false, fmt.Errorf("invalid authority %q: unexpected bracket", a)
+	}
+	return host, a[i+1:], true, nil
 }
 
 func parsePort(s string) (int, error) {

@@ -155,7 +155,7 @@ upstreams:
     port: 8080
 `))
 	must(t, err)
-	rt, err := buildRoutes(cfg, nil, func(*http.Transport) *httputil.ReverseProxy { return nil })
+	rt, err := buildRoutes(cfg, nil, func(http.RoundTripper) *httputil.ReverseProxy { return nil }, nil, nil)
 	must(t, err)
 	for _, c := range []struct {
 		host     string

@@ -74,6 +74,7 @@ func (p *Proxy) Serve(ctx context.Context, o ServeOptions) error {
 		ErrorLog:          zap.NewStdLog(log.Named("listener")),
 	}
 	admin := &http.Server{Handler: o.AdminHandler, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = p.icpt.srv.Serve(p.icpt.ln) }() // intercepted connections; stopped by p.Shutdown
 	errc := make(chan error, 2)
 	go func() { errc <- front.Serve(o.Listener) }()
 	if o.AdminListener != nil {

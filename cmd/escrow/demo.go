@@ -24,6 +24,7 @@ import (
 
 	"github.com/escrowproxy/escrow/audit"
 	"github.com/escrowproxy/escrow/config"
+	"github.com/escrowproxy/escrow/proxy"
 	"github.com/escrowproxy/escrow/proxy/ca"
 )
 
@@ -104,13 +105,15 @@ egress:
 	records := make(chan audit.Record, 16)
 	printer := audit.NewZapSink(stdout)
 	log, _ := newLogger("warn", stderr)
-	rt, err := start(ctx, startOptions{Config: cfg, Logger: log, DrainTimeout: 2 * time.Second,
+	rt, err := proxy.Build(ctx, cfg, proxy.Deps{Logger: log, Version: version, DrainTimeout: 2 * time.Second,
 		Audit: audit.SinkFunc(func(r *audit.Record) { records <- *r })})
 	if err != nil {
 		return err
 	}
+	served := make(chan error, 1)
+	go func() { served <- rt.Serve(ctx) }()
 	proxyURL := "http://" + rt.ProxyAddr.String()
-	bundle := filepath.Join(cfg.CADir, "trust-bundle.pem")
+	bundle := filepath.Join(cfg.CADir, config.TrustBundleFile)
 
 	fmt.Fprintf(stdout, "escrow demo\n  proxy:   %s   (HTTPS_PROXY for the agent)\n  admin:   http://%s/metrics\n  bundle:  %s\n  API:     https://%s (really %s), needs a bearer token the agent does not have\n\n",
 		proxyURL, rt.AdminAddr, bundle, demoHost, api.Addr)
@@ -166,7 +169,7 @@ egress:
 		fmt.Fprintf(stdout, "To try it yourself, run `escrow demo --keep-running` and then, in another shell:\n  curl --proxy http://127.0.0.1:PORT --cacert <ca_dir>/trust-bundle.pem https://%s/v1/models\n(the exact command is printed)\n", demoHost)
 	}
 	cancel()
-	if err := rt.Wait(); err != nil {
+	if err := <-served; err != nil {
 		log.Warn("proxy stopped with an error", zap.Error(err))
 	}
 	if failed > 0 {

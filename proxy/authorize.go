@@ -1,0 +1,96 @@
+package proxy
+
+import (
+	"context"
+
+	"go.uber.org/zap"
+
+	"github.com/escrowproxy/escrow/attest"
+	"github.com/escrowproxy/escrow/audit"
+	"github.com/escrowproxy/escrow/config"
+	"github.com/escrowproxy/escrow/policy"
+)
+
+// Record kinds.
+const (
+	kindRequest = "request" // a plain or intercepted HTTP request
+	kindTunnel  = "tunnel"  // a blind CONNECT tunnel, recorded when it closes
+	kindConnect = "connect" // a CONNECT refused before it became a tunnel or an interception
+)
+
+// actionConnect is the policy action of a blind tunnel (see docs/policy.md).
+const actionConnect = "connect"
+
+// policyReason maps the engine's reasons to the proxy's, explicitly: a new policy reason must be
+// added here (and to denials) before the agent can see it; until then it is policy_denied.
+func policyReason(r policy.Reason) Reason {
+	switch r {
+	case policy.ReasonAllowed:
+		return ReasonAllowed
+	case policy.ReasonError:
+		return ReasonPolicyError
+	case policy.ReasonUnavailable:
+		return ReasonPolicyUnavailable
+	default:
+		return ReasonPolicyDenied
+	}
+}
+
+// verdict is the outcome of the authorize step: who is calling and whether the call may
+// proceed. Reason is ReasonAllowed when it may; otherwise the denial to answer with, and Cause
+// the internal error behind it (logged, never sent to the agent).
+type verdict struct {
+	Identity attest.Identity
+	Reason   Reason
+	Cause    error
+}
+
+// authorize is the attest → policy step shared by requests and tunnels: it establishes the
+// caller's identity and asks the policy about in (whose Identity and Time it fills in), and
+// records both on rec. Each failure is a denial: no identity, no policy, an evaluation error.
+func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Peer, in policy.Input, mode config.PolicyMode) verdict {
+	id, err := p.id.Identify(ctx, peer)
+	if err != nil {
+		return verdict{Reason: ReasonIdentityUnavailable, Cause: err}
+	}
+	setIdentity(rec, id)
+	in.Identity, in.Time = id, p.now()
+	return verdict{Identity: id, Reason: p.decide(ctx, rec, in, mode)}
+}
+
+// decide asks the policy about in, records the outcome on rec, and returns ReasonAllowed or the
+// denial. Report mode lets through what the policy denied or could not evaluate, and records it
+// as would_deny; it never lets through a request when no policy is loaded.
+func (p *Proxy) decide(ctx context.Context, rec *audit.Record, in policy.Input, mode config.PolicyMode) Reason {
+	start := p.now()
+	d := p.pol.Decide(ctx, in)
+	rec.PolicyDur = p.now().Sub(start)
+	p.metrics.PolicyEval.Observe(rec.PolicyDur.Seconds())
+	rec.PolicyIDs = d.PolicyIDs
+	if len(d.Errors) > 0 {
+		p.log.Warn("policy evaluation errors", zap.String("request_id", rec.RequestID), zap.Strings("errors", d.Errors))
+	}
+	if d.Allow {
+		return ReasonAllowed
+	}
+	reason := policyReason(d.Reason)
+	if mode == config.PolicyModeReport && d.Overridable() {
+		rec.WouldDeny, rec.Reason = true, string(reason)
+		p.log.Info("report mode: would deny", zap.String("request_id", rec.RequestID),
+			zap.String("reason", string(reason)), zap.Strings("policy_ids", d.PolicyIDs))
+		return ReasonAllowed
+	}
+	return reason
+}
+
+func setIdentity(rec *audit.Record, id attest.Identity) {
+	rec.SPIFFEID, rec.Attested, rec.IdentitySrc = id.SPIFFEID, id.Attested, id.Source
+}
+
+// bestEffortIdentity fills the record's identity for denials that happen before attestation, so
+// the audit trail still says who tried.
+func (p *Proxy) bestEffortIdentity(ctx context.Context, peer attest.Peer, rec *audit.Record) {
+	if id, err := p.id.Identify(ctx, peer); err == nil {
+		setIdentity(rec, id)
+	}
+}

@@ -1,0 +1,473 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"reflect"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/escrowproxy/escrow/attest"
+	"github.com/escrowproxy/escrow/audit"
+	"github.com/escrowproxy/escrow/config"
+	"github.com/escrowproxy/escrow/credential"
+	"github.com/escrowproxy/escrow/policy"
+	"github.com/escrowproxy/escrow/proxy/ca"
+	"github.com/escrowproxy/escrow/proxy/egress"
+	"github.com/escrowproxy/escrow/telemetry"
+)
+
+// IdentitySource is what the sidecar needs of an identity source: attest.Static and attest.SPIFFE
+// are two.
+type IdentitySource interface {
+	Identifier
+	Ready() bool
+	Close() error
+}
+
+// Deps are optional overrides of what Build makes from the config. The zero value is production:
+// the binary passes only Logger, Stdout and Version; tests and the demo override more.
+type Deps struct {
+	// Identity replaces the source the config names (identity.static or identity.spiffe).
+	Identity IdentitySource
+	// Providers replace the providers of the named credentials (other names come from config).
+	Providers map[string]credential.Provider
+	// CredentialOptions tune the credential cache (Now and Logger are filled in when zero).
+	CredentialOptions credential.Options
+	// Policies, when set, is the initial policy set instead of reading policy.dir, which is then
+	// not watched (the control plane and tests hand policies over as bytes).
+	Policies *policy.Source
+	// Resolver and Dial are the egress dialer's (nil: the system resolver and net.Dialer).
+	Resolver egress.Resolver
+	Dial     func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Now is the clock of the proxy, the policy engine, the credential cache and the CA.
+	Now func() time.Time
+	// Audit receives the records. Default: JSON lines on Stdout, batched per audit.flush_interval
+	// and flushed when the sidecar stops.
+	Audit audit.Sink
+	// Stdout is where the default audit sink writes (default os.Stdout).
+	Stdout io.Writer
+	// Logger receives operational logs (default: none).
+	Logger *zap.Logger
+	// Listener and AdminListener replace listening on config listen and admin.
+	Listener, AdminListener net.Listener
+	// Version is reported in escrow_build_info.
+	Version string
+	// DrainTimeout bounds the graceful stop (default 15s).
+	DrainTimeout time.Duration
+	// Inspectors returns the request inspector of an upstream entry, or nil (the default).
+	Inspectors func(config.Upstream) Inspector
+	// WrapLeaves wraps the pod CA as the proxy sees it (tests count or fail leaf minting).
+	WrapLeaves func(LeafSource) LeafSource
+	// SystemRoots is the PEM put before the pod CA in the trust bundle (default: the system's).
+	SystemRoots func() ([]byte, error)
+}
+
+// Sidecar is escrow's whole per-pod proxy built from one config: identity, policy engine,
+// credential cache, pod CA, metrics, audit sink, listeners and the proxy itself. Build makes it,
+// Serve runs it until its context ends, Update changes what can change while it runs.
+type Sidecar struct {
+	// ProxyAddr and AdminAddr are where the listeners are bound (useful with port 0).
+	ProxyAddr, AdminAddr netip.AddrPort
+	// CAPEM is the pod CA certificate the agent must trust.
+	CAPEM []byte
+	// Metrics are the sidecar's collectors (its /metrics).
+	Metrics *telemetry.Metrics
+
+	proxy   *Proxy
+	engine  *policy.Engine
+	creds   *credential.Manager
+	ident   IdentitySource
+	admin   http.Handler
+	ln      net.Listener
+	adminLn net.Listener
+	log     *zap.Logger
+	drain   time.Duration
+	credDep credential.Deps
+	watch   bool // policies come from policy.dir: Serve watches it (neither can change)
+	polDir  string
+	polPoll time.Duration
+
+	mu        sync.Mutex // serialises updates
+	cfg       *config.Config
+	providers map[string]credential.Provider // by name, with the config each was made from
+	provCfg   map[string]config.Credential
+	override  map[string]credential.Provider
+
+	closers   []func() error // run in reverse order by Serve (or Close), once
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Build makes a Sidecar from a validated config. It opens the listeners (so a port conflict is
+// an error here, not later), loads the policy set, starts the identity source, makes the pod CA
+// and writes the trust bundle, and fetches every credential once (a failure is logged, not
+// fatal: requests needing it are denied until it works). It serves nothing until Serve. On error
+// everything it opened is closed again.
+func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err error) {
+	if !cfg.Validated() {
+		return nil, errors.New("proxy: the config was not validated (use config.Parse or config.Load)")
+	}
+	log := d.Logger
+	if log == nil {
+		log = zap.NewNop()
+	}
+	now := d.Now
+	if now == nil {
+		now = time.Now
+	}
+	s := &Sidecar{log: log, drain: d.DrainTimeout, cfg: cfg, override: d.Providers,
+		polDir: cfg.Policy.Dir, polPoll: cfg.Policy.ReloadInterval.D()}
+	defer func() {
+		if err != nil {
+			_ = s.Close()
+		}
+	}()
+
+	// attest: who this workload is.
+	id := d.Identity
+	var svidExpiry func() time.Time
+	if id == nil {
+		switch {
+		case cfg.Identity.Static != "":
+			st, err := attest.NewStatic(cfg.Identity.Static)
+			if err != nil {
+				return nil, err
+			}
+			id = st
+			log.Warn("using a static identity: requests are recorded as attested=false", zap.String("spiffe_id", cfg.Identity.Static))
+		default:
+			sp, err := attest.NewSPIFFE(ctx, attest.SPIFFEOptions{Addr: cfg.Identity.SPIFFE.Socket, Logger: log.Named("attest")})
+			if err != nil {
+				return nil, err
+			}
+			id = sp
+		}
+	}
+	s.ident = id
+	s.closers = append(s.closers, id.Close)
+	if e, ok := id.(interface{ ExpiresAt() time.Time }); ok {
+		svidExpiry = e.ExpiresAt
+	}
+	s.Metrics = telemetry.New(telemetry.Options{SVIDExpiry: svidExpiry, Version: d.Version})
+
+	// policy: the set in force, reloads counted.
+	s.engine = policy.NewEngine(policy.Options{
+		Logger: log.Named("policy"), Now: now,
+		OnReload: func(result string, _ error) { s.Metrics.PolicyReloads.WithLabelValues(result).Inc() },
+	})
+	if d.Policies != nil {
+		err = s.engine.Load(*d.Policies)
+	} else {
+		err, s.watch = s.engine.LoadDir(cfg.Policy.Dir), true
+	}
+	if err != nil {
+		return nil, err
+	}
+
+	// The listeners before the proxy, so the egress rules know escrow's own addresses.
+	if s.ln = d.Listener; s.ln == nil {
+		if s.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
+			return nil, fmt.Errorf("proxy: listen: %w", err)
+		}
+	}
+	s.closers = append(s.closers, ignoreClosed(s.ln.Close))
+	if s.adminLn = d.AdminListener; s.adminLn == nil {
+		if s.adminLn, err = net.Listen("tcp", cfg.Admin); err != nil {
+			return nil, fmt.Errorf("proxy: admin: %w", err)
+		}
+	}
+	s.closers = append(s.closers, ignoreClosed(s.adminLn.Close))
+	s.ProxyAddr = s.ln.Addr().(*net.TCPAddr).AddrPort()
+	s.AdminAddr = s.adminLn.Addr().(*net.TCPAddr).AddrPort()
+
+	// The pod CA (reused from ca_key_dir when it holds a valid one) and the trust bundle.
+	podCA, reused, err := ca.LoadOrNew(ca.Options{LeafTTL: cfg.LeafTTL.D(), Name: "escrow pod CA " + hostname(), Now: d.Now}, cfg.CAKeyDir)
+	if err != nil {
+		return nil, err
+	}
+	if reused {
+		log.Info("reusing the pod CA kept in ca_key_dir", zap.String("ca_key_dir", cfg.CAKeyDir))
+	}
+	systemRoots := d.SystemRoots
+	if systemRoots == nil {
+		systemRoots = ca.SystemRootsPEM
+	}
+	roots, err := systemRoots()
+	if err != nil {
+		log.Warn("system roots not found; the trust bundle holds only the pod CA", zap.Error(err))
+	}
+	if err := ca.WriteFiles(cfg.CADir, podCA.CertPEM(), roots); err != nil {
+		return nil, err
+	}
+	s.CAPEM = podCA.CertPEM()
+	var leaves LeafSource = podCA
+	if d.WrapLeaves != nil {
+		leaves = d.WrapLeaves(podCA)
+	}
+
+	// credential: one provider per configured name, through the one switch in credential.
+	var px *Proxy // the providers' HTTP client dials through the proxy's egress rules
+	s.credDep = credential.Deps{
+		HTTPClient: &http.Client{Transport: &http.Transport{
+			Proxy: nil, // never the environment's HTTP(S)_PROXY
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return px.Dial()(ctx, network, addr)
+			},
+			ForceAttemptHTTP2:   true,
+			TLSHandshakeTimeout: 10 * time.Second,
+			IdleConnTimeout:     90 * time.Second,
+		}, Timeout: 30 * time.Second},
+		LookupEnv: os.LookupEnv, Now: now, Logger: log.Named("credential"),
+	}
+	if j, ok := id.(credential.JWTSource); ok {
+		s.credDep.JWT = j
+	}
+	providers, provCfg, err := s.buildProviders(cfg, nil, nil)
+	if err != nil {
+		return nil, err
+	}
+	s.providers, s.provCfg = providers, provCfg
+	co := d.CredentialOptions
+	if co.Now == nil {
+		co.Now = now
+	}
+	if co.Logger == nil {
+		co.Logger = log.Named("credential")
+	}
+	s.creds = credential.NewManager(providers, co)
+
+	// The audit sink, stopped (flushed) after the drain so no record is lost.
+	sink := d.Audit
+	if sink == nil {
+		out := d.Stdout
+		if out == nil {
+			out = os.Stdout
+		}
+		bs := audit.NewBufferedZapSink(out, cfg.Audit.FlushEvery(), nil)
+		sink = bs
+		s.closers = append(s.closers, func() error {
+			// Stop writes what is buffered, then syncs; a pipe or terminal cannot sync (EINVAL),
+			// which is no lost record. A failed write is logged, not fatal: it is too late to
+			// do anything else about it.
+			if err := bs.Stop(); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOTSUP) {
+				log.Error("writing audit records failed", zap.Error(err))
+			}
+			return nil
+		})
+	}
+
+	// proxy: the pipeline itself.
+	px, err = New(Options{
+		Config: cfg, Identity: id, Policy: s.engine, Credentials: s.creds, CA: leaves,
+		Audit: sink, Metrics: s.Metrics, Logger: log.Named("proxy"),
+		Resolver: d.Resolver, Dial: d.Dial, Self: []netip.AddrPort{s.ProxyAddr, s.AdminAddr},
+		Now: now, Inspectors: d.Inspectors,
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.proxy = px
+	if err := s.creds.Warm(ctx); err != nil {
+		log.Warn("some credentials are not available yet", zap.Error(err))
+	}
+	s.admin = AdminHandler(s.Metrics.Handler(), map[string]ReadyCheck{
+		"identity": func() error {
+			if !id.Ready() {
+				return errors.New("no valid SVID yet")
+			}
+			return nil
+		},
+		"policy": func() error {
+			if !s.engine.Ready() {
+				return errors.New("no policy set loaded")
+			}
+			return nil
+		},
+		"ca": func() error { return nil }, // the CA exists before the listeners serve
+	})
+	return s, nil
+}
+
+// buildProviders makes the provider of every configured credential, reusing prev's for a name
+// whose config did not change (so its cached tokens survive an update). Overrides win.
+func (s *Sidecar) buildProviders(cfg *config.Config, prev map[string]credential.Provider, prevCfg map[string]config.Credential) (map[string]credential.Provider, map[string]config.Credential, error) {
+	out := make(map[string]credential.Provider, len(cfg.Credentials))
+	cfgs := make(map[string]config.Credential, len(cfg.Credentials))
+	var errs []error
+	for name, c := range cfg.Credentials {
+		cfgs[name] = c
+		if p, ok := s.override[name]; ok {
+			out[name] = p
+			continue
+		}
+		if old, ok := prevCfg[name]; ok && reflect.DeepEqual(old, c) && prev[name] != nil {
+			out[name] = prev[name]
+			continue
+		}
+		p, err := credential.NewProvider(name, c, s.credDep)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		out[name] = p
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, nil, err
+	}
+	return out, cfgs, nil
+}
+
+// Proxy returns the request pipeline (for tests that drive it directly).
+func (s *Sidecar) Proxy() *Proxy { return s.proxy }
+
+// Admin returns the /healthz, /readyz and /metrics handler.
+func (s *Sidecar) Admin() http.Handler { return s.admin }
+
+// Serve runs the sidecar until ctx ends (SIGTERM in the binary), then drains in-flight requests
+// and tunnels for up to DrainTimeout, flushes the audit records and closes everything Build
+// opened. It returns the listeners' error, if any.
+func (s *Sidecar) Serve(ctx context.Context) error {
+	if s.watch {
+		wctx, cancel := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		wg.Go(func() { s.engine.Watch(wctx, s.polDir, s.polPoll) })
+		defer func() { cancel(); wg.Wait() }()
+	}
+	err := s.proxy.Serve(ctx, ServeOptions{Listener: s.ln, AdminListener: s.adminLn, AdminHandler: s.admin,
+		DrainTimeout: s.drain, Logger: s.log})
+	return errors.Join(err, s.Close())
+}
+
+// Close releases what Build opened (listeners, identity source, audit sink), in reverse order,
+// once. Serve calls it; call it only for a Sidecar that is not served.
+func (s *Sidecar) Close() error {
+	s.closeOnce.Do(func() {
+		var errs []error
+		for i := len(s.closers) - 1; i >= 0; i-- {
+			errs = append(errs, s.closers[i]())
+		}
+		s.closeErr = errors.Join(errs...)
+	})
+	return s.closeErr
+}
+
+// Update is a complete new value of what may change while the sidecar runs.
+type Update struct {
+	// Config, when set, replaces upstreams, credentials, egress rules and the policy mode. It
+	// must be validated. Every other key must equal the running config's: those need a restart.
+	Config *config.Config
+	// Policies, when set, replaces the policy set.
+	Policies *policy.Source
+}
+
+// Update is the one path by which a running sidecar changes: file reloads and the control
+// plane both use it. Everything is built and checked first; only when all of it is good are
+// the credentials, the routes and the policy set swapped in (each atomically), so a request
+// never sees half of an update and a bad update changes nothing.
+func (s *Sidecar) Update(ctx context.Context, u Update) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var (
+		set       *policy.Set
+		st        *state
+		providers map[string]credential.Provider
+		provCfg   map[string]config.Credential
+		err       error
+	)
+	if u.Policies != nil {
+		if set, err = policy.Compile(*u.Policies); err != nil {
+			return err
+		}
+	}
+	if u.Config != nil {
+		if !u.Config.Validated() {
+			return errors.New("proxy: update: the config was not validated")
+		}
+		if err := restartOnly(s.cfg, u.Config); err != nil {
+			return err
+		}
+		providers, provCfg, err = s.buildProviders(u.Config, s.providers, s.provCfg)
+		if err != nil {
+			return err
+		}
+		s.proxy.updateMu.Lock()
+		defer s.proxy.updateMu.Unlock()
+		if st, err = s.proxy.buildState(u.Config, s.proxy.state.Load()); err != nil {
+			return err
+		}
+	}
+	// Everything is built: swap. Credentials first, so a new route never looks up a name the
+	// manager does not know yet.
+	if u.Config != nil {
+		s.creds.Update(providers)
+		prev := s.proxy.state.Swap(st)
+		prev.routes.closeIdle(st.routes)
+		s.cfg, s.providers, s.provCfg = u.Config, providers, provCfg
+	}
+	if set != nil {
+		s.engine.Install(set)
+	}
+	return nil
+}
+
+// restartOnly reports the keys that differ between the running config and next but cannot
+// change without a restart, by key path.
+func restartOnly(cur, next *config.Config) error {
+	var errs config.Errors
+	for _, k := range []struct {
+		path string
+		a, b any
+	}{
+		{"listen", cur.Listen, next.Listen},
+		{"admin", cur.Admin, next.Admin},
+		{"unsafe_allow_non_loopback_listen", cur.UnsafeAllowNonLoopbackListen, next.UnsafeAllowNonLoopbackListen},
+		{"identity", cur.Identity, next.Identity},
+		{"ca_dir", cur.CADir, next.CADir},
+		{"ca_key_dir", cur.CAKeyDir, next.CAKeyDir},
+		{"leaf_ttl", cur.LeafTTL, next.LeafTTL},
+		{"policy.dir", cur.Policy.Dir, next.Policy.Dir},
+		{"policy.reload_interval", cur.Policy.ReloadInterval, next.Policy.ReloadInterval},
+		{"audit", cur.Audit.FlushEvery(), next.Audit.FlushEvery()},
+	} {
+		if !reflect.DeepEqual(k.a, k.b) {
+			errs = append(errs, config.FieldError{Path: k.path, Msg: "cannot change while escrow runs; restart it"})
+		}
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+// ignoreClosed treats closing an already closed listener as success (Serve's shutdown closes
+// the listeners first).
+func ignoreClosed(f func() error) func() error {
+	return func() error {
+		if err := f(); err != nil && !errors.Is(err, net.ErrClosed) {
+			return err
+		}
+		return nil
+	}
+}
+
+func hostname() string {
+	h, err := os.Hostname()
+	if err != nil {
+		return "unknown"
+	}
+	return h
+}
+
+// The SPIFFE source is the JWT-SVID source of credential providers (client assertions, token
+// exchange, STS web identity): credential declares the interface, attest satisfies it.
+var _ credential.JWTSource = (*attest.SPIFFE)(nil)

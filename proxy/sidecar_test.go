@@ -1,0 +1,142 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/escrowproxy/escrow/config"
+	"github.com/escrowproxy/escrow/proxy/egress"
+)
+
+// sidecarConfig is a minimal valid config in a fresh directory, plus extra.
+func sidecarConfig(t *testing.T, extra string) *config.Config {
+	t.Helper()
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "policies")
+	must(t, os.MkdirAll(pol, 0o755))
+	must(t, os.WriteFile(filepath.Join(pol, "p.cedar"), []byte(allowAll), 0o644))
+	cfg, err := config.Parse([]byte("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nidentity: {static: " + testSPIFFEID + "}\n" +
+		"ca_dir: " + filepath.Join(dir, "ca") + "\npolicy: {dir: " + pol + "}\n" + extra))
+	must(t, err)
+	return cfg
+}
+
+func TestBuild_ReusesThePodCAKeptInCAKeyDir(t *testing.T) {
+	keyDir := filepath.Join(t.TempDir(), "ca-key")
+	cfg := sidecarConfig(t, "ca_key_dir: "+keyDir+"\n")
+	first, err := Build(context.Background(), cfg, Deps{})
+	must(t, err)
+	must(t, first.Close())
+	second, err := Build(context.Background(), cfg, Deps{})
+	must(t, err)
+	defer second.Close()
+	if !bytes.Equal(first.CAPEM, second.CAPEM) {
+		t.Fatal("a restart with ca_key_dir made a new pod CA; agents that loaded the old one would stop trusting escrow")
+	}
+	written, err := os.ReadFile(filepath.Join(cfg.CADir, config.CACertFile))
+	must(t, err)
+	if !bytes.Equal(written, second.CAPEM) {
+		t.Error("ca_dir does not hold the reused CA")
+	}
+	// Without ca_key_dir every start makes a new CA.
+	plain := sidecarConfig(t, "")
+	a, err := Build(context.Background(), plain, Deps{})
+	must(t, err)
+	must(t, a.Close())
+	b, err := Build(context.Background(), plain, Deps{})
+	must(t, err)
+	defer b.Close()
+	if bytes.Equal(a.CAPEM, b.CAPEM) {
+		t.Error("without ca_key_dir the CA was reused")
+	}
+}
+
+func TestBuild_RefusesAConfigThatWasNotValidated(t *testing.T) {
+	if _, err := Build(context.Background(), &config.Config{Listen: "127.0.0.1:0"}, Deps{}); err == nil || !strings.Contains(err.Error(), "not validated") {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestBuild_ClosesWhatItOpenedWhenItFails(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	must(t, err)
+	addr := ln.Addr().String()
+	must(t, ln.Close())
+	// The admin address is taken, so Build fails after opening the proxy listener on addr.
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	must(t, err)
+	defer taken.Close()
+	cfg := sidecarConfig(t, "")
+	cfg.Listen, cfg.Admin = addr, taken.Addr().String()
+	must(t, cfg.Validate())
+	if _, err := Build(context.Background(), cfg, Deps{}); err == nil || !strings.Contains(err.Error(), "admin") {
+		t.Fatalf("want an admin listen error, got %v", err)
+	}
+	again, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatalf("the failed Build left the proxy listener open: %v", err)
+	}
+	again.Close()
+}
+
+func TestSidecar_ProviderHTTPClientDialsThroughTheEgressRulesAndIgnoresTheEnvironmentProxy(t *testing.T) {
+	t.Setenv("HTTP_PROXY", "http://127.0.0.1:1")
+	t.Setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+	idp := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("token")) }))
+	defer idp.Close()
+
+	denied, err := Build(context.Background(), sidecarConfig(t, ""), Deps{})
+	must(t, err)
+	defer denied.Close()
+	_, err = denied.credDep.HTTPClient.Get(idp.URL)
+	var de *egress.DeniedError
+	if !errors.As(err, &de) {
+		t.Fatalf("a provider reached a loopback token endpoint the egress rules deny: %v", err)
+	}
+
+	allowed, err := Build(context.Background(), sidecarConfig(t, "egress: {allow_cidrs: [127.0.0.0/8]}\n"), Deps{})
+	must(t, err)
+	defer allowed.Close()
+	resp, err := allowed.credDep.HTTPClient.Get(idp.URL)
+	if err != nil {
+		t.Fatalf("with loopback allowed (and HTTP_PROXY pointing nowhere): %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+}
+
+func TestSidecar_ServeStopsAndClosesOnCancel(t *testing.T) {
+	sc, err := Build(context.Background(), sidecarConfig(t, ""), Deps{DrainTimeout: time.Second})
+	must(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- sc.Serve(ctx) }()
+	resp, err := direct.Get("http://" + sc.AdminAddr.String() + "/readyz")
+	must(t, err)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("/readyz %d", resp.StatusCode)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		must(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Serve did not return after its context ended")
+	}
+	if c, err := net.DialTimeout("tcp", sc.ProxyAddr.String(), time.Second); err == nil {
+		c.Close()
+		t.Fatal("the proxy listener is still open after Serve returned")
+	}
+}
