@@ -71,4 +71,3 @@ func newLogger(level string, w io.Writer) (*zap.Logger, error) {
 	core := zapcore.NewCore(zapcore.NewJSONEncoder(enc), zapcore.AddSync(w), lvl)
 	return zap.New(core).With(zap.String("log_type", "ops")), nil
 }
-
