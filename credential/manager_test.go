@@ -11,11 +11,13 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/escrowproxy/escrow/internal/fakeclock"
 )
 
 // counting returns a provider that issues "v1", "v2", ... (expiring after life, if non-zero)
 // and the counter of its calls.
-func counting(clock *fakeClock, life time.Duration) (Provider, *atomic.Int32) {
+func counting(clock *fakeclock.Clock, life time.Duration) (Provider, *atomic.Int32) {
 	var n atomic.Int32
 	return providerFunc(func(ctx context.Context, args FetchArgs) (Token, error) {
 		i := n.Add(1)

@@ -16,25 +16,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/escrowproxy/escrow/internal/fakeclock"
 )
-
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 func newTestCA(t testing.TB, o Options) *CA {
 	t.Helper()
@@ -46,7 +30,7 @@ func newTestCA(t testing.TB, o Options) *CA {
 }
 
 func TestNew_CACertificate(t *testing.T) {
-	clk := &fakeClock{t: time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)}
+	clk := fakeclock.New(time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC))
 	c := newTestCA(t, Options{Now: clk.Now, Name: "escrow pod CA test"})
 	cert := c.Certificate()
 	if !cert.IsCA || !cert.BasicConstraintsValid {
@@ -265,7 +249,7 @@ func TestLeaf_CachedPerHost(t *testing.T) {
 }
 
 func TestLeaf_TTLRespected(t *testing.T) {
-	clk := &fakeClock{t: time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)}
+	clk := fakeclock.New(time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC))
 	c := newTestCA(t, Options{Now: clk.Now, LeafTTL: 6 * time.Hour})
 	leaf, err := c.Leaf("ttl.example.com")
 	if err != nil {
@@ -288,7 +272,7 @@ func TestLeaf_TTLRespected(t *testing.T) {
 }
 
 func TestLeaf_ReissuedNearExpiry(t *testing.T) {
-	clk := &fakeClock{t: time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)}
+	clk := fakeclock.New(time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC))
 	c := newTestCA(t, Options{Now: clk.Now, LeafTTL: 24 * time.Hour})
 	first, err := c.Leaf("renew.example.com")
 	if err != nil {
@@ -319,7 +303,7 @@ func TestLeaf_ReissuedNearExpiry(t *testing.T) {
 }
 
 func TestLeaf_ClampedToCAAndFailsAfterCAExpiry(t *testing.T) {
-	clk := &fakeClock{t: time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)}
+	clk := fakeclock.New(time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC))
 	c := newTestCA(t, Options{Now: clk.Now, CATTL: 48 * time.Hour, LeafTTL: 24 * time.Hour})
 	clk.Advance(36 * time.Hour)
 	leaf, err := c.Leaf("clamp.example.com")

@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/escrowproxy/escrow/internal/fakeclock"
 )
 
 func loadOrNew(t *testing.T, o Options, dir string) (*CA, bool) {
@@ -23,7 +25,7 @@ func loadOrNew(t *testing.T, o Options, dir string) (*CA, bool) {
 }
 
 func TestLoadOrNew_KeepsAndReuses(t *testing.T) {
-	clk := &fakeClock{t: time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)}
+	clk := fakeclock.New(time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC))
 	dir := filepath.Join(t.TempDir(), "key") // missing: LoadOrNew creates it
 	o := Options{Now: clk.Now, Name: "test"}
 
@@ -93,7 +95,7 @@ func TestLoadOrNew_HalfLifeEdge(t *testing.T) {
 		{"expired", ttl + time.Hour, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			clk := &fakeClock{t: t0}
+			clk := fakeclock.New(t0)
 			dir := t.TempDir()
 			o := Options{Now: clk.Now, CATTL: ttl, Name: "test"}
 			first, _ := loadOrNew(t, o, dir)
@@ -120,7 +122,7 @@ func TestLoadOrNew_HalfLifeEdge(t *testing.T) {
 }
 
 func TestLoadOrNew_ReplacesUnusable(t *testing.T) {
-	clk := &fakeClock{t: time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)}
+	clk := fakeclock.New(time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC))
 	o := Options{Now: clk.Now, Name: "test"}
 	other := newTestCA(t, Options{Now: clk.Now, Name: "other"})
 	otherKey, err := x509.MarshalPKCS8PrivateKey(other.key)
@@ -178,7 +180,7 @@ func TestLoadOrNew_ReplacesUnusable(t *testing.T) {
 
 func TestLoadOrNew_ForeignSignedCertRefused(t *testing.T) {
 	// A certificate for our key but signed by someone else's key is not ours to reuse.
-	clk := &fakeClock{t: time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)}
+	clk := fakeclock.New(time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC))
 	dir := t.TempDir()
 	first, _ := loadOrNew(t, Options{Now: clk.Now}, dir)
 	signer, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
