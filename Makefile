@@ -10,7 +10,7 @@ LDFLAGS   := -s -w -X main.version=$(VERSION)
 FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy/egress:FuzzRulesCheck \
                 ./policy:FuzzLoad ./credential:FuzzApplier ./injector:FuzzMutate
 
-.PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro clean
+.PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro clean test-k8s
 
 all: build
 
@@ -33,6 +33,13 @@ lint:
 
 unit:
 	$(GO) test -race -count=1 ./...
+
+## test-k8s: the Helm chart and `escrow webhook` against a real kube-apiserver v1.34 with etcd, plus
+## helm lint/template and the dashboard's queries against escrow's /metrics. test/k8s/tools.sh builds
+## kube-apiserver, kubectl and helm once into ESCROW_TOOLS_BIN (default ~/.cache/escrow-tools/bin).
+test-k8s:
+	@tools=$$(test/k8s/tools.sh) && \
+	  ESCROW_K8S_TOOLS=$$tools $(GO) test -count=1 -timeout 15m -v ./test/k8s/...
 
 ## e2e: only the end-to-end tests (real curl, Python requests, Go client against the built binary)
 e2e:
