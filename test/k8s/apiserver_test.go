@@ -234,7 +234,10 @@ func TestAgainstAPIServer(t *testing.T) {
 			{"plain", "plain", nil, false},
 			{"plain-pod-true", "plain", map[string]string{"escrow.dev/inject": "true"}, true},
 			{"plain-pod-false", "plain", map[string]string{"escrow.dev/inject": "false"}, false},
+			{"kube-system-pod-true", "kube-system", map[string]string{"escrow.dev/inject": "true"}, false},
 		}
+		c.kubectl(t, nil, "label", "namespace", "kube-system", "escrow.dev/inject=enabled")
+		c.kubectl(t, nil, "create", "serviceaccount", "default", "-n", "kube-system")
 		for _, tc := range cases {
 			if _, err := c.kubectlErr(podJSON(tc.name, tc.ns, tc.labels), "create", "-f", "-"); err != nil {
 				t.Errorf("%s: create refused (the API server validates the injected pod): %v", tc.name, err)
@@ -330,6 +333,36 @@ func TestAgainstAPIServer(t *testing.T) {
 			}
 		}
 	})
+	t.Run("helm_upgrade_keeps_the_webhook_certificate", func(t *testing.T) {
+		secretCA := func() string {
+			return c.kubectl(t, nil, "get", "secret", "-n", releaseNS, "escrow-webhook-tls", "-o", "jsonpath={.data.ca\\.crt}")
+		}
+		before := secretCA()
+		// Put back the chart's own webhook configuration (service clientConfig) that the test
+		// pointed at its loopback webhook.
+		orig, _ := json.Marshal(one(t, render(t), "MutatingWebhookConfiguration").Raw)
+		c.kubectl(t, orig, "replace", "-f", "-")
+		work := t.TempDir()
+		if err := os.Symlink(filepath.Join(repoRoot, "charts"), filepath.Join(work, "charts")); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := c.shell(t, work, "helm upgrade escrow ./charts/escrow --namespace escrow-system --reuse-values"); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		if after := secretCA(); after != before || before == "" {
+			t.Errorf("helm upgrade replaced the webhook's CA (running webhooks would serve a certificate the API server no longer trusts)")
+		}
+		var mwc mutatingWebhookConfiguration
+		if err := json.Unmarshal([]byte(c.kubectl(t, nil, "get", "mutatingwebhookconfiguration", "escrow", "-o", "json")), &mwc); err != nil {
+			t.Fatal(err)
+		}
+		for _, w := range mwc.Webhooks {
+			if w.ClientConfig["caBundle"] != before {
+				t.Errorf("%s: caBundle after upgrade is not the kept CA", w.Name)
+			}
+		}
+	})
+
 }
 
 // rawTemplateSpec returns a workload's pod template spec as rendered (every field, untyped).
