@@ -265,6 +265,13 @@ func TestAgainstAPIServer(t *testing.T) {
 		c.kubectl(t, b, "create", "-f", "-")
 		got, _ := c.getPod(t, "agents", "agent-7d4b9c-x2x5q")
 		checkInjected(t, "agents/agent (Deployment template)", got, true)
+		// The same Deployment in a namespace that did not opt in: its pod is left alone.
+		c.kubectl(t, []byte(yamls[0]), "apply", "-n", "plain", "-f", "-")
+		p["metadata"].(map[string]any)["namespace"] = "plain"
+		b, _ = json.Marshal(p)
+		c.kubectl(t, b, "create", "-f", "-")
+		untouched, _ := c.getPod(t, "plain", "agent-7d4b9c-x2x5q")
+		checkInjected(t, "plain/agent (Deployment template)", untouched, false)
 		// Every ConfigMap the injected pod mounts exists in its namespace (the chart put them there).
 		for _, v := range got.Spec.Volumes {
 			if cm, ok := v["configMap"].(map[string]any); ok {
