@@ -149,3 +149,27 @@ func TestSidecar_BadUpdateChangesNothing(t *testing.T) {
 	}
 	good()
 }
+
+func TestSidecar_UpdateRebuildsChangedCredentialsAndKeepsTheRest(t *testing.T) {
+	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = w.Write([]byte(r.Header.Get("Authorization")))
+	}), false, "api.example.com")
+	routes := "upstreams:\n" + up.route("api.example.com", "credential: broken")
+	tp := newTestProxy(t, routes)
+	if resp := tp.Get(t, "https://api.example.com/"); resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("credential 'broken' (a missing file) answered %d, want 503", resp.StatusCode)
+	}
+	kept := tp.Sidecar.providers["api"]
+	// Point "broken" at the real secret file; "api" is unchanged.
+	fixed := strings.Replace(tp.baseConfig, "no-such-secret", "api-key", 1)
+	cfg, err := config.Parse([]byte(fixed + routes))
+	must(t, err)
+	must(t, tp.Sidecar.Update(context.Background(), Update{Config: cfg}))
+	resp := tp.Get(t, "https://api.example.com/")
+	if body := string(readBody(t, resp)); resp.StatusCode != 200 || body != "Bearer "+testSecret {
+		t.Fatalf("after the update: %d %q, want the fixed credential applied", resp.StatusCode, body)
+	}
+	if tp.Sidecar.providers["api"] != kept {
+		t.Error("the unchanged credential 'api' got a new provider: its cached token would be lost")
+	}
+}
