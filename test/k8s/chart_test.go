@@ -4,6 +4,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -532,4 +533,32 @@ func TestChartDefaultConfigIsValid(t *testing.T) {
 		t.Fatalf("escrow proxy --check of the chart's default config: %v\n%s\n%s", err, out, b)
 	}
 	mustRun(t, nil, bin, "policy", "validate", "--dir", pdir)
+}
+
+// TestChartInjectorConfigIsValid: the injector config the chart renders, for default and varied
+// values, passes the real webhook's own validation (`escrow webhook --check`).
+func TestChartInjectorConfigIsValid(t *testing.T) {
+	bin := escrow(t)
+	dir := t.TempDir()
+	_, certFile, keyFile := serveCert(t, dir)
+	for i, args := range [][]string{
+		nil,
+		{"--set", "image.digest=sha256:" + strings.Repeat("0f", 32)},
+		{"--set", "sidecar.spiffe.source=hostPath,sidecar.spiffe.hostPath=/run/spire/sockets"},
+		{"--set", "sidecar.trustEnv=false,sidecar.noProxy={internal.example.com,.corp}"},
+		{"--set", "sidecar.serviceCIDRs={10.0.0.0/16,fd00:10:96::/112}", "--set", "sidecar.resources.limits.cpu=500m"},
+	} {
+		cfg := filepath.Join(dir, fmt.Sprintf("injector-%d.yaml", i))
+		if err := os.WriteFile(cfg, []byte(injectorConfig(t, render(t, args...))), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := run(t, nil, bin, "webhook", "--check", "--config", cfg, "--tls-cert", certFile, "--tls-key", keyFile); err != nil {
+			b, _ := os.ReadFile(cfg)
+			t.Errorf("values %v: the webhook rejects the chart's injector config: %v\n%s\n%s", args, err, out, b)
+		}
+	}
+	// hostPath without the directory is refused at install, with the value named.
+	if _, err := helmTemplate(t, "--set", "sidecar.spiffe.source=hostPath"); err == nil || !strings.Contains(err.Error(), "sidecar.spiffe.hostPath") {
+		t.Errorf("spiffe hostPath without a directory: %v", err)
+	}
 }
