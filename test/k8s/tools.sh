@@ -8,6 +8,10 @@
 # that a fresh clone on the same machine reuses it. A binary is rebuilt when its tool module's
 # module, package or link flags change (a stamp beside it records their hash). Builds run one after another: each one
 # peaks at several GB and both cores.
+#
+# Cold (empty Go module and build caches, 2 cores): kube-apiserver about 5-6 minutes on an idle
+# machine (20 measured on a busy one), then kubectl about 1.5 and helm about 3. Warm: nothing is
+# built; the script takes well under a second.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
