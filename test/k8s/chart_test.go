@@ -320,8 +320,8 @@ func TestChartValues(t *testing.T) {
 	t.Run("image_by_digest", func(t *testing.T) {
 		dig := "sha256:" + strings.Repeat("ab", 32)
 		var d deployment
-		one(t, render(t, "--set", "image.digest="+dig, "--set", "image.repository=registry.invalid/escrow"), "Deployment").into(t, &d)
-		if got := d.Spec.Template.Spec.Containers[0].Image; got != "registry.invalid/escrow@"+dig {
+		one(t, render(t, "--set", "image.digest="+dig, "--set", "image.repository=images.example/escrow"), "Deployment").into(t, &d)
+		if got := d.Spec.Template.Spec.Containers[0].Image; got != "images.example/escrow@"+dig {
 			t.Errorf("image = %q", got)
 		}
 	})
