@@ -153,6 +153,7 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 func start(t testing.TB, name string, args ...string) *process {
 	t.Helper()
 	p := &process{cmd: exec.Command(name, args...), done: make(chan struct{}), log: &bytes.Buffer{}, mu: &sync.Mutex{}}
+	p.cmd.SysProcAttr = dieWithParent()
 	p.cmd.Stdout = lockedWriter{p.mu, p.log}
 	p.cmd.Stderr = lockedWriter{p.mu, p.log}
 	if err := p.cmd.Start(); err != nil {
