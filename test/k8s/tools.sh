@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-BIN=${ESCROW_TOOLS_BIN:-$HOME/.cache/escrow-tools/bin}
+BIN=${ESCROW_TOOLS_BIN:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/escrow-tools/bin}
 mkdir -p "$BIN"
 K8S_VERSION=v1.34.4
 
