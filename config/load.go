@@ -31,6 +31,18 @@ func (d Duration) D() time.Duration { return time.Duration(d) }
 // MarshalJSON writes the duration as a string.
 func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
 
+// CheckShape accepts a non-negative Go duration string.
+func (d *Duration) CheckShape(v any) string {
+	s, ok := v.(string)
+	if !ok {
+		return "want a duration string such as \"2s\""
+	}
+	if d, err := time.ParseDuration(s); err != nil || d < 0 {
+		return fmt.Sprintf("invalid duration %q", s)
+	}
+	return ""
+}
+
 // UnmarshalJSON reads a duration string.
 func (d *Duration) UnmarshalJSON(b []byte) error {
 	var s string
@@ -91,6 +103,33 @@ func Load(path string) (*Config, error) {
 // It is pure: it reads no file and no environment variable, so config can be validated from
 // bytes that arrive over the network. The error, if any, is an Errors naming every bad key path.
 func Parse(data []byte) (*Config, error) {
+	var c Config
+	shape, err := Decode(data, &c)
+	if err != nil {
+		return nil, err
+	}
+	c.applyDefaults()
+	if errs := Combine(shape, c.validate()); len(errs) > 0 {
+		return nil, errs
+	}
+	c.validated = true
+	return &c, nil
+}
+
+// Shaper is implemented (on its pointer) by a field type whose YAML form is not what its Go
+// kind suggests, e.g. a Duration written as "2s". CheckShape gets the decoded YAML value
+// (string, float64, bool, map[string]any or []any) and returns what is wrong with it, or "".
+type Shaper interface {
+	CheckShape(v any) string
+}
+
+// Decode decodes YAML (or JSON) into out, a pointer to a struct with json tags. It reports
+// every unknown key (with a "did you mean" for a near miss) and every value of the wrong kind,
+// each with its key path, all at once, as shape errors; out is then filled best effort, so that
+// the caller's value checks can still run and one run names every mistake (see Combine). err
+// is for input that is not YAML at all. Every escrow config file (the proxy's, the injector's)
+// is read through it.
+func Decode(data []byte, out any) (shape Errors, err error) {
 	js, err := yaml.YAMLToJSON(data)
 	if err != nil {
 		return nil, fmt.Errorf("config: not valid YAML: %w", err)
@@ -100,34 +139,34 @@ func Parse(data []byte) (*Config, error) {
 		return nil, fmt.Errorf("config: %w", err)
 	}
 	if raw == nil {
-		raw = map[string]any{}
+		return nil, nil // an empty document: every key at its default
 	}
-	var shape Errors
-	checkShape(&shape, "", raw, reflect.TypeOf(Config{}))
-	var c Config
+	checkShape(&shape, "", raw, reflect.TypeOf(out).Elem())
 	dec := json.NewDecoder(bytes.NewReader(js))
 	if len(shape) == 0 {
 		dec.DisallowUnknownFields()
 	}
-	if err := dec.Decode(&c); err != nil && len(shape) == 0 {
+	if err := dec.Decode(out); err != nil && len(shape) == 0 {
 		// checkShape catches nearly everything with a path; this is the backstop.
-		return nil, Errors{{Path: "(root)", Msg: err.Error()}}
+		return Errors{{Path: "(root)", Msg: err.Error()}}, nil
 	}
-	// With shape errors the decode above was best effort (encoding/json keeps going past a type
-	// mismatch), so the value checks still run and one run names every mistake. A value error
-	// at or below a path that already has a shape error would only repeat it.
-	c.applyDefaults()
-	errs := shape
-	for _, e := range c.validate() {
+	return shape, nil
+}
+
+// Combine is every problem of one document, sorted by key path: the shape errors Decode
+// reported and the value errors of the caller's checks, less the value errors at or below a
+// path that already has a shape error (they would only repeat it). Nil when there are none.
+func Combine(shape, values Errors) Errors {
+	errs := append(Errors(nil), shape...)
+	for _, e := range values {
 		if !coveredBy(e.Path, shape) {
 			errs = append(errs, e)
 		}
 	}
-	if len(errs) > 0 {
-		return nil, sortErrs(errs)
+	if len(errs) == 0 {
+		return nil
 	}
-	c.validated = true
-	return &c, nil
+	return sortErrs(errs)
 }
 
 // Validate fills defaults, checks every value and compiles what the rest of the program uses
@@ -209,7 +248,7 @@ func sortErrs(es Errors) Errors {
 	return es
 }
 
-var durationType = reflect.TypeOf(Duration(0))
+var shaperType = reflect.TypeOf((*Shaper)(nil)).Elem()
 
 // checkShape walks the decoded document against the Go type, reporting unknown keys and wrong
 // kinds with their paths, so that one run names every mistake.
@@ -224,14 +263,9 @@ func checkShape(errs *Errors, path string, v any, t reflect.Type) {
 	if v == nil {
 		return // null: leave the zero value
 	}
-	if t == durationType {
-		s, ok := v.(string)
-		if !ok {
-			*errs = append(*errs, FieldError{at, "want a duration string such as \"2s\""})
-			return
-		}
-		if d, err := time.ParseDuration(s); err != nil || d < 0 {
-			*errs = append(*errs, FieldError{at, fmt.Sprintf("invalid duration %q", s)})
+	if reflect.PointerTo(t).Implements(shaperType) {
+		if msg := reflect.New(t).Interface().(Shaper).CheckShape(v); msg != "" {
+			*errs = append(*errs, FieldError{at, msg})
 		}
 		return
 	}
@@ -303,6 +337,9 @@ func join(path, k string) string {
 	}
 	return path + "." + k
 }
+
+// KindOf names the kind of a decoded YAML value for messages ("a mapping", "the number 5").
+func KindOf(v any) string { return kindOf(v) }
 
 func kindOf(v any) string {
 	switch x := v.(type) {

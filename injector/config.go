@@ -1,22 +1,18 @@
 package injector
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"path"
-	"reflect"
 	"sort"
-	"strconv"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/util/validation"
-	"sigs.k8s.io/yaml"
 
 	"github.com/escrowproxy/escrow/config"
 )
@@ -104,7 +100,14 @@ func (q *Quantity) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-var quantityType = reflect.TypeOf(Quantity(""))
+// CheckShape accepts a string or a number (config.Shaper).
+func (q *Quantity) CheckShape(v any) string {
+	switch v.(type) {
+	case string, float64:
+		return ""
+	}
+	return "want a quantity such as \"100m\" or \"64Mi\", got " + config.KindOf(v)
+}
 
 // SPIFFE is the Workload API socket's volume.
 type SPIFFE struct {
@@ -139,42 +142,20 @@ func LoadConfig(path string, d Defaults) (*Config, error) {
 	return ParseConfig(data, d)
 }
 
-// ParseConfig parses YAML (or JSON), rejects unknown keys, fills defaults and validates. The
-// error, if any, is a config.Errors naming every bad key path.
+// ParseConfig parses YAML (or JSON), rejects unknown keys, fills defaults and validates, the way
+// escrow's own config is read (config.Decode). The error, if any, is a config.Errors naming
+// every bad key path at once.
 func ParseConfig(data []byte, d Defaults) (*Config, error) {
-	js, err := yaml.YAMLToJSON(data)
-	if err != nil {
-		return nil, fmt.Errorf("injector: config is not valid YAML: %w", err)
-	}
-	var raw any
-	if err := json.Unmarshal(js, &raw); err != nil {
-		return nil, fmt.Errorf("injector: config: %w", err)
-	}
-	var errs config.Errors
-	if raw != nil {
-		checkShape(&errs, "", raw, reflect.TypeOf(Config{}))
-	}
-	if len(errs) > 0 {
-		return nil, sortErrs(errs)
-	}
 	var c Config
-	if raw != nil {
-		dec := json.NewDecoder(bytes.NewReader(js))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&c); err != nil { // checkShape catches these with a path first
-			return nil, config.Errors{{Path: "(root)", Msg: err.Error()}}
-		}
+	shape, err := config.Decode(data, &c)
+	if err != nil {
+		return nil, fmt.Errorf("injector: %w", err)
 	}
 	c.applyDefaults(d)
-	if errs := c.validate(); len(errs) > 0 {
-		return nil, sortErrs(errs)
+	if errs := config.Combine(shape, c.validate()); len(errs) > 0 {
+		return nil, errs
 	}
 	return &c, nil
-}
-
-func sortErrs(es config.Errors) config.Errors {
-	sort.SliceStable(es, func(i, j int) bool { return es[i].Path < es[j].Path })
-	return es
 }
 
 func (c *Config) applyDefaults(d Defaults) {
@@ -395,112 +376,4 @@ func buildResources(req, lim map[string]Quantity) (corev1.ResourceRequirements, 
 		}
 	}
 	return rr, nil
-}
-
-// checkShape walks the decoded document against the Go type, reporting unknown keys and wrong
-// kinds with their paths, so that one run names every mistake (as config does for escrow's own
-// file).
-func checkShape(errs *config.Errors, p string, v any, t reflect.Type) {
-	for t.Kind() == reflect.Pointer {
-		t = t.Elem()
-	}
-	at := p
-	if at == "" {
-		at = "(root)"
-	}
-	if v == nil {
-		return
-	}
-	add := func(msg string) { *errs = append(*errs, config.FieldError{Path: at, Msg: msg}) }
-	if t == quantityType {
-		switch v.(type) {
-		case string, float64:
-		default:
-			add("want a quantity such as \"100m\" or \"64Mi\", got " + kindOf(v))
-		}
-		return
-	}
-	switch t.Kind() {
-	case reflect.Struct:
-		m, ok := v.(map[string]any)
-		if !ok {
-			add("want a mapping, got " + kindOf(v))
-			return
-		}
-		fields := map[string]reflect.Type{}
-		for i := 0; i < t.NumField(); i++ {
-			f := t.Field(i)
-			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
-			if name != "" && name != "-" {
-				fields[name] = f.Type
-			}
-		}
-		keys := make([]string, 0, len(m))
-		for k := range m {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		for _, k := range keys {
-			ft, ok := fields[k]
-			if !ok {
-				*errs = append(*errs, config.FieldError{Path: join(p, k), Msg: "unknown key"})
-				continue
-			}
-			checkShape(errs, join(p, k), m[k], ft)
-		}
-	case reflect.Map:
-		m, ok := v.(map[string]any)
-		if !ok {
-			add("want a mapping, got " + kindOf(v))
-			return
-		}
-		for k, e := range m {
-			checkShape(errs, join(p, k), e, t.Elem())
-		}
-	case reflect.Slice:
-		l, ok := v.([]any)
-		if !ok {
-			add("want a list, got " + kindOf(v))
-			return
-		}
-		for i, e := range l {
-			checkShape(errs, fmt.Sprintf("%s[%d]", p, i), e, t.Elem())
-		}
-	case reflect.String:
-		if _, ok := v.(string); !ok {
-			add("want a string, got " + kindOf(v))
-		}
-	case reflect.Bool:
-		if _, ok := v.(bool); !ok {
-			add("want true or false, got " + kindOf(v))
-		}
-	case reflect.Int, reflect.Int64:
-		f, ok := v.(float64)
-		if !ok || f != float64(int64(f)) {
-			add("want an integer, got " + kindOf(v))
-		}
-	}
-}
-
-func join(p, k string) string {
-	if p == "" {
-		return k
-	}
-	return p + "." + k
-}
-
-func kindOf(v any) string {
-	switch x := v.(type) {
-	case map[string]any:
-		return "a mapping"
-	case []any:
-		return "a list"
-	case string:
-		return "a string"
-	case bool:
-		return "a boolean"
-	case float64:
-		return "the number " + strconv.FormatFloat(x, 'g', -1, 64)
-	}
-	return fmt.Sprintf("%T", v)
 }

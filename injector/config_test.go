@@ -71,10 +71,17 @@ imagePullPolicy: Always
 	if !errors.As(err, &errs) {
 		t.Fatalf("err = %v, want config.Errors", err)
 	}
-	// Shape errors come first: a file with any is reported before values are checked.
+	// Shape errors (unknown keys, wrong kinds) and the value errors of the keys decoded around
+	// them come in one run, as for escrow's own config (config.Decode, config.Combine).
 	want := []string{
 		"admin_port: want an integer",
+		"ca_dir: want a clean absolute directory path",
+		"config_map: \"Bad_Name\" is not a valid name",
+		"image: \"bad image\" contains whitespace",
 		"imagePullPolicy: unknown key",
+		"image_pull_policy: want Always, IfNotPresent or Never",
+		"no_proxy[0]: \"a b\" contains a space",
+		"proxy_port: want a port from 1 to 65535",
 		"resources.limits.memory: want a quantity",
 		"spiffe.sockets: unknown key",
 		"trust_env: want true or false",
