@@ -1,7 +1,6 @@
 package config
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"reflect"
 	"regexp"
 	"sort"
 	"strconv"
@@ -19,7 +17,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"sigs.k8s.io/yaml"
 )
 
 // Duration is a time.Duration written as a Go duration string ("2s", "1h30m").
@@ -60,27 +57,6 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// FieldError is one problem at one key path.
-type FieldError struct {
-	Path string // e.g. upstreams[1].inject.header
-	Msg  string
-}
-
-func (e FieldError) Error() string { return e.Path + ": " + e.Msg }
-
-// Errors is every problem found in one file, reported at once.
-type Errors []FieldError
-
-func (es Errors) Error() string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "config: %d error(s):", len(es))
-	for _, e := range es {
-		b.WriteString("\n  ")
-		b.WriteString(e.Error())
-	}
-	return b.String()
-}
-
 // Load reads the file at path, parses and validates it (Parse), then runs the checks that need
 // this machine (CheckLocal against the real filesystem and environment). It is what the binary
 // uses; config that arrives as bytes from elsewhere goes through Parse alone.
@@ -114,59 +90,6 @@ func Parse(data []byte) (*Config, error) {
 	}
 	c.validated = true
 	return &c, nil
-}
-
-// Shaper is implemented (on its pointer) by a field type whose YAML form is not what its Go
-// kind suggests, e.g. a Duration written as "2s". CheckShape gets the decoded YAML value
-// (string, float64, bool, map[string]any or []any) and returns what is wrong with it, or "".
-type Shaper interface {
-	CheckShape(v any) string
-}
-
-// Decode decodes YAML (or JSON) into out, a pointer to a struct with json tags. It reports
-// every unknown key (with a "did you mean" for a near miss) and every value of the wrong kind,
-// each with its key path, all at once, as shape errors; out is then filled best effort, so that
-// the caller's value checks can still run and one run names every mistake (see Combine). err
-// is for input that is not YAML at all. Every escrow config file (the proxy's, the injector's)
-// is read through it.
-func Decode(data []byte, out any) (shape Errors, err error) {
-	js, err := yaml.YAMLToJSON(data)
-	if err != nil {
-		return nil, fmt.Errorf("config: not valid YAML: %w", err)
-	}
-	var raw any
-	if err := json.Unmarshal(js, &raw); err != nil {
-		return nil, fmt.Errorf("config: %w", err)
-	}
-	if raw == nil {
-		return nil, nil // an empty document: every key at its default
-	}
-	checkShape(&shape, "", raw, reflect.TypeOf(out).Elem())
-	dec := json.NewDecoder(bytes.NewReader(js))
-	if len(shape) == 0 {
-		dec.DisallowUnknownFields()
-	}
-	if err := dec.Decode(out); err != nil && len(shape) == 0 {
-		// checkShape catches nearly everything with a path; this is the backstop.
-		return Errors{{Path: "(root)", Msg: err.Error()}}, nil
-	}
-	return shape, nil
-}
-
-// Combine is every problem of one document, sorted by key path: the shape errors Decode
-// reported and the value errors of the caller's checks, less the value errors at or below a
-// path that already has a shape error (they would only repeat it). Nil when there are none.
-func Combine(shape, values Errors) Errors {
-	errs := append(Errors(nil), shape...)
-	for _, e := range values {
-		if !coveredBy(e.Path, shape) {
-			errs = append(errs, e)
-		}
-	}
-	if len(errs) == 0 {
-		return nil
-	}
-	return sortErrs(errs)
 }
 
 // Validate fills defaults, checks every value and compiles what the rest of the program uses
@@ -232,164 +155,6 @@ func unwrapPath(err error) error {
 		return u
 	}
 	return err
-}
-
-func coveredBy(path string, shape Errors) bool {
-	for _, s := range shape {
-		if s.Path == "(root)" || path == s.Path || strings.HasPrefix(path, s.Path+".") || strings.HasPrefix(path, s.Path+"[") {
-			return true
-		}
-	}
-	return false
-}
-
-func sortErrs(es Errors) Errors {
-	sort.SliceStable(es, func(i, j int) bool { return es[i].Path < es[j].Path })
-	return es
-}
-
-var shaperType = reflect.TypeOf((*Shaper)(nil)).Elem()
-
-// checkShape walks the decoded document against the Go type, reporting unknown keys and wrong
-// kinds with their paths, so that one run names every mistake.
-func checkShape(errs *Errors, path string, v any, t reflect.Type) {
-	for t.Kind() == reflect.Pointer {
-		t = t.Elem()
-	}
-	at := path
-	if at == "" {
-		at = "(root)"
-	}
-	if v == nil {
-		return // null: leave the zero value
-	}
-	if reflect.PointerTo(t).Implements(shaperType) {
-		if msg := reflect.New(t).Interface().(Shaper).CheckShape(v); msg != "" {
-			*errs = append(*errs, FieldError{at, msg})
-		}
-		return
-	}
-	switch t.Kind() {
-	case reflect.Struct:
-		m, ok := v.(map[string]any)
-		if !ok {
-			*errs = append(*errs, FieldError{at, "want a mapping, got " + kindOf(v)})
-			return
-		}
-		fields := map[string]reflect.Type{}
-		for i := 0; i < t.NumField(); i++ {
-			f := t.Field(i)
-			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
-			if name != "" && name != "-" {
-				fields[name] = f.Type
-			}
-		}
-		keys := make([]string, 0, len(m))
-		for k := range m {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		for _, k := range keys {
-			ft, ok := fields[k]
-			if !ok {
-				*errs = append(*errs, FieldError{join(path, k), "unknown key" + suggest(k, fields)})
-				continue
-			}
-			checkShape(errs, join(path, k), m[k], ft)
-		}
-	case reflect.Map:
-		m, ok := v.(map[string]any)
-		if !ok {
-			*errs = append(*errs, FieldError{at, "want a mapping, got " + kindOf(v)})
-			return
-		}
-		for k, e := range m {
-			checkShape(errs, join(path, k), e, t.Elem())
-		}
-	case reflect.Slice:
-		l, ok := v.([]any)
-		if !ok {
-			*errs = append(*errs, FieldError{at, "want a list, got " + kindOf(v)})
-			return
-		}
-		for i, e := range l {
-			checkShape(errs, fmt.Sprintf("%s[%d]", path, i), e, t.Elem())
-		}
-	case reflect.String:
-		if _, ok := v.(string); !ok {
-			*errs = append(*errs, FieldError{at, "want a string, got " + kindOf(v)})
-		}
-	case reflect.Bool:
-		if _, ok := v.(bool); !ok {
-			*errs = append(*errs, FieldError{at, "want true or false, got " + kindOf(v)})
-		}
-	case reflect.Int, reflect.Int64, reflect.Int32:
-		f, ok := v.(float64)
-		if !ok || f != float64(int64(f)) {
-			*errs = append(*errs, FieldError{at, "want an integer, got " + kindOf(v)})
-		}
-	}
-}
-
-func join(path, k string) string {
-	if path == "" {
-		return k
-	}
-	return path + "." + k
-}
-
-// KindOf names the kind of a decoded YAML value for messages ("a mapping", "the number 5").
-func KindOf(v any) string { return kindOf(v) }
-
-func kindOf(v any) string {
-	switch x := v.(type) {
-	case map[string]any:
-		return "a mapping"
-	case []any:
-		return "a list"
-	case string:
-		return "a string"
-	case bool:
-		return "a boolean"
-	case float64:
-		return "the number " + strconv.FormatFloat(x, 'g', -1, 64)
-	default:
-		return fmt.Sprintf("%T", v)
-	}
-}
-
-// suggest names a known key that is one small edit away, the common typo case.
-func suggest(k string, known map[string]reflect.Type) string {
-	best, bestD := "", 3
-	for name := range known {
-		if d := editDistance(k, name); d < bestD || (d == bestD && name < best) {
-			best, bestD = name, d
-		}
-	}
-	if best == "" {
-		return ""
-	}
-	return fmt.Sprintf(" (did you mean %q?)", best)
-}
-
-func editDistance(a, b string) int {
-	prev := make([]int, len(b)+1)
-	cur := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev, cur = cur, prev
-	}
-	return prev[len(b)]
 }
 
 func (c *Config) applyDefaults() {
