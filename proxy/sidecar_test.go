@@ -3,10 +3,13 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +17,7 @@ import (
 	"time"
 
 	"github.com/escrowproxy/escrow/config"
+	"github.com/escrowproxy/escrow/policy"
 	"github.com/escrowproxy/escrow/proxy/egress"
 )
 
@@ -138,5 +142,31 @@ func TestSidecar_ServeStopsAndClosesOnCancel(t *testing.T) {
 	if c, err := net.DialTimeout("tcp", sc.ProxyAddr.String(), time.Second); err == nil {
 		c.Close()
 		t.Fatal("the proxy listener is still open after Serve returned")
+	}
+}
+
+func TestBuild_TakesThePolicySetAsBytes(t *testing.T) {
+	up := newTLSUpstream(t, okHandler(nil), false, "api.example.com")
+	cfg := sidecarConfig(t, "egress: {allow_cidrs: [127.0.0.0/8]}\nupstreams:\n"+up.route("api.example.com"))
+	src := policy.Source{Origin: "test", Policies: map[string][]byte{
+		"p.cedar": []byte(`@id("bytes-forbid") forbid (principal, action, resource);`)}}
+	sc, err := Build(context.Background(), cfg, Deps{Policies: &src})
+	must(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- sc.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(sc.CAPEM)
+	client := &http.Client{Transport: &http.Transport{
+		Proxy:           http.ProxyURL(&url.URL{Scheme: "http", Host: sc.ProxyAddr.String()}),
+		TLSClientConfig: &tls.Config{RootCAs: roots},
+	}, Timeout: 10 * time.Second}
+	resp, err := client.Get("https://api.example.com/")
+	must(t, err)
+	resp.Body.Close()
+	// The directory allows everything; the bytes forbid: the bytes are in force.
+	if resp.StatusCode != http.StatusForbidden || resp.Header.Get(ReasonHeader) != string(ReasonPolicyDenied) {
+		t.Fatalf("status %d %s, want 403 policy_denied from the set given as bytes", resp.StatusCode, resp.Header.Get(ReasonHeader))
 	}
 }
