@@ -195,12 +195,44 @@ func (in *Injector) skipReason(pod *corev1.Pod, namespace string) string {
 	return ""
 }
 
-// conflicts refuses a pod that already uses a volume name the injector adds.
+// conflicts refuses a pod that already uses a volume name the injector adds, or whose containers
+// mount one. Such a mount names no volume before injection, but would be valid after it: an
+// agent container could then read the CA key, or the Workload API socket and with it the pod's
+// SVIDs, which only escrow may hold.
 func conflicts(pod *corev1.Pod) error {
 	ours := map[string]bool{VolumeConfig: true, VolumePolicies: true, VolumeCA: true, VolumeCAKey: true, VolumeSPIFFE: true}
 	for _, v := range pod.Spec.Volumes {
 		if ours[v.Name] {
 			return fmt.Errorf("injector: the pod already has a volume named %q, which escrow's injection uses", v.Name)
+		}
+	}
+	check := func(kind string, c *corev1.Container) error {
+		for _, m := range c.VolumeMounts {
+			if ours[m.Name] {
+				return fmt.Errorf("injector: %s %q mounts %q, a volume only escrow's injection may mount", kind, c.Name, m.Name)
+			}
+		}
+		for _, d := range c.VolumeDevices {
+			if ours[d.Name] {
+				return fmt.Errorf("injector: %s %q uses %q, a volume only escrow's injection may mount", kind, c.Name, d.Name)
+			}
+		}
+		return nil
+	}
+	for i := range pod.Spec.InitContainers {
+		if err := check("init container", &pod.Spec.InitContainers[i]); err != nil {
+			return err
+		}
+	}
+	for i := range pod.Spec.Containers {
+		if err := check("container", &pod.Spec.Containers[i]); err != nil {
+			return err
+		}
+	}
+	for i := range pod.Spec.EphemeralContainers {
+		ec := corev1.Container(pod.Spec.EphemeralContainers[i].EphemeralContainerCommon)
+		if err := check("ephemeral container", &ec); err != nil {
+			return err
 		}
 	}
 	return nil
