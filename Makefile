@@ -8,7 +8,7 @@ LDFLAGS   := -s -w -X main.version=$(VERSION)
 
 # Fuzz targets: package:Target (each runs for FUZZTIME in `make fuzz`).
 FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy/egress:FuzzRulesCheck \
-                ./policy:FuzzLoad ./credential:FuzzApplier ./injector:FuzzMutate
+                ./policy:FuzzLoad ./credential:FuzzApplier ./injector:FuzzMutate ./injector:FuzzReview
 
 .PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro clean test-k8s
 

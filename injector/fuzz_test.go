@@ -82,3 +82,55 @@ func FuzzMutate(f *testing.F) {
 		}
 	})
 }
+
+// FuzzReview feeds arbitrary bytes as an AdmissionReview body. review never panics; it either
+// refuses the body as malformed, or answers an AdmissionReview v1 whose response carries the
+// request's uid and, when it patches, a JSON patch.
+func FuzzReview(f *testing.F) {
+	f.Add([]byte(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u1","kind":{"version":"v1","kind":"Pod"},"resource":{"version":"v1","resource":"pods"},"operation":"CREATE","namespace":"agents","object":{"metadata":{"name":"a"},"spec":{"containers":[{"name":"a","image":"x"}]}}}}`))
+	f.Add([]byte(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u2","resource":{"version":"v1","resource":"configmaps"},"operation":"CREATE"}}`))
+	f.Add([]byte(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u3","resource":{"version":"v1","resource":"pods"},"operation":"CREATE","object":"not a pod"}}`))
+	f.Add([]byte(`{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}`))
+	f.Add([]byte(`{} {}`))
+	f.Add([]byte(`[`))
+	in := testInjector(f, "testdata/config.yaml")
+	f.Fuzz(func(t *testing.T, body []byte) {
+		out, _, err := in.review(body)
+		if err != nil {
+			if out != nil {
+				t.Fatalf("an error with a body: %s", out)
+			}
+			return
+		}
+		var ar struct {
+			APIVersion string `json:"apiVersion"`
+			Kind       string `json:"kind"`
+			Response   *struct {
+				UID       string `json:"uid"`
+				PatchType string `json:"patchType"`
+				Patch     []byte `json:"patch"`
+			} `json:"response"`
+		}
+		if err := json.Unmarshal(out, &ar); err != nil || ar.Response == nil {
+			t.Fatalf("answer is not an AdmissionReview with a response: %s", out)
+		}
+		if ar.APIVersion != "admission.k8s.io/v1" || ar.Kind != "AdmissionReview" || ar.Response.UID == "" {
+			t.Fatalf("answer %s", out)
+		}
+		var req struct {
+			Request struct {
+				UID string `json:"uid"`
+			} `json:"request"`
+		}
+		_ = json.Unmarshal(body, &req)
+		if req.Request.UID != "" && req.Request.UID != ar.Response.UID {
+			t.Fatalf("uid %q answered as %q", req.Request.UID, ar.Response.UID)
+		}
+		if len(ar.Response.Patch) > 0 {
+			var ops []map[string]any
+			if ar.Response.PatchType != "JSONPatch" || json.Unmarshal(ar.Response.Patch, &ops) != nil {
+				t.Fatalf("patch %q of type %q is not a JSON patch", ar.Response.Patch, ar.Response.PatchType)
+			}
+		}
+	})
+}
