@@ -10,7 +10,7 @@ LDFLAGS   := -s -w -X main.version=$(VERSION)
 FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy/egress:FuzzRulesCheck \
                 ./policy:FuzzLoad ./credential:FuzzApplier ./injector:FuzzMutate ./injector:FuzzReview
 
-.PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro clean test-k8s
+.PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro bench-compare clean test-k8s
 
 all: build
 
@@ -61,6 +61,11 @@ bench: build bench-peers
 ## bench-peers: install squid and tinyproxy (apt, as root) and build smokescreen and goproxy-basic
 bench-peers:
 	bench/peers/setup.sh $(CACHE_BIN)
+
+## bench-compare: the micro-benchmarks of BASE and of the working tree, run in turns, through
+## benchstat: `make bench-compare BASE=main~1 PKG=./proxy/ BENCH='Proxy_|Direct_'`
+bench-compare:
+	bench/compare.sh $(BASE) $(or $(PKG),./proxy/) '$(or $(BENCH),.)'
 
 ## bench-micro: the hot-path micro-benchmarks, six samples each, for benchstat
 bench-micro:
