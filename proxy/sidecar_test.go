@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/escrowproxy/escrow/audit"
 	"github.com/escrowproxy/escrow/config"
 	"github.com/escrowproxy/escrow/policy"
 	"github.com/escrowproxy/escrow/proxy/egress"
@@ -150,7 +151,7 @@ func TestBuild_TakesThePolicySetAsBytes(t *testing.T) {
 	cfg := sidecarConfig(t, "egress: {allow_cidrs: [127.0.0.0/8]}\nupstreams:\n"+up.route("api.example.com"))
 	src := policy.Source{Origin: "test", Policies: map[string][]byte{
 		"p.cedar": []byte(`@id("bytes-forbid") forbid (principal, action, resource);`)}}
-	sc, err := Build(context.Background(), cfg, Deps{Policies: &src})
+	sc, err := Build(context.Background(), cfg, Deps{Policies: &src, Audit: audit.SinkFunc(func(*audit.Record) {})})
 	must(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

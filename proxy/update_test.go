@@ -36,6 +36,11 @@ func TestSidecar_UpdateSwapsRoutesCredentialsAndPoliciesWhileRequestsFlow(t *tes
 	toA, toB := twoUpstreams(t)
 	tp := newTestProxy(t, toA, withPolicy(`@id("v1") permit (principal, action, resource);`))
 	wantA, wantB := "A Bearer "+testSecret, "B Token "+testSecret
+	// A new connection per request: an intercepted connection keeps the route its CONNECT was
+	// decided on, so only new CONNECTs see an update's routes.
+	tr := tp.Transport.Clone()
+	tr.DisableKeepAlives = true
+	client := &http.Client{Transport: tr, Timeout: 20 * time.Second}
 
 	var (
 		stop    atomic.Bool
@@ -46,7 +51,7 @@ func TestSidecar_UpdateSwapsRoutesCredentialsAndPoliciesWhileRequestsFlow(t *tes
 	for range 4 {
 		wg.Go(func() {
 			for !stop.Load() {
-				resp, err := tp.Client.Get("https://api.example.com/v1/models")
+				resp, err := client.Get("https://api.example.com/v1/models")
 				if err != nil {
 					failure.Store(err.Error())
 					return
@@ -66,6 +71,7 @@ func TestSidecar_UpdateSwapsRoutesCredentialsAndPoliciesWhileRequestsFlow(t *tes
 		{Origin: "test", Policies: map[string][]byte{"p.cedar": []byte(`@id("v1") permit (principal, action, resource);`)}},
 		{Origin: "test", Policies: map[string][]byte{"p.cedar": []byte(`@id("v2") permit (principal, action, resource);`)}},
 	}
+	time.Sleep(20 * time.Millisecond) // some requests on the first state
 	for i := range 40 {
 		cfg, err := config.Parse([]byte(tp.baseConfig + []string{toB, toA}[i%2]))
 		must(t, err)
