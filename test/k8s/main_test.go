@@ -1,7 +1,10 @@
 // Package k8s_test checks escrow's Kubernetes delivery with real parts: the Helm chart rendered
 // and linted by a real helm, its manifests applied to a real kube-apiserver (with etcd), the real
 // `escrow webhook` binary registered from the chart's MutatingWebhookConfiguration, and the
-// Grafana dashboard's queries checked against the real /metrics output of escrow.
+// Grafana dashboard's queries checked against the real /metrics output of escrow. With no kubelet,
+// podsim_test.go plays one: the injected pod runs in a network namespace of its own, and real curl
+// and Python requests, given only the agent container's injected environment, reach an API
+// through escrow with the credential.
 //
 // The tests need helm, kube-apiserver, kubectl and etcd: test/k8s/tools.sh builds them once into
 // a cache and prints the directory. With ESCROW_K8S_TOOLS unset every test here skips (so plain

@@ -41,15 +41,19 @@ need() {
   log "built $name in $((SECONDS - start))s"
 }
 
-# etcd: Debian's etcd-server (3.4), the one the API server is tested against.
-if ! command -v etcd >/dev/null 2>&1; then
+# etcd: Debian's etcd-server (3.4), the one the API server is tested against. iproute2: `ip`
+# brings up loopback in the network namespace where the injected pod is simulated.
+missing=()
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
-    log "etcd is missing: install Debian's etcd-server (apt-get install etcd-server) and rerun"
+    log "missing: ${missing[*]}: install them with apt-get and rerun"
     exit 1
   fi
-  log "installing etcd-server"
+  log "installing ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 ln -sf "$(command -v etcd)" "$BIN/etcd"
 
