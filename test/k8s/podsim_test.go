@@ -37,13 +37,13 @@ type simPod struct {
 		InitContainers []simContainer `json:"initContainers"`
 		Containers     []simContainer `json:"containers"`
 		Volumes        []struct {
-			Name      string    `json:"name"`
+			Name      string `json:"name"`
 			ConfigMap *struct {
 				Name string `json:"name"`
 			} `json:"configMap"`
-			EmptyDir  *struct{} `json:"emptyDir"`
-			CSI       *struct{} `json:"csi"`
-			HostPath  *struct{} `json:"hostPath"`
+			EmptyDir *struct{} `json:"emptyDir"`
+			CSI      *struct{} `json:"csi"`
+			HostPath *struct{} `json:"hostPath"`
 		} `json:"volumes"`
 	} `json:"spec"`
 }
