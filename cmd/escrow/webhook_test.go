@@ -20,7 +20,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -30,24 +29,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 )
-
-// syncBuf is a bytes.Buffer safe for the server's writes and the test's reads.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // writeServingCert writes a self-signed certificate for 127.0.0.1, replacing the files
 // atomically as the kubelet does for a mounted Secret.
@@ -88,7 +69,7 @@ func writeServingCert(t *testing.T, dir, cn string) (certFile, keyFile string, c
 }
 
 // listenAddr waits for the "listening" log line and returns its address.
-func listenAddr(t *testing.T, log *syncBuf, done <-chan error) string {
+func listenAddr(t *testing.T, log *lockedBuffer, done <-chan error) string {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	for time.Now().Before(deadline) {
@@ -120,7 +101,7 @@ func TestCmdWebhook_ServesRotatesAndDrains(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var stdout, stderr syncBuf
+	var stdout, stderr lockedBuffer
 	done := make(chan error, 1)
 	go func() {
 		done <- cmdWebhook(ctx, []string{"--listen", "127.0.0.1:0", "--tls-cert", certFile, "--tls-key", keyFile, "--config", cfgFile}, &stdout, &stderr)
@@ -235,7 +216,7 @@ func TestCmdWebhook_Flags(t *testing.T) {
 		{"check", []string{"--tls-cert", certFile, "--tls-key", keyFile, "--check"}, nil, "webhook config ok"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var stdout, stderr syncBuf
+			var stdout, stderr lockedBuffer
 			err := cmdWebhook(ctx, tc.args, &stdout, &stderr)
 			all := stdout.String() + stderr.String()
 			if err != nil {
