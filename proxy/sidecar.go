@@ -217,17 +217,19 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 
 	// credential: one provider per configured name, through the one switch in credential.
 	var px *Proxy // the providers' HTTP client dials through the proxy's egress rules
+	providerTransport := &http.Transport{
+		Proxy: nil, // never the environment's HTTP(S)_PROXY
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return px.Dial()(ctx, network, addr)
+		},
+		ForceAttemptHTTP2:   true,
+		TLSHandshakeTimeout: 10 * time.Second,
+		IdleConnTimeout:     90 * time.Second,
+	}
+	s.closers = append(s.closers, func() error { providerTransport.CloseIdleConnections(); return nil })
 	s.credDep = credential.Deps{
-		HTTPClient: &http.Client{Transport: &http.Transport{
-			Proxy: nil, // never the environment's HTTP(S)_PROXY
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				return px.Dial()(ctx, network, addr)
-			},
-			ForceAttemptHTTP2:   true,
-			TLSHandshakeTimeout: 10 * time.Second,
-			IdleConnTimeout:     90 * time.Second,
-		}, Timeout: 30 * time.Second},
-		LookupEnv: os.LookupEnv, Now: now, Logger: log.Named("credential"),
+		HTTPClient: &http.Client{Transport: providerTransport, Timeout: 30 * time.Second},
+		LookupEnv:  os.LookupEnv, Now: now, Logger: log.Named("credential"),
 	}
 	if j, ok := id.(credential.JWTSource); ok {
 		s.credDep.JWT = j
