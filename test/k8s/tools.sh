@@ -4,42 +4,14 @@
 #
 #   test/k8s/tools.sh            # -> prints the directory to export as ESCROW_K8S_TOOLS
 #
-# The cache lives outside the repository (ESCROW_TOOLS_BIN, default ~/.cache/escrow-tools/bin) so
-# that a fresh clone on the same machine reuses it. A binary is rebuilt when its tool module's
-# module, package or link flags change (a stamp beside it records their hash). Builds run one after another: each one
-# peaks at several GB and both cores.
+# The cache and its stamps: test/tools/lib.sh.
 #
 # Cold (empty Go module and build caches, 2 cores): kube-apiserver about 5-6 minutes on an idle
 # machine (20 measured on a busy one), then kubectl about 1.5 and helm about 3. Warm: nothing is
 # built; the script takes well under a second.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-ROOT=$PWD
-BIN=${ESCROW_TOOLS_BIN:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/escrow-tools/bin}
-mkdir -p "$BIN"
+source "$(dirname "$0")/../tools/lib.sh"
 K8S_VERSION=v1.34.4
-
-log() { echo "tools.sh: $*" >&2; }
-
-# The stamp: the tool module's go.mod and go.sum, the package and the link flags.
-stamp() { { cat "$ROOT/test/tools/$1/go.mod" "$ROOT/test/tools/$1/go.sum"; echo "$2 $3"; } | sha256sum | cut -d' ' -f1; }
-
-# need NAME MODULE_DIR PACKAGE [LDFLAGS]: build PACKAGE from test/tools/MODULE_DIR into $BIN/NAME
-# unless it is there and was built from the same go.sum.
-need() {
-  local name=$1 mod=$2 pkg=$3 ldflags=${4:-}
-  local stampfile=$BIN/.$name.stamp
-  if [ -x "$BIN/$name" ] && [ "$(cat "$stampfile" 2>/dev/null)" = "$(stamp "$mod" "$pkg" "$ldflags")" ]; then
-    return 0
-  fi
-  log "building $name (once; cached in $BIN)"
-  local start=$SECONDS
-  (cd "$ROOT/test/tools/$mod" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath \
-      -ldflags "-s -w $ldflags" -o "$BIN/$name.tmp" "$pkg")
-  mv "$BIN/$name.tmp" "$BIN/$name"
-  stamp "$mod" "$pkg" "$ldflags" > "$stampfile"
-  log "built $name in $((SECONDS - start))s"
-}
 
 # etcd: Debian's etcd-server (3.4), the one the API server is tested against. iproute2: `ip`
 # brings up loopback in the network namespace where the injected pod is simulated.
