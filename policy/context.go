@@ -19,6 +19,10 @@ const (
 	TypeNamespace      = "Namespace"
 	TypeHost           = "Host"
 	TypeAction         = "Action"
+	// MCP entities (see Input.Resource); each one's parent is the Host.
+	TypeTool     = "Tool"
+	TypeResource = "Resource"
+	TypePrompt   = "Prompt"
 )
 
 // Action names that are not HTTP methods.
@@ -29,6 +33,10 @@ const (
 	ActionRead = "read"
 	// ActionWrite is the group of every other method.
 	ActionWrite = "write"
+	// MCP actions: the second decision on an MCP upstream, per JSON-RPC call.
+	ActionToolsCall     = "tools/call"
+	ActionResourcesRead = "resources/read"
+	ActionPromptsGet    = "prompts/get"
 )
 
 // readMethods are the methods in Action::"read"; every other method is in Action::"write".

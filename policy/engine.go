@@ -23,6 +23,37 @@ type Input struct {
 	Path       string // request path ("" for connect)
 	Credential string // the route's credential name, "" if none
 	Time       time.Time
+
+	// Resource is the entity the action is on; the zero value is Host::"<Host>". MCP calls
+	// name a Tool, Resource or Prompt whose parent is the host.
+	Resource Resource
+	// Upgrade is the protocol the request upgrades to ("websocket"), or "" (context.upgrade).
+	Upgrade string
+	// Caller is the calling process (context.caller), nil when unknown or not enabled.
+	Caller *attest.Process
+	// Delegation is the verified delegation chain (context.delegation), nil when none.
+	Delegation *attest.Delegation
+	// MCP is the MCP call being decided (context.mcp), nil for plain HTTP requests.
+	MCP *MCPCall
+}
+
+// Resource names the entity of an MCP decision: Type is TypeTool, TypeResource or TypePrompt
+// and ID is "<host>/<name or uri>"; its parent is Host::"<host>".
+type Resource struct {
+	Type string
+	ID   string
+}
+
+// MCPCall is one JSON-RPC call to an MCP server (context.mcp).
+type MCPCall struct {
+	// Method is the JSON-RPC method: "tools/call", "resources/read" or "prompts/get".
+	Method string
+	// Name is the tool or prompt name, or the resource URI.
+	Name string
+	// Arguments is the call's arguments object as decoded by encoding/json with UseNumber
+	// (map[string]any, []any, string, json.Number, bool, nil); nil when absent. The engine
+	// converts it to a Cedar record, bounded in depth and size.
+	Arguments map[string]any
 }
 
 // Reason is the stable, machine-readable outcome of a decision.
