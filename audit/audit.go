@@ -28,11 +28,12 @@ type Record struct {
 	Attested    bool
 	IdentitySrc string
 
-	Method string
-	Scheme string
-	Host   string
-	Port   int
-	Path   string
+	Method  string
+	Upgrade string // the protocol a request upgrades to ("websocket"), or ""
+	Scheme  string
+	Host    string
+	Port    int
+	Path    string
 
 	Decision  string // Allow or Deny
 	Reason    string // stable machine-readable reason
@@ -60,6 +61,9 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	_ = enc.AddObject("identity", (*recordIdentity)(r))
 	if r.Method != "" {
 		enc.AddString("method", r.Method)
+	}
+	if r.Upgrade != "" {
+		enc.AddString("upgrade", r.Upgrade)
 	}
 	enc.AddString("scheme", r.Scheme)
 	enc.AddString("host", r.Host)

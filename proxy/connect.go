@@ -196,7 +196,7 @@ func (p *Proxy) innerConnContext(ctx context.Context, c net.Conn) context.Contex
 func (p *Proxy) serveIntercepted(w http.ResponseWriter, r *http.Request) {
 	m, ok := r.Context().Value(connMetaKey{}).(*connMeta)
 	if !ok {
-		writeDenial(w, ReasonBadRequest, "")
+		writeDenial(w, ReasonBadRequest, "", "")
 		return
 	}
 	if r.Host != "" {
