@@ -34,6 +34,7 @@ type Record struct {
 	Host    string
 	Port    int
 	Path    string
+	SNI     string // the TLS server name a tunnel's ClientHello named
 
 	Decision  string // Allow or Deny
 	Reason    string // stable machine-readable reason
@@ -70,6 +71,9 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddInt("port", r.Port)
 	if r.Path != "" {
 		enc.AddString("path", r.Path)
+	}
+	if r.SNI != "" {
+		enc.AddString("sni", r.SNI)
 	}
 	enc.AddString("decision", r.Decision)
 	enc.AddString("reason", r.Reason)

@@ -2,7 +2,10 @@ package proxy
 
 import (
 	"bufio"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -255,5 +258,82 @@ func TestProxy_EveryResponseCarriesTheRecordsRequestID(t *testing.T) {
 	must(t, json.Unmarshal(readBody(t, resp), &d))
 	if got := resp.Header.Get(RequestIDHeader); got == "" || got != d.RequestID {
 		t.Errorf("denial: header %q, body request_id %q", got, d.RequestID)
+	}
+}
+
+// newTLSEchoServer is a TLS server for host (signed by the test upstream CA) that echoes what it
+// decrypts until the peer half-closes, then closes.
+func newTLSEchoServer(t testing.TB, host string) string {
+	t.Helper()
+	leaf, err := upstreamCA(t).Leaf(host)
+	must(t, err)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{*leaf}})
+	must(t, err)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_, _ = io.Copy(c, c)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// tlsThroughTunnel does a TLS handshake for host over an open CONNECT tunnel, trusting the test
+// upstream CA (a tunnel keeps end-to-end TLS: escrow's CA plays no part).
+func tlsThroughTunnel(t testing.TB, conn net.Conn, br *bufio.Reader, host string) *tls.Conn {
+	t.Helper()
+	roots := x509.NewCertPool()
+	roots.AddCert(upstreamCA(t).Certificate())
+	tc := tls.Client(&bufferedConn{Conn: conn, r: br}, &tls.Config{ServerName: host, RootCAs: roots})
+	must(t, tc.Handshake())
+	return tc
+}
+
+func TestProxy_TunnelRequiresTLSForTheConnectHost(t *testing.T) {
+	echo := newTLSEchoServer(t, "tunnel.example.com")
+	tp := newTestProxy(t, fmt.Sprintf("upstreams:\n  - host: tunnel.example.com\n    tunnel: true\n    address: %s\n", echo),
+		withPolicy(tunnelPolicy))
+
+	// The server name is the CONNECT host: relayed, and the record names it.
+	conn, br, resp, _ := tp.rawConnect(t, "tunnel.example.com:443", nil)
+	if resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %d", resp.StatusCode)
+	}
+	tc := tlsThroughTunnel(t, conn, br, "tunnel.example.com")
+	_, err := io.WriteString(tc, "ping")
+	must(t, err)
+	got := make([]byte, 4)
+	_, err = io.ReadFull(tc, got)
+	must(t, err)
+	tc.Close()
+	if rec := tp.Record(t, 1); rec.Decision != audit.Allow || rec.SNI != "tunnel.example.com" || string(got) != "ping" {
+		t.Errorf("record %+v, echo %q", rec, got)
+	}
+
+	// Domain fronting: a tunnel to the allowed name carrying TLS for another one.
+	conn, br, _, _ = tp.rawConnect(t, "tunnel.example.com:443", nil)
+	fronted := tls.Client(&bufferedConn{Conn: conn, r: br}, &tls.Config{ServerName: "other.example.net", InsecureSkipVerify: true})
+	if err := fronted.Handshake(); err == nil {
+		t.Fatal("a TLS handshake for another name completed through the tunnel")
+	}
+	if rec := tp.Record(t, 2); rec.Decision != audit.Deny || rec.Reason != string(ReasonHostMismatch) || rec.SNI != "other.example.net" {
+		t.Errorf("record = %+v", rec)
+	}
+
+	// Not TLS at all.
+	conn, br, _, _ = tp.rawConnect(t, "tunnel.example.com:443", []byte("GET / HTTP/1.1\r\nHost: tunnel.example.com\r\n\r\n"))
+	if b, _ := io.ReadAll(br); len(b) != 0 {
+		t.Errorf("plain bytes in a tunnel got an answer: %q", b)
+	}
+	conn.Close()
+	if rec := tp.Record(t, 3); rec.Decision != audit.Deny || rec.Reason != string(ReasonBadRequest) || rec.BytesOut != 0 {
+		t.Errorf("record = %+v", rec)
 	}
 }
