@@ -109,10 +109,11 @@ type Sidecar struct {
 }
 
 // Build makes a Sidecar from a validated config. It opens the listeners (so a port conflict is
-// an error here, not later), loads the policy set, starts the identity source, makes the pod CA
-// and writes the trust bundle, and fetches every credential once (a failure is logged, not
-// fatal: requests needing it are denied until it works). It serves nothing until Serve. On error
-// everything it opened is closed again.
+// an error here, not later), loads the policy set, starts the identity source, makes the pod CA,
+// fetches every credential once (a failure is logged, not fatal: requests needing it are denied
+// until it works and /readyz says so), and only then, when nothing else can fail, writes the CA
+// files (ca_key_dir, and the trust bundle in ca_dir): a start that fails changes no file. It
+// serves nothing until Serve. On error everything it opened is closed again.
 func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err error) {
 	if !cfg.Validated() {
 		return nil, errors.New("proxy: the config was not validated (use config.Parse or config.Load)")
@@ -190,13 +191,12 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	s.ProxyAddr = s.ln.Addr().(*net.TCPAddr).AddrPort()
 	s.AdminAddr = s.adminLn.Addr().(*net.TCPAddr).AddrPort()
 
-	// The pod CA (reused from ca_key_dir when it holds a valid one) and the trust bundle.
-	podCA, reused, err := ca.LoadOrNew(ca.Options{LeafTTL: cfg.LeafTTL.D(), Name: "escrow pod CA " + hostname(), Now: d.Now}, cfg.CAKeyDir)
+	// The pod CA (reused from ca_key_dir when it holds a valid one). Its files (ca_key_dir, and
+	// the trust bundle in ca_dir) are written at the very end, once nothing can fail: a start
+	// that fails must not replace the CA of an escrow still running with the same directories.
+	podCA, reused, saveCA, err := ca.Prepare(ca.Options{LeafTTL: cfg.LeafTTL.D(), Name: "escrow pod CA " + hostname(), Now: d.Now}, cfg.CAKeyDir)
 	if err != nil {
 		return nil, err
-	}
-	if reused {
-		log.Info("reusing the pod CA kept in ca_key_dir", zap.String("ca_key_dir", cfg.CAKeyDir))
 	}
 	systemRoots := d.SystemRoots
 	if systemRoots == nil {
@@ -205,9 +205,6 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	roots, err := systemRoots()
 	if err != nil {
 		log.Warn("system roots not found; the trust bundle holds only the pod CA", zap.Error(err))
-	}
-	if err := ca.WriteFiles(cfg.CADir, podCA.CertPEM(), roots); err != nil {
-		return nil, err
 	}
 	s.CAPEM = podCA.CertPEM()
 	var leaves LeafSource = podCA
@@ -297,6 +294,17 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		},
 		"ca": func() error { return nil }, // the CA exists before the listeners serve
 	})
+
+	// Last, the trust files: everything that can fail has succeeded.
+	if err := saveCA(); err != nil {
+		return nil, err
+	}
+	if reused {
+		log.Info("reusing the pod CA kept in ca_key_dir", zap.String("ca_key_dir", cfg.CAKeyDir))
+	}
+	if err := ca.WriteFiles(cfg.CADir, podCA.CertPEM(), roots); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
