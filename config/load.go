@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -136,6 +137,23 @@ func (c *Config) CheckLocal(l Local) error {
 			add("policy.dir", "%s is not a directory", c.Policy.Dir)
 		}
 	}
+	if c.ListenUnix != "" {
+		dir := filepath.Dir(c.ListenUnix)
+		if fi, err := l.Stat(dir); err != nil {
+			add("listen_unix", "directory %s: %v", dir, unwrapPath(err))
+		} else if !fi.IsDir() {
+			add("listen_unix", "%s is not a directory", dir)
+		}
+	}
+	if d := c.Delegation; d != nil {
+		for i, is := range d.Issuers {
+			if is.OIDC != nil && is.OIDC.JWKSFile != "" {
+				if _, err := l.Stat(is.OIDC.JWKSFile); err != nil {
+					add(fmt.Sprintf("delegation.issuers[%d].oidc.jwks_file", i), "cannot read: %v", unwrapPath(err))
+				}
+			}
+		}
+	}
 	for i, u := range c.Upstreams {
 		if u.CAFile != "" {
 			if _, err := l.Stat(u.CAFile); err != nil {
@@ -179,12 +197,28 @@ func (c *Config) applyDefaults() {
 	if c.Egress.DialTimeout == 0 {
 		c.Egress.DialTimeout = Duration(DefaultDialTimeout)
 	}
+	if c.Egress.ResponseTimeout == 0 {
+		c.Egress.ResponseTimeout = Duration(DefaultResponseTimeout)
+	}
+	if d := c.Delegation; d != nil && d.MaxDepth == nil {
+		n := DefaultDelegationDepth
+		d.MaxDepth = &n
+	}
 	if c.Audit.FlushInterval == nil {
 		d := Duration(DefaultAuditFlush)
 		c.Audit.FlushInterval = &d
 	}
 	for i := range c.Upstreams {
-		c.Upstreams[i].Host = strings.ToLower(strings.TrimSuffix(c.Upstreams[i].Host, "."))
+		u := &c.Upstreams[i]
+		u.Host = strings.ToLower(strings.TrimSuffix(u.Host, "."))
+		if u.MCP != nil {
+			if u.MCP.Path == "" {
+				u.MCP.Path = DefaultMCPPath
+			}
+			if u.MCP.MaxMessageBytes == 0 {
+				u.MCP.MaxMessageBytes = DefaultMCPMaxMessage
+			}
+		}
 	}
 }
 
@@ -246,7 +280,7 @@ func (c *Config) validate() Errors {
 	add := func(path, format string, a ...any) {
 		errs = append(errs, FieldError{path, fmt.Sprintf(format, a...)})
 	}
-	checkListen := func(key, addr string, loopbackOnly bool) {
+	checkListen := func(key, addr string, loopbackOnly bool, unsafe string) {
 		host, port, err := net.SplitHostPort(addr)
 		if err != nil {
 			add(key, "want host:port, got %q", addr)
@@ -262,10 +296,21 @@ func (c *Config) validate() Errors {
 		if host == "localhost" || (err == nil && ip.IsLoopback()) {
 			return
 		}
-		add(key, "%q is not a loopback address; the proxy holds credentials for whoever can reach it (set unsafe_allow_non_loopback_listen to override)", host)
+		if key == "listen" {
+			add(key, "%q is not a loopback address; the proxy holds credentials for whoever can reach it (set %s to override)", host, unsafe)
+		} else {
+			add(key, "%q is not a loopback address; /metrics and /readyz tell whoever reaches them what the agent does (set %s to override, e.g. for a pod's probes and scrape)", host, unsafe)
+		}
 	}
-	checkListen("listen", c.Listen, !c.UnsafeAllowNonLoopbackListen)
-	checkListen("admin", c.Admin, false)
+	checkListen("listen", c.Listen, !c.UnsafeAllowNonLoopbackListen, "unsafe_allow_non_loopback_listen")
+	checkListen("admin", c.Admin, !c.UnsafeAllowNonLoopbackAdmin, "unsafe_allow_non_loopback_admin")
+	if c.ListenUnix != "" {
+		if !filepath.IsAbs(c.ListenUnix) {
+			add("listen_unix", "want an absolute path, got %q", c.ListenUnix)
+		} else if strings.HasSuffix(c.ListenUnix, "/") {
+			add("listen_unix", "want the socket's path, not a directory: %q", c.ListenUnix)
+		}
+	}
 	if c.Listen == c.Admin && !strings.HasSuffix(c.Listen, ":0") {
 		add("admin", "must differ from listen (%s)", c.Listen)
 	}
@@ -287,6 +332,7 @@ func (c *Config) validate() Errors {
 			}
 		}
 	}
+	c.validateDelegation(add)
 	if c.CAKeyDir != "" {
 		key, dir := filepath.Clean(c.CAKeyDir), filepath.Clean(c.CADir)
 		if key == dir || strings.HasPrefix(key, dir+string(filepath.Separator)) {
@@ -300,11 +346,11 @@ func (c *Config) validate() Errors {
 	if !c.Policy.Mode.Valid() {
 		add("policy.mode", "want enforce or report, got %q", c.Policy.Mode)
 	}
-	if c.Policy.ReloadInterval.D() < 100*time.Millisecond {
-		add("policy.reload_interval", "must be at least 100ms")
+	if c.Policy.ReloadInterval.D() < MinReloadInterval {
+		add("policy.reload_interval", "must be at least %v", MinReloadInterval)
 	}
-	if c.LeafTTL.D() < time.Minute {
-		add("leaf_ttl", "must be at least 1m")
+	if c.LeafTTL.D() < MinLeafTTL {
+		add("leaf_ttl", "must be at least %v", fmtDuration(MinLeafTTL))
 	}
 	if d := c.Audit.FlushEvery(); d < 0 || d > MaxAuditFlush {
 		add("audit.flush_interval", "must be between 0s (write every record at once) and %v", MaxAuditFlush)
@@ -377,6 +423,22 @@ func (c *Config) validate() Errors {
 				add(p+".address", "want host:port, got %q", u.Address)
 			}
 		}
+		if u.Timeout != 0 && u.Timeout.D() < MinResponseTimeout {
+			add(p+".response_timeout", "must be at least %v (or omit it for egress.response_timeout)", MinResponseTimeout)
+		}
+		if u.MCP != nil {
+			if u.Tunnel {
+				add(p+".mcp", "an MCP server's calls are decided one by one, which needs an intercepted upstream, not a tunnel")
+			}
+			if !strings.HasPrefix(u.MCP.Path, "/") {
+				add(p+".mcp.path", "must start with \"/\", got %q", u.MCP.Path)
+			} else if strings.ContainsAny(u.MCP.Path, "?#") || strings.ContainsFunc(u.MCP.Path, isCTL) {
+				add(p+".mcp.path", "want a path without query, fragment or control characters, got %q", u.MCP.Path)
+			}
+			if n := u.MCP.MaxMessageBytes; n < MinMCPMessage || n > MaxMCPMessage {
+				add(p+".mcp.max_message_bytes", "must be between %d (1 KiB) and %d (64 MiB)", MinMCPMessage, MaxMCPMessage)
+			}
+		}
 	}
 
 	names := make([]string, 0, len(c.Credentials))
@@ -412,11 +474,18 @@ func (c *Config) validate() Errors {
 	if c.Egress.DialTimeout.D() <= 0 {
 		add("egress.dial_timeout", "must be positive")
 	}
+	if c.Egress.ResponseTimeout.D() < MinResponseTimeout {
+		add("egress.response_timeout", "must be at least %v", MinResponseTimeout)
+	}
 	if len(errs) == 0 {
 		// Compiled only from values that passed every check above.
 		for i, u := range c.Upstreams {
 			if !u.Tunnel && u.Credential != "" {
 				c.Upstreams[i].injection = compileInjection(u)
+			}
+			c.Upstreams[i].responseTimeout = c.Egress.ResponseTimeout.D()
+			if u.Timeout != 0 {
+				c.Upstreams[i].responseTimeout = u.Timeout.D()
 			}
 		}
 	}
@@ -477,4 +546,95 @@ func checkSPIFFEID(s string) error {
 		return fmt.Errorf("want a SPIFFE ID (spiffe://trust-domain/path), got %q: %v", s, err)
 	}
 	return nil
+}
+
+// validateDelegation checks the delegation block.
+func (c *Config) validateDelegation(add func(path, format string, a ...any)) {
+	d := c.Delegation
+	if d == nil {
+		return
+	}
+	if d.Audience == "" {
+		add("delegation.audience", "required: the aud a delegation token must carry (e.g. this proxy's SPIFFE ID)")
+	}
+	if len(d.Issuers) == 0 {
+		add("delegation.issuers", "required: at least one of {spiffe: {}} or {oidc: {issuer: ...}}")
+	}
+	if n := d.MaxActors(); n < 0 || n > MaxDelegationDepth {
+		add("delegation.max_depth", "must be between 0 (the token's subject calls directly) and %d", MaxDelegationDepth)
+	}
+	for i, is := range d.Issuers {
+		p := fmt.Sprintf("delegation.issuers[%d]", i)
+		switch {
+		case is.SPIFFE != nil && is.OIDC != nil:
+			add(p, "set exactly one of spiffe or oidc, not both")
+		case is.SPIFFE == nil && is.OIDC == nil:
+			add(p, "set one of spiffe: {} or oidc: {issuer: ...}")
+		case is.SPIFFE != nil:
+			if c.Identity.SPIFFE == nil {
+				add(p+".spiffe", "needs identity.spiffe: JWT-SVIDs are verified against the Workload API's bundles")
+			}
+		case is.OIDC != nil:
+			o := is.OIDC
+			if o.Issuer == "" {
+				add(p+".oidc.issuer", "required")
+			} else if msg := checkEndpointURL(o.Issuer); msg != "" {
+				add(p+".oidc.issuer", "%s", msg)
+			}
+			if o.JWKSURL != "" && o.JWKSFile != "" {
+				add(p+".oidc", "set at most one of jwks_url or jwks_file")
+			}
+			if o.JWKSURL != "" {
+				if msg := checkEndpointURL(o.JWKSURL); msg != "" {
+					add(p+".oidc.jwks_url", "%s", msg)
+				}
+			}
+		}
+	}
+}
+
+// checkEndpointURL accepts an absolute https URL, or http on a loopback host (a local test
+// server): whatever escrow fetches keys or tokens from must not be readable or forgeable on the
+// network. No user info (a secret does not belong in a URL) and no fragment.
+func checkEndpointURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil || u.Host == "" || u.Opaque != "" {
+		return fmt.Sprintf("want an https URL, got %q", s)
+	}
+	if u.User != nil {
+		return "must not contain user information (put secrets in files)"
+	}
+	if u.Fragment != "" || strings.HasSuffix(s, "#") {
+		return fmt.Sprintf("must not contain a fragment, got %q", s)
+	}
+	switch u.Scheme {
+	case "https":
+		return ""
+	case "http":
+		if isLoopbackHost(u.Hostname()) {
+			return ""
+		}
+		return fmt.Sprintf("want https (http only on a loopback host), got %q", s)
+	}
+	return fmt.Sprintf("want an https URL, got %q", s)
+}
+
+func isLoopbackHost(h string) bool {
+	if h == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(h)
+	return err == nil && ip.IsLoopback()
+}
+
+// fmtDuration prints d without Go's trailing zero units ("1m", not "1m0s").
+func fmtDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
 }
