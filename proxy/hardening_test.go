@@ -337,3 +337,24 @@ func TestProxy_TunnelRequiresTLSForTheConnectHost(t *testing.T) {
 		t.Errorf("record = %+v", rec)
 	}
 }
+
+func TestProxy_UpstreamThatDoesNotAnswerIs504AfterResponseTimeout(t *testing.T) {
+	hang := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
+	h1 := newTLSUpstream(t, hang, false, "h1.example.com")
+	h2 := newTLSUpstream(t, hang, true, "h2.example.com")
+	plain := newPlainUpstream(t, hang)
+	tp := newTestProxy(t, "upstreams:\n"+h1.route("h1.example.com", "credential: api", "response_timeout: 1s")+
+		h2.route("h2.example.com", "response_timeout: 1s")+plain.route("plain.example.com", "response_timeout: 1s"))
+
+	for _, u := range []string{"https://h1.example.com/slow", "https://h2.example.com/slow", "http://plain.example.com/slow"} {
+		start := time.Now()
+		resp := tp.Get(t, u)
+		d := denialOf(t, resp, readBody(t, resp), http.StatusGatewayTimeout, ReasonUpstreamTimeout)
+		if el := time.Since(start); el < time.Second || el > 8*time.Second {
+			t.Errorf("%s: answered after %v with response_timeout 1s", u, el)
+		}
+		if rec := findRecord(t, tp, d.RequestID); rec.Reason != string(ReasonUpstreamTimeout) {
+			t.Errorf("%s: record %+v", u, rec)
+		}
+	}
+}
