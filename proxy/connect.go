@@ -69,6 +69,10 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 		return
 	}
 
+	if !p.reserveRecord(rec) {
+		p.deny(w, rec, ReasonAuditUnavailable, nil)
+		return
+	}
 	start := p.now()
 	addr := rt.address
 	if addr == "" {

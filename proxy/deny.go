@@ -28,6 +28,7 @@ const (
 	ReasonUpstreamTimeout       Reason = "upstream_timeout"
 	ReasonShuttingDown          Reason = "shutting_down"
 	ReasonMethodNotAllowed      Reason = "method_not_allowed"
+	ReasonAuditUnavailable      Reason = "audit_unavailable"
 	// ReasonAgentClosed is not a denial: an allowed response was cut short because the agent
 	// went away. It only appears in audit records and metrics.
 	ReasonAgentClosed Reason = "agent_closed"
@@ -63,6 +64,7 @@ var denials = map[Reason]denial{
 	ReasonUpstreamTimeout:       {http.StatusGatewayTimeout, "the upstream did not answer in time"},
 	ReasonShuttingDown:          {http.StatusServiceUnavailable, "escrow is shutting down"},
 	ReasonMethodNotAllowed:      {http.StatusMethodNotAllowed, "this method is never sent with a credential"},
+	ReasonAuditUnavailable:      {http.StatusServiceUnavailable, "audit records cannot be written; escrow serves no request it cannot record"},
 }
 
 // Status returns the HTTP status escrow answers with for r.

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -9,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -357,4 +359,87 @@ func TestProxy_UpstreamThatDoesNotAnswerIs504AfterResponseTimeout(t *testing.T) 
 			t.Errorf("%s: record %+v", u, rec)
 		}
 	}
+}
+
+func TestSidecar_StalledAuditOutputFailsClosedFast(t *testing.T) {
+	up := newPlainUpstream(t, okHandler(nil))
+	cfg := sidecarConfig(t, "audit: {flush_interval: 0s}\negress: {allow_cidrs: [127.0.0.0/8]}\nupstreams:\n"+up.route("plain.example.com"))
+	out, in := io.Pipe() // nobody reads it yet: every write blocks, as on a full stdout pipe
+	defer out.Close()
+	sc, err := Build(context.Background(), cfg, Deps{Stdout: in, AuditStallAfter: 200 * time.Millisecond,
+		SystemRoots: func() ([]byte, error) { return nil, nil }})
+	must(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- sc.Serve(ctx) }()
+	defer func() {
+		cancel()
+		go func() { _, _ = io.Copy(io.Discard, out) }()
+		<-served
+	}()
+	pu, _ := url.Parse("http://" + sc.ProxyAddr.String())
+	client := &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(pu)}, Timeout: 10 * time.Second}
+	get := func() (*http.Response, []byte) {
+		t.Helper()
+		resp, err := client.Get("http://plain.example.com/x")
+		must(t, err)
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp, body
+	}
+	// The first record is taken; its write blocks.
+	if resp, _ := get(); resp.StatusCode != 200 {
+		t.Fatalf("first request: %d", resp.StatusCode)
+	}
+	time.Sleep(300 * time.Millisecond) // past AuditStallAfter (a wall-clock bound by design)
+	start := time.Now()
+	resp, body := get()
+	denialOf(t, resp, body, http.StatusServiceUnavailable, ReasonAuditUnavailable)
+	if el := time.Since(start); el > 2*time.Second {
+		t.Errorf("refused after %v; want fast", el)
+	}
+	code, ready := adminGet(t, sc, "/readyz")
+	if code != http.StatusServiceUnavailable || !strings.Contains(ready, `"audit"`) {
+		t.Errorf("/readyz = %d %s", code, ready)
+	}
+	if _, metrics := adminGet(t, sc, "/metrics"); !strings.Contains(metrics, "escrow_audit_backlog_records ") ||
+		strings.Contains(metrics, "escrow_audit_backlog_records 0\n") {
+		t.Errorf("backlog metric missing or zero:\n%s", grepLines(metrics, "escrow_audit"))
+	}
+	// The output drains: records flow again, and so do requests.
+	lines := make(chan string, 16)
+	go func() {
+		br := bufio.NewReader(out)
+		for {
+			l, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			lines <- l
+		}
+	}()
+	waitFor(t, "readyz back to 200", func() bool { c, _ := adminGet(t, sc, "/readyz"); return c == 200 })
+	if resp, _ := get(); resp.StatusCode != 200 {
+		t.Fatalf("after the output drained: %d", resp.StatusCode)
+	}
+	// Every request has its record, the refused one included.
+	for i := range 3 {
+		select {
+		case l := <-lines:
+			if !strings.Contains(l, `"msg":"audit"`) {
+				t.Errorf("line %d: %s", i, l)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("record %d not written", i+1)
+		}
+	}
+}
+
+func adminGet(t testing.TB, sc *Sidecar, path string) (int, string) {
+	t.Helper()
+	resp, err := direct.Get("http://" + sc.AdminAddr.String() + path)
+	must(t, err)
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
 }

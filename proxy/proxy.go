@@ -102,6 +102,9 @@ type Proxy struct {
 	icpt    interception // the inner server of intercepted TLS connections
 	conns   *conns       // tunnels and upgraded connections
 	buffers *bufferPool
+	// reserver is the audit sink's Reserve when it has one (audit.Queue): a request is served
+	// only once its record is sure to be written.
+	reserver interface{ Reserve(*audit.Record) bool }
 }
 
 // stateDeps are the fixed inputs of every state the proxy builds.
@@ -155,6 +158,7 @@ func New(o Options) (*Proxy, error) {
 		build:    stateDeps{resolver: o.Resolver, dial: o.Dial, self: slices.Clone(o.Self), inspect: o.Inspectors},
 		reqIDPfx: hex.EncodeToString(pfx[:]), conns: newConns(), buffers: newBufferPool(),
 	}
+	p.reserver, _ = o.Audit.(interface{ Reserve(*audit.Record) bool })
 	st, err := p.buildState(o.Config, nil)
 	if err != nil {
 		return nil, err
@@ -328,6 +332,12 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		rec.CredentialID, ob.token = tok.ID(), tok
 	}
 
+	// audit: nothing is served whose record could not be written.
+	if !p.reserveRecord(rec) {
+		p.deny(w, rec, ReasonAuditUnavailable, nil)
+		return
+	}
+
 	// upstream: egress-checked dial, verified TLS, streamed both ways.
 	p.forward(w, r, rt, rec, ob)
 }
@@ -354,6 +364,12 @@ func (p *Proxy) newRecord(r *http.Request, kind string, mode config.PolicyMode) 
 	return &audit.Record{
 		Time: p.now(), RequestID: p.nextRequestID(), Kind: kind, Method: r.Method, Mode: string(mode),
 	}
+}
+
+// reserveRecord makes sure rec will be written before what it records happens: false while the
+// audit output is stalled.
+func (p *Proxy) reserveRecord(rec *audit.Record) bool {
+	return p.reserver == nil || p.reserver.Reserve(rec)
 }
 
 // deny answers the agent, logs the internal cause (never sent to the agent) and finishes the
