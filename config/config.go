@@ -18,6 +18,25 @@ const (
 	DefaultLeafTTL     = 24 * time.Hour
 	DefaultDialTimeout = 10 * time.Second
 	DefaultReloadEvery = 2 * time.Second
+	// DefaultResponseTimeout bounds the wait for an upstream's response headers: long enough for
+	// a slow LLM call that answers only when it is done.
+	DefaultResponseTimeout = 10 * time.Minute
+	// MinResponseTimeout is the least response_timeout accepted.
+	MinResponseTimeout = time.Second
+	// MinLeafTTL and MinReloadInterval are the least leaf_ttl and policy.reload_interval.
+	MinLeafTTL        = time.Minute
+	MinReloadInterval = 100 * time.Millisecond
+	// DefaultMCPPath is where an MCP server's Streamable HTTP endpoint lives unless mcp.path says.
+	DefaultMCPPath = "/mcp"
+	// DefaultMCPMaxMessage bounds one JSON-RPC message escrow parses; Min/MaxMCPMessage bound
+	// mcp.max_message_bytes.
+	DefaultMCPMaxMessage = 1 << 20
+	MinMCPMessage        = 1 << 10
+	MaxMCPMessage        = 64 << 20
+	// DefaultDelegationDepth is how many actors a delegation chain may have unless
+	// delegation.max_depth says; MaxDelegationDepth bounds max_depth.
+	DefaultDelegationDepth = 3
+	MaxDelegationDepth     = 16
 	// DefaultAuditFlush bounds how long an audit record may wait in escrow's buffer.
 	DefaultAuditFlush = 100 * time.Millisecond
 	// MaxAuditFlush bounds audit.flush_interval: it is also the window of records a crash loses.
@@ -50,6 +69,13 @@ type Config struct {
 	// UnsafeAllowNonLoopbackListen lets Listen bind a non-loopback address. The proxy holds
 	// credentials: anything that can reach the listener can use them (subject to policy).
 	UnsafeAllowNonLoopbackListen bool `json:"unsafe_allow_non_loopback_listen,omitempty"`
+	// UnsafeAllowNonLoopbackAdmin lets Admin bind a non-loopback address (a pod's kubelet probes
+	// and Prometheus scrape need it). /metrics and /readyz hold no secret, but they tell whoever
+	// reaches them what the agent is doing; the switch makes exposing them a decision.
+	UnsafeAllowNonLoopbackAdmin bool `json:"unsafe_allow_non_loopback_admin,omitempty"`
+	// ListenUnix, when set, is the path of a second proxy listener on a Unix socket, where the
+	// calling process comes from SO_PEERCRED. Absolute; its directory must exist.
+	ListenUnix string `json:"listen_unix,omitempty"`
 
 	Identity Identity `json:"identity"`
 	// CADir receives ca.crt and trust-bundle.pem (system roots + the pod CA).
@@ -67,6 +93,9 @@ type Config struct {
 	Credentials map[string]Credential `json:"credentials,omitempty"`
 	Egress      Egress                `json:"egress,omitempty"`
 	Audit       Audit                 `json:"audit,omitempty"`
+	// Delegation, when set, verifies the delegation token an agent presents
+	// (Proxy-Authorization: Bearer <JWT>) and gives policy its chain.
+	Delegation *Delegation `json:"delegation,omitempty"`
 
 	// validated is set by Validate: the compiled values below exist only then.
 	validated bool
@@ -84,6 +113,9 @@ type Audit struct {
 	// OOM) or crashes; a graceful stop (SIGTERM, SIGINT) writes them all. Nil until defaults
 	// are applied; use FlushEvery.
 	FlushInterval *Duration `json:"flush_interval,omitempty"`
+	// MCPArguments puts an MCP call's arguments on its audit record. Off by default: arguments
+	// may hold data; the record carries their sha256 either way.
+	MCPArguments bool `json:"mcp_arguments,omitempty"`
 }
 
 // FlushEvery is FlushInterval after defaults: DefaultAuditFlush when it was not set.
@@ -99,6 +131,9 @@ type Identity struct {
 	SPIFFE *SPIFFE `json:"spiffe,omitempty"`
 	// Static is a SPIFFE ID used as is, for local use. Every record marks it attested: false.
 	Static string `json:"static,omitempty"`
+	// Process finds the calling process of each connection from the kernel (uid, gid, pid,
+	// executable and its sha256), once per connection, for policy and the audit record.
+	Process bool `json:"process,omitempty"`
 }
 
 // SPIFFE configures the Workload API client.
@@ -141,8 +176,88 @@ type Upstream struct {
 	// UnsafePlaintextCredential lets the credential be applied to plain http:// requests, where
 	// it crosses the network in clear text. Off by default: such requests are refused.
 	UnsafePlaintextCredential bool `json:"unsafe_plaintext_credential,omitempty"`
+	// Timeout is response_timeout as written: how long escrow waits for the upstream's response
+	// headers after sending the request (504 upstream_timeout after it). Zero means
+	// egress.response_timeout. Read the effective value with ResponseTimeout.
+	Timeout Duration `json:"response_timeout,omitempty"`
+	// Scrub is scrub_responses as written: nil means true. Read it with ScrubResponses.
+	Scrub *bool `json:"scrub_responses,omitempty"`
+	// MCP marks the upstream as an MCP server (Streamable HTTP): POSTs to MCP.Path are parsed as
+	// JSON-RPC and each call is decided on its own. Never on a tunnel.
+	MCP *MCP `json:"mcp,omitempty"`
 
-	injection Injection // compiled by Validate from Inject, Basic, Query
+	injection       Injection     // compiled by Validate from Inject, Basic, Query
+	responseTimeout time.Duration // compiled by Validate from Timeout and egress.response_timeout
+}
+
+// ResponseTimeout is how long escrow waits for this upstream's response headers: Timeout, or
+// egress.response_timeout when Timeout is zero, compiled by Validate. Before Validate it falls
+// back to Timeout, then DefaultResponseTimeout.
+func (u Upstream) ResponseTimeout() time.Duration {
+	switch {
+	case u.responseTimeout > 0:
+		return u.responseTimeout
+	case u.Timeout > 0:
+		return u.Timeout.D()
+	}
+	return DefaultResponseTimeout
+}
+
+// ScrubResponses reports whether the injected credential's value is scrubbed from this
+// upstream's responses (headers, and text-like bodies up to a bound) so the agent never sees it.
+// True unless scrub_responses: false.
+func (u Upstream) ScrubResponses() bool { return u.Scrub == nil || *u.Scrub }
+
+// MCP configures an upstream that is an MCP server. Validate fills the defaults.
+type MCP struct {
+	// Path is the Streamable HTTP endpoint (DefaultMCPPath); it starts with "/".
+	Path string `json:"path,omitempty"`
+	// MaxMessageBytes bounds a POSTed JSON-RPC message (DefaultMCPMaxMessage, between
+	// MinMCPMessage and MaxMCPMessage); a larger one is denied, never forwarded unparsed.
+	MaxMessageBytes int64 `json:"max_message_bytes,omitempty"`
+}
+
+// Delegation configures how a presented delegation token is verified.
+type Delegation struct {
+	// Audience is the aud the token must carry (required).
+	Audience string `json:"audience"`
+	// Issuers whose tokens are accepted; at least one.
+	Issuers []DelegationIssuer `json:"issuers,omitempty"`
+	// MaxDepth is the most actors a chain may have (0 to MaxDelegationDepth; nil until defaults
+	// are applied, then DefaultDelegationDepth). Read it with MaxActors.
+	MaxDepth *int `json:"max_depth,omitempty"`
+	// Required denies a request that presents no token.
+	Required bool `json:"required,omitempty"`
+}
+
+// MaxActors is MaxDepth after defaults.
+func (d Delegation) MaxActors() int {
+	if d.MaxDepth == nil {
+		return DefaultDelegationDepth
+	}
+	return *d.MaxDepth
+}
+
+// DelegationIssuer is one accepted issuer of delegation tokens: exactly one of SPIFFE or OIDC.
+type DelegationIssuer struct {
+	// SPIFFE accepts JWT-SVIDs of other workloads, verified against the Workload API's JWT
+	// bundles (needs identity.spiffe).
+	SPIFFE *DelegationSPIFFE `json:"spiffe,omitempty"`
+	OIDC   *OIDCIssuer       `json:"oidc,omitempty"`
+}
+
+// DelegationSPIFFE has no settings yet; its presence selects the SPIFFE issuer.
+type DelegationSPIFFE struct{}
+
+// OIDCIssuer is an OpenID Connect issuer whose tokens are verified against its keys: JWKSFile,
+// else JWKSURL, else the jwks_uri of its discovery document.
+type OIDCIssuer struct {
+	// Issuer is the iss value, an https URL (http only on a loopback host).
+	Issuer string `json:"issuer"`
+	// JWKSURL is where the keys are (https, or http on loopback); at most one of JWKSURL, JWKSFile.
+	JWKSURL string `json:"jwks_url,omitempty"`
+	// JWKSFile holds the keys (a JWK set), re-read when it changes.
+	JWKSFile string `json:"jwks_file,omitempty"`
 }
 
 // Injection returns how the upstream's credential is applied, compiled once by Validate: the
@@ -160,6 +275,14 @@ const (
 	InjectBasic
 	// InjectQuery sets the query parameter Param to the token.
 	InjectQuery
+	// InjectSigV4 signs the request with AWS Signature Version 4 (Region, Service) using the
+	// temporary keys of an aws credential, after removing what the agent sent of
+	// Authorization, X-Amz-Date, X-Amz-Security-Token and X-Amz-Content-Sha256. The only way an
+	// aws credential is applied.
+	InjectSigV4
+	// InjectBasicPair sets "Authorization: Basic base64(user:password)" with both halves from
+	// the credential (a Vault dynamic secret's username and password, read from one lease).
+	InjectBasicPair
 )
 
 func (k InjectKind) String() string {
@@ -170,6 +293,10 @@ func (k InjectKind) String() string {
 		return "basic"
 	case InjectQuery:
 		return "query"
+	case InjectSigV4:
+		return "sigv4"
+	case InjectBasicPair:
+		return "basic_pair"
 	}
 	return "InjectKind(" + strconv.Itoa(int(k)) + ")"
 }
@@ -186,6 +313,9 @@ type Injection struct {
 	Username string
 	// Param is the query parameter's name (InjectQuery), non-empty.
 	Param string
+	// Region and Service are what InjectSigV4 signs for: the credential's region, and its
+	// service or the one derived from the upstream's host (s3 for *.s3.amazonaws.com).
+	Region, Service string
 }
 
 // Inject sets a header from a template; {{.Token}} is replaced by the credential.
@@ -204,24 +334,14 @@ type Query struct {
 	Param string `json:"param"`
 }
 
-// Credential is one named credential. Exactly one provider is set.
-type Credential struct {
-	Static *Static `json:"static,omitempty"`
-}
-
-// Static is a long-lived secret kept outside the agent's reach: in a file (re-read when it
-// changes) or an environment variable of the escrow process. Never inline.
-type Static struct {
-	File string `json:"file,omitempty"`
-	Env  string `json:"env,omitempty"`
-}
-
 // Egress governs which IP addresses may be dialled.
 type Egress struct {
 	// AllowCIDRs opens ranges that are denied by default (private, loopback, ...).
 	AllowCIDRs []string `json:"allow_cidrs,omitempty"`
 	// DialTimeout bounds DNS resolution plus the TCP connect.
 	DialTimeout Duration `json:"dial_timeout,omitempty"`
+	// ResponseTimeout is the default of upstreams[].response_timeout (DefaultResponseTimeout).
+	ResponseTimeout Duration `json:"response_timeout,omitempty"`
 
 	allow []netip.Prefix // AllowCIDRs, parsed by Validate
 }

@@ -1,19 +1,25 @@
 package config
 
 import (
+	"bytes"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -108,18 +114,128 @@ func (c *Config) Validate() error {
 type Local struct {
 	Stat      func(name string) (fs.FileInfo, error)
 	LookupEnv func(key string) (string, bool)
+	// ReadFile reads a file a key names (a secret, a key, a token, a CA file) to prove it is
+	// readable and, for a CA file, holds a certificate. Nil: such files are only Stat'ed.
+	ReadFile func(name string) ([]byte, error)
+	// WritableDir reports why dir could not be created (as MkdirAll would) or written (a new
+	// file in it), leaving nothing behind. Nil: not checked.
+	WritableDir func(dir string) error
 }
 
 // OSLocal is the real filesystem and the process's environment.
-func OSLocal() Local { return Local{Stat: os.Stat, LookupEnv: os.LookupEnv} }
+func OSLocal() Local {
+	return Local{Stat: os.Stat, LookupEnv: os.LookupEnv, ReadFile: readBounded, WritableDir: writableDir}
+}
 
-// CheckLocal runs the checks that need the machine escrow runs on: the policy directory exists,
-// upstream CA files are there, a Workload API socket is configured or in the environment. Every
-// problem is reported at once, with its key path. Load calls it after Parse.
+// maxCheckedFile bounds how much of a named file CheckLocal reads: secrets, keys and CA bundles
+// are small; a larger file is a mistaken path (and /dev/zero must not hang the check).
+const maxCheckedFile = 4 << 20
+
+func readBounded(name string) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxCheckedFile+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxCheckedFile {
+		return nil, fmt.Errorf("larger than %d MiB", maxCheckedFile>>20)
+	}
+	return b, nil
+}
+
+// writableDir checks that dir exists and a file can be created in it, or that its nearest
+// existing ancestor is a directory that can be written (so MkdirAll would succeed). The probe
+// file is removed at once; no directory is created.
+func writableDir(dir string) error {
+	d := filepath.Clean(dir)
+	for {
+		fi, err := os.Stat(d)
+		if err == nil {
+			if !fi.IsDir() {
+				return fmt.Errorf("%s is not a directory", d)
+			}
+			f, err := os.CreateTemp(d, ".escrow-check-*")
+			if err != nil {
+				if d != filepath.Clean(dir) {
+					return fmt.Errorf("cannot be created: %s is not writable: %v", d, unwrapPath(err))
+				}
+				return fmt.Errorf("not writable: %v", unwrapPath(err))
+			}
+			name := f.Name()
+			f.Close()
+			return os.Remove(name)
+		}
+		if !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ENOTDIR) {
+			return unwrapPath(err)
+		}
+		parent := filepath.Dir(d)
+		if parent == d {
+			return unwrapPath(err)
+		}
+		d = parent
+	}
+}
+
+// CheckLocal runs the checks that need the machine escrow runs on, everything escrow proxy would
+// find at start short of binding its ports, all reported at once with their key paths:
+//   - policy.dir is a directory; the directory of listen_unix exists;
+//   - identity.spiffe has a socket, configured or in SPIFFE_ENDPOINT_SOCKET;
+//   - every file a key names is readable (upstreams[].ca_file, the credentials'
+//     static.file, client_secret_file, private_key_file, token_file and ca_file, delegation
+//     jwks_file), and every ca_file holds at least one PEM certificate;
+//   - every static.env variable is set and not empty;
+//   - ca_dir and ca_key_dir can be created or written (probed without leaving a file behind).
+//
+// Load calls it after Parse; escrow proxy --check calls both.
 func (c *Config) CheckLocal(l Local) error {
 	var errs Errors
 	add := func(path, format string, a ...any) {
 		errs = append(errs, FieldError{path, fmt.Sprintf(format, a...)})
+	}
+	checkFile := func(path, file string, ca bool) {
+		if l.ReadFile == nil {
+			if _, err := l.Stat(file); err != nil {
+				add(path, "cannot read: %v", unwrapPath(err))
+			}
+			return
+		}
+		b, err := l.ReadFile(file)
+		switch {
+		case err != nil:
+			add(path, "cannot read %s: %v", file, unwrapPath(err))
+		case ca && !hasPEMCertificate(b):
+			add(path, "%s holds no PEM certificate (want -----BEGIN CERTIFICATE-----)", file)
+		case !ca && len(bytes.TrimSpace(b)) == 0:
+			add(path, "%s is empty", file)
+		}
+	}
+	if l.WritableDir != nil {
+		for _, d := range []struct{ key, dir string }{{"ca_dir", c.CADir}, {"ca_key_dir", c.CAKeyDir}} {
+			if d.dir == "" {
+				continue
+			}
+			if err := l.WritableDir(d.dir); err != nil {
+				add(d.key, "%s: %v", d.dir, err)
+			}
+		}
+	}
+	for _, n := range sortedKeys(c.Credentials) {
+		cr := c.Credentials[n]
+		for _, f := range cr.Files("credentials." + n) {
+			checkFile(f.Path, f.File, f.CA)
+		}
+		if cr.Static != nil && cr.Static.Env != "" {
+			switch v, ok := l.LookupEnv(cr.Static.Env); {
+			case !ok:
+				add("credentials."+n+".static.env", "environment variable %s is not set", cr.Static.Env)
+			case strings.TrimSpace(v) == "":
+				add("credentials."+n+".static.env", "environment variable %s is empty", cr.Static.Env)
+			}
+		}
 	}
 	if c.Identity.SPIFFE != nil && c.Identity.SPIFFE.Socket == "" {
 		s, _ := l.LookupEnv("SPIFFE_ENDPOINT_SOCKET")
@@ -136,11 +252,24 @@ func (c *Config) CheckLocal(l Local) error {
 			add("policy.dir", "%s is not a directory", c.Policy.Dir)
 		}
 	}
+	if c.ListenUnix != "" {
+		dir := filepath.Dir(c.ListenUnix)
+		if fi, err := l.Stat(dir); err != nil {
+			add("listen_unix", "directory %s: %v", dir, unwrapPath(err))
+		} else if !fi.IsDir() {
+			add("listen_unix", "%s is not a directory", dir)
+		}
+	}
+	if d := c.Delegation; d != nil {
+		for i, is := range d.Issuers {
+			if is.OIDC != nil && is.OIDC.JWKSFile != "" {
+				checkFile(fmt.Sprintf("delegation.issuers[%d].oidc.jwks_file", i), is.OIDC.JWKSFile, false)
+			}
+		}
+	}
 	for i, u := range c.Upstreams {
 		if u.CAFile != "" {
-			if _, err := l.Stat(u.CAFile); err != nil {
-				add(fmt.Sprintf("upstreams[%d].ca_file", i), "cannot read: %v", unwrapPath(err))
-			}
+			checkFile(fmt.Sprintf("upstreams[%d].ca_file", i), u.CAFile, true)
 		}
 	}
 	if len(errs) > 0 {
@@ -179,12 +308,32 @@ func (c *Config) applyDefaults() {
 	if c.Egress.DialTimeout == 0 {
 		c.Egress.DialTimeout = Duration(DefaultDialTimeout)
 	}
+	if c.Egress.ResponseTimeout == 0 {
+		c.Egress.ResponseTimeout = Duration(DefaultResponseTimeout)
+	}
+	if d := c.Delegation; d != nil && d.MaxDepth == nil {
+		n := DefaultDelegationDepth
+		d.MaxDepth = &n
+	}
+	for n, cr := range c.Credentials {
+		cr.applyDefaults()
+		c.Credentials[n] = cr
+	}
 	if c.Audit.FlushInterval == nil {
 		d := Duration(DefaultAuditFlush)
 		c.Audit.FlushInterval = &d
 	}
 	for i := range c.Upstreams {
-		c.Upstreams[i].Host = strings.ToLower(strings.TrimSuffix(c.Upstreams[i].Host, "."))
+		u := &c.Upstreams[i]
+		u.Host = strings.ToLower(strings.TrimSuffix(u.Host, "."))
+		if u.MCP != nil {
+			if u.MCP.Path == "" {
+				u.MCP.Path = DefaultMCPPath
+			}
+			if u.MCP.MaxMessageBytes == 0 {
+				u.MCP.MaxMessageBytes = DefaultMCPMaxMessage
+			}
+		}
 	}
 }
 
@@ -246,7 +395,7 @@ func (c *Config) validate() Errors {
 	add := func(path, format string, a ...any) {
 		errs = append(errs, FieldError{path, fmt.Sprintf(format, a...)})
 	}
-	checkListen := func(key, addr string, loopbackOnly bool) {
+	checkListen := func(key, addr string, loopbackOnly bool, unsafe string) {
 		host, port, err := net.SplitHostPort(addr)
 		if err != nil {
 			add(key, "want host:port, got %q", addr)
@@ -262,10 +411,21 @@ func (c *Config) validate() Errors {
 		if host == "localhost" || (err == nil && ip.IsLoopback()) {
 			return
 		}
-		add(key, "%q is not a loopback address; the proxy holds credentials for whoever can reach it (set unsafe_allow_non_loopback_listen to override)", host)
+		if key == "listen" {
+			add(key, "%q is not a loopback address; the proxy holds credentials for whoever can reach it (set %s to override)", host, unsafe)
+		} else {
+			add(key, "%q is not a loopback address; /metrics and /readyz tell whoever reaches them what the agent does (set %s to override, e.g. for a pod's probes and scrape)", host, unsafe)
+		}
 	}
-	checkListen("listen", c.Listen, !c.UnsafeAllowNonLoopbackListen)
-	checkListen("admin", c.Admin, false)
+	checkListen("listen", c.Listen, !c.UnsafeAllowNonLoopbackListen, "unsafe_allow_non_loopback_listen")
+	checkListen("admin", c.Admin, !c.UnsafeAllowNonLoopbackAdmin, "unsafe_allow_non_loopback_admin")
+	if c.ListenUnix != "" {
+		if !filepath.IsAbs(c.ListenUnix) {
+			add("listen_unix", "want an absolute path, got %q", c.ListenUnix)
+		} else if strings.HasSuffix(c.ListenUnix, "/") {
+			add("listen_unix", "want the socket's path, not a directory: %q", c.ListenUnix)
+		}
+	}
 	if c.Listen == c.Admin && !strings.HasSuffix(c.Listen, ":0") {
 		add("admin", "must differ from listen (%s)", c.Listen)
 	}
@@ -287,6 +447,7 @@ func (c *Config) validate() Errors {
 			}
 		}
 	}
+	c.validateDelegation(add)
 	if c.CAKeyDir != "" {
 		key, dir := filepath.Clean(c.CAKeyDir), filepath.Clean(c.CADir)
 		if key == dir || strings.HasPrefix(key, dir+string(filepath.Separator)) {
@@ -300,11 +461,11 @@ func (c *Config) validate() Errors {
 	if !c.Policy.Mode.Valid() {
 		add("policy.mode", "want enforce or report, got %q", c.Policy.Mode)
 	}
-	if c.Policy.ReloadInterval.D() < 100*time.Millisecond {
-		add("policy.reload_interval", "must be at least 100ms")
+	if c.Policy.ReloadInterval.D() < MinReloadInterval {
+		add("policy.reload_interval", "must be at least %v", MinReloadInterval)
 	}
-	if c.LeafTTL.D() < time.Minute {
-		add("leaf_ttl", "must be at least 1m")
+	if c.LeafTTL.D() < MinLeafTTL {
+		add("leaf_ttl", "must be at least %v", fmtDuration(MinLeafTTL))
 	}
 	if d := c.Audit.FlushEvery(); d < 0 || d > MaxAuditFlush {
 		add("audit.flush_interval", "must be between 0s (write every record at once) and %v", MaxAuditFlush)
@@ -350,8 +511,10 @@ func (c *Config) validate() Errors {
 			add(p+".credential", "required when inject, basic or query is set")
 		}
 		if u.Credential != "" {
-			if _, ok := c.Credentials[u.Credential]; !ok {
-				add(p+".credential", "no credential named %q in credentials", u.Credential)
+			if cr, ok := c.Credentials[u.Credential]; !ok {
+				add(p+".credential", "no credential named %q in credentials%s", u.Credential, suggestName(u.Credential, sortedKeys(c.Credentials)))
+			} else if !u.Tunnel {
+				c.checkCredentialOnUpstream(p, u, cr, n, add)
 			}
 		}
 		if u.Inject != nil {
@@ -377,6 +540,22 @@ func (c *Config) validate() Errors {
 				add(p+".address", "want host:port, got %q", u.Address)
 			}
 		}
+		if u.Timeout != 0 && u.Timeout.D() < MinResponseTimeout {
+			add(p+".response_timeout", "must be at least %v (or omit it for egress.response_timeout)", MinResponseTimeout)
+		}
+		if u.MCP != nil {
+			if u.Tunnel {
+				add(p+".mcp", "an MCP server's calls are decided one by one, which needs an intercepted upstream, not a tunnel")
+			}
+			if !strings.HasPrefix(u.MCP.Path, "/") {
+				add(p+".mcp.path", "must start with \"/\", got %q", u.MCP.Path)
+			} else if strings.ContainsAny(u.MCP.Path, "?#") || strings.ContainsFunc(u.MCP.Path, isCTL) {
+				add(p+".mcp.path", "want a path without query, fragment or control characters, got %q", u.MCP.Path)
+			}
+			if n := u.MCP.MaxMessageBytes; n < MinMCPMessage || n > MaxMCPMessage {
+				add(p+".mcp.max_message_bytes", "must be between %d (1 KiB) and %d (64 MiB)", MinMCPMessage, MaxMCPMessage)
+			}
+		}
 	}
 
 	names := make([]string, 0, len(c.Credentials))
@@ -385,19 +564,7 @@ func (c *Config) validate() Errors {
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		cr := c.Credentials[n]
-		p := "credentials." + n
-		if cr.Static == nil {
-			add(p, "set a provider (static)")
-			continue
-		}
-		s := cr.Static
-		switch {
-		case s.File != "" && s.Env != "":
-			add(p+".static", "set exactly one of file or env")
-		case s.File == "" && s.Env == "":
-			add(p+".static", "set one of file or env (inline secrets are not accepted)")
-		}
+		c.validateCredential("credentials."+n, c.Credentials[n], add)
 	}
 
 	c.Egress.allow = c.Egress.allow[:0]
@@ -412,11 +579,18 @@ func (c *Config) validate() Errors {
 	if c.Egress.DialTimeout.D() <= 0 {
 		add("egress.dial_timeout", "must be positive")
 	}
+	if c.Egress.ResponseTimeout.D() < MinResponseTimeout {
+		add("egress.response_timeout", "must be at least %v", MinResponseTimeout)
+	}
 	if len(errs) == 0 {
 		// Compiled only from values that passed every check above.
 		for i, u := range c.Upstreams {
 			if !u.Tunnel && u.Credential != "" {
-				c.Upstreams[i].injection = compileInjection(u)
+				c.Upstreams[i].injection = compileInjection(u, c.Credentials[u.Credential])
+			}
+			c.Upstreams[i].responseTimeout = c.Egress.ResponseTimeout.D()
+			if u.Timeout != 0 {
+				c.Upstreams[i].responseTimeout = u.Timeout.D()
 			}
 		}
 	}
@@ -441,8 +615,16 @@ func checkTemplate(v string) string {
 
 // compileInjection turns an upstream's validated inject/basic/query into an Injection; the
 // default is "Authorization: Bearer <token>".
-func compileInjection(u Upstream) Injection {
+func compileInjection(u Upstream, cr Credential) Injection {
 	switch {
+	case cr.AWS != nil:
+		svc := cr.AWS.Service
+		if svc == "" {
+			svc = deriveAWSService(u.Host)
+		}
+		return Injection{Kind: InjectSigV4, Region: cr.AWS.Region, Service: svc}
+	case cr.Vault != nil && cr.Vault.Secret.Dynamic != nil && cr.Vault.Secret.Dynamic.UserPass():
+		return Injection{Kind: InjectBasicPair, Header: "Authorization"}
 	case u.Basic != nil:
 		return Injection{Kind: InjectBasic, Header: "Authorization", Username: u.Basic.Username}
 	case u.Query != nil:
@@ -477,4 +659,144 @@ func checkSPIFFEID(s string) error {
 		return fmt.Errorf("want a SPIFFE ID (spiffe://trust-domain/path), got %q: %v", s, err)
 	}
 	return nil
+}
+
+// validateDelegation checks the delegation block.
+func (c *Config) validateDelegation(add func(path, format string, a ...any)) {
+	d := c.Delegation
+	if d == nil {
+		return
+	}
+	if d.Audience == "" {
+		add("delegation.audience", "required: the aud a delegation token must carry (e.g. this proxy's SPIFFE ID)")
+	}
+	if len(d.Issuers) == 0 {
+		add("delegation.issuers", "required: at least one of {spiffe: {}} or {oidc: {issuer: ...}}")
+	}
+	if n := d.MaxActors(); n < 0 || n > MaxDelegationDepth {
+		add("delegation.max_depth", "must be between 0 (the token's subject calls directly) and %d", MaxDelegationDepth)
+	}
+	for i, is := range d.Issuers {
+		p := fmt.Sprintf("delegation.issuers[%d]", i)
+		switch {
+		case is.SPIFFE != nil && is.OIDC != nil:
+			add(p, "set exactly one of spiffe or oidc, not both")
+		case is.SPIFFE == nil && is.OIDC == nil:
+			add(p, "set one of spiffe: {} or oidc: {issuer: ...}")
+		case is.SPIFFE != nil:
+			if c.Identity.SPIFFE == nil {
+				add(p+".spiffe", "needs identity.spiffe: JWT-SVIDs are verified against the Workload API's bundles")
+			}
+		case is.OIDC != nil:
+			o := is.OIDC
+			if o.Issuer == "" {
+				add(p+".oidc.issuer", "required")
+			} else if msg := checkEndpointURL(o.Issuer); msg != "" {
+				add(p+".oidc.issuer", "%s", msg)
+			}
+			if o.JWKSURL != "" && o.JWKSFile != "" {
+				add(p+".oidc", "set at most one of jwks_url or jwks_file")
+			}
+			if o.JWKSURL != "" {
+				if msg := checkEndpointURL(o.JWKSURL); msg != "" {
+					add(p+".oidc.jwks_url", "%s", msg)
+				}
+			}
+		}
+	}
+}
+
+// checkEndpointURL accepts an absolute https URL, or http on a loopback host (a local test
+// server): whatever escrow fetches keys or tokens from must not be readable or forgeable on the
+// network. No user info (a secret does not belong in a URL) and no fragment.
+func checkEndpointURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil || u.Host == "" || u.Opaque != "" {
+		return fmt.Sprintf("want an https URL, got %q", s)
+	}
+	if u.User != nil {
+		return "must not contain user information (put secrets in files)"
+	}
+	if u.Fragment != "" || strings.HasSuffix(s, "#") {
+		return fmt.Sprintf("must not contain a fragment, got %q", s)
+	}
+	switch u.Scheme {
+	case "https":
+		return ""
+	case "http":
+		if isLoopbackHost(u.Hostname()) {
+			return ""
+		}
+		return fmt.Sprintf("want https (http only on a loopback host), got %q", s)
+	}
+	return fmt.Sprintf("want an https URL, got %q", s)
+}
+
+func isLoopbackHost(h string) bool {
+	if h == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(h)
+	return err == nil && ip.IsLoopback()
+}
+
+// fmtDuration prints d without Go's trailing zero units ("1m", not "1m0s").
+func fmtDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
+}
+
+// checkCredentialOnUpstream checks that the upstream at p can apply credential cr: a credential
+// whose form is fixed (an aws SigV4 signature, a username and password pair) takes no
+// inject/basic/query.
+func (c *Config) checkCredentialOnUpstream(p string, u Upstream, cr Credential, n int, add func(path, format string, a ...any)) {
+	switch {
+	case cr.AWS != nil:
+		if n > 0 {
+			add(p, "credential %q is aws: it is applied by SigV4 signing only; remove inject/basic/query", u.Credential)
+		}
+		if cr.AWS.Service == "" && deriveAWSService(u.Host) == "" {
+			add(p+".credential", "%q is not an amazonaws.com name, so the SigV4 service cannot be derived from it: set credentials.%s.aws.service (e.g. s3)", u.Host, u.Credential)
+		}
+	case cr.Vault != nil && cr.Vault.Secret.Dynamic != nil && cr.Vault.Secret.Dynamic.UserPass():
+		if n > 0 {
+			add(p, "credential %q is a username and password: it is applied as basic auth from one lease; remove inject/basic/query", u.Credential)
+		}
+	}
+}
+
+// suggestName is " (did you mean "x"?)" for the known name one small edit away from k, or "".
+func suggestName(k string, known []string) string {
+	best, bestD := "", 3
+	for _, name := range known {
+		if d := editDistance(k, name); d < bestD || (d == bestD && name < best) {
+			best, bestD = name, d
+		}
+	}
+	if best == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (did you mean %q?)", best)
+}
+
+// hasPEMCertificate reports whether b holds at least one PEM CERTIFICATE block that parses.
+func hasPEMCertificate(b []byte) bool {
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			return false
+		}
+		if blk.Type == "CERTIFICATE" {
+			if _, err := x509.ParseCertificate(blk.Bytes); err == nil {
+				return true
+			}
+		}
+	}
 }
