@@ -275,6 +275,14 @@ const (
 	InjectBasic
 	// InjectQuery sets the query parameter Param to the token.
 	InjectQuery
+	// InjectSigV4 signs the request with AWS Signature Version 4 (Region, Service) using the
+	// temporary keys of an aws credential, after removing what the agent sent of
+	// Authorization, X-Amz-Date, X-Amz-Security-Token and X-Amz-Content-Sha256. The only way an
+	// aws credential is applied.
+	InjectSigV4
+	// InjectBasicPair sets "Authorization: Basic base64(user:password)" with both halves from
+	// the credential (a Vault dynamic secret's username and password, read from one lease).
+	InjectBasicPair
 )
 
 func (k InjectKind) String() string {
@@ -285,6 +293,10 @@ func (k InjectKind) String() string {
 		return "basic"
 	case InjectQuery:
 		return "query"
+	case InjectSigV4:
+		return "sigv4"
+	case InjectBasicPair:
+		return "basic_pair"
 	}
 	return "InjectKind(" + strconv.Itoa(int(k)) + ")"
 }
@@ -301,6 +313,9 @@ type Injection struct {
 	Username string
 	// Param is the query parameter's name (InjectQuery), non-empty.
 	Param string
+	// Region and Service are what InjectSigV4 signs for: the credential's region, and its
+	// service or the one derived from the upstream's host (s3 for *.s3.amazonaws.com).
+	Region, Service string
 }
 
 // Inject sets a header from a template; {{.Token}} is replaced by the credential.
@@ -317,18 +332,6 @@ type Basic struct {
 // Query applies the credential as a query parameter.
 type Query struct {
 	Param string `json:"param"`
-}
-
-// Credential is one named credential. Exactly one provider is set.
-type Credential struct {
-	Static *Static `json:"static,omitempty"`
-}
-
-// Static is a long-lived secret kept outside the agent's reach: in a file (re-read when it
-// changes) or an environment variable of the escrow process. Never inline.
-type Static struct {
-	File string `json:"file,omitempty"`
-	Env  string `json:"env,omitempty"`
 }
 
 // Egress governs which IP addresses may be dialled.

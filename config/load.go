@@ -1,9 +1,13 @@
 package config
 
 import (
+	"bytes"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"net/http"
@@ -15,6 +19,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -109,18 +114,128 @@ func (c *Config) Validate() error {
 type Local struct {
 	Stat      func(name string) (fs.FileInfo, error)
 	LookupEnv func(key string) (string, bool)
+	// ReadFile reads a file a key names (a secret, a key, a token, a CA file) to prove it is
+	// readable and, for a CA file, holds a certificate. Nil: such files are only Stat'ed.
+	ReadFile func(name string) ([]byte, error)
+	// WritableDir reports why dir could not be created (as MkdirAll would) or written (a new
+	// file in it), leaving nothing behind. Nil: not checked.
+	WritableDir func(dir string) error
 }
 
 // OSLocal is the real filesystem and the process's environment.
-func OSLocal() Local { return Local{Stat: os.Stat, LookupEnv: os.LookupEnv} }
+func OSLocal() Local {
+	return Local{Stat: os.Stat, LookupEnv: os.LookupEnv, ReadFile: readBounded, WritableDir: writableDir}
+}
 
-// CheckLocal runs the checks that need the machine escrow runs on: the policy directory exists,
-// upstream CA files are there, a Workload API socket is configured or in the environment. Every
-// problem is reported at once, with its key path. Load calls it after Parse.
+// maxCheckedFile bounds how much of a named file CheckLocal reads: secrets, keys and CA bundles
+// are small; a larger file is a mistaken path (and /dev/zero must not hang the check).
+const maxCheckedFile = 4 << 20
+
+func readBounded(name string) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxCheckedFile+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxCheckedFile {
+		return nil, fmt.Errorf("larger than %d MiB", maxCheckedFile>>20)
+	}
+	return b, nil
+}
+
+// writableDir checks that dir exists and a file can be created in it, or that its nearest
+// existing ancestor is a directory that can be written (so MkdirAll would succeed). The probe
+// file is removed at once; no directory is created.
+func writableDir(dir string) error {
+	d := filepath.Clean(dir)
+	for {
+		fi, err := os.Stat(d)
+		if err == nil {
+			if !fi.IsDir() {
+				return fmt.Errorf("%s is not a directory", d)
+			}
+			f, err := os.CreateTemp(d, ".escrow-check-*")
+			if err != nil {
+				if d != filepath.Clean(dir) {
+					return fmt.Errorf("cannot be created: %s is not writable: %v", d, unwrapPath(err))
+				}
+				return fmt.Errorf("not writable: %v", unwrapPath(err))
+			}
+			name := f.Name()
+			f.Close()
+			return os.Remove(name)
+		}
+		if !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ENOTDIR) {
+			return unwrapPath(err)
+		}
+		parent := filepath.Dir(d)
+		if parent == d {
+			return unwrapPath(err)
+		}
+		d = parent
+	}
+}
+
+// CheckLocal runs the checks that need the machine escrow runs on, everything escrow proxy would
+// find at start short of binding its ports, all reported at once with their key paths:
+//   - policy.dir is a directory; the directory of listen_unix exists;
+//   - identity.spiffe has a socket, configured or in SPIFFE_ENDPOINT_SOCKET;
+//   - every file a key names is readable (upstreams[].ca_file, the credentials'
+//     static.file, client_secret_file, private_key_file, token_file and ca_file, delegation
+//     jwks_file), and every ca_file holds at least one PEM certificate;
+//   - every static.env variable is set and not empty;
+//   - ca_dir and ca_key_dir can be created or written (probed without leaving a file behind).
+//
+// Load calls it after Parse; escrow proxy --check calls both.
 func (c *Config) CheckLocal(l Local) error {
 	var errs Errors
 	add := func(path, format string, a ...any) {
 		errs = append(errs, FieldError{path, fmt.Sprintf(format, a...)})
+	}
+	checkFile := func(path, file string, ca bool) {
+		if l.ReadFile == nil {
+			if _, err := l.Stat(file); err != nil {
+				add(path, "cannot read: %v", unwrapPath(err))
+			}
+			return
+		}
+		b, err := l.ReadFile(file)
+		switch {
+		case err != nil:
+			add(path, "cannot read %s: %v", file, unwrapPath(err))
+		case ca && !hasPEMCertificate(b):
+			add(path, "%s holds no PEM certificate (want -----BEGIN CERTIFICATE-----)", file)
+		case !ca && len(bytes.TrimSpace(b)) == 0:
+			add(path, "%s is empty", file)
+		}
+	}
+	if l.WritableDir != nil {
+		for _, d := range []struct{ key, dir string }{{"ca_dir", c.CADir}, {"ca_key_dir", c.CAKeyDir}} {
+			if d.dir == "" {
+				continue
+			}
+			if err := l.WritableDir(d.dir); err != nil {
+				add(d.key, "%s: %v", d.dir, err)
+			}
+		}
+	}
+	for _, n := range sortedKeys(c.Credentials) {
+		cr := c.Credentials[n]
+		for _, f := range cr.Files("credentials." + n) {
+			checkFile(f.Path, f.File, f.CA)
+		}
+		if cr.Static != nil && cr.Static.Env != "" {
+			switch v, ok := l.LookupEnv(cr.Static.Env); {
+			case !ok:
+				add("credentials."+n+".static.env", "environment variable %s is not set", cr.Static.Env)
+			case strings.TrimSpace(v) == "":
+				add("credentials."+n+".static.env", "environment variable %s is empty", cr.Static.Env)
+			}
+		}
 	}
 	if c.Identity.SPIFFE != nil && c.Identity.SPIFFE.Socket == "" {
 		s, _ := l.LookupEnv("SPIFFE_ENDPOINT_SOCKET")
@@ -148,17 +263,13 @@ func (c *Config) CheckLocal(l Local) error {
 	if d := c.Delegation; d != nil {
 		for i, is := range d.Issuers {
 			if is.OIDC != nil && is.OIDC.JWKSFile != "" {
-				if _, err := l.Stat(is.OIDC.JWKSFile); err != nil {
-					add(fmt.Sprintf("delegation.issuers[%d].oidc.jwks_file", i), "cannot read: %v", unwrapPath(err))
-				}
+				checkFile(fmt.Sprintf("delegation.issuers[%d].oidc.jwks_file", i), is.OIDC.JWKSFile, false)
 			}
 		}
 	}
 	for i, u := range c.Upstreams {
 		if u.CAFile != "" {
-			if _, err := l.Stat(u.CAFile); err != nil {
-				add(fmt.Sprintf("upstreams[%d].ca_file", i), "cannot read: %v", unwrapPath(err))
-			}
+			checkFile(fmt.Sprintf("upstreams[%d].ca_file", i), u.CAFile, true)
 		}
 	}
 	if len(errs) > 0 {
@@ -203,6 +314,10 @@ func (c *Config) applyDefaults() {
 	if d := c.Delegation; d != nil && d.MaxDepth == nil {
 		n := DefaultDelegationDepth
 		d.MaxDepth = &n
+	}
+	for n, cr := range c.Credentials {
+		cr.applyDefaults()
+		c.Credentials[n] = cr
 	}
 	if c.Audit.FlushInterval == nil {
 		d := Duration(DefaultAuditFlush)
@@ -396,8 +511,10 @@ func (c *Config) validate() Errors {
 			add(p+".credential", "required when inject, basic or query is set")
 		}
 		if u.Credential != "" {
-			if _, ok := c.Credentials[u.Credential]; !ok {
-				add(p+".credential", "no credential named %q in credentials", u.Credential)
+			if cr, ok := c.Credentials[u.Credential]; !ok {
+				add(p+".credential", "no credential named %q in credentials%s", u.Credential, suggestName(u.Credential, sortedKeys(c.Credentials)))
+			} else if !u.Tunnel {
+				c.checkCredentialOnUpstream(p, u, cr, n, add)
 			}
 		}
 		if u.Inject != nil {
@@ -447,19 +564,7 @@ func (c *Config) validate() Errors {
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		cr := c.Credentials[n]
-		p := "credentials." + n
-		if cr.Static == nil {
-			add(p, "set a provider (static)")
-			continue
-		}
-		s := cr.Static
-		switch {
-		case s.File != "" && s.Env != "":
-			add(p+".static", "set exactly one of file or env")
-		case s.File == "" && s.Env == "":
-			add(p+".static", "set one of file or env (inline secrets are not accepted)")
-		}
+		c.validateCredential("credentials."+n, c.Credentials[n], add)
 	}
 
 	c.Egress.allow = c.Egress.allow[:0]
@@ -481,7 +586,7 @@ func (c *Config) validate() Errors {
 		// Compiled only from values that passed every check above.
 		for i, u := range c.Upstreams {
 			if !u.Tunnel && u.Credential != "" {
-				c.Upstreams[i].injection = compileInjection(u)
+				c.Upstreams[i].injection = compileInjection(u, c.Credentials[u.Credential])
 			}
 			c.Upstreams[i].responseTimeout = c.Egress.ResponseTimeout.D()
 			if u.Timeout != 0 {
@@ -510,8 +615,16 @@ func checkTemplate(v string) string {
 
 // compileInjection turns an upstream's validated inject/basic/query into an Injection; the
 // default is "Authorization: Bearer <token>".
-func compileInjection(u Upstream) Injection {
+func compileInjection(u Upstream, cr Credential) Injection {
 	switch {
+	case cr.AWS != nil:
+		svc := cr.AWS.Service
+		if svc == "" {
+			svc = deriveAWSService(u.Host)
+		}
+		return Injection{Kind: InjectSigV4, Region: cr.AWS.Region, Service: svc}
+	case cr.Vault != nil && cr.Vault.Secret.Dynamic != nil && cr.Vault.Secret.Dynamic.UserPass():
+		return Injection{Kind: InjectBasicPair, Header: "Authorization"}
 	case u.Basic != nil:
 		return Injection{Kind: InjectBasic, Header: "Authorization", Username: u.Basic.Username}
 	case u.Query != nil:
@@ -637,4 +750,53 @@ func fmtDuration(d time.Duration) string {
 		s = s[:len(s)-2]
 	}
 	return s
+}
+
+// checkCredentialOnUpstream checks that the upstream at p can apply credential cr: a credential
+// whose form is fixed (an aws SigV4 signature, a username and password pair) takes no
+// inject/basic/query.
+func (c *Config) checkCredentialOnUpstream(p string, u Upstream, cr Credential, n int, add func(path, format string, a ...any)) {
+	switch {
+	case cr.AWS != nil:
+		if n > 0 {
+			add(p, "credential %q is aws: it is applied by SigV4 signing only; remove inject/basic/query", u.Credential)
+		}
+		if cr.AWS.Service == "" && deriveAWSService(u.Host) == "" {
+			add(p+".credential", "%q is not an amazonaws.com name, so the SigV4 service cannot be derived from it: set credentials.%s.aws.service (e.g. s3)", u.Host, u.Credential)
+		}
+	case cr.Vault != nil && cr.Vault.Secret.Dynamic != nil && cr.Vault.Secret.Dynamic.UserPass():
+		if n > 0 {
+			add(p, "credential %q is a username and password: it is applied as basic auth from one lease; remove inject/basic/query", u.Credential)
+		}
+	}
+}
+
+// suggestName is " (did you mean "x"?)" for the known name one small edit away from k, or "".
+func suggestName(k string, known []string) string {
+	best, bestD := "", 3
+	for _, name := range known {
+		if d := editDistance(k, name); d < bestD || (d == bestD && name < best) {
+			best, bestD = name, d
+		}
+	}
+	if best == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (did you mean %q?)", best)
+}
+
+// hasPEMCertificate reports whether b holds at least one PEM CERTIFICATE block that parses.
+func hasPEMCertificate(b []byte) bool {
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			return false
+		}
+		if blk.Type == "CERTIFICATE" {
+			if _, err := x509.ParseCertificate(blk.Bytes); err == nil {
+				return true
+			}
+		}
+	}
 }

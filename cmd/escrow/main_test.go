@@ -69,6 +69,7 @@ func TestRun_ProxyCheckAcceptsTheQuickstart(t *testing.T) {
 	t.Chdir(filepath.Join(wd, "..", ".."))
 	t.Setenv("OPENAI_API_KEY", "x")
 	t.Setenv("ANTHROPIC_API_KEY", "x")
+	t.Setenv("GITHUB_TOKEN", "x")
 	code, stdout, stderr := runCmd("proxy", "--config", "examples/quickstart/escrow.yaml", "--check")
 	if code != 0 || !strings.Contains(stdout, "config ok") {
 		t.Fatalf("code=%d stdout=%q stderr=%q", code, stdout, stderr)

@@ -99,6 +99,10 @@ func TestCLI(t *testing.T) {
 	})
 
 	t.Run("proxy_check_accepts_the_quickstart_config", func(t *testing.T) {
+		// --check proves the secrets the quickstart names are there.
+		for _, k := range []string{"OPENAI_API_KEY", "GITHUB_TOKEN", "ANTHROPIC_API_KEY"} {
+			t.Setenv(k, "x")
+		}
 		code, out, errOut := runEscrow(t, "proxy", "--config", "examples/quickstart/escrow.yaml", "--check")
 		if code != 0 || !strings.Contains(out, "config ok") {
 			t.Errorf("escrow proxy --check on the quickstart: exit %d, stdout %q, stderr %q", code, out, errOut)
