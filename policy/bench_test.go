@@ -67,3 +67,28 @@ func benchDecide(b *testing.B, unindexed bool) {
 		})
 	}
 }
+
+// BenchmarkDecideToolCall measures a decided tools/call with arguments (the second decision
+// on an MCP upstream) against the worked MCP policies, beside a plain request on the same
+// engine.
+func BenchmarkDecideToolCall(b *testing.B) {
+	e := mcpEngine(b)
+	ctx := context.Background()
+	for name, in := range map[string]Input{
+		"plain-POST":        with(get(coderID, mcpHost, "/mcp"), func(in *Input) { in.Action = "POST" }),
+		"tools-call-1-arg":  toolCall(b, "read_file", `{"path": "/workspace/a"}`),
+		"tools-call-20-arg": toolCall(b, "read_file", `{"path": "/workspace/a", "o": {"a": [1, 2, 3], "b": "x", "c": true}, "k1": 1, "k2": 2, "k3": 3, "k4": 4, "k5": 5, "k6": 6, "k7": 7, "k8": 8, "k9": 9, "k10": "ten"}`),
+	} {
+		b.Run(name, func(b *testing.B) {
+			if d := e.Decide(ctx, in); !d.Allow {
+				b.Fatalf("benchmark request denied: %+v", d)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if !e.Decide(ctx, in).Allow {
+					b.Fatal("denied")
+				}
+			}
+		})
+	}
+}

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -52,6 +53,9 @@ type actionInfo struct {
 	keys []cedar.EntityUID
 	// method is context.method.
 	method string
+	// resourceType is the entity type of the action's resource: "" for Host (HTTP actions),
+	// TypeTool, TypeResource or TypePrompt for the MCP actions.
+	resourceType string
 }
 
 var (
@@ -82,13 +86,23 @@ func buildActions() map[string]*actionInfo {
 	for _, meth := range knownWriteMethods {
 		m[meth] = newMethodAction(meth, uidWrite)
 	}
-	uid := cedar.NewEntityUID(TypeAction, ActionConnect)
-	m[ActionConnect] = &actionInfo{
-		entity: cedar.Entity{UID: uid},
-		keys:   []cedar.EntityUID{uid},
-		method: "CONNECT",
-	}
+	m[ActionConnect] = newStandaloneAction(ActionConnect, "CONNECT", "")
+	// An MCP call travels in a POST; its action is in neither group (a read-only tool is
+	// not a read-only HTTP request).
+	m[ActionToolsCall] = newStandaloneAction(ActionToolsCall, "POST", TypeTool)
+	m[ActionResourcesRead] = newStandaloneAction(ActionResourcesRead, "POST", TypeResource)
+	m[ActionPromptsGet] = newStandaloneAction(ActionPromptsGet, "POST", TypePrompt)
 	return m
+}
+
+func newStandaloneAction(name, method, resourceType string) *actionInfo {
+	uid := cedar.NewEntityUID(TypeAction, cedar.String(name))
+	return &actionInfo{
+		entity:       cedar.Entity{UID: uid},
+		keys:         []cedar.EntityUID{uid},
+		method:       method,
+		resourceType: resourceType,
+	}
 }
 
 func newMethodAction(method string, group cedar.EntityUID) *actionInfo {
@@ -100,8 +114,9 @@ func newMethodAction(method string, group cedar.EntityUID) *actionInfo {
 	}
 }
 
-// lookupAction returns the action for Input.Action: "connect" is the blind tunnel, anything
-// else is an HTTP method (upper-cased; unknown methods are writes).
+// lookupAction returns the action for Input.Action: "connect" is the blind tunnel,
+// "tools/call", "resources/read" and "prompts/get" are MCP calls, anything else is an HTTP
+// method (upper-cased; unknown methods are writes).
 func lookupAction(name string) *actionInfo {
 	if a, ok := actions[name]; ok {
 		return a
@@ -259,6 +274,24 @@ type request struct {
 	action    *actionInfo
 	host      cedar.Entity
 	hostKeys  [1]cedar.EntityUID
+	// mcp is the resource of an MCP call; nil for an HTTP request, whose resource is the
+	// host. Kept apart so that a plain request is no bigger than it was before MCP.
+	mcp *mcpEntity
+}
+
+// mcpEntity is the resource of an MCP call: a Tool, Resource or Prompt whose parent is the
+// request's host.
+type mcpEntity struct {
+	entity cedar.Entity
+	keys   [2]cedar.EntityUID // the entity and its host, for the index
+}
+
+// resourceKeys returns the resource and its ancestors (resource first).
+func (r *request) resourceKeys() []cedar.EntityUID {
+	if r.mcp != nil {
+		return r.mcp.keys[:]
+	}
+	return r.hostKeys[:]
 }
 
 // Get implements cedar's EntityGetter over the request's few entities, so no entity map is
@@ -271,6 +304,9 @@ func (r *request) Get(uid cedar.EntityUID) (cedar.Entity, bool) {
 	}
 	if uid == r.host.UID {
 		return r.host, true
+	}
+	if r.mcp != nil && uid == r.mcp.entity.UID {
+		return r.mcp.entity, true
 	}
 	if uid == r.action.entity.UID {
 		return r.action.entity, true
@@ -320,19 +356,56 @@ func buildRequest(pc *principalCache, in Input, now func() time.Time) (*request,
 	hostUID := cedar.NewEntityUID(TypeHost, cedar.String(host))
 	r.host = cedar.Entity{UID: hostUID}
 	r.hostKeys[0] = hostUID
+	resource := hostUID
+	if r.action.resourceType != "" || in.Resource != (Resource{}) {
+		uid, err := mcpResource(in, r.action, host)
+		if err != nil {
+			return nil, err
+		}
+		r.mcp = &mcpEntity{
+			entity: cedar.Entity{UID: uid, Parents: cedar.NewEntityUIDSet(hostUID)},
+			keys:   [2]cedar.EntityUID{uid, hostUID},
+		}
+		resource = uid
+	}
+	ctx, err := buildContext(in, r.principal, r.action, t)
+	if err != nil {
+		return nil, err
+	}
 	r.req = cedar.Request{
 		Principal: r.principal.uid,
 		Action:    r.action.entity.UID,
-		Resource:  hostUID,
-		Context:   buildContext(in, r.principal, r.action, t),
+		Resource:  resource,
+		Context:   ctx,
 	}
 	return r, nil
 }
 
+// mcpResource checks that an MCP action comes with its resource and call, and returns the
+// resource's UID: <Type>::"<host>/<name>", with the host part normalised like the host.
+func mcpResource(in Input, a *actionInfo, host string) (cedar.EntityUID, error) {
+	switch {
+	case a.resourceType == "":
+		return cedar.EntityUID{}, fmt.Errorf("policy: input has resource %s::%q, but action %q applies to hosts", in.Resource.Type, in.Resource.ID, in.Action)
+	case in.Resource.Type != a.resourceType:
+		return cedar.EntityUID{}, fmt.Errorf("policy: action %q needs a %s resource, input has %q", in.Action, a.resourceType, in.Resource.Type)
+	case in.MCP == nil:
+		return cedar.EntityUID{}, fmt.Errorf("policy: action %q needs the MCP call (Input.MCP)", in.Action)
+	case in.MCP.Method != "" && in.MCP.Method != in.Action:
+		return cedar.EntityUID{}, fmt.Errorf("policy: action %q with MCP method %q", in.Action, in.MCP.Method)
+	}
+	h, name, ok := strings.Cut(in.Resource.ID, "/")
+	if !ok || normalizeHost(h) != host {
+		return cedar.EntityUID{}, fmt.Errorf("policy: resource %s::%q is not under host %q", in.Resource.Type, in.Resource.ID, host)
+	}
+	return cedar.NewEntityUID(cedar.EntityType(a.resourceType), cedar.String(host+"/"+name)), nil
+}
+
 // buildContext builds the Cedar context record. To add a field, add it here and in
-// schema.cedarschema (TestDefaultSchema_MatchesBuiltRequests checks they agree).
-func buildContext(in Input, p *principalInfo, a *actionInfo, t time.Time) cedar.Record {
-	return cedar.NewRecord(cedar.RecordMap{
+// schema.cedarschema (TestDefaultSchema_MatchesBuiltRequests checks they agree). The optional
+// fields are present only when the input has them, so `context has caller` means "known".
+func buildContext(in Input, p *principalInfo, a *actionInfo, t time.Time) (cedar.Record, error) {
+	m := cedar.RecordMap{
 		"scheme":      cedar.String(in.Scheme),
 		"port":        cedar.Long(in.Port),
 		"method":      cedar.String(a.method),
@@ -340,7 +413,52 @@ func buildContext(in Input, p *principalInfo, a *actionInfo, t time.Time) cedar.
 		"credential":  cedar.String(in.Credential),
 		"time":        cedar.NewDatetime(t),
 		"attestation": p.attestation(in.Identity, t),
-	})
+	}
+	if in.Upgrade != "" {
+		m["upgrade"] = cedar.String(strings.ToLower(in.Upgrade))
+	}
+	if c := in.Caller; c != nil {
+		m["caller"] = cedar.NewRecord(cedar.RecordMap{
+			"uid":    cedar.Long(c.UID),
+			"gid":    cedar.Long(c.GID),
+			"pid":    cedar.Long(c.PID),
+			"exe":    cedar.String(c.Exe),
+			"sha256": cedar.String(c.SHA256),
+		})
+	}
+	if d := in.Delegation; d != nil {
+		actors := make([]cedar.Value, len(d.Actors))
+		nearest := ""
+		for i, a := range d.Actors {
+			actors[i] = cedar.String(a)
+		}
+		if len(d.Actors) > 0 {
+			nearest = d.Actors[0]
+		}
+		m["delegation"] = cedar.NewRecord(cedar.RecordMap{
+			"subject": cedar.String(d.Subject),
+			"actors":  cedar.NewSet(actors...),
+			"nearest": cedar.String(nearest),
+			"depth":   cedar.Long(len(d.Actors)),
+			"issuer":  cedar.String(d.Issuer),
+		})
+	}
+	if c := in.MCP; c != nil {
+		args, err := argumentsRecord(c.Arguments)
+		if err != nil {
+			return cedar.Record{}, err
+		}
+		method := c.Method
+		if method == "" {
+			method = in.Action
+		}
+		m["mcp"] = cedar.NewRecord(cedar.RecordMap{
+			"method":    cedar.String(method),
+			"name":      cedar.String(c.Name),
+			"arguments": args,
+		})
+	}
+	return cedar.NewRecord(m), nil
 }
 
 // attestation returns context.attestation for identity id (whose SPIFFE ID, trust domain,

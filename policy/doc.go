@@ -20,10 +20,14 @@
 // method is upper-cased. GET, HEAD and OPTIONS are `in Action::"read"`; POST, PUT, PATCH,
 // DELETE, CONNECT, TRACE and every other method are `in Action::"write"`, so an unknown method
 // is never read-only. A blind tunnel (Input.Action == "connect", lower case) is
-// Action::"connect", which is in neither group.
+// Action::"connect", which is in neither group. The MCP actions "tools/call",
+// "resources/read" and "prompts/get" (one decision per JSON-RPC call on an MCP upstream) are
+// in neither group either.
 //
 // Resource: Host::"<host>", the destination host name (lower-cased, one trailing dot removed)
-// or IP literal. Host entities have no attributes and no parents.
+// or IP literal. Host entities have no attributes and no parents. An MCP action's resource is
+// Tool::"<host>/<name>", Resource::"<host>/<uri>" or Prompt::"<host>/<name>"
+// (Input.Resource), whose parent is Host::"<host>".
 //
 // Context:
 //
@@ -35,6 +39,17 @@
 //	time         datetime  the request time
 //	attestation  Record    {source: String ("spiffe"|"static"), attested: Bool,
 //	                        expires_in_s: Long (seconds until the SVID expires; 0 for static)}
+//	upgrade?     String    the requested protocol upgrade ("websocket"), lower-cased
+//	caller?      Record    {uid, gid, pid: Long, exe, sha256: String}: the calling process
+//	delegation?  Record    {subject: String, actors: Set<String>, nearest: String,
+//	                        depth: Long, issuer: String}: the verified delegation chain
+//	mcp?         Record    {method, name: String, arguments: Record}: the MCP call (always
+//	                        present for the MCP actions, never for HTTP actions)
+//
+// The optional fields are present only when the input has them. MCP arguments are converted
+// by argumentsRecord (see args.go) within MaxArgumentsDepth and MaxArgumentsValues; beyond
+// them the decision is a (non-overridable) ReasonError. With the default schema, the
+// attributes of context.mcp.arguments are declared per policy from its uses (schema_args.go).
 //
 // Adding a context field means adding it in context.go (buildContext) and in
 // schema.cedarschema; TestDefaultSchema_MatchesBuiltRequests fails until both agree.

@@ -81,7 +81,8 @@ type Decision struct {
 	Errors []string
 
 	// final marks a ReasonError that did not come from evaluating a policy (an input the
-	// engine could not build a Cedar request from): a caller bug, never overridable. A bool
+	// engine could not build a Cedar request from: a caller bug, or MCP arguments over the
+	// bounds), never overridable. A bool
 	// rather than a Reason of its own, because the machine-readable reason stays policy_error
 	// and two constants with one string would compare equal.
 	final bool
@@ -91,7 +92,8 @@ type Decision struct {
 // denial (ReasonDenied) and for an error raised while evaluating the policies (ReasonError);
 // false for an allowed decision (nothing to override), with no policy set loaded
 // (ReasonUnavailable), and for an input the engine could not build a request from (also
-// ReasonError, but a caller bug rather than a policy outcome). Report mode is about what the
+// ReasonError, but a caller bug or MCP arguments over MaxArgumentsDepth/MaxArgumentsValues
+// rather than a policy outcome). Report mode is about what the
 // policies decide, so only their outcomes may be overridden.
 func (d Decision) Overridable() bool {
 	switch d.Reason {
@@ -291,7 +293,8 @@ func (e *Engine) Decide(_ context.Context, in Input) Decision {
 	}
 	r, err := buildRequest(&e.principals, in, e.now)
 	if err != nil {
-		// An input we cannot build a request from is a caller bug, not a policy outcome.
+		// An input we cannot build a request from is a caller bug, or MCP arguments over the
+		// bounds: either way no policy was evaluated, so there is no outcome to override.
 		return Decision{Reason: ReasonError, Errors: []string{err.Error()}, final: true}
 	}
 	if e.unindexed {

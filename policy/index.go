@@ -141,15 +141,15 @@ func newIndex(pols []*cedar.Policy) index {
 	return ix
 }
 
-// maxKeys bounds the number of ancestors-or-self of a request entity (Workload,
-// ServiceAccount, Namespace).
+// maxKeys bounds the number of ancestors-or-self of a request entity: Workload,
+// ServiceAccount, Namespace; an action and its group; an MCP Tool and its Host.
 const maxKeys = 3
 
 // candidates appends to buf, in load order and without duplicates, the positions of the
 // policies whose scopes all match the request.
 func (ix *index) candidates(r *request, buf []int32) []int32 {
 	uids := [numDims]cedar.EntityUID{r.req.Principal, r.req.Action, r.req.Resource}
-	keys := [numDims][]cedar.EntityUID{r.principal.keys, r.action.keys, r.hostKeys[:]}
+	keys := [numDims][]cedar.EntityUID{r.principal.keys, r.action.keys, r.resourceKeys()}
 
 	// Collect each dimension's buckets and pick the dimension with the fewest candidates.
 	var lists [numDims][maxKeys + 1][]int32

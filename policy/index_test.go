@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"slices"
@@ -31,8 +32,10 @@ var (
 	genIDs   = []string{coderID, reviewerID, etlID, vmID, "spiffe://other.org/ns/agents/sa/coder"}
 	genSAs   = []string{"agents/coder", "agents/reviewer", "batch/etl", "batch/coder"}
 	genNSs   = []string{"agents", "batch", "other"}
-	genActs  = []string{"GET", "HEAD", "POST", "DELETE", "PROPFIND", "connect", "CONNECT", "read", "write"}
+	genActs  = []string{"GET", "HEAD", "POST", "DELETE", "PROPFIND", "connect", "CONNECT", "read", "write", "tools/call", "resources/read", "prompts/get"}
 	genHosts = []string{"a.example", "b.example", "api.github.com"}
+	genTools = []string{"read_file", "delete_repo"}
+	genMCP   = []string{TypeTool, TypeResource, TypePrompt}
 )
 
 func pick[T any](r *rand.Rand, s []T) T { return s[r.IntN(len(s))] }
@@ -82,7 +85,19 @@ func genActionScope(r *rand.Rand) string {
 }
 
 func genResourceScope(r *rand.Rand) string {
-	switch r.IntN(8) {
+	switch r.IntN(14) {
+	case 8:
+		return fmt.Sprintf(`resource == %s::"%s/%s"`, pick(r, genMCP), pick(r, genHosts), pick(r, genTools))
+	case 9:
+		return fmt.Sprintf(`resource in %s::"%s/%s"`, pick(r, genMCP), pick(r, genHosts), pick(r, genTools))
+	case 10:
+		return "resource is " + pick(r, genMCP)
+	case 11:
+		return fmt.Sprintf(`resource is %s in Host::%q`, pick(r, genMCP), pick(r, genHosts))
+	case 12:
+		return fmt.Sprintf(`resource in Host::%q`, pick(r, genHosts)) // covers the host's tools too
+	case 13:
+		return fmt.Sprintf(`resource == Host::"%s/%s"`, pick(r, genHosts), pick(r, genTools)) // a host named like a tool: never matches
 	case 0, 1:
 		return "resource"
 	case 2:
@@ -115,6 +130,10 @@ var genConditions = []string{
 	`when { resource.owner == "x" }`,
 	`when { context.path like "/admin*" && context.nope }`,
 	`unless { context.port == 443 || principal.missing }`,
+	`when { context has mcp && context.mcp.arguments has path && context.mcp.arguments.path like "/w*" }`,
+	`when { context.mcp.arguments.path like "/w*" }`, // errors without mcp or path
+	`when { context has mcp && context.mcp.name == "read_file" }`,
+	`when { resource in Host::"a.example" }`,
 }
 
 func genPolicySet(r *rand.Rand, n int) string {
@@ -140,6 +159,13 @@ func genInput(r *rand.Rand) Input {
 	in.Credential = pick(r, []string{"", "gh"})
 	if r.IntN(4) == 0 {
 		in.Identity = staticIdentity(in.Identity.SPIFFEID)
+	}
+	if r.IntN(3) == 0 {
+		i := r.IntN(len(genMCP))
+		name := pick(r, genTools)
+		in.Action = []string{ActionToolsCall, ActionResourcesRead, ActionPromptsGet}[i]
+		in.Resource = Resource{Type: genMCP[i], ID: in.Host + "/" + name}
+		in.MCP = &MCPCall{Method: in.Action, Name: name, Arguments: pick(r, []map[string]any{nil, {"path": "/w/x"}, {"path": "/etc"}, {"path": json.Number("1")}})}
 	}
 	return in
 }
@@ -228,6 +254,15 @@ func TestIndex_BrokenIndexIsCaught(t *testing.T) {
 		"principal ancestors ignored (in treated as ==)": func(s *Set) {
 			for i := range s.idx.scopes {
 				if sc := &s.idx.scopes[i][dimPrincipal]; sc.kind == scopeIn {
+					sc.kind = scopeEq
+				}
+			}
+		},
+		// For a Host `in` and `==` are the same; only an MCP resource (a child of its host)
+		// tells them apart.
+		"resource ancestors ignored (in treated as ==)": func(s *Set) {
+			for i := range s.idx.scopes {
+				if sc := &s.idx.scopes[i][dimResource]; sc.kind == scopeIn || sc.kind == scopeIsIn {
 					sc.kind = scopeEq
 				}
 			}

@@ -1,7 +1,7 @@
 package policy
 
-// This file is the only one that uses cedar-go's experimental schema API (x/exp/schema, no
-// semver guarantee). Keep it that way: if the API changes, only this file changes.
+// This file and schema_args.go are the only ones that use cedar-go's experimental schema API
+// (x/exp/schema, no semver guarantee). Keep it that way: if the API changes, only they change.
 
 import (
 	_ "embed"
@@ -14,6 +14,7 @@ import (
 	cedar "github.com/cedar-policy/cedar-go"
 	xast "github.com/cedar-policy/cedar-go/x/exp/ast"
 	"github.com/cedar-policy/cedar-go/x/exp/schema"
+	sast "github.com/cedar-policy/cedar-go/x/exp/schema/ast"
 	"github.com/cedar-policy/cedar-go/x/exp/schema/validate"
 )
 
@@ -33,7 +34,11 @@ func DefaultSchema() []byte {
 // Schema is a parsed and resolved Cedar schema that validates policies in strict mode.
 type Schema struct {
 	name string
+	ast  *sast.Schema
 	v    *validate.Validator
+	// inferArgs: the schema declares `type MCPArguments = {};`, so each policy's uses of
+	// context.mcp.arguments declare its attributes (see schema_args.go).
+	inferArgs bool
 }
 
 // ParseSchema parses and resolves a schema in the Cedar human-readable format. name is used
@@ -49,7 +54,7 @@ func ParseSchema(name string, src []byte) (s *Schema, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	return &Schema{name: name, v: validate.New(rs)}, nil
+	return &Schema{name: name, ast: sc.AST(), v: validate.New(rs), inferArgs: inferArguments(sc.AST())}, nil
 }
 
 // ValidatePolicy type-checks one policy against the schema. The error lists every problem,
@@ -57,8 +62,22 @@ func ParseSchema(name string, src []byte) (s *Schema, err error) {
 // merged into one line.
 func (s *Schema) ValidatePolicy(id string, p *cedar.Policy) (err error) {
 	defer recoverInto(&err, "validating policy")
-	if err := s.v.Policy(id, (*xast.Policy)(p.AST())); err != nil {
-		return errors.New(tidyValidation(id, err))
+	a := (*xast.Policy)(p.AST())
+	v := s.v
+	var problems []string
+	if s.inferArgs {
+		if rec, probs := argumentsShape(a); rec != nil {
+			problems = probs
+			if v, err = withArguments(s.ast, rec); err != nil {
+				return fmt.Errorf("context.mcp.arguments: %w", err)
+			}
+		}
+	}
+	if err := v.Policy(id, a); err != nil {
+		problems = append(problems, tidyValidation(id, err))
+	}
+	if len(problems) > 0 {
+		return errors.New(strings.Join(problems, "\n"))
 	}
 	return nil
 }

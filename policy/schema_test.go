@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/escrowproxy/escrow/attest"
+
 	cedar "github.com/cedar-policy/cedar-go"
 )
 
@@ -108,12 +110,39 @@ func TestDefaultSchema_MatchesBuiltRequests(t *testing.T) {
 		"static DELETE": with(get(coderID, "example.com", "/"), func(in *Input) { in.Action = "DELETE"; in.Identity = staticIdentity(coderID) }),
 		"tunnel":        {Identity: spiffeIdentity(coderID), Action: ActionConnect, Host: "pypi.org", Port: 443, Time: testNow},
 		"every method":  with(get(coderID, "h", "/"), func(in *Input) { in.Action = "TRACE" }),
+		"every optional field": with(get(coderID, "h", "/"), func(in *Input) {
+			in.Upgrade = "websocket"
+			in.Caller = &attest.Process{PID: 1, UID: 2, GID: 3, Exe: "/bin/x", SHA256: "ab"}
+			in.Delegation = &attest.Delegation{Subject: "s", Actors: []string{"a", "b"}, Issuer: "i"}
+		}),
+		"tools/call": toolCall(t, "read_file", `{"path": "/w", "n": 1, "o": {"a": [1, 2], "b": 1.5}}`),
+		"tools/call with delegation": with(toolCall(t, "read_file", ``), func(in *Input) {
+			in.Delegation = &attest.Delegation{Subject: "s", Issuer: "i"}
+		}),
+		"resources/read": with(get(coderID, "h", "/mcp"), func(in *Input) {
+			in.Action, in.Resource, in.MCP = ActionResourcesRead, Resource{Type: TypeResource, ID: "h/file:///a"}, &MCPCall{Name: "file:///a"}
+		}),
+		"prompts/get": with(get(coderID, "h", "/mcp"), func(in *Input) {
+			in.Action, in.Resource, in.MCP = ActionPromptsGet, Resource{Type: TypePrompt, ID: "h/p"}, &MCPCall{Name: "p", Arguments: map[string]any{"x": "y"}}
+		}),
 	} {
 		r, err := buildRequest(&pc, in, time.Now)
 		if err != nil {
 			t.Fatal(err)
 		}
 		entities := append([]cedar.Entity{r.host}, r.principal.entities...)
+		if r.mcp != nil {
+			entities = append(entities, r.mcp.entity)
+		}
+		s := s
+		if in.MCP != nil && len(in.MCP.Arguments) > 0 {
+			// The arguments' attributes are declared per policy; declare these ones (an
+			// argument's type is what the conversion makes of its JSON).
+			s = schemaWithArguments(t, map[string]string{
+				"tools/call":  "{path?: String, n?: Long, o?: {a?: Set<Long>, b?: String}}",
+				"prompts/get": "{x?: String}",
+			}[name])
+		}
 		if err := s.validateRequest(r.req, entities); err != nil {
 			t.Errorf("%s: request does not match the default schema: %v", name, err)
 		}
@@ -127,6 +156,16 @@ func TestDefaultSchema_MatchesBuiltRequests(t *testing.T) {
 			t.Errorf("method %s is not in the default schema: %v", m, err)
 		}
 	}
+}
+
+func schemaWithArguments(t *testing.T, record string) *Schema {
+	t.Helper()
+	src := bytes.Replace(DefaultSchema(), []byte("type MCPArguments = {};"), []byte("type MCPArguments = "+record+";"), 1)
+	s, err := ParseSchema("custom.cedarschema", src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }
 
 func TestDefaultSchema_ShippedCopiesMatch(t *testing.T) {
