@@ -83,7 +83,7 @@ type denialBody struct {
 
 // writeDenial answers the agent with the reason's status, a JSON body and X-Escrow-Reason.
 // message replaces the reason's default message when set; it is always a fixed text.
-func writeDenial(w http.ResponseWriter, reason Reason, message, requestID string) {
+func writeDenial(w http.ResponseWriter, reason Reason, message, requestID string) int64 {
 	d, ok := denials[reason]
 	if !ok {
 		d = denial{http.StatusForbidden, "denied"}
@@ -103,4 +103,5 @@ func writeDenial(w http.ResponseWriter, reason Reason, message, requestID string
 	}
 	w.WriteHeader(d.status)
 	_, _ = w.Write(body)
+	return int64(len(body))
 }

@@ -30,8 +30,10 @@ type fwdState struct {
 	rec   *audit.Record
 	start time.Time
 	out   outbound
-	cr    countingReader
-	cw    countingWriter
+	// finished: upstreamError already denied and finished the record.
+	finished bool
+	cr       countingReader
+	cw       countingWriter
 }
 
 // outbound is what handle decided for the upstream request: where it goes and which credential
@@ -76,7 +78,7 @@ func (p *Proxy) newReverseProxy(tr http.RoundTripper) *httputil.ReverseProxy {
 			}
 			if st, ok := resp.Request.Context().Value(fwdKey{}).(*fwdState); ok {
 				resp.Header[RequestIDHeader] = []string{st.rec.RequestID}
-				st.rec.UpstreamStatus = resp.StatusCode
+				st.rec.UpstreamStatus, st.rec.Status = resp.StatusCode, resp.StatusCode
 				st.rec.UpstreamDur = p.now().Sub(st.start)
 			}
 			return nil
@@ -102,12 +104,12 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *
 			// The transport may still hold the body reader in another goroutine: read atomically.
 			// Only here: once finish has handed rec to the sink, rec is no longer ours to write.
 			rec.BytesIn = cr.n.Load()
-			if rec.Reason == "" {
+			if rec.Decision != audit.Deny && rec.Outcome == "" {
 				// The body copy broke after the upstream answered: either the agent left (its
 				// request context is done) or the upstream's stream broke.
-				rec.Reason = string(ReasonUpstreamUnavailable)
+				rec.Outcome = audit.OutcomeUpstreamUnavailable
 				if out.Context().Err() != nil {
-					rec.Reason = string(ReasonAgentClosed)
+					rec.Outcome = p.goneOutcome()
 				}
 			}
 			p.finish(rec)
@@ -118,6 +120,9 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *
 		}
 	}()
 	rt.forward.ServeHTTP(cw, out)
+	if st.finished {
+		return // denied (and finished) by upstreamError
+	}
 	if rec.UpstreamDur == 0 {
 		rec.UpstreamDur = p.now().Sub(st.start)
 	}
@@ -168,6 +173,8 @@ func (t applyingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 }
 
 // upstreamError classifies a failed round trip. The agent gets a stable reason, never the error.
+// A credential that cannot be applied and a denied address are denials; the rest happened to a
+// request that was let through, and are its outcome.
 func (p *Proxy) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	st, _ := r.Context().Value(fwdKey{}).(*fwdState)
 	if st == nil {
@@ -175,38 +182,59 @@ func (p *Proxy) upstreamError(w http.ResponseWriter, r *http.Request, err error)
 		return
 	}
 	rec := st.rec
-	reason := ReasonUpstreamUnavailable
+	rec.UpstreamDur = p.now().Sub(st.start)
 	var denied *egress.DeniedError
 	var ne net.Error
 	var ae *applyError
 	switch {
 	case errors.As(err, &ae):
-		reason = ReasonCredentialUnavailable
+		p.deny(w, rec, ReasonCredentialUnavailable, withoutURL(err))
+		st.finished = true
+		return
 	case errors.As(err, &denied):
-		reason = ReasonEgressDenied
-	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
-		reason = ReasonUpstreamTimeout
-	}
-	rec.UpstreamDur = p.now().Sub(st.start)
-	markDenied(rec, reason)
-	if r.Context().Err() != nil {
-		// The agent went away; there is nobody to answer.
-		p.log.Debug("agent canceled", zap.String("request_id", rec.RequestID))
+		p.deny(w, rec, ReasonEgressDenied, withoutURL(err))
+		st.finished = true
 		return
 	}
-	p.log.Info("upstream error", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(withoutURL(err)))
-	writeDenial(w, reason, "", rec.RequestID)
+	outcome := ReasonUpstreamUnavailable
+	switch {
+	case r.Context().Err() != nil:
+		// The agent went away (or the drain period ended); there is nobody to answer.
+		rec.Outcome = p.goneOutcome()
+		p.log.Debug("agent gone", zap.String("request_id", rec.RequestID))
+		return
+	case st.cr.err() != nil:
+		// The agent's body could not be read (a malformed chunk, a short body).
+		outcome = ReasonBadRequest
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		outcome = ReasonUpstreamTimeout
+	}
+	rec.Outcome, rec.Status = string(outcome), outcome.Status()
+	p.log.Info("upstream error", zap.String("request_id", rec.RequestID), zap.String("outcome", string(outcome)), zap.Error(withoutURL(err)))
+	writeDenial(w, outcome, "", rec.RequestID)
 }
 
 type countingReader struct {
 	io.ReadCloser
-	n atomic.Int64
+	n    atomic.Int64
+	rerr atomic.Pointer[error] // the first read error other than EOF
 }
 
 func (c *countingReader) Read(b []byte) (int, error) {
 	n, err := c.ReadCloser.Read(b)
 	c.n.Add(int64(n))
+	if err != nil && err != io.EOF {
+		c.rerr.CompareAndSwap(nil, &err)
+	}
 	return n, err
+}
+
+// err is the first error reading the agent's body, other than its end.
+func (c *countingReader) err() error {
+	if e := c.rerr.Load(); e != nil {
+		return *e
+	}
+	return nil
 }
 
 // countingWriter counts response bytes; Unwrap lets http.ResponseController reach Flush on the

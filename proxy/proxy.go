@@ -121,6 +121,7 @@ type interception struct {
 	srv  *http.Server // started by Serve
 	ln   *chanListener
 	info sync.Map // *tls.Conn → *connMeta, consumed by srv.ConnContext
+	live sync.Map // *tls.Conn → *connMeta, until the connection closes
 }
 
 // New checks the wiring and compiles the routes. It starts no goroutine: Serve does.
@@ -185,6 +186,9 @@ type peerKey struct{}
 
 // ConnContext records the agent's connection on the outer server; wire it into http.Server.
 func (p *Proxy) ConnContext(ctx context.Context, c net.Conn) context.Context {
+	if rc, ok := c.(*recordingConn); ok {
+		ctx = context.WithValue(ctx, recordingConnKey{}, rc)
+	}
 	return context.WithValue(ctx, peerKey{}, peerOf(c))
 }
 
@@ -209,6 +213,7 @@ func (p *Proxy) nextRequestID() string {
 // ServeHTTP handles the proxy listener: CONNECT, or an absolute-form http:// request.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodConnect {
+		markRaw(r.Context())
 		p.serveConnect(w, r)
 		return
 	}
@@ -280,6 +285,9 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 	// request: nothing that could mean something else upstream than to the policy.
 	upgrade, ref := checkRequest(r, rt)
 	rec.Method, rec.Upgrade = r.Method, upgrade
+	if upgrade != "" {
+		markRaw(ctx)
+	}
 	if ref != nil {
 		p.bestEffortIdentity(ctx, peer, rec)
 		p.refuse(w, rec, ref)
@@ -376,17 +384,19 @@ func (p *Proxy) reserveRecord(rec *audit.Record) bool {
 // record.
 func (p *Proxy) deny(w http.ResponseWriter, rec *audit.Record, reason Reason, cause error) {
 	markDenied(rec, reason)
+	rec.Status = reason.Status()
 	if cause != nil {
 		p.log.Info("denied", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(cause))
 	}
-	writeDenial(w, reason, "", rec.RequestID)
+	rec.BytesOut = writeDenial(w, reason, "", rec.RequestID)
 	p.finish(rec)
 }
 
 // refuse answers a request refused before the policy was asked, with its fixed message.
 func (p *Proxy) refuse(w http.ResponseWriter, rec *audit.Record, ref *refusal) {
 	markDenied(rec, ref.reason)
-	writeDenial(w, ref.reason, ref.message, rec.RequestID)
+	rec.Status = ref.reason.Status()
+	rec.BytesOut = writeDenial(w, ref.reason, ref.message, rec.RequestID)
 	p.finish(rec)
 }
 
@@ -396,7 +406,8 @@ func markDenied(rec *audit.Record, reason Reason) {
 }
 
 // finish is the one place an audit record is completed and written, with the request metrics:
-// every request, tunnel and refused CONNECT ends here exactly once.
+// every request, tunnel and refused CONNECT ends here exactly once. The metric's reason label is
+// the denial's reason, or for a request let through that did not complete, its outcome.
 func (p *Proxy) finish(rec *audit.Record) {
 	rec.TotalDur = p.now().Sub(rec.Time)
 	if rec.Decision == "" {
@@ -405,11 +416,39 @@ func (p *Proxy) finish(rec *audit.Record) {
 	if rec.Reason == "" {
 		rec.Reason = string(ReasonAllowed)
 	}
-	decision := rec.Decision
-	if rec.WouldDeny {
-		decision = "would_deny"
+	label := rec.Reason
+	if rec.Decision != audit.Deny {
+		if rec.WouldDeny {
+			rec.Decision = audit.WouldDeny
+		}
+		if rec.Outcome == "" {
+			rec.Outcome = audit.OutcomeOK
+		} else if rec.Outcome != audit.OutcomeOK {
+			label = rec.Outcome
+		}
 	}
-	p.metrics.Requests.WithLabelValues(decision, rec.Reason).Inc()
-	p.metrics.RequestDuration.WithLabelValues(decision).Observe(rec.TotalDur.Seconds())
+	p.metrics.Requests.WithLabelValues(rec.Decision, label).Inc()
+	p.metrics.RequestDuration.WithLabelValues(rec.Decision).Observe(rec.TotalDur.Seconds())
 	p.sink.Write(rec)
+}
+
+// fail answers a request that was let through but could not be completed (the upstream did not
+// answer, the agent's body was malformed) with outcome's status and reason, and finishes it.
+func (p *Proxy) fail(w http.ResponseWriter, rec *audit.Record, outcome Reason, cause error) {
+	rec.Outcome = string(outcome)
+	rec.Status = outcome.Status()
+	if cause != nil {
+		p.log.Info("request failed", zap.String("request_id", rec.RequestID), zap.String("outcome", string(outcome)), zap.Error(cause))
+	}
+	rec.BytesOut = writeDenial(w, outcome, "", rec.RequestID)
+	p.finish(rec)
+}
+
+// goneOutcome is the outcome of a request whose agent connection ended under it: the end of the
+// drain period at stop, or the agent leaving.
+func (p *Proxy) goneOutcome() string {
+	if p.conns.forced.Load() {
+		return audit.OutcomeShuttingDown
+	}
+	return audit.OutcomeAgentClosed
 }
