@@ -91,7 +91,7 @@ func (a *valueApplier) Apply(r *http.Request, tok Token) error {
 		rd  *rendered
 		err error
 	)
-	if tok.sec == nil || tok.multi {
+	if tok.sec == nil || (tok.multi && !a.userPass(tok)) {
 		err = unavailable(tok.name, fmt.Errorf("cannot apply %s as %v: it has no single value", tok, a.kind))
 	} else if rd = a.render(tok); rd.err != nil {
 		err = rd.err
@@ -117,6 +117,12 @@ func (a *valueApplier) Apply(r *http.Request, tok Token) error {
 	return nil
 }
 
+// userPass reports whether tok is a multi-part username and password that basic auth takes
+// whole.
+func (a *valueApplier) userPass(tok Token) bool {
+	return a.kind == config.InjectBasic && tok.Part(PartUsername) != "" && tok.Part(PartPassword) != ""
+}
+
 // render returns what Apply writes for a single-value tok, cached for the last token seen.
 func (a *valueApplier) render(tok Token) *rendered {
 	if rd := a.last.Load(); rd != nil && rd.sec == tok.sec {
@@ -133,7 +139,11 @@ func (a *valueApplier) render(tok Token) *rendered {
 			rd.value = ""
 		}
 	case config.InjectBasic:
-		rd.value = a.prefix + base64.StdEncoding.EncodeToString([]byte(a.user+":"+v))
+		user := a.user
+		if tok.multi { // a username and password from one lease (Vault dynamic secret)
+			user, v = tok.Part(PartUsername), tok.Part(PartPassword)
+		}
+		rd.value = a.prefix + base64.StdEncoding.EncodeToString([]byte(user+":"+v))
 	case config.InjectQuery:
 		rd.value = url.QueryEscape(v)
 	}
