@@ -30,7 +30,7 @@ const (
 // AWSOptions configures the AWS provider: STS AssumeRoleWithWebIdentity with the pod's
 // JWT-SVID as the web identity token.
 type AWSOptions struct {
-	RoleARN             string
+	RoleARN             string // may be empty with an STSEndpoint that takes none (MinIO)
 	WebIdentityAudience string // audience of the JWT-SVID, e.g. sts.amazonaws.com
 	Region              string
 	STSEndpoint         string        // optional override (MinIO, GovCloud, a VPC endpoint)
@@ -49,8 +49,8 @@ func NewAWS(o AWSOptions, d Deps) (Provider, error) {
 	if d.JWT == nil {
 		return nil, errors.New("credential: aws: the web identity is a JWT-SVID: needs a SPIFFE identity")
 	}
-	if o.RoleARN == "" || o.Region == "" || o.WebIdentityAudience == "" {
-		return nil, errors.New("credential: aws: role_arn, region and web_identity.jwt_svid.audience are required")
+	if (o.RoleARN == "" && o.STSEndpoint == "") || o.Region == "" || o.WebIdentityAudience == "" {
+		return nil, errors.New("credential: aws: role_arn (unless sts_endpoint is set), region and web_identity.jwt_svid.audience are required")
 	}
 	if o.Duration != 0 && (o.Duration < 15*time.Minute || o.Duration > 12*time.Hour) {
 		return nil, fmt.Errorf("credential: aws: duration %v is outside STS's 15m..12h", o.Duration)

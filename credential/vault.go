@@ -26,6 +26,7 @@ type VaultOptions struct {
 	KubernetesAuth *VaultKubernetesAuth
 	KV2            *VaultKV2
 	Dynamic        *VaultDynamic
+	Namespace      string // Vault Enterprise namespace, if any
 	CAFile         string
 }
 
@@ -39,9 +40,10 @@ type VaultKubernetesAuth struct{ Mount, Role, TokenFile string }
 // VaultKV2 reads Field of the KV version 2 secret at Path in the engine mounted at Mount.
 type VaultKV2 struct{ Mount, Path, Field string }
 
-// VaultDynamic reads a dynamic secret (database/creds/ro, ...) and takes the username and
-// password from one lease, so both always belong together.
-type VaultDynamic struct{ Path, UsernameField, PasswordField string }
+// VaultDynamic reads a dynamic secret (database/creds/ro, ...): either Field is the token, or
+// the username and password are taken from one lease (parts PartUsername and PartPassword), so
+// both always belong together.
+type VaultDynamic struct{ Path, Field, UsernameField, PasswordField string }
 
 // NewVault returns the Vault provider, built on Vault's Go client (github.com/hashicorp/vault/api)
 // over the egress-checked HTTP client. A token's lifetime is the shorter of the login token's
@@ -70,6 +72,9 @@ func NewVault(o VaultOptions, d Deps) (Provider, error) {
 	// environment; the provider uses only its configuration.
 	client.ClearToken()
 	client.ClearNamespace()
+	if o.Namespace != "" {
+		client.SetNamespace(o.Namespace)
+	}
 	client.SetHeaders(http.Header{vault.RequestHeaderName: {"true"}})
 	return &vaultProvider{o: o, client: client, d: d}, nil
 }
@@ -142,14 +147,23 @@ func (p *vaultProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error
 			p.revokeToken(c)
 			return Token{}, fmt.Errorf("vault: nothing at %s", dy.Path)
 		}
+		if s.LeaseDuration > 0 {
+			exp = minTime(exp, now.Add(time.Duration(s.LeaseDuration)*time.Second))
+		}
+		if dy.Field != "" {
+			v, _ := s.Data[dy.Field].(string)
+			if v == "" {
+				p.revokeToken(c)
+				return Token{}, fmt.Errorf("vault: %s has no string field %q", dy.Path, dy.Field)
+			}
+			tok = NewToken(args.Name, v, exp)
+			break
+		}
 		u, _ := s.Data[dy.UsernameField].(string)
 		pw, _ := s.Data[dy.PasswordField].(string)
 		if u == "" || pw == "" {
 			p.revokeToken(c)
 			return Token{}, fmt.Errorf("vault: %s has no string fields %q and %q", dy.Path, dy.UsernameField, dy.PasswordField)
-		}
-		if s.LeaseDuration > 0 {
-			exp = minTime(exp, now.Add(time.Duration(s.LeaseDuration)*time.Second))
 		}
 		tok = NewTokenParts(args.Name, map[string]string{PartUsername: u, PartPassword: pw}, exp)
 	}
