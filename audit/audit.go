@@ -31,6 +31,9 @@ const (
 	OutcomeAgentClosed         = "agent_closed"         // the agent went away first
 	OutcomeShuttingDown        = "shutting_down"        // cut by the end of the drain period at stop
 	OutcomeBadRequest          = "bad_request"          // the agent's request body was malformed
+	// OutcomeResponseUnscannable: a scrubbed route's upstream answered with a compressed body
+	// escrow did not ask for; it was not passed on (502).
+	OutcomeResponseUnscannable = "response_unscannable"
 	// OutcomeTLSHandshakeFailed: an intercepted connection's agent did not complete TLS with
 	// escrow's leaf (typically: it does not trust the pod CA) and sent no request.
 	OutcomeTLSHandshakeFailed = "tls_handshake_failed"
@@ -66,8 +69,11 @@ type Record struct {
 
 	Status         int // the HTTP status the agent received (0: none, e.g. a tunnel or an agent that left)
 	UpstreamStatus int
-	BytesIn        int64 // from the agent (request body, or tunnel agent->upstream)
-	BytesOut       int64 // to the agent (response body, or tunnel upstream->agent)
+	// Redacted counts the occurrences of the injected credential escrow replaced in the
+	// response (headers, trailers and scanned body); never the value.
+	Redacted int
+	BytesIn  int64 // from the agent (request body, or tunnel agent->upstream)
+	BytesOut int64 // to the agent (response body, or tunnel upstream->agent)
 
 	PolicyDur     time.Duration
 	CredentialDur time.Duration
@@ -120,6 +126,9 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	}
 	if r.UpstreamStatus != 0 {
 		enc.AddInt("upstream_status", r.UpstreamStatus)
+	}
+	if r.Redacted > 0 {
+		enc.AddInt("redacted", r.Redacted)
 	}
 	enc.AddInt64("bytes_in", r.BytesIn)
 	enc.AddInt64("bytes_out", r.BytesOut)

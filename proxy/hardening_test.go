@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -15,6 +16,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/escrowproxy/escrow/audit"
 )
@@ -543,4 +547,84 @@ func TestProxy_EveryAttemptLeavesOneRecordWithItsTrueCause(t *testing.T) {
 	if n := len(tp.Records()); n != next {
 		t.Errorf("%d records, want exactly %d", n, next)
 	}
+}
+
+// reflector echoes the request (URL and headers) back in every way an upstream can.
+func reflector() http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		self := "https://" + r.Host + r.URL.RequestURI()
+		switch r.URL.Path {
+		case "/redirect":
+			w.Header().Set("Location", self+"&next=1")
+			w.Header().Set("X-Echo-Auth", r.Header.Get("Authorization"))
+			w.WriteHeader(http.StatusFound)
+		case "/sse":
+			w.Header().Set("Content-Type", "text/event-stream")
+			auth := r.Header.Get("Authorization")
+			fmt.Fprintf(w, "data: one\n\ndata: %s", auth[:12])
+			w.(http.Flusher).Flush()
+			fmt.Fprintf(w, "%s\n\n", auth[12:]) // the rest in a later write
+		case "/gzip":
+			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set("Content-Encoding", "gzip") // although escrow asked for identity
+			_, _ = w.Write([]byte{0x1f, 0x8b, 0, 0})
+		default:
+			body, _ := json.Marshal(map[string]any{"url": self, "headers": r.Header})
+			w.Header().Set("Content-Type", "application/json")
+			_, _ = w.Write(body)
+		}
+	}
+}
+
+func TestProxy_TheAgentNeverReceivesTheInjectedCredential(t *testing.T) {
+	up := func(host string) *upstream { return newTLSUpstream(t, reflector(), false, host) }
+	tp := newTestProxy(t, "upstreams:\n"+up("api.example.com").route("api.example.com", "credential: api")+
+		up("query.example.com").route("query.example.com", "credential: api", "query: {param: key}")+
+		up("basic.example.com").route("basic.example.com", "credential: api", "basic: {username: bot}")+
+		up("raw.example.com").route("raw.example.com", "credential: api", "scrub_responses: false"))
+	tp.Client.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	needles := []string{testSecret, url.QueryEscape(testSecret), base64.StdEncoding.EncodeToString([]byte("bot:" + testSecret)),
+		base64.StdEncoding.EncodeToString([]byte(testSecret))}
+	n := 0
+	for _, u := range []string{
+		"https://api.example.com/echo", "https://api.example.com/redirect?x=1", "https://api.example.com/sse",
+		"https://query.example.com/echo?x=1", "https://query.example.com/redirect?x=1",
+		"https://basic.example.com/echo", "https://basic.example.com/redirect?x=1",
+	} {
+		resp := tp.Get(t, u, "Accept-Encoding", "gzip")
+		var dump strings.Builder
+		_ = resp.Header.Write(&dump)
+		dump.Write(readBody(t, resp))
+		for _, s := range needles {
+			if strings.Contains(dump.String(), s) {
+				t.Errorf("%s: the agent received the credential (%d bytes form):\n%s", u, len(s), dump.String())
+			}
+		}
+		if !strings.Contains(dump.String(), "[escrow:redacted") {
+			t.Errorf("%s: no redaction marker in\n%s", u, dump.String())
+		}
+		n++
+		if rec := tp.Record(t, n); rec.Redacted == 0 || rec.Decision != audit.Allow {
+			t.Errorf("%s: record %+v", u, rec)
+		}
+	}
+	if v := counterValue(t, tp.Metrics.Redactions); v < float64(n) {
+		t.Errorf("escrow_response_redactions_total = %v, want >= %d", v, n)
+	}
+	// A body escrow cannot scan is not passed on.
+	resp := tp.Get(t, "https://api.example.com/gzip")
+	denialOf(t, resp, readBody(t, resp), http.StatusBadGateway, ReasonResponseUnscannable)
+	// scrub_responses: false is the documented opt-out: the reflection reaches the agent.
+	resp = tp.Get(t, "https://raw.example.com/echo")
+	if !strings.Contains(string(readBody(t, resp)), testSecret) {
+		t.Error("scrub_responses: false still scrubbed")
+	}
+}
+
+// counterValue reads a counter.
+func counterValue(t testing.TB, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	must(t, c.Write(&m))
+	return m.GetCounter().GetValue()
 }

@@ -33,6 +33,7 @@ import (
 	"github.com/escrowproxy/escrow/credential"
 	"github.com/escrowproxy/escrow/policy"
 	"github.com/escrowproxy/escrow/proxy/egress"
+	"github.com/escrowproxy/escrow/proxy/scrub"
 	"github.com/escrowproxy/escrow/telemetry"
 )
 
@@ -338,6 +339,9 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		}
 		p.metrics.CredentialFetch.WithLabelValues("ok").Inc()
 		rec.CredentialID, ob.token = tok.ID(), tok
+		if rt.scrub != nil {
+			ob.scrubber = scrubberFor(rt, tok)
+		}
 	}
 
 	// audit: nothing is served whose record could not be written.
@@ -348,6 +352,20 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 
 	// upstream: egress-checked dial, verified TLS, streamed both ways.
 	p.forward(w, r, rt, rec, ob)
+}
+
+// scrubberFor is the route's Scrubber of what its applier puts on a request: the token's value,
+// and for Basic authentication the user:password pair too (its base64 form is the header's).
+// A multi-part credential (SigV4) sends no secret, only a signature made with it.
+func scrubberFor(rt *route, tok credential.Token) *scrub.Scrubber {
+	v := tok.Value()
+	if v == "" {
+		return nil
+	}
+	if inj := rt.spec.Injection(); inj.Kind == config.InjectBasic {
+		return rt.scrub.For(v, scrub.BasicPair(inj.Username, v))
+	}
+	return rt.scrub.For(v)
 }
 
 func defaultPort(scheme string) int {
