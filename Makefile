@@ -10,7 +10,7 @@ LDFLAGS   := -s -w -X main.version=$(VERSION)
 FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy/egress:FuzzRulesCheck \
                 ./policy:FuzzLoad ./credential:FuzzApplier ./injector:FuzzMutate ./injector:FuzzReview
 
-.PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro bench-compare clean test-k8s
+.PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro bench-compare clean test-k8s test-realparts
 
 all: build
 
@@ -40,6 +40,14 @@ unit:
 test-k8s:
 	@tools=$$(test/k8s/tools.sh) && \
 	  ESCROW_K8S_TOOLS=$$tools $(GO) test -count=1 -timeout 15m -v ./test/k8s/...
+
+## test-realparts: the real `escrow proxy` against a real SPIRE (server, agent, OIDC discovery
+## provider), dex and MinIO on loopback. test/tools/realparts.sh builds them once into
+## ESCROW_TOOLS_BIN (default ~/.cache/escrow-tools/bin); without ESCROW_REALPARTS_BIN these tests
+## skip, so `make test` needs none of them.
+test-realparts:
+	@bin=$$(test/tools/realparts.sh) && \
+	  ESCROW_REALPARTS_BIN=$$bin ESCROW_REALPARTS_REQUIRE=1 $(GO) test -count=1 -v -timeout 20m ./test/realparts/...
 
 ## e2e: only the end-to-end tests (real curl, Python requests, Go client against the built binary)
 e2e:

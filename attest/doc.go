@@ -10,6 +10,16 @@
 //   - [Static] is a configured SPIFFE ID for local use. Nothing vouches for it, so its
 //     identities are not Attested, and policy and audit can tell the difference.
 //
+// # The calling process
+//
+// A pod runs several processes (the agent, a tool it spawned, a package install); the pod's
+// SVID does not say which one is calling. [ProcessFinder] asks the kernel, once per accepted
+// connection: for loopback TCP the client socket's inode in /proc/net/tcp{,6} and the process
+// holding it, for a Unix socket SO_PEERCRED. The result, a [Process] (pid, uid, gid, executable
+// path and its sha256, start time), is attested by the kernel; policy sees it as
+// context.caller. A process that cannot be found is left out (ErrProcessNotFound), never
+// guessed: policy decides whether a caller is required.
+//
 // # No identity is an error, never "anonymous"
 //
 // Every decision escrow makes downstream keys off the identity: the Cedar principal, the

@@ -48,6 +48,9 @@ func (d *Duration) CheckShape(v any) string {
 
 // UnmarshalJSON reads a duration string.
 func (d *Duration) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		return nil // as encoding/json does for its own types: null leaves the value alone
+	}
 	var s string
 	if err := json.Unmarshal(b, &s); err != nil {
 		return fmt.Errorf("want a duration string such as \"2s\"")
@@ -402,7 +405,7 @@ func (c *Config) validate() Errors {
 			return
 		}
 		if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
-			add(key, "invalid port %q", port)
+			add(key, "invalid port %q: want 1-65535, or 0 for any free port", port)
 		}
 		if !loopbackOnly {
 			return
@@ -489,7 +492,7 @@ func (c *Config) validate() Errors {
 			seen[key{u.Host, u.Port}] = i
 		}
 		if u.Port < 0 || u.Port > 65535 {
-			add(p+".port", "must be 1-65535")
+			add(p+".port", "must be 1-65535, or omit it for the scheme's default (80 for http, 443 for https)")
 		}
 		n := 0
 		for _, set := range []bool{u.Inject != nil, u.Basic != nil, u.Query != nil} {
@@ -756,6 +759,9 @@ func fmtDuration(d time.Duration) string {
 // whose form is fixed (an aws SigV4 signature, a username and password pair) takes no
 // inject/basic/query.
 func (c *Config) checkCredentialOnUpstream(p string, u Upstream, cr Credential, n int, add func(path, format string, a ...any)) {
+	if u.Port == 80 && !u.UnsafePlaintextCredential {
+		add(p+".port", "port 80 is plain HTTP: the credential would cross the network in clear text, so every request would be refused (plaintext_credential_refused); use the https port, or set unsafe_plaintext_credential: true to send it anyway")
+	}
 	switch {
 	case cr.AWS != nil:
 		if n > 0 {

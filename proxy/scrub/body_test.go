@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
+	"net/http"
 	"strings"
 	"testing"
 )
@@ -197,6 +199,9 @@ func TestBody_InactiveScrubberReturnsTheBodyItself(t *testing.T) {
 	if New("short").Body(rc, BodyOptions{}) != rc {
 		t.Fatal("want rc itself")
 	}
+	if New(secret).Body(http.NoBody, BodyOptions{}) != http.NoBody {
+		t.Fatal("want http.NoBody itself")
+	}
 }
 
 func TestScrubbable(t *testing.T) {
@@ -225,5 +230,33 @@ func TestScrubbable(t *testing.T) {
 		if got := Scrubbable(ct); got != want {
 			t.Errorf("Scrubbable(%q) = %v, want %v", ct, got, want)
 		}
+	}
+}
+
+func TestPlanBody_RefusesEncodedBodiesAndSkipsBinaryTypes(t *testing.T) {
+	for _, tc := range []struct {
+		h    http.Header
+		want Plan
+	}{
+		{http.Header{"Content-Type": {"application/json"}}, Plan{Scan: true}},
+		{http.Header{"Content-Type": {"text/html"}, "Content-Encoding": {"identity"}}, Plan{Scan: true}},
+		{http.Header{"Content-Type": {"application/json"}, "Content-Encoding": {"gzip"}}, Plan{Reason: ReasonEncoded}},
+		{http.Header{"Content-Type": {"text/plain"}, "Content-Encoding": {"identity, br"}}, Plan{Reason: ReasonEncoded}},
+		{http.Header{"Content-Type": {"image/png"}}, Plan{Reason: ReasonType}},
+		{http.Header{"Content-Encoding": {"zstd"}, "Content-Type": {"image/png"}}, Plan{Reason: ReasonEncoded}},
+		{http.Header{}, Plan{Scan: true}},
+	} {
+		if got := PlanBody(tc.h); got != tc.want {
+			t.Errorf("PlanBody(%v) = %+v, want %+v", tc.h, got, tc.want)
+		}
+	}
+}
+
+func TestPrepareRequest_AsksForIdentityAndTheWholeBody(t *testing.T) {
+	h := http.Header{"Accept-Encoding": {"gzip, br"}, "Range": {"bytes=0-9"}, "If-Range": {`"e1"`}, "Accept": {"*/*"}}
+	PrepareRequest(h)
+	want := http.Header{"Accept-Encoding": {"identity"}, "Accept": {"*/*"}}
+	if fmt.Sprint(h) != fmt.Sprint(want) {
+		t.Fatalf("got %v, want %v", h, want)
 	}
 }

@@ -1,5 +1,7 @@
 package scrub
 
+import "slices"
+
 // matcher is an Aho–Corasick automaton compiled to a dense DFA over byte classes. It finds
 // every occurrence of every pattern, ASCII case-insensitively, in one pass with one table
 // lookup per byte, and its state carries across chunks: the state after a chunk says exactly
@@ -57,10 +59,25 @@ func newMatcher(patterns []string) *matcher {
 		m.class[b] = classOfFolded[fold(byte(b))]
 	}
 
-	// The trie: rows of nclass entries; 0 means no child (the root is never a child).
-	m.delta = make([]uint32, n)
-	m.depth = []int32{0}
-	m.out = []int32{0}
+	// The trie: rows of nclass entries; 0 means no child (the root is never a child). Its
+	// states are the distinct prefixes: in sorted order, each pattern adds those longer than
+	// its common prefix with the one before.
+	sorted := slices.Clone(patterns)
+	slices.Sort(sorted)
+	states := 1
+	for i, p := range sorted {
+		common := 0
+		if i > 0 {
+			prev := sorted[i-1]
+			for common < len(p) && common < len(prev) && p[common] == prev[common] {
+				common++
+			}
+		}
+		states += len(p) - common
+	}
+	m.delta = make([]uint32, n, states*int(n))
+	m.depth = make([]int32, 1, states)
+	m.out = make([]int32, 1, states)
 	for _, p := range patterns {
 		s := uint32(0)
 		for i := 0; i < len(p); i++ {
@@ -68,7 +85,7 @@ func newMatcher(patterns []string) *matcher {
 			next := m.delta[s+c]
 			if next == 0 {
 				next = uint32(len(m.delta))
-				m.delta = append(m.delta, make([]uint32, n)...)
+				m.delta = m.delta[:len(m.delta)+int(n)]
 				m.depth = append(m.depth, int32(i+1))
 				m.out = append(m.out, 0)
 				m.delta[s+c] = next
