@@ -156,8 +156,12 @@ func RunTests(path string, opts ...TestOption) (Report, error) {
 	if err != nil {
 		return rep, fmt.Errorf("policy: test file: %w", err)
 	}
-	tf, parsed := parseTestFile(raw)
-	problems := mergeProblems(parsed, tf.check(cfg.dir != ""))
+	tf, parsed, ok := parseTestFile(raw)
+	var checked []fileProblem
+	if ok {
+		checked = tf.check(cfg.dir != "")
+	}
+	problems := mergeProblems(parsed, checked)
 	switch len(problems) {
 	case 0:
 	case 1:

@@ -15,17 +15,17 @@ import (
 // parseTestFile reads a test file strictly and reports every mistake at once, in the file's
 // own terms: the key (with the case's number and name), what was expected and what was found.
 // It does not check values against their sets (that is testFile.check).
-func parseTestFile(raw []byte) (testFile, []fileProblem) {
-	var tf testFile
+// When the file is not YAML at all, that is the only problem and ok is false.
+func parseTestFile(raw []byte) (tf testFile, problems []fileProblem, ok bool) {
 	js, err := yaml.YAMLToJSON(raw)
 	if err != nil {
-		return tf, []fileProblem{{msg: "not valid YAML: " + strings.TrimPrefix(err.Error(), "error converting YAML to JSON: ")}}
+		return tf, []fileProblem{{msg: "not valid YAML: " + strings.TrimPrefix(err.Error(), "error converting YAML to JSON: ")}}, false
 	}
 	dec := json.NewDecoder(bytes.NewReader(js))
 	dec.UseNumber()
 	var doc any
 	if err := dec.Decode(&doc); err != nil {
-		return tf, []fileProblem{{msg: "not valid YAML: " + err.Error()}}
+		return tf, []fileProblem{{msg: "not valid YAML: " + err.Error()}}, false
 	}
 	d := &fileDecoder{}
 	top := d.mapping("", "", doc, "policies", "time", "cases")
@@ -40,7 +40,7 @@ func parseTestFile(raw []byte) (testFile, []fileProblem) {
 			tf.Cases = append(tf.Cases, d.testCase(i, item))
 		}
 	}
-	return tf, d.errs
+	return tf, d.errs, true
 }
 
 // fileProblem is one mistake in a test file: where is the case label ("" outside cases), key
