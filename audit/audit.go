@@ -4,8 +4,10 @@
 package audit
 
 import (
+	"errors"
 	"io"
 	"os"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -28,11 +30,13 @@ type Record struct {
 	Attested    bool
 	IdentitySrc string
 
-	Method string
-	Scheme string
-	Host   string
-	Port   int
-	Path   string
+	Method  string
+	Upgrade string // the protocol a request upgrades to ("websocket"), or ""
+	Scheme  string
+	Host    string
+	Port    int
+	Path    string
+	SNI     string // the TLS server name a tunnel's ClientHello named
 
 	Decision  string // Allow or Deny
 	Reason    string // stable machine-readable reason
@@ -51,6 +55,8 @@ type Record struct {
 	CredentialDur time.Duration
 	UpstreamDur   time.Duration
 	TotalDur      time.Duration
+
+	reserved bool // Queue.Reserve promised this record a place
 }
 
 // MarshalLogObject writes the record without reflection.
@@ -61,11 +67,17 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	if r.Method != "" {
 		enc.AddString("method", r.Method)
 	}
+	if r.Upgrade != "" {
+		enc.AddString("upgrade", r.Upgrade)
+	}
 	enc.AddString("scheme", r.Scheme)
 	enc.AddString("host", r.Host)
 	enc.AddInt("port", r.Port)
 	if r.Path != "" {
 		enc.AddString("path", r.Path)
+	}
+	if r.SNI != "" {
+		enc.AddString("sni", r.SNI)
 	}
 	enc.AddString("decision", r.Decision)
 	enc.AddString("reason", r.Reason)
@@ -171,10 +183,25 @@ func NewBufferedZapSink(w io.Writer, flush time.Duration, clock zapcore.Clock) *
 // Stop writes every buffered record and stops the flush timer. Call it once the last record
 // has been written (after the proxy has drained).
 func (s *ZapSink) Stop() error {
+	var err error
 	if s.buf == nil {
-		return s.l.Sync()
+		err = s.l.Sync()
+	} else {
+		err = s.buf.Stop()
 	}
-	return s.buf.Stop()
+	if unsyncable(err) {
+		// A pipe or a terminal cannot be synced: every record was written, nothing is lost.
+		return nil
+	}
+	return err
+}
+
+// unsyncable reports the error fsync gives for a file that cannot be synced (a pipe, a
+// terminal, a socket), which is no failure to write.
+func unsyncable(err error) bool {
+	var pe *os.PathError
+	return errors.As(err, &pe) && pe.Op == "sync" &&
+		(errors.Is(err, syscall.EINVAL) || errors.Is(err, syscall.ENOTSUP) || errors.Is(err, syscall.ENOTTY))
 }
 
 // NewZapSinkFromLogger wraps an existing logger (tests use zaptest/observer).

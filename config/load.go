@@ -66,21 +66,36 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// Load reads the file at path, parses and validates it (Parse), then runs the checks that need
-// this machine (CheckLocal against the real filesystem and environment). It is what the binary
-// uses; config that arrives as bytes from elsewhere goes through Parse alone.
+// Load reads the file at path, parses and validates it (Parse) and runs the checks that need
+// this machine (CheckLocal against the real filesystem and environment), and reports the
+// problems of both at once, so one run of escrow proxy --check names every mistake. It is what
+// the binary uses; config that arrives as bytes from elsewhere goes through Parse alone.
 func Load(path string) (*Config, error) {
+	return LoadWith(path, OSLocal())
+}
+
+// LoadWith is Load on the machine l describes.
+func LoadWith(path string, l Local) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	c, err := Parse(data)
+	c, shape, values, err := parse(data)
 	if err != nil {
 		return nil, err
 	}
-	if err := c.CheckLocal(OSLocal()); err != nil {
-		return nil, err
+	// The machine is checked even when the file has mistakes: what was decoded of it names
+	// the files and variables the fixed config will need.
+	var local Errors
+	if err := c.CheckLocal(l); err != nil {
+		if !errors.As(err, &local) {
+			return nil, err
+		}
 	}
+	if errs := Combine(shape, append(values, local...)); len(errs) > 0 {
+		return nil, errs
+	}
+	c.validated = true
 	return c, nil
 }
 
@@ -88,17 +103,27 @@ func Load(path string) (*Config, error) {
 // It is pure: it reads no file and no environment variable, so config can be validated from
 // bytes that arrive over the network. The error, if any, is an Errors naming every bad key path.
 func Parse(data []byte) (*Config, error) {
-	var c Config
-	shape, err := Decode(data, &c)
+	c, shape, values, err := parse(data)
 	if err != nil {
 		return nil, err
 	}
-	c.applyDefaults()
-	if errs := Combine(shape, c.validate()); len(errs) > 0 {
+	if errs := Combine(shape, values); len(errs) > 0 {
 		return nil, errs
 	}
 	c.validated = true
-	return &c, nil
+	return c, nil
+}
+
+// parse decodes data best effort, fills defaults and validates: the Config (not marked
+// validated), its shape and value errors, and err for input that is not YAML at all.
+func parse(data []byte) (c *Config, shape, values Errors, err error) {
+	c = new(Config)
+	shape, err = Decode(data, c)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	c.applyDefaults()
+	return c, shape, c.validate(), nil
 }
 
 // Validate fills defaults, checks every value and compiles what the rest of the program uses

@@ -10,6 +10,9 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/escrowproxy/escrow/attest"
 	"github.com/escrowproxy/escrow/policy"
@@ -66,6 +69,10 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 		return
 	}
 
+	if !p.reserveRecord(rec) {
+		p.deny(w, rec, ReasonAuditUnavailable, nil)
+		return
+	}
 	start := p.now()
 	addr := rt.address
 	if addr == "" {
@@ -116,11 +123,35 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 		// Bytes the agent sent right behind the CONNECT (e.g. a TLS ClientHello) are in the buffer.
 		reader = io.MultiReader(io.LimitReader(brw.Reader, int64(n)), agent)
 	}
+	// The tunnel carries TLS to the CONNECT host and nothing else: the ClientHello must name it
+	// (no domain fronting through an address shared by many names).
+	_ = agent.SetReadDeadline(p.now().Add(helloTimeout))
+	sni, hello, err := readClientHello(reader)
+	_ = agent.SetReadDeadline(time.Time{})
+	rec.SNI = sni
+	switch {
+	case errors.Is(err, io.EOF):
+		rec.Reason = string(ReasonAgentClosed)
+		return
+	case err != nil:
+		p.log.Info("tunnel refused", zap.String("request_id", rec.RequestID), zap.Error(err))
+		markDenied(rec, ReasonBadRequest)
+		return
+	case !sniMatches(sni, host):
+		p.log.Info("tunnel refused: the TLS server name is not the CONNECT host", zap.String("request_id", rec.RequestID))
+		markDenied(rec, ReasonHostMismatch)
+		return
+	}
+	rec.BytesIn = int64(len(hello))
+	if _, err := up.Write(hello); err != nil {
+		markDenied(rec, ReasonUpstreamUnavailable)
+		return
+	}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		rec.BytesIn = relay(up, reader)
+		rec.BytesIn += relay(up, reader)
 	}()
 	rec.BytesOut = relay(agent, up)
 	wg.Wait()
@@ -196,7 +227,7 @@ func (p *Proxy) innerConnContext(ctx context.Context, c net.Conn) context.Contex
 func (p *Proxy) serveIntercepted(w http.ResponseWriter, r *http.Request) {
 	m, ok := r.Context().Value(connMetaKey{}).(*connMeta)
 	if !ok {
-		writeDenial(w, ReasonBadRequest, "")
+		writeDenial(w, ReasonBadRequest, "", "")
 		return
 	}
 	if r.Host != "" {

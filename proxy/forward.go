@@ -68,12 +68,14 @@ func (p *Proxy) newReverseProxy(tr http.RoundTripper) *httputil.ReverseProxy {
 		ErrorLog:      zap.NewStdLog(p.log.Named("forward")),
 		ModifyResponse: func(resp *http.Response) error {
 			resp.Header.Del(ReasonHeader)
+			resp.Header.Del(RequestIDHeader)
 			if resp.Trailer != nil {
 				// Neither as an announced trailer nor as one that arrives after the body.
 				delete(resp.Trailer, ReasonHeader)
 				resp.Body = &trailerScrub{ReadCloser: resp.Body, resp: resp}
 			}
 			if st, ok := resp.Request.Context().Value(fwdKey{}).(*fwdState); ok {
+				resp.Header[RequestIDHeader] = []string{st.rec.RequestID}
 				st.rec.UpstreamStatus = resp.StatusCode
 				st.rec.UpstreamDur = p.now().Sub(st.start)
 			}
@@ -169,7 +171,7 @@ func (t applyingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 func (p *Proxy) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	st, _ := r.Context().Value(fwdKey{}).(*fwdState)
 	if st == nil {
-		writeDenial(w, ReasonUpstreamUnavailable, "")
+		writeDenial(w, ReasonUpstreamUnavailable, "", "")
 		return
 	}
 	rec := st.rec
@@ -193,7 +195,7 @@ func (p *Proxy) upstreamError(w http.ResponseWriter, r *http.Request, err error)
 		return
 	}
 	p.log.Info("upstream error", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(withoutURL(err)))
-	writeDenial(w, reason, rec.RequestID)
+	writeDenial(w, reason, "", rec.RequestID)
 }
 
 type countingReader struct {

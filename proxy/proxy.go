@@ -102,6 +102,9 @@ type Proxy struct {
 	icpt    interception // the inner server of intercepted TLS connections
 	conns   *conns       // tunnels and upgraded connections
 	buffers *bufferPool
+	// reserver is the audit sink's Reserve when it has one (audit.Queue): a request is served
+	// only once its record is sure to be written.
+	reserver interface{ Reserve(*audit.Record) bool }
 }
 
 // stateDeps are the fixed inputs of every state the proxy builds.
@@ -155,6 +158,7 @@ func New(o Options) (*Proxy, error) {
 		build:    stateDeps{resolver: o.Resolver, dial: o.Dial, self: slices.Clone(o.Self), inspect: o.Inspectors},
 		reqIDPfx: hex.EncodeToString(pfx[:]), conns: newConns(), buffers: newBufferPool(),
 	}
+	p.reserver, _ = o.Audit.(interface{ Reserve(*audit.Record) bool })
 	st, err := p.buildState(o.Config, nil)
 	if err != nil {
 		return nil, err
@@ -254,7 +258,10 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 	st := p.state.Load()
 	rec := p.newRecord(r, kindRequest, st.mode)
 	rec.Scheme, rec.Host, rec.Port, rec.Path = t.scheme, t.host, t.port, r.URL.Path
-	if p.conns.shuttingDown() {
+	if p.conns.shuttingDown() || r.ProtoMajor == 1 && len(r.TransferEncoding) > 0 {
+		// net/http drops a Content-Length sent with Transfer-Encoding before escrow sees the
+		// request, so escrow cannot tell that RFC 9112 §6.3 case from a plain chunked body:
+		// the connection is closed after any chunked request, as §6.3 requires for it.
 		w.Header().Set("Connection", "close")
 	}
 
@@ -270,18 +277,19 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		return
 	}
 	rec.Credential = rt.credential
-	if hasDotSegment(r.URL.Path) {
-		// The policy judges the path as sent; an upstream resolves "/public/../admin" to another
-		// one. Clients remove dot segments before sending (RFC 3986 5.2.4): refuse, don't guess.
+	// request: nothing that could mean something else upstream than to the policy.
+	upgrade, ref := checkRequest(r, rt)
+	rec.Method, rec.Upgrade = r.Method, upgrade
+	if ref != nil {
 		p.bestEffortIdentity(ctx, peer, rec)
-		p.deny(w, rec, ReasonBadRequest, errors.New("dot segment in the request path"))
+		p.refuse(w, rec, ref)
 		return
 	}
 
 	// attest + policy: who is calling, and may it, now.
 	in := policy.Input{
 		Action: r.Method, Scheme: t.scheme, Host: t.host, Port: t.port,
-		Path: r.URL.Path, Credential: rt.credential,
+		Path: r.URL.Path, Credential: rt.credential, Upgrade: upgrade,
 	}
 	v := p.authorize(ctx, rec, peer, in, st.mode)
 	if v.Reason != ReasonAllowed {
@@ -324,19 +332,14 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		rec.CredentialID, ob.token = tok.ID(), tok
 	}
 
+	// audit: nothing is served whose record could not be written.
+	if !p.reserveRecord(rec) {
+		p.deny(w, rec, ReasonAuditUnavailable, nil)
+		return
+	}
+
 	// upstream: egress-checked dial, verified TLS, streamed both ways.
 	p.forward(w, r, rt, rec, ob)
-}
-
-// hasDotSegment reports a "." or ".." path segment ("/" or "\\" separated), which an upstream
-// may resolve to a path the policy did not see.
-func hasDotSegment(path string) bool {
-	for seg := range strings.FieldsFuncSeq(path, func(r rune) bool { return r == '/' || r == '\\' }) {
-		if seg == "." || seg == ".." {
-			return true
-		}
-	}
-	return false
 }
 
 func defaultPort(scheme string) int {
@@ -363,6 +366,12 @@ func (p *Proxy) newRecord(r *http.Request, kind string, mode config.PolicyMode) 
 	}
 }
 
+// reserveRecord makes sure rec will be written before what it records happens: false while the
+// audit output is stalled.
+func (p *Proxy) reserveRecord(rec *audit.Record) bool {
+	return p.reserver == nil || p.reserver.Reserve(rec)
+}
+
 // deny answers the agent, logs the internal cause (never sent to the agent) and finishes the
 // record.
 func (p *Proxy) deny(w http.ResponseWriter, rec *audit.Record, reason Reason, cause error) {
@@ -370,7 +379,14 @@ func (p *Proxy) deny(w http.ResponseWriter, rec *audit.Record, reason Reason, ca
 	if cause != nil {
 		p.log.Info("denied", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(cause))
 	}
-	writeDenial(w, reason, rec.RequestID)
+	writeDenial(w, reason, "", rec.RequestID)
+	p.finish(rec)
+}
+
+// refuse answers a request refused before the policy was asked, with its fixed message.
+func (p *Proxy) refuse(w http.ResponseWriter, rec *audit.Record, ref *refusal) {
+	markDenied(rec, ref.reason)
+	writeDenial(w, ref.reason, ref.message, rec.RequestID)
 	p.finish(rec)
 }
 

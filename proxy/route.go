@@ -166,7 +166,7 @@ func buildRoute(u config.Upstream, dial dialFunc, newProxy func(http.RoundTrippe
 		address := u.Address
 		d = func(ctx context.Context, network, _ string) (net.Conn, error) { return dial(ctx, network, address) }
 	}
-	r.transport = newTransport(roots, d)
+	r.transport = newTransport(roots, d, u.ResponseTimeout())
 	r.forward = newProxy(applyingTransport{r.transport})
 	return r, nil
 }
@@ -174,9 +174,10 @@ func buildRoute(u config.Upstream, dial dialFunc, newProxy func(http.RoundTrippe
 type dialFunc = func(ctx context.Context, network, addr string) (net.Conn, error)
 
 // newTransport is the pooled upstream transport of one route: TLS always verified (against roots,
-// or the system roots when roots is nil), HTTP/2 when the upstream offers it, and never the
-// environment's proxy settings (Proxy is nil).
-func newTransport(roots *x509.CertPool, dial dialFunc) *http.Transport {
+// or the system roots when roots is nil), HTTP/2 when the upstream offers it, never the
+// environment's proxy settings (Proxy is nil), and at most responseTimeout from the request
+// sent to the response headers (504 upstream_timeout after it).
+func newTransport(roots *x509.CertPool, dial dialFunc, responseTimeout time.Duration) *http.Transport {
 	return &http.Transport{
 		Proxy:                 nil,
 		DialContext:           dial,
@@ -187,6 +188,7 @@ func newTransport(roots *x509.CertPool, dial dialFunc) *http.Transport {
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   10 * time.Second,
 		ExpectContinueTimeout: 1 * time.Second,
+		ResponseHeaderTimeout: responseTimeout,
 		// Upstreams compress as they choose; the agent asked for what it asked for.
 		DisableCompression: true,
 	}

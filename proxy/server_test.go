@@ -194,7 +194,7 @@ func TestProxy_ShutdownClosesWhatIsLeftAfterTheDrainTimeout(t *testing.T) {
 	})
 	up := newTLSUpstream(t, endless, false, "stream.example.com")
 	plain := newPlainUpstream(t, endless)
-	echo := newEchoServer(t)
+	echo := newTLSEchoServer(t, "tunnel.example.com")
 	const drain = 300 * time.Millisecond
 	tp := newTestProxy(t, "upstreams:\n"+up.route("stream.example.com")+plain.route("plain.example.com")+
 		"  - host: tunnel.example.com\n    tunnel: true\n    address: "+echo+"\n", withDrain(drain))
@@ -216,9 +216,11 @@ func TestProxy_ShutdownClosesWhatIsLeftAfterTheDrainTimeout(t *testing.T) {
 	if resp.StatusCode != 200 {
 		t.Fatalf("CONNECT: %d", resp.StatusCode)
 	}
+	tc := tlsThroughTunnel(t, conn, br, "tunnel.example.com")
+	_, err := tc.Write([]byte("x"))
+	must(t, err)
 	go func() {
-		_, _ = conn.Write([]byte("x"))
-		_, _ = io.Copy(io.Discard, br)
+		_, _ = io.Copy(io.Discard, tc)
 		ended <- "tunnel"
 	}()
 
@@ -248,7 +250,7 @@ func TestProxy_ShutdownClosesWhatIsLeftAfterTheDrainTimeout(t *testing.T) {
 			tunnel = r
 		}
 	}
-	if tunnel == nil || tunnel.BytesIn != 1 || tunnel.BytesOut != 1 {
+	if tunnel == nil || tunnel.BytesIn <= 1 || tunnel.BytesOut == 0 {
 		t.Errorf("tunnel record = %+v", tunnel)
 	}
 }

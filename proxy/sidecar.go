@@ -11,7 +11,6 @@ import (
 	"os"
 	"reflect"
 	"sync"
-	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -70,7 +69,13 @@ type Deps struct {
 	WrapLeaves func(LeafSource) LeafSource
 	// SystemRoots is the PEM put before the pod CA in the trust bundle (default: the system's).
 	SystemRoots func() ([]byte, error)
+	// AuditStallAfter is how long one write of the default audit sink may block before requests
+	// are refused with audit_unavailable (default 2s).
+	AuditStallAfter time.Duration
 }
+
+// auditStopTimeout bounds how long a stop waits for queued audit records to be written.
+const auditStopTimeout = 10 * time.Second
 
 // Sidecar is escrow's whole per-pod proxy built from one config: identity, policy engine,
 // credential cache, pod CA, metrics, audit sink, listeners and the proxy itself. Build makes it,
@@ -109,10 +114,11 @@ type Sidecar struct {
 }
 
 // Build makes a Sidecar from a validated config. It opens the listeners (so a port conflict is
-// an error here, not later), loads the policy set, starts the identity source, makes the pod CA
-// and writes the trust bundle, and fetches every credential once (a failure is logged, not
-// fatal: requests needing it are denied until it works). It serves nothing until Serve. On error
-// everything it opened is closed again.
+// an error here, not later), loads the policy set, starts the identity source, makes the pod CA,
+// fetches every credential once (a failure is logged, not fatal: requests needing it are denied
+// until it works and /readyz says so), and only then, when nothing else can fail, writes the CA
+// files (ca_key_dir, and the trust bundle in ca_dir): a start that fails changes no file. It
+// serves nothing until Serve. On error everything it opened is closed again.
 func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err error) {
 	if !cfg.Validated() {
 		return nil, errors.New("proxy: the config was not validated (use config.Parse or config.Load)")
@@ -190,13 +196,12 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	s.ProxyAddr = s.ln.Addr().(*net.TCPAddr).AddrPort()
 	s.AdminAddr = s.adminLn.Addr().(*net.TCPAddr).AddrPort()
 
-	// The pod CA (reused from ca_key_dir when it holds a valid one) and the trust bundle.
-	podCA, reused, err := ca.LoadOrNew(ca.Options{LeafTTL: cfg.LeafTTL.D(), Name: "escrow pod CA " + hostname(), Now: d.Now}, cfg.CAKeyDir)
+	// The pod CA (reused from ca_key_dir when it holds a valid one). Its files (ca_key_dir, and
+	// the trust bundle in ca_dir) are written at the very end, once nothing can fail: a start
+	// that fails must not replace the CA of an escrow still running with the same directories.
+	podCA, reused, saveCA, err := ca.Prepare(ca.Options{LeafTTL: cfg.LeafTTL.D(), Name: "escrow pod CA " + hostname(), Now: d.Now}, cfg.CAKeyDir)
 	if err != nil {
 		return nil, err
-	}
-	if reused {
-		log.Info("reusing the pod CA kept in ca_key_dir", zap.String("ca_key_dir", cfg.CAKeyDir))
 	}
 	systemRoots := d.SystemRoots
 	if systemRoots == nil {
@@ -205,9 +210,6 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	roots, err := systemRoots()
 	if err != nil {
 		log.Warn("system roots not found; the trust bundle holds only the pod CA", zap.Error(err))
-	}
-	if err := ca.WriteFiles(cfg.CADir, podCA.CertPEM(), roots); err != nil {
-		return nil, err
 	}
 	s.CAPEM = podCA.CertPEM()
 	var leaves LeafSource = podCA
@@ -248,20 +250,31 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	}
 	s.creds = credential.NewManager(providers, co)
 
-	// The audit sink, stopped (flushed) after the drain so no record is lost.
+	// The audit sink, stopped (flushed) after the drain so no record is lost. Records go through
+	// a bounded queue: a stalled output makes requests fail closed (audit_unavailable) and
+	// /readyz false, instead of freezing every request.
 	sink := d.Audit
+	var auditQ *audit.Queue
 	if sink == nil {
 		out := d.Stdout
 		if out == nil {
 			out = os.Stdout
 		}
 		bs := audit.NewBufferedZapSink(out, cfg.Audit.FlushEvery(), nil)
-		sink = bs
+		auditQ = audit.NewQueue(bs, audit.QueueOptions{StallAfter: d.AuditStallAfter})
+		sink = auditQ
+		s.Metrics.RegisterAuditQueue(auditQ)
 		s.closers = append(s.closers, func() error {
-			// Stop writes what is buffered, then syncs; a pipe or terminal cannot sync (EINVAL),
-			// which is no lost record. A failed write is logged, not fatal: it is too late to
-			// do anything else about it.
-			if err := bs.Stop(); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOTSUP) {
+			// The records of the drained requests are queued: write them, for a bounded time
+			// (the output may be the stalled one), then flush.
+			ctx, cancel := context.WithTimeout(context.Background(), auditStopTimeout)
+			defer cancel()
+			if err := auditQ.Close(ctx); err != nil {
+				log.Error("audit records could not be written", zap.Error(err))
+				return nil
+			}
+			// A failed write is logged, not fatal: it is too late to do anything else about it.
+			if err := bs.Stop(); err != nil {
 				log.Error("writing audit records failed", zap.Error(err))
 			}
 			return nil
@@ -282,7 +295,7 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	if err := s.creds.Warm(ctx); err != nil {
 		log.Warn("some credentials are not available yet", zap.Error(err))
 	}
-	s.admin = AdminHandler(s.Metrics.Handler(), map[string]ReadyCheck{
+	checks := map[string]ReadyCheck{
 		"identity": func() error {
 			if !id.Ready() {
 				return errors.New("no valid SVID yet")
@@ -296,7 +309,22 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 			return nil
 		},
 		"ca": func() error { return nil }, // the CA exists before the listeners serve
-	})
+	}
+	if auditQ != nil {
+		checks["audit"] = auditQ.Healthy
+	}
+	s.admin = AdminHandler(s.Metrics.Handler(), checks)
+
+	// Last, the trust files: everything that can fail has succeeded.
+	if err := saveCA(); err != nil {
+		return nil, err
+	}
+	if reused {
+		log.Info("reusing the pod CA kept in ca_key_dir", zap.String("ca_key_dir", cfg.CAKeyDir))
+	}
+	if err := ca.WriteFiles(cfg.CADir, podCA.CertPEM(), roots); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 

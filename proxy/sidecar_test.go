@@ -171,3 +171,67 @@ func TestBuild_TakesThePolicySetAsBytes(t *testing.T) {
 		t.Fatalf("status %d %s, want 403 policy_denied from the set given as bytes", resp.StatusCode, resp.Header.Get(ReasonHeader))
 	}
 }
+
+func TestBuild_AFailedStartLeavesTheTrustFilesOfTheRunningOne(t *testing.T) {
+	dir := t.TempDir()
+	keyDir := filepath.Join(dir, "ca-key")
+	caDir := filepath.Join(dir, "ca")
+	cfg := sidecarConfig(t, "ca_key_dir: "+keyDir+"\n")
+	cfg.CADir = caDir
+	running, err := Build(context.Background(), cfg, Deps{})
+	must(t, err)
+	defer running.Close()
+	files := func() map[string][]byte {
+		out := map[string][]byte{}
+		for _, p := range []string{filepath.Join(caDir, config.CACertFile), filepath.Join(caDir, config.TrustBundleFile)} {
+			b, err := os.ReadFile(p)
+			must(t, err)
+			out[p] = b
+		}
+		ents, err := os.ReadDir(keyDir)
+		must(t, err)
+		for _, e := range ents {
+			b, err := os.ReadFile(filepath.Join(keyDir, e.Name()))
+			must(t, err)
+			out[e.Name()] = b
+		}
+		return out
+	}
+	before := files()
+	// The kept CA is replaced by a new one only when it is unusable: make it so, so that a start
+	// would have to write a new one.
+	ents, err := os.ReadDir(keyDir)
+	must(t, err)
+	for _, e := range ents {
+		must(t, os.WriteFile(filepath.Join(keyDir, e.Name()), []byte("corrupt"), 0o600))
+	}
+	before = files()
+	if len(before) < 4 {
+		t.Fatalf("files: %d", len(before))
+	}
+
+	notPEM := filepath.Join(dir, "not-a-ca.pem")
+	must(t, os.WriteFile(notPEM, []byte("not a certificate"), 0o644))
+	for name, extra := range map[string]string{
+		// A port in use: the running sidecar's (set below).
+		"listen in use": "",
+		// Discovered late: an upstream's ca_file that holds no certificate.
+		"bad ca_file": "upstreams:\n  - host: api.example.com\n    ca_file: " + notPEM + "\n",
+	} {
+		second := sidecarConfig(t, "ca_key_dir: "+keyDir+"\n"+extra)
+		second.CADir = caDir
+		if extra == "" {
+			second.Listen = running.ProxyAddr.String()
+		}
+		if sc, err := Build(context.Background(), second, Deps{}); err == nil {
+			sc.Close()
+			t.Fatalf("%s: Build succeeded", name)
+		}
+		after := files()
+		for p, b := range before {
+			if !bytes.Equal(after[p], b) {
+				t.Errorf("%s: the failed start changed %s", name, p)
+			}
+		}
+	}
+}

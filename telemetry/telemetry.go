@@ -100,6 +100,27 @@ func New(o Options) *Metrics {
 	return m
 }
 
+// AuditQueue is what the audit metrics read (audit.Queue).
+type AuditQueue interface {
+	Backlog() int
+	Dropped() uint64
+}
+
+// RegisterAuditQueue exports the audit queue's backlog and losses: a growing backlog is an audit
+// output that does not keep up (requests are refused once it stalls).
+func (m *Metrics) RegisterAuditQueue(q AuditQueue) {
+	m.Registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "audit_backlog_records",
+			Help: "Audit records waiting to be written to the audit output.",
+		}, func() float64 { return float64(q.Backlog()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: namespace, Name: "audit_records_dropped_total",
+			Help: "Audit records of refused requests lost because the audit queue was full (a served request's record is never dropped).",
+		}, func() float64 { return float64(q.Dropped()) }),
+	)
+}
+
 // Handler serves the registry in the Prometheus text or OpenMetrics format.
 func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry, EnableOpenMetrics: true})

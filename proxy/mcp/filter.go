@@ -200,37 +200,37 @@ func (f *listFilter) keep(tool []byte) bool {
 // tools/list request is re-emitted filtered; every other event passes byte for byte, as soon
 // as it is complete.
 type sseFilter struct {
-	src io.ReadCloser
-	f   *listFilter
-	in  []byte // read from src, not yet processed
-	out []byte // processed, not yet returned
-	err error
+	src    io.ReadCloser
+	f      *listFilter
+	in     []byte // read from src, not yet processed
+	out    []byte // processed, not yet returned
+	srcErr error  // src's error (io.EOF at the end), returned once in is drained
+	failed error  // the stream cannot be filtered: returned at once, nothing more is passed
 }
 
 func (s *sseFilter) Close() error { return s.src.Close() }
 
 func (s *sseFilter) Read(p []byte) (int, error) {
 	for len(s.out) == 0 {
-		if s.err != nil {
-			return 0, s.err
+		if s.failed != nil {
+			return 0, s.failed
 		}
 		end := eventEnd(s.in)
 		if int64(end) > s.f.max || (end < 0 && int64(len(s.in)) > s.f.max) {
-			s.err = fmt.Errorf("%w: an event of more than %d bytes", ErrResponse, s.f.max)
+			s.failed = fmt.Errorf("%w: an event of more than %d bytes", ErrResponse, s.f.max)
 			continue
 		}
 		if end >= 0 {
 			ev := s.in[:end]
 			s.in = s.in[end:]
-			out, err := s.f.filterEvent(ev)
-			if err != nil {
-				s.err = err
-				continue
-			}
-			s.out = out
+			s.out, s.failed = s.f.filterEvent(ev)
 			continue
 		}
-		// Nothing is pending in out, so the buffer may be compacted.
+		if s.srcErr != nil {
+			// An incomplete last event is dropped, as an SSE client would.
+			return 0, s.srcErr
+		}
+		// Nothing is pending in out, so the buffer may be moved.
 		if cap(s.in)-len(s.in) < 4<<10 {
 			buf := make([]byte, len(s.in), max(2*cap(s.in), 32<<10))
 			copy(buf, s.in)
@@ -238,10 +238,7 @@ func (s *sseFilter) Read(p []byte) (int, error) {
 		}
 		n, err := s.src.Read(s.in[len(s.in):cap(s.in)])
 		s.in = s.in[:len(s.in)+n]
-		if err != nil {
-			// An incomplete last event is dropped, as an SSE client would.
-			s.err = err
-		}
+		s.srcErr = err
 	}
 	n := copy(p, s.out)
 	s.out = s.out[n:]

@@ -155,7 +155,17 @@ func TestResponseFilter_RewritesTheListEventOfAnSSEStreamAndPassesTheRest(t *tes
 	// The response split over two data lines, as SSE allows.
 	list := "event: message\nid: 2\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,\n" + "data: \"result\":" + toolsResult + "}\n\n"
 	stream := priming + progress + list + changed
-	resp := sseResponse(iotest.OneByteReader(strings.NewReader(stream)))
+	for name, r := range map[string]io.Reader{
+		"one byte a read": iotest.OneByteReader(strings.NewReader(stream)),
+		// The last data comes with io.EOF, as net/http's body reader returns it.
+		"EOF with the data": iotest.DataErrReader(strings.NewReader(stream)),
+	} {
+		t.Run(name, func(t *testing.T) { testSSEList(t, r, priming+progress, changed) })
+	}
+}
+
+func testSSEList(t *testing.T, r io.Reader, priming, changed string) {
+	resp := sseResponse(r)
 	if err := listCall(t, listReq).ResponseFilter(allowReadOnly)(resp); err != nil {
 		t.Fatal(err)
 	}
@@ -167,10 +177,10 @@ func TestResponseFilter_RewritesTheListEventOfAnSSEStreamAndPassesTheRest(t *tes
 		t.Fatal(err)
 	}
 	s := string(out)
-	if !strings.HasPrefix(s, priming+progress) || !strings.HasSuffix(s, changed) {
+	if !strings.HasPrefix(s, priming) || !strings.HasSuffix(s, changed) {
 		t.Fatalf("other events were not passed byte for byte:\n%q", s)
 	}
-	ev := strings.TrimSuffix(strings.TrimPrefix(s, priming+progress), changed)
+	ev := strings.TrimSuffix(strings.TrimPrefix(s, priming), changed)
 	if !strings.HasPrefix(ev, "event: message\nid: 2\ndata: ") || !strings.HasSuffix(ev, "\n\n") {
 		t.Fatalf("list event = %q", ev)
 	}

@@ -1,0 +1,445 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/escrowproxy/escrow/audit"
+)
+
+// rawProxyRequest writes raw (one HTTP/1.1 request, bytes exactly as given) to the proxy
+// listener and returns the response, its body, and whether the proxy then closed the connection.
+func rawProxyRequest(t testing.TB, tp *testProxy, raw string) (*http.Response, []byte, bool) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", tp.Addr, 5*time.Second)
+	must(t, err)
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	_, err = io.WriteString(c, raw)
+	must(t, err)
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	must(t, err)
+	body, err := io.ReadAll(resp.Body)
+	must(t, err)
+	// A closed connection reads EOF at once; an open one times out.
+	_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	_, err = br.ReadByte()
+	closed := err == io.EOF
+	return resp, body, closed
+}
+
+// seenRequests records what an upstream received.
+type seenRequests struct {
+	mu   sync.Mutex
+	reqs []*http.Request
+}
+
+func (s *seenRequests) handler(w http.ResponseWriter, r *http.Request) {
+	_, _ = io.Copy(io.Discard, r.Body)
+	s.mu.Lock()
+	s.reqs = append(s.reqs, r)
+	s.mu.Unlock()
+	_, _ = io.WriteString(w, "ok")
+}
+
+func (s *seenRequests) all() []*http.Request {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]*http.Request(nil), s.reqs...)
+}
+
+func TestProxy_NeverSendsTraceOrTrackWithACredential(t *testing.T) {
+	var seen seenRequests
+	up := newTLSUpstream(t, http.HandlerFunc(seen.handler), false, "api.example.com")
+	plain := newPlainUpstream(t, http.HandlerFunc(seen.handler))
+	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.com", "credential: api")+
+		plain.route("plain.example.com", "credential: api", "unsafe_plaintext_credential: true")+
+		plain.route("open.example.com"))
+
+	for _, c := range []struct{ method, url string }{
+		{"TRACE", "https://api.example.com/v1/x"},
+		{"TRACK", "https://api.example.com/v1/x"},
+		{"trace", "https://api.example.com/v1/x"},
+		{"TRACE", "http://plain.example.com/v1/x"},
+	} {
+		req, _ := http.NewRequest(c.method, c.url, nil)
+		resp := tp.Do(t, req)
+		d := denialOf(t, resp, readBody(t, resp), http.StatusMethodNotAllowed, ReasonMethodNotAllowed)
+		if rec := findRecord(t, tp, d.RequestID); rec.Decision != audit.Deny || rec.Credential != "api" {
+			t.Errorf("%s %s: record %+v", c.method, c.url, rec)
+		}
+	}
+	if n := len(seen.all()); n != 0 {
+		t.Fatalf("upstream received %d TRACE/TRACK request(s) on credential routes", n)
+	}
+	// Without a credential there is nothing to reflect: TRACE passes to policy and upstream.
+	req, _ := http.NewRequest("TRACE", "http://open.example.com/x", nil)
+	if resp := tp.Do(t, req); resp.StatusCode != 200 {
+		t.Errorf("TRACE without a credential: %d", resp.StatusCode)
+	}
+}
+
+func TestProxy_RefusesRawFragmentInRequestTarget(t *testing.T) {
+	var seen seenRequests
+	plain := newPlainUpstream(t, http.HandlerFunc(seen.handler))
+	tp := newTestProxy(t, "upstreams:\n"+plain.route("plain.example.com", "credential: api", "unsafe_plaintext_credential: true", "query: {param: key}"))
+
+	resp, body, _ := rawProxyRequest(t, tp, "GET http://plain.example.com/v1/x#?key=mine HTTP/1.1\r\nHost: plain.example.com\r\n\r\n")
+	d := denialOf(t, resp, body, http.StatusBadRequest, ReasonBadRequest)
+	if !strings.Contains(d.Message, "'#'") {
+		t.Errorf("message = %q, want it to name the '#'", d.Message)
+	}
+	if n := len(seen.all()); n != 0 {
+		t.Fatalf("upstream received %d request(s)", n)
+	}
+}
+
+func TestProxy_RefusesPathsUpstreamsReadDifferently(t *testing.T) {
+	var seen seenRequests
+	up := newTLSUpstream(t, http.HandlerFunc(seen.handler), false, "api.example.com")
+	plain := newPlainUpstream(t, http.HandlerFunc(seen.handler))
+	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.com", "credential: api")+plain.route("plain.example.com"),
+		withPolicy(`@id("all") permit (principal, action, resource);
+@id("no-admin") forbid (principal, action, resource) when { context.path like "/v1/admin*" };`))
+
+	for _, c := range []struct{ path, msg string }{
+		{"/v1//admin", "empty segment"},
+		{"/v1/%2Fadmin", "empty segment"},
+		{"/v1/public/..;/admin", "'..' segment"},
+		{"/v1/.;/admin", "'..' segment"},
+		{"/v1/public/..%3B/admin", "'..' segment"},
+		{"/v1/admin%00.json", "control character"},
+		{"/v1/x%0d%0aX-Injected:1", "control character"},
+		{"/v1/public/%252e%252e/admin", "double encoding"},
+		{"/v1/public%252fadmin", "double encoding"},
+		{"/v1/public/%c0%ae%c0%ae/admin", "UTF-8"},
+		{"/v1/public/%e0%80%ae/admin", "UTF-8"},
+		{"/v1/public/..%5cadmin", "'..' segment"},
+	} {
+		for _, base := range []string{"https://api.example.com", "http://plain.example.com"} {
+			req, err := http.NewRequest("GET", base+"/", nil)
+			must(t, err)
+			req.URL.Opaque = "//" + req.URL.Host + c.path // sent exactly as written
+			resp := tp.Do(t, req)
+			d := denialOf(t, resp, readBody(t, resp), http.StatusBadRequest, ReasonBadRequest)
+			if !strings.Contains(d.Message, c.msg) {
+				t.Errorf("%s%s: message %q, want it to mention %q", base, c.path, d.Message, c.msg)
+			}
+		}
+	}
+	if n := len(seen.all()); n != 0 {
+		t.Fatalf("upstream received %d request(s) with ambiguous paths", n)
+	}
+	// Ordinary paths, including an encoded slash inside a segment (GitLab project ids), an
+	// encoded percent sign not followed by hex digits, and a trailing slash.
+	for _, p := range []string{"/v1/projects/group%2Fproject", "/v1/100%25", "/v1/", "/", "/v1/caf%C3%A9"} {
+		req, _ := http.NewRequest("GET", "https://api.example.com/", nil)
+		req.URL.Opaque = "//api.example.com" + p
+		if resp := tp.Do(t, req); resp.StatusCode != 200 {
+			t.Errorf("%s: %d %s", p, resp.StatusCode, readBody(t, resp))
+		}
+	}
+}
+
+func TestProxy_StripsMethodOverridesAndForwardsTheCanonicalMethod(t *testing.T) {
+	var seen seenRequests
+	up := newTLSUpstream(t, http.HandlerFunc(seen.handler), false, "api.example.com")
+	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.com", "credential: api"),
+		withPolicy(`@id("post-and-get") permit (principal, action, resource) when { context.method == "POST" || context.method == "GET" };`))
+
+	req, _ := http.NewRequest("POST", "https://api.example.com/v1/items/7?_method=DELETE&keep=1&%5Fmethod=PUT", strings.NewReader("x"))
+	req.Header.Set("X-HTTP-Method-Override", "DELETE")
+	req.Header.Set("X-HTTP-Method", "DELETE")
+	req.Header.Set("X-Method-Override", "DELETE")
+	if resp := tp.Do(t, req); resp.StatusCode != 200 {
+		t.Fatalf("POST: %d", resp.StatusCode)
+	}
+	req, _ = http.NewRequest("get", "https://api.example.com/v1/lower", nil)
+	if resp := tp.Do(t, req); resp.StatusCode != 200 {
+		t.Fatalf("get: %d", resp.StatusCode)
+	}
+	got := seen.all()
+	if len(got) != 2 {
+		t.Fatalf("upstream saw %d requests", len(got))
+	}
+	for _, h := range []string{"X-Http-Method-Override", "X-Http-Method", "X-Method-Override"} {
+		if v := got[0].Header.Get(h); v != "" {
+			t.Errorf("upstream received %s: %s", h, v)
+		}
+	}
+	if got[0].Method != "POST" || got[0].URL.RawQuery != "keep=1" {
+		t.Errorf("upstream received %s ?%s, want POST ?keep=1", got[0].Method, got[0].URL.RawQuery)
+	}
+	if got[1].Method != "GET" {
+		t.Errorf("upstream received method %q, want GET", got[1].Method)
+	}
+	if rec := tp.Record(t, 2); rec.Method != "GET" {
+		t.Errorf("record method = %q, want GET", rec.Method)
+	}
+}
+
+func TestProxy_RefusesUpgradesOtherThanWebSocket(t *testing.T) {
+	var seen seenRequests
+	plain := newPlainUpstream(t, http.HandlerFunc(seen.handler))
+	tp := newTestProxy(t, "upstreams:\n"+plain.route("plain.example.com"))
+
+	for _, up := range []string{"h2c", "foo/1", "websocket, h2c"} {
+		resp, body, _ := rawProxyRequest(t, tp, "GET http://plain.example.com/x HTTP/1.1\r\nHost: plain.example.com\r\n"+
+			"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: "+up+"\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+		d := denialOf(t, resp, body, http.StatusBadRequest, ReasonBadRequest)
+		if !strings.Contains(d.Message, "websocket") {
+			t.Errorf("Upgrade %s: message %q", up, d.Message)
+		}
+	}
+	if n := len(seen.all()); n != 0 {
+		t.Fatalf("upstream received %d upgrade request(s)", n)
+	}
+}
+
+func TestProxy_WebSocketUpgradeIsVisibleToPolicyAndRecord(t *testing.T) {
+	gotAuth := make(chan string, 2)
+	up := wsEchoUpstream(t, "ws.example.com", gotAuth)
+	tp := newTestProxy(t, "upstreams:\n"+up.route("ws.example.com", "credential: api"))
+
+	tc, _ := openWebSocket(t, tp, "ws.example.com")
+	tc.Close()
+	rec := tp.Record(t, 1)
+	if rec.Upgrade != "websocket" || rec.Decision != audit.Allow {
+		t.Errorf("record = %+v", rec)
+	}
+}
+
+func TestProxy_ClosesTheConnectionAfterAChunkedRequest(t *testing.T) {
+	var seen seenRequests
+	plain := newPlainUpstream(t, http.HandlerFunc(seen.handler))
+	tp := newTestProxy(t, "upstreams:\n"+plain.route("plain.example.com"))
+
+	// Content-Length and Transfer-Encoding together (RFC 9112 §6.3): answered, then closed.
+	resp, _, closed := rawProxyRequest(t, tp, "POST http://plain.example.com/x HTTP/1.1\r\nHost: plain.example.com\r\n"+
+		"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+	if resp.StatusCode != 200 || !closed {
+		t.Fatalf("status %d, connection closed %v; want 200 and closed", resp.StatusCode, closed)
+	}
+	// An ordinary request keeps the connection.
+	resp, _, closed = rawProxyRequest(t, tp, "POST http://plain.example.com/x HTTP/1.1\r\nHost: plain.example.com\r\nContent-Length: 3\r\n\r\nabc")
+	if resp.StatusCode != 200 || closed {
+		t.Fatalf("status %d, connection closed %v; want 200 and kept", resp.StatusCode, closed)
+	}
+}
+
+func TestProxy_EveryResponseCarriesTheRecordsRequestID(t *testing.T) {
+	plain := newPlainUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set(RequestIDHeader, "forged-by-upstream")
+		_, _ = io.WriteString(w, "ok")
+	}))
+	tp := newTestProxy(t, "upstreams:\n"+plain.route("plain.example.com"))
+
+	resp := tp.Get(t, "http://plain.example.com/ok")
+	id := resp.Header.Get(RequestIDHeader)
+	if resp.StatusCode != 200 || id == "" || id == "forged-by-upstream" {
+		t.Fatalf("forwarded response: %d, %s = %q", resp.StatusCode, RequestIDHeader, id)
+	}
+	if rec := tp.Record(t, 1); rec.RequestID != id {
+		t.Errorf("record request_id %q, header %q", rec.RequestID, id)
+	}
+	resp = tp.Get(t, "http://unknown.example.com/")
+	var d denialBody
+	must(t, json.Unmarshal(readBody(t, resp), &d))
+	if got := resp.Header.Get(RequestIDHeader); got == "" || got != d.RequestID {
+		t.Errorf("denial: header %q, body request_id %q", got, d.RequestID)
+	}
+}
+
+// newTLSEchoServer is a TLS server for host (signed by the test upstream CA) that echoes what it
+// decrypts until the peer half-closes, then closes.
+func newTLSEchoServer(t testing.TB, host string) string {
+	t.Helper()
+	leaf, err := upstreamCA(t).Leaf(host)
+	must(t, err)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{*leaf}})
+	must(t, err)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_, _ = io.Copy(c, c)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// tlsThroughTunnel does a TLS handshake for host over an open CONNECT tunnel, trusting the test
+// upstream CA (a tunnel keeps end-to-end TLS: escrow's CA plays no part).
+func tlsThroughTunnel(t testing.TB, conn net.Conn, br *bufio.Reader, host string) *tls.Conn {
+	t.Helper()
+	roots := x509.NewCertPool()
+	roots.AddCert(upstreamCA(t).Certificate())
+	tc := tls.Client(&bufferedConn{Conn: conn, r: br}, &tls.Config{ServerName: host, RootCAs: roots})
+	must(t, tc.Handshake())
+	return tc
+}
+
+func TestProxy_TunnelRequiresTLSForTheConnectHost(t *testing.T) {
+	echo := newTLSEchoServer(t, "tunnel.example.com")
+	tp := newTestProxy(t, fmt.Sprintf("upstreams:\n  - host: tunnel.example.com\n    tunnel: true\n    address: %s\n", echo),
+		withPolicy(tunnelPolicy))
+
+	// The server name is the CONNECT host: relayed, and the record names it.
+	conn, br, resp, _ := tp.rawConnect(t, "tunnel.example.com:443", nil)
+	if resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %d", resp.StatusCode)
+	}
+	tc := tlsThroughTunnel(t, conn, br, "tunnel.example.com")
+	_, err := io.WriteString(tc, "ping")
+	must(t, err)
+	got := make([]byte, 4)
+	_, err = io.ReadFull(tc, got)
+	must(t, err)
+	tc.Close()
+	if rec := tp.Record(t, 1); rec.Decision != audit.Allow || rec.SNI != "tunnel.example.com" || string(got) != "ping" {
+		t.Errorf("record %+v, echo %q", rec, got)
+	}
+
+	// Domain fronting: a tunnel to the allowed name carrying TLS for another one.
+	conn, br, _, _ = tp.rawConnect(t, "tunnel.example.com:443", nil)
+	fronted := tls.Client(&bufferedConn{Conn: conn, r: br}, &tls.Config{ServerName: "other.example.net", InsecureSkipVerify: true})
+	if err := fronted.Handshake(); err == nil {
+		t.Fatal("a TLS handshake for another name completed through the tunnel")
+	}
+	if rec := tp.Record(t, 2); rec.Decision != audit.Deny || rec.Reason != string(ReasonHostMismatch) || rec.SNI != "other.example.net" {
+		t.Errorf("record = %+v", rec)
+	}
+
+	// Not TLS at all.
+	conn, br, _, _ = tp.rawConnect(t, "tunnel.example.com:443", []byte("GET / HTTP/1.1\r\nHost: tunnel.example.com\r\n\r\n"))
+	if b, _ := io.ReadAll(br); len(b) != 0 {
+		t.Errorf("plain bytes in a tunnel got an answer: %q", b)
+	}
+	conn.Close()
+	if rec := tp.Record(t, 3); rec.Decision != audit.Deny || rec.Reason != string(ReasonBadRequest) || rec.BytesOut != 0 {
+		t.Errorf("record = %+v", rec)
+	}
+}
+
+func TestProxy_UpstreamThatDoesNotAnswerIs504AfterResponseTimeout(t *testing.T) {
+	hang := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
+	h1 := newTLSUpstream(t, hang, false, "h1.example.com")
+	h2 := newTLSUpstream(t, hang, true, "h2.example.com")
+	plain := newPlainUpstream(t, hang)
+	tp := newTestProxy(t, "upstreams:\n"+h1.route("h1.example.com", "credential: api", "response_timeout: 1s")+
+		h2.route("h2.example.com", "response_timeout: 1s")+plain.route("plain.example.com", "response_timeout: 1s"))
+
+	for _, u := range []string{"https://h1.example.com/slow", "https://h2.example.com/slow", "http://plain.example.com/slow"} {
+		start := time.Now()
+		resp := tp.Get(t, u)
+		d := denialOf(t, resp, readBody(t, resp), http.StatusGatewayTimeout, ReasonUpstreamTimeout)
+		if el := time.Since(start); el < time.Second || el > 8*time.Second {
+			t.Errorf("%s: answered after %v with response_timeout 1s", u, el)
+		}
+		if rec := findRecord(t, tp, d.RequestID); rec.Reason != string(ReasonUpstreamTimeout) {
+			t.Errorf("%s: record %+v", u, rec)
+		}
+	}
+}
+
+func TestSidecar_StalledAuditOutputFailsClosedFast(t *testing.T) {
+	up := newPlainUpstream(t, okHandler(nil))
+	cfg := sidecarConfig(t, "audit: {flush_interval: 0s}\negress: {allow_cidrs: [127.0.0.0/8]}\nupstreams:\n"+up.route("plain.example.com"))
+	out, in := io.Pipe() // nobody reads it yet: every write blocks, as on a full stdout pipe
+	defer out.Close()
+	sc, err := Build(context.Background(), cfg, Deps{Stdout: in, AuditStallAfter: 200 * time.Millisecond,
+		SystemRoots: func() ([]byte, error) { return nil, nil }})
+	must(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- sc.Serve(ctx) }()
+	defer func() {
+		cancel()
+		go func() { _, _ = io.Copy(io.Discard, out) }()
+		<-served
+	}()
+	pu, _ := url.Parse("http://" + sc.ProxyAddr.String())
+	client := &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(pu)}, Timeout: 10 * time.Second}
+	get := func() (*http.Response, []byte) {
+		t.Helper()
+		resp, err := client.Get("http://plain.example.com/x")
+		must(t, err)
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp, body
+	}
+	// The first record is taken; its write blocks.
+	if resp, _ := get(); resp.StatusCode != 200 {
+		t.Fatalf("first request: %d", resp.StatusCode)
+	}
+	time.Sleep(300 * time.Millisecond) // past AuditStallAfter (a wall-clock bound by design)
+	start := time.Now()
+	resp, body := get()
+	denialOf(t, resp, body, http.StatusServiceUnavailable, ReasonAuditUnavailable)
+	if el := time.Since(start); el > 2*time.Second {
+		t.Errorf("refused after %v; want fast", el)
+	}
+	code, ready := adminGet(t, sc, "/readyz")
+	if code != http.StatusServiceUnavailable || !strings.Contains(ready, `"audit"`) {
+		t.Errorf("/readyz = %d %s", code, ready)
+	}
+	if _, metrics := adminGet(t, sc, "/metrics"); !strings.Contains(metrics, "escrow_audit_backlog_records ") ||
+		strings.Contains(metrics, "escrow_audit_backlog_records 0\n") {
+		t.Errorf("backlog metric missing or zero:\n%s", grepLines(metrics, "escrow_audit"))
+	}
+	// The output drains: records flow again, and so do requests.
+	lines := make(chan string, 16)
+	go func() {
+		br := bufio.NewReader(out)
+		for {
+			l, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			lines <- l
+		}
+	}()
+	waitFor(t, "readyz back to 200", func() bool { c, _ := adminGet(t, sc, "/readyz"); return c == 200 })
+	if resp, _ := get(); resp.StatusCode != 200 {
+		t.Fatalf("after the output drained: %d", resp.StatusCode)
+	}
+	// Every request has its record, the refused one included.
+	for i := range 3 {
+		select {
+		case l := <-lines:
+			if !strings.Contains(l, `"msg":"audit"`) {
+				t.Errorf("line %d: %s", i, l)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("record %d not written", i+1)
+		}
+	}
+}
+
+func adminGet(t testing.TB, sc *Sidecar, path string) (int, string) {
+	t.Helper()
+	resp, err := direct.Get("http://" + sc.AdminAddr.String() + path)
+	must(t, err)
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
