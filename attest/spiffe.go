@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
@@ -54,6 +56,10 @@ type SPIFFE struct {
 	jwtMu    sync.Mutex
 	jwtCache map[string]jwtEntry // by audience
 	jwtGroup singleflight.Group
+
+	bundleMu   sync.Mutex
+	bundleDone chan struct{} // nil until JWTBundles starts the bundle watch; closed when it ends
+	bundles    atomic.Pointer[jwtbundle.Set]
 }
 
 var _ Source = (*SPIFFE)(nil)
@@ -251,6 +257,12 @@ func (s *SPIFFE) Close() error {
 		s.closed.Store(true)
 		s.cancel()
 		<-s.done
+		s.bundleMu.Lock()
+		bundleDone := s.bundleDone
+		s.bundleMu.Unlock()
+		if bundleDone != nil {
+			<-bundleDone
+		}
 		s.cur.Store(closedState)
 		s.jwtMu.Lock()
 		clear(s.jwtCache)
@@ -260,6 +272,77 @@ func (s *SPIFFE) Close() error {
 		}
 	})
 	return s.closeErr
+}
+
+// JWTBundles returns the JWT bundles the Workload API streams (the trust domain's JWT signing
+// keys and those of federated trust domains), for verifying other workloads' JWT-SVIDs (a
+// delegation verifier's spiffe issuer). The first call starts watching them; until the first
+// bundles arrive, and after Close, lookups fail with ErrUnavailable. The bundles are replaced
+// on every update, so key rotation is followed.
+func (s *SPIFFE) JWTBundles() jwtbundle.Source {
+	s.bundleMu.Lock()
+	defer s.bundleMu.Unlock()
+	if s.bundleDone == nil && s.ctx.Err() == nil {
+		s.bundleDone = make(chan struct{})
+		go s.watchBundles()
+	}
+	return spiffeJWTBundles{s}
+}
+
+func (s *SPIFFE) watchBundles() {
+	defer close(s.bundleDone)
+	for {
+		err := s.client.WatchJWTBundles(s.ctx, jwtBundleWatcher{s})
+		if s.ctx.Err() != nil {
+			return
+		}
+		s.log.Error("SPIFFE Workload API JWT bundle watch stopped; restarting", zap.Error(err),
+			zap.Duration("retry_in", watchRetry))
+		t := time.NewTimer(watchRetry)
+		select {
+		case <-s.ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+type jwtBundleWatcher struct{ s *SPIFFE }
+
+func (w jwtBundleWatcher) OnJWTBundlesUpdate(set *jwtbundle.Set) {
+	if w.s.closed.Load() {
+		return
+	}
+	w.s.bundles.Store(set)
+	w.s.log.Debug("JWT bundles received", zap.Int("trust_domains", set.Len()))
+}
+
+func (w jwtBundleWatcher) OnJWTBundlesWatchError(err error) {
+	if w.s.ctx.Err() != nil || status.Code(err) == codes.Canceled {
+		return
+	}
+	// The bundles held stay in use: keys are public and rotate slowly, and the JWT-SVIDs they
+	// verify carry their own expiry.
+	w.s.log.Warn("SPIFFE Workload API JWT bundle watch failed; retrying", zap.Error(err))
+}
+
+type spiffeJWTBundles struct{ s *SPIFFE }
+
+// GetJWTBundleForTrustDomain implements jwtbundle.Source.
+func (b spiffeJWTBundles) GetJWTBundleForTrustDomain(td spiffeid.TrustDomain) (*jwtbundle.Bundle, error) {
+	if b.s.closed.Load() {
+		return nil, errClosed
+	}
+	set := b.s.bundles.Load()
+	if set == nil {
+		return nil, fmt.Errorf("%w: no JWT bundles from the Workload API yet", ErrUnavailable)
+	}
+	bundle, err := set.GetJWTBundleForTrustDomain(td)
+	if err != nil {
+		return nil, fmt.Errorf("attest: %w", err)
+	}
+	return bundle, nil
 }
 
 // spiffeLogger routes go-spiffe's own log lines to zap at debug level: every error it logs is

@@ -213,8 +213,8 @@ func writableDir(dir string) error {
 //   - policy.dir is a directory; the directory of listen_unix exists;
 //   - identity.spiffe has a socket, configured or in SPIFFE_ENDPOINT_SOCKET;
 //   - every file a key names is readable (upstreams[].ca_file, the credentials'
-//     static.file, client_secret_file, private_key_file, token_file and ca_file, delegation
-//     jwks_file), and every ca_file holds at least one PEM certificate;
+//     static.file, client_secret_file, private_key_file, token_file and ca_file, a delegation
+//     issuer's jwks_file and ca_file), and every ca_file holds at least one PEM certificate;
 //   - every static.env variable is set and not empty;
 //   - ca_dir and ca_key_dir can be created or written (probed without leaving a file behind).
 //
@@ -293,6 +293,9 @@ func (c *Config) CheckLocal(l Local) error {
 			if is.OIDC != nil && is.OIDC.JWKSFile != "" {
 				checkFile(fmt.Sprintf("delegation.issuers[%d].oidc.jwks_file", i), is.OIDC.JWKSFile, false)
 			}
+			if is.OIDC != nil && is.OIDC.CAFile != "" {
+				checkFile(fmt.Sprintf("delegation.issuers[%d].oidc.ca_file", i), is.OIDC.CAFile, true)
+			}
 		}
 	}
 	for i, u := range c.Upstreams {
@@ -364,6 +367,10 @@ func (c *Config) applyDefaults() {
 		}
 	}
 }
+
+// maxUnixPath is the longest path a Unix socket address holds on Linux (sun_path is 108 bytes,
+// one of them the terminating NUL).
+const maxUnixPath = 107
 
 var headerName = regexp.MustCompile("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -452,6 +459,8 @@ func (c *Config) validate() Errors {
 			add("listen_unix", "want an absolute path, got %q", c.ListenUnix)
 		} else if strings.HasSuffix(c.ListenUnix, "/") {
 			add("listen_unix", "want the socket's path, not a directory: %q", c.ListenUnix)
+		} else if len(c.ListenUnix) > maxUnixPath {
+			add("listen_unix", "%d bytes is too long for a Unix socket path (at most %d)", len(c.ListenUnix), maxUnixPath)
 		}
 	}
 	if c.Listen == c.Admin && !strings.HasSuffix(c.Listen, ":0") {

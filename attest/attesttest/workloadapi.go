@@ -152,6 +152,28 @@ func (w *WorkloadAPI) JWTBundle() *jwtbundle.Bundle {
 	return jwtbundle.FromJWTAuthorities(w.td, map[string]crypto.PublicKey{JWTKeyID: w.jwtKey.Public()})
 }
 
+// MintJWTSVID signs a JWT-SVID for id (any SPIFFE ID of the server's trust domain, e.g. another
+// workload's) with the server's JWT key, as the SPIRE agent serving that workload would: sub
+// id, aud, exp, iat now, kid JWTKeyID. extra claims (e.g. an RFC 8693 "act") are added; they
+// may override the registered ones, so a test can also mint malformed tokens.
+func (w *WorkloadAPI) MintJWTSVID(id string, aud []string, exp time.Time, extra map[string]any) string {
+	w.t.Helper()
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: w.jwtKey},
+		(&jose.SignerOptions{}).WithType("JWT").WithHeader("kid", JWTKeyID))
+	if err != nil {
+		w.t.Fatalf("attesttest: signer: %v", err)
+	}
+	claims := map[string]any{"sub": id, "aud": aud, "exp": exp.Unix(), "iat": time.Now().Unix()}
+	for k, v := range extra {
+		claims[k] = v
+	}
+	token, err := jwt.Signed(signer).Claims(claims).Serialize()
+	if err != nil {
+		w.t.Fatalf("attesttest: sign: %v", err)
+	}
+	return token
+}
+
 // SetSVID issues a new X509-SVID for id (a SPIFFE ID with a path) expiring at notAfter, with a
 // fresh key, signed by the server's CA, and pushes it to every open FetchX509SVID stream. It
 // also becomes the subject of JWT-SVIDs issued from now on. notAfter may be in the past.
