@@ -37,7 +37,7 @@
 //
 // Build one Inspector per upstream with an mcp block (config upstreams[].mcp):
 //
-//	insp, err := mcp.New(mcp.Options{Path: u.MCP.Path, MaxMessageBytes: u.MCP.MaxMessageBytes})
+//	insp, err := mcp.New(mcp.OptionsFrom(*u.MCP))
 //
 // In Proxy.handle, after the request's own decision allowed it and before the credential:
 //

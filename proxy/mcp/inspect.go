@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/escrowproxy/escrow/config"
 	"github.com/escrowproxy/escrow/policy"
 )
 
@@ -39,6 +40,17 @@ type Options struct {
 	// MaxListBytes bounds a tools/list response the filter reads: a JSON body, or one SSE
 	// event; 0 means DefaultMaxListBytes. A larger one fails the response (closed).
 	MaxListBytes int64
+}
+
+// OptionsFrom returns the options of an upstream's mcp block (config upstreams[].mcp): its
+// path (config.DefaultMCPPath when empty) and max_message_bytes; the other limits keep their
+// defaults.
+func OptionsFrom(m config.MCP) Options {
+	o := Options{Path: m.Path, MaxMessageBytes: m.MaxMessageBytes}
+	if o.Path == "" {
+		o.Path = config.DefaultMCPPath
+	}
+	return o
 }
 
 // Inspector parses the JSON-RPC messages POSTed to one MCP upstream's endpoint. It is

@@ -2,6 +2,7 @@ package mcp
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -270,5 +271,51 @@ func assertDenied(t *testing.T, err error, what string) {
 	}
 	if je.Code != CodeDenied || je.Message != "escrow denied this call: policy_denied" {
 		t.Errorf("%s: error %d %q", what, je.Code, je.Message)
+	}
+}
+
+func TestSDK_BadInputIsRefusedAndNeverReachesTheServer(t *testing.T) {
+	upstream, log := newSDKServer(t, true, true)
+	g := newGate(t, sdkEngine(t), upstream.URL, sdkHost)
+	front := httptest.NewServer(g)
+	defer front.Close()
+	for name, tc := range map[string]struct {
+		body   string
+		status int
+	}{
+		"malformed JSON":          {`{"jsonrpc":"2.0","id":1,"method":"tools/call",`, http.StatusBadRequest},
+		"no method":               {`{"jsonrpc":"2.0","id":1,"params":{"name":"delete_repo"}}`, http.StatusBadRequest},
+		"tools/call without name": {`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"arguments":{"name":"prod"}}}`, http.StatusBadRequest},
+		"duplicate name":          {`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","name":"delete_repo","arguments":{"name":"prod"}}}`, http.StatusBadRequest},
+		"argument in two cases":   {`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/workspace/a","Path":"/etc/passwd"}}}`, http.StatusBadRequest},
+		"deep nesting":            {`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{"query":` + strings.Repeat("[", 100) + strings.Repeat("]", 100) + `}}}`, http.StatusBadRequest},
+		"huge message":            {`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{"query":"` + strings.Repeat("q", DefaultMaxMessageBytes) + `"}}}`, http.StatusRequestEntityTooLarge},
+	} {
+		t.Run(name, func(t *testing.T) {
+			req, _ := http.NewRequest(http.MethodPost, front.URL+"/mcp", strings.NewReader(tc.body))
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Accept", "application/json, text/event-stream")
+			req.Header.Set("Mcp-Protocol-Version", "2026-07-28")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			var got struct {
+				Error struct {
+					Code int       `json:"code"`
+					Data ErrorData `json:"data"`
+				} `json:"error"`
+			}
+			if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
+				t.Fatal(err)
+			}
+			if resp.StatusCode != tc.status || got.Error.Data.Reason != "bad_request" || got.Error.Code == 0 {
+				t.Errorf("status %d, error %+v", resp.StatusCode, got.Error)
+			}
+		})
+	}
+	if seen := log.all(); seen != "" {
+		t.Errorf("the server executed bad input:\n%s", seen)
 	}
 }

@@ -12,8 +12,9 @@
 //
 //   - The output never contains any searched form of any value (the value itself, its
 //     URL-escaped, base64, hex, JSON- and HTML-escaped forms: see New), compared ASCII
-//     case-insensitively, in a header value, a header name (such a header is removed), or
-//     the scanned part of a body. A replacement can not combine with its neighbours into a
+//     case-insensitively, nor the first PrefixLen bytes of one (a value cut short is replaced
+//     as far as it goes), in a header value, a header name (such a header is removed), or the
+//     scanned part of a body. A replacement can not combine with its neighbours into a
 //     form either: each starts and ends with a byte no form contains (unless Weak).
 //   - Every occurrence is replaced by the same number of bytes (Marker, cut short or padded),
 //     so the body's length is unchanged: a Content-Length stays true and need not be removed,
