@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -76,10 +77,22 @@ func TestRun_ProxyCheckAcceptsTheQuickstart(t *testing.T) {
 	}
 }
 
-func TestRun_PolicyTestRunsTheQuickstartCases(t *testing.T) {
-	code, stdout, stderr := runCmd("policy", "test", filepath.Join("..", "..", "examples", "quickstart", "policies.test.yaml"))
-	if code != 0 || !strings.Contains(stdout, "0 failed") {
-		t.Fatalf("code=%d stdout=%q stderr=%q", code, stdout, stderr)
+// Every example's policy tests pass (the quickstart's, the time-of-day one the docs show, ...).
+func TestRun_PolicyTestRunsEveryExample(t *testing.T) {
+	files, err := filepath.Glob(filepath.Join("..", "..", "examples", "*", "*.test.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"quickstart", "office-hours"} {
+		if !slices.Contains(files, filepath.Join("..", "..", "examples", want, "policies.test.yaml")) {
+			t.Errorf("no policy test for examples/%s (found %v)", want, files)
+		}
+	}
+	for _, f := range files {
+		code, stdout, stderr := runCmd("policy", "test", f)
+		if code != 0 || !strings.Contains(stdout, " passed, 0 failed") || strings.Contains(stdout, "FAIL") {
+			t.Errorf("%s: code=%d stdout=%q stderr=%q", f, code, stdout, stderr)
+		}
 	}
 }
 
