@@ -29,14 +29,52 @@ func TestRun_UnknownCommandExits2(t *testing.T) {
 	}
 }
 
-func TestRun_ProxyHelpExits0AndListsFlags(t *testing.T) {
-	code, _, stderr := runCmd("proxy", "--help")
-	if code != 0 {
-		t.Fatalf("code=%d", code)
+// Every command's --help (and -h) prints that command's help to stdout and exits 0: not the
+// command's output (the version, the schema), not an empty flag list.
+func TestRun_EveryCommandHasHelp(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want []string // in the help
+	}{
+		{[]string{"proxy"}, []string{"escrow proxy --config FILE", "-config", "-drain-timeout", "SIGTERM or SIGINT", "-log-level", "-check"}},
+		{[]string{"demo"}, []string{"escrow demo", "-keep-running", "-dir"}},
+		{[]string{"webhook"}, []string{"escrow webhook", "-tls-cert", "SIGTERM or SIGINT"}},
+		{[]string{"policy"}, []string{"escrow policy validate", "escrow policy test", "escrow policy schema"}},
+		{[]string{"policy", "validate"}, []string{"escrow policy validate --dir DIR", "built-in schema", "-dir"}},
+		{[]string{"policy", "test"}, []string{"escrow policy test FILE", "principal: spiffe://", "identity:", "time:", "expect:"}},
+		{[]string{"policy", "schema"}, []string{"escrow policy schema", "schema.cedarschema"}},
+		{[]string{"version"}, []string{"escrow version"}},
+	} {
+		for _, h := range []string{"--help", "-h"} {
+			args := append(slices.Clone(c.args), h)
+			code, stdout, stderr := runCmd(args...)
+			if code != 0 || stderr != "" || !strings.HasPrefix(stdout, "Usage:") {
+				t.Errorf("escrow %s: exit %d, stdout %q, stderr %q; want help on stdout, exit 0", strings.Join(args, " "), code, stdout, stderr)
+				continue
+			}
+			for _, w := range c.want {
+				if !strings.Contains(stdout, w) {
+					t.Errorf("escrow %s does not mention %q:\n%s", strings.Join(args, " "), w, stdout)
+				}
+			}
+			for _, never := range []string{"entity Workload", "escrow dev", "Flags:\n\n", "Flags:\n$"} {
+				if strings.Contains(stdout, never) || strings.HasSuffix(stdout, "Flags:\n") {
+					t.Errorf("escrow %s prints %q instead of help:\n%s", strings.Join(args, " "), never, stdout)
+				}
+			}
+		}
 	}
-	for _, f := range []string{"-config", "-drain-timeout", "-log-level", "-check"} {
-		if !strings.Contains(stderr, f) {
-			t.Errorf("help does not list %s:\n%s", f, stderr)
+}
+
+// escrow --help lists every command, including every policy subcommand.
+func TestRun_HelpListsEveryCommand(t *testing.T) {
+	code, stdout, _ := runCmd("--help")
+	if code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	for _, cmd := range []string{"proxy", "demo", "webhook", "policy validate", "policy test", "policy schema", "version"} {
+		if !strings.Contains(stdout, "\n  "+cmd+" ") {
+			t.Errorf("escrow --help does not list %q:\n%s", cmd, stdout)
 		}
 	}
 }

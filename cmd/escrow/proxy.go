@@ -16,12 +16,13 @@ import (
 )
 
 func cmdProxy(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("proxy", "escrow proxy --config FILE [flags]", stderr)
+	fs := newFlagSet("proxy", "escrow proxy --config FILE [flags]",
+		"Runs the egress proxy (the sidecar). The config's keys are in docs/config.md.", stdout, stderr)
 	cfgPath := fs.String("config", "", "path to the config file (YAML); required")
-	drain := fs.Duration("drain-timeout", 15*time.Second, "on SIGTERM, how long in-flight requests and tunnels may take to finish")
+	drain := fs.Duration("drain-timeout", 15*time.Second, "on SIGTERM or SIGINT, how long in-flight requests and tunnels may take to finish (a second signal stops at once)")
 	logLevel := fs.String("log-level", "info", "log level for operational logs: debug, info, warn, error (audit records are always written)")
 	checkOnly := fs.Bool("check", false, "validate the config and policies, then exit")
-	if err := parseFlags(fs, args); err != nil {
+	if err := fs.parse(args); err != nil {
 		return err
 	}
 	if *cfgPath == "" {
