@@ -79,20 +79,19 @@ func newMatcher(patterns []string, minPrefix int) *matcher {
 		m.class[b] = classOfFolded[fold(byte(b))]
 	}
 
-	// The trie, as sorted patterns: each state is a distinct prefix. Sorting puts the
-	// children of a state in class order and makes a state's string shared with its
-	// predecessor's up to their common prefix.
+	// The trie, from the sorted patterns: each node is a distinct prefix, and a pattern
+	// shares its predecessor's nodes up to their common prefix. Nodes are numbered in the
+	// order they are made (depth first); flat arrays, no slice per node.
 	sorted := slices.Clone(patterns)
 	slices.Sort(sorted)
-	type node struct {
-		depth int32
-		end   bool
-		kids  []edge
-	}
-	nodes := []node{{}}
-	var path []uint32 // path[d] is the node of the current pattern's prefix of length d
-	path = append(path, 0)
-	prev := ""
+	var (
+		ndepth  = []int32{0}
+		nend    = []bool{false}
+		nparent = []uint32{0}
+		nclassO = []uint8{0}
+		path    = []uint32{0} // path[d]: the node of the current pattern's prefix of length d
+		prev    string
+	)
 	for _, p := range sorted {
 		common := 0
 		for common < len(p) && common < len(prev) && p[common] == prev[common] {
@@ -100,40 +99,53 @@ func newMatcher(patterns []string, minPrefix int) *matcher {
 		}
 		path = path[:common+1]
 		for d := common; d < len(p); d++ {
-			idx := uint32(len(nodes))
-			nodes = append(nodes, node{depth: int32(d + 1)})
-			parent := path[d]
-			nodes[parent].kids = append(nodes[parent].kids, edge{classOfFolded[p[d]], idx})
-			path = append(path, idx)
+			path = append(path, uint32(len(ndepth)))
+			ndepth = append(ndepth, int32(d+1))
+			nend = append(nend, false)
+			nparent = append(nparent, path[d])
+			nclassO = append(nclassO, classOfFolded[p[d]])
 		}
-		nodes[path[len(p)]].end = true
+		nend[path[len(p)]] = true
 		prev = p
 	}
-
-	// Breadth-first order numbers the states so that the dense (shallow) ones come first.
-	order := make([]uint32, 0, len(nodes)) // order[i] is the node of index i
-	order = append(order, 0)
-	for i := 0; i < len(order); i++ {
-		for _, e := range nodes[order[i]].kids {
-			order = append(order, e.to)
-		}
+	count := len(ndepth)
+	// Children grouped by parent (counting sort), then breadth-first order, which numbers
+	// the states so that the dense (shallow) ones come first.
+	childStart := make([]uint32, count+1)
+	for nd := 1; nd < count; nd++ {
+		childStart[nparent[nd]+1]++
 	}
-	index := make([]uint32, len(nodes))
+	for i := 1; i <= count; i++ {
+		childStart[i] += childStart[i-1]
+	}
+	children := make([]uint32, count)
+	fill := slices.Clone(childStart[:count])
+	for nd := 1; nd < count; nd++ {
+		children[fill[nparent[nd]]] = uint32(nd)
+		fill[nparent[nd]]++
+	}
+	order := make([]uint32, 1, count) // order[i] is the node of index i
+	for i := 0; i < len(order); i++ {
+		order = append(order, children[childStart[order[i]]:childStart[order[i]+1]]...)
+	}
+	index := make([]uint32, count)
 	for i, nd := range order {
 		index[nd] = uint32(i)
 	}
-	count := len(nodes)
 	m.depth = make([]int32, count)
 	m.out = make([]int32, count)
 	m.fail = make([]uint32, count)
 	m.kidStart = make([]uint32, count+1)
+	m.kids = make([]edge, 0, count-1)
+	isEnd := make([]bool, count)
 	for i, nd := range order {
-		m.depth[i] = nodes[nd].depth
+		m.depth[i] = ndepth[nd]
+		isEnd[i] = nend[nd]
 		m.kidStart[i] = uint32(len(m.kids))
-		for _, e := range nodes[nd].kids {
-			m.kids = append(m.kids, edge{e.class, index[e.to]})
+		for _, c := range children[childStart[nd]:childStart[nd+1]] {
+			m.kids = append(m.kids, edge{nclassO[c], index[c]})
 		}
-		if nodes[nd].depth < denseDepth {
+		if ndepth[nd] < denseDepth {
 			m.ndense = uint32(i + 1)
 		}
 	}
@@ -144,7 +156,7 @@ func newMatcher(patterns []string, minPrefix int) *matcher {
 	// so it is complete before the state is reached.
 	for i := 0; i < count; i++ {
 		self := int32(0)
-		if d := m.depth[i]; d >= int32(minPrefix) || nodes[order[i]].end {
+		if d := m.depth[i]; d >= int32(minPrefix) || isEnd[i] {
 			self = d
 		}
 		if i > 0 {
