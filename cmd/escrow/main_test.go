@@ -102,6 +102,64 @@ func TestRun_ProxyCheckReportsEveryConfigError(t *testing.T) {
 	}
 }
 
+// --check runs every check a start would (without binding a port) and reports every problem
+// of every kind at once: before, it stopped at the first and said "config ok" for configs
+// that could never start or serve.
+func TestRun_ProxyCheckReportsEveryProblemAtOnce(t *testing.T) {
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "policies")
+	notPEM := filepath.Join(dir, "not-a-cert.pem")
+	blocker := filepath.Join(dir, "a-file")
+	for name, content := range map[string]string{
+		filepath.Join(pol, "p.cedar"): `@id("typo") permit (principal, action, resource) when { context.methd == "GET" };`,
+		notPEM:                        "not a certificate\n",
+		blocker:                       "",
+	} {
+		if err := os.MkdirAll(filepath.Dir(name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(name, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("ESCROW_CHECK_TEST_UNSET", "")
+	cfg := filepath.Join(dir, "escrow.yaml")
+	if err := os.WriteFile(cfg, []byte(`listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+identity: {static: spiffe://example.org/ns/agents/sa/coder}
+ca_dir: `+filepath.Join(blocker, "ca")+`
+policy: {dir: `+pol+`}
+upstreams:
+  - host: api.example.com
+    credential: api
+    ca_file: `+notPEM+`
+credentials:
+  api: {static: {env: ESCROW_CHECK_TEST_UNSET}}
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, stdout, stderr := runCmd("proxy", "--config", cfg, "--log-level", "loud", "--check")
+	if code != 1 || strings.Contains(stdout, "config ok") {
+		t.Fatalf("code=%d stdout=%q, want 1 and no \"config ok\"", code, stdout)
+	}
+	for _, want := range []string{
+		`--log-level: "loud" is not a level`,
+		"ca_dir:",                    // cannot be created under a file
+		"upstreams[0].ca_file:",      // no PEM certificate
+		"credentials.api.static.env", // set but empty
+		"policy does not match escrow's built-in schema: attribute `methd`",
+	} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, stderr)
+		}
+	}
+	// The same checks run at start: nothing is bound, the same problems are reported.
+	code2, _, stderr2 := runCmd("proxy", "--config", cfg, "--log-level", "loud")
+	if code2 != 1 || stderr2 != stderr {
+		t.Errorf("start: code=%d stderr=%q; want the --check report", code2, stderr2)
+	}
+}
+
 func TestRun_ProxyCheckAcceptsTheQuickstart(t *testing.T) {
 	// The quickstart's paths are relative to the repository root.
 	wd, _ := os.Getwd()
