@@ -2,6 +2,7 @@ package credential
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -111,7 +112,30 @@ func gcpError(err error, secrets ...string) error {
 	if errors.As(err, &re) {
 		return oauthError(err, secrets...)
 	}
-	return fmt.Errorf("gcp: %s", scrub(err.Error(), secrets...))
+	// The impersonation step wraps the STS error as text holding the raw JSON body: take the
+	// RFC 6749 §5.2 fields out of it rather than echoing (and truncating) the body.
+	msg := err.Error()
+	if i := strings.Index(msg, `{"error"`); i >= 0 {
+		var e struct {
+			Error            any    `json:"error"`
+			ErrorDescription string `json:"error_description"`
+		}
+		if json.NewDecoder(strings.NewReader(msg[i:])).Decode(&e) == nil {
+			var code string
+			switch v := e.Error.(type) {
+			case string:
+				code = v
+			case map[string]any: // Google API errors: {"error": {"code", "message", "status"}}
+				code = fmt.Sprintf("%v: %v", v["status"], v["message"])
+			}
+			out := "gcp: " + scrub(strings.TrimSpace(msg[:min(i, 80)]), secrets...) + " " + scrub(code, secrets...)
+			if e.ErrorDescription != "" {
+				out += ": " + scrub(e.ErrorDescription, secrets...)
+			}
+			return errors.New(out)
+		}
+	}
+	return fmt.Errorf("gcp: %s", scrub(msg, secrets...))
 }
 
 // AzureOptions configures Microsoft Entra ID client credentials with the pod's JWT-SVID as the
