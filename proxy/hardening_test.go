@@ -628,3 +628,20 @@ func counterValue(t testing.TB, c prometheus.Counter) float64 {
 	must(t, c.Write(&m))
 	return m.GetCounter().GetValue()
 }
+
+func TestProxy_RouteWithoutCredentialDropsTheAgentsAuthorization(t *testing.T) {
+	var seen seenRequests
+	up := newTLSUpstream(t, http.HandlerFunc(seen.handler), false, "open.example.com")
+	plain := newPlainUpstream(t, http.HandlerFunc(seen.handler))
+	tp := newTestProxy(t, "upstreams:\n"+up.route("open.example.com")+plain.route("plain.example.com"))
+	for _, u := range []string{"https://open.example.com/x", "http://plain.example.com/x"} {
+		if resp := tp.Get(t, u, "Authorization", "Bearer agent-own-token", "X-Other", "kept"); resp.StatusCode != 200 {
+			t.Fatalf("%s: %d", u, resp.StatusCode)
+		}
+	}
+	for _, r := range seen.all() {
+		if a := r.Header.Get("Authorization"); a != "" || r.Header.Get("X-Other") != "kept" {
+			t.Errorf("upstream received Authorization %q, X-Other %q", a, r.Header.Get("X-Other"))
+		}
+	}
+}

@@ -585,8 +585,9 @@ func TestProxy_MetricsCountDecisions(t *testing.T) {
 			t.Errorf("/metrics mentions %q", s)
 		}
 	}
-	if !strings.Contains(out, `escrow_credential_fetches_total{result="ok"} 2`) {
-		t.Errorf("credential fetches not counted:\n%s", grepLines(out, "escrow_credential"))
+	// Two lookups, served by one provider fetch (the second from the cache).
+	if !strings.Contains(out, `escrow_credential_lookups_total{result="ok"} 2`) {
+		t.Errorf("credential lookups not counted:\n%s", grepLines(out, "escrow_credential"))
 	}
 }
 
