@@ -26,8 +26,8 @@ type ProcessFinderOptions struct {
 }
 
 // ProcessFinder finds the process at the other end of a connection accepted by escrow, from
-// the kernel: for loopback TCP, the socket's inode in /proc/net/tcp{,6} and the process whose
-// file descriptors hold it; for a Unix socket, SO_PEERCRED (and SO_PEERPIDFD where the kernel
+// the kernel: for loopback TCP, the client socket's inode (netlink sock_diag, or
+// /proc/net/tcp{,6}) and the process whose file descriptors hold it; for a Unix socket, SO_PEERCRED (and SO_PEERPIDFD where the kernel
 // has it). It then reads the process's uid, gid, executable and start time, and hashes the
 // executable (cached). It works on Linux; elsewhere every lookup fails with ErrProcessNotFound.
 //
@@ -44,6 +44,9 @@ type ProcessFinderOptions struct {
 // Its methods are safe for concurrent use.
 type ProcessFinder struct {
 	root string
+	// useSockDiag: find socket inodes with netlink sock_diag rather than by reading
+	// net/tcp{,6}; only with the real /proc, whose kernel sock_diag asks.
+	useSockDiag bool
 
 	hashMu    sync.Mutex
 	hashes    map[exeKey]string
@@ -78,6 +81,7 @@ func NewProcessFinder(opts ProcessFinderOptions) *ProcessFinder {
 	}
 	if f.root == "" {
 		f.root = "/proc"
+		f.useSockDiag = true
 	}
 	if f.hashMax <= 0 {
 		f.hashMax = 256

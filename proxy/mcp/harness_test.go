@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"regexp"
 	"sync"
 	"testing"
 
@@ -21,6 +22,7 @@ type gate struct {
 	t        testing.TB
 	insp     *Inspector
 	eng      *policy.Engine
+	scope    *policy.Engine // the same permits without their conditions, for listable
 	id       attest.Identity
 	host     string // the upstream's name in the policy
 	upstream *url.URL
@@ -40,13 +42,15 @@ type gateRecord struct {
 	errKind error
 }
 
-func newGate(t testing.TB, eng *policy.Engine, upstream string, host string) *gate {
+// newGate puts a gate deciding with the Cedar policies text in front of upstream.
+func newGate(t testing.TB, text, upstream, host string) *gate {
 	u, err := url.Parse(upstream)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return &gate{
-		t: t, insp: newTestInspector(t, Options{Path: "/mcp"}), eng: eng, host: host, upstream: u,
+		t: t, insp: newTestInspector(t, Options{Path: "/mcp"}), host: host, upstream: u,
+		eng: compiledEngine(t, text), scope: compiledEngine(t, whenClause.ReplaceAllString(text, "")),
 		id: attest.Identity{SPIFFEID: "spiffe://example.org/ns/agents/sa/coder", TrustDomain: "example.org", Attested: true, Source: attest.SourceStatic},
 	}
 }
@@ -117,15 +121,17 @@ func (g *gate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rp.ServeHTTP(w, r)
 }
 
-// listable is the harness's answer to "could a permit match this tool for this workload": a
-// call with no arguments is allowed, or a policy errored on it (a permit that reads an argument
-// the empty call lacks, so its calls are decided one by one). The proxy's real answer is the
-// policy engine's; this is enough for the policies of these tests.
+// whenClause matches the one-line conditions of the tests' policies.
+var whenClause = regexp.MustCompile(`(?m)^\s*when \{.*\}`)
+
+// listable is the harness's answer to "could a permit match a call of this tool by this
+// workload, whatever its arguments": a call is allowed by the policies with their conditions
+// removed (the tests' policies have no forbid). The proxy's answer is the policy engine's.
 func (g *gate) listable(ctx context.Context, tool string) bool {
-	d := g.eng.Decide(ctx, policy.Input{
+	d := g.scope.Decide(ctx, policy.Input{
 		Identity: g.id, Action: policy.ActionToolsCall, Scheme: "https", Host: g.host, Port: 443, Path: "/mcp",
 		Resource: policy.Resource{Type: policy.TypeTool, ID: g.host + "/" + tool},
 		MCP:      &policy.MCPCall{Method: policy.ActionToolsCall, Name: tool, Arguments: map[string]any{}},
 	})
-	return d.Allow || d.Reason == policy.ReasonError
+	return d.Allow
 }

@@ -34,7 +34,7 @@ permit (principal, action == Action::"tools/call", resource == Tool::"mcp.github
 
 @id("read-workspace")
 permit (principal, action == Action::"tools/call", resource == Tool::"mcp.github.example/read_file")
-when { context.mcp.arguments.path like "/workspace/*" };
+when { context.mcp.arguments has path && context.mcp.arguments.path like "/workspace/*" };
 
 @id("readme")
 permit (principal, action == Action::"resources/read", resource == Resource::"mcp.github.example/file:///workspace/README.md");
@@ -108,9 +108,9 @@ func newSDKServer(t *testing.T, jsonResponse, stateless bool) (*httptest.Server,
 	return ts, log
 }
 
-func sdkEngine(t *testing.T) *policy.Engine {
+func compiledEngine(t testing.TB, text string) *policy.Engine {
 	eng := policy.NewEngine(policy.Options{})
-	if err := eng.Load(policy.Source{Origin: "test", Policies: map[string][]byte{"mcp.cedar": []byte(sdkPolicies)}}); err != nil {
+	if err := eng.Load(policy.Source{Origin: "test", Policies: map[string][]byte{"mcp.cedar": []byte(text)}}); err != nil {
 		t.Fatal(err)
 	}
 	return eng
@@ -134,7 +134,7 @@ func TestSDK_ToolCallsAreDecidedOneByOneThroughTheGate(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			upstream, log := newSDKServer(t, tc.json, tc.stateless)
-			g := newGate(t, sdkEngine(t), upstream.URL, sdkHost)
+			g := newGate(t, sdkPolicies, upstream.URL, sdkHost)
 			front := httptest.NewServer(g)
 			defer front.Close()
 
@@ -276,7 +276,7 @@ func assertDenied(t *testing.T, err error, what string) {
 
 func TestSDK_BadInputIsRefusedAndNeverReachesTheServer(t *testing.T) {
 	upstream, log := newSDKServer(t, true, true)
-	g := newGate(t, sdkEngine(t), upstream.URL, sdkHost)
+	g := newGate(t, sdkPolicies, upstream.URL, sdkHost)
 	front := httptest.NewServer(g)
 	defer front.Close()
 	for name, tc := range map[string]struct {
