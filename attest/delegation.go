@@ -3,11 +3,14 @@ package attest
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"strings"
 	"time"
 
@@ -129,14 +132,53 @@ func NewDelegationVerifier(cfg config.Delegation, opts DelegationOptions) (*Dele
 			if _, dup := v.oidc[o.Issuer]; dup {
 				return nil, fmt.Errorf("attest: delegation.issuers[%d].oidc.issuer %q is listed twice", i, o.Issuer)
 			}
+			c := client
+			if o.CAFile != "" {
+				var err error
+				if c, err = clientWithRoots(client, o.CAFile); err != nil {
+					return nil, fmt.Errorf("attest: delegation.issuers[%d].oidc.ca_file: %w", i, err)
+				}
+			}
 			v.oidc[o.Issuer] = &oidcKeys{
-				cfg: *o, client: client, now: v.now, refresh: refresh, ttl: ttl,
+				cfg: *o, client: c, now: v.now, refresh: refresh, ttl: ttl,
 			}
 		default:
 			return nil, fmt.Errorf("attest: delegation.issuers[%d] must set exactly one of spiffe, oidc", i)
 		}
 	}
 	return v, nil
+}
+
+// clientWithRoots returns a copy of client whose TLS roots are the system's plus the PEM
+// certificates in caFile (an issuer behind a private CA).
+func clientWithRoots(client *http.Client, caFile string) (*http.Client, error) {
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil {
+		pool = x509.NewCertPool()
+	}
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, errors.New("no PEM certificate found")
+	}
+	var tr *http.Transport
+	switch t := client.Transport.(type) {
+	case nil:
+		tr = http.DefaultTransport.(*http.Transport).Clone()
+	case *http.Transport:
+		tr = t.Clone()
+	default:
+		return nil, fmt.Errorf("the HTTP client's transport %T cannot take extra roots", t)
+	}
+	if tr.TLSClientConfig == nil {
+		tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	tr.TLSClientConfig.RootCAs = pool
+	c := *client
+	c.Transport = tr
+	return &c, nil
 }
 
 // Required reports whether a request without a token is to be denied.

@@ -13,6 +13,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"net/http"
 	"net/http/httptest"
@@ -679,5 +680,34 @@ func TestParseProxyAuthorization_RealClients(t *testing.T) {
 				t.Fatalf("%s: parsed %v; want the token back", name, err)
 			}
 		})
+	}
+}
+
+func TestDelegation_OIDCIssuerBehindAPrivateCA(t *testing.T) {
+	k := ecKey(t, "ec")
+	mux := http.NewServeMux()
+	srv := httptest.NewTLSServer(mux)
+	defer srv.Close()
+	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
+		_ = json.NewEncoder(w).Encode(map[string]string{"issuer": srv.URL, "jwks_uri": srv.URL + "/keys"})
+	})
+	mux.HandleFunc("/keys", func(w http.ResponseWriter, r *http.Request) {
+		_ = json.NewEncoder(w).Encode(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{k.public()}})
+	})
+	caFile := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tok := mint(t, k, claims(srv.URL, time.Now()))
+
+	without := newVerifier(t, config.Delegation{Issuers: []config.DelegationIssuer{{OIDC: &config.OIDCIssuer{Issuer: srv.URL}}}},
+		attest.DelegationOptions{})
+	d, err := without.Verify(context.Background(), tok, "")
+	mustInvalid(t, d, err, tok, "certificate")
+
+	withCA := newVerifier(t, config.Delegation{Issuers: []config.DelegationIssuer{{OIDC: &config.OIDCIssuer{Issuer: srv.URL, CAFile: caFile}}}},
+		attest.DelegationOptions{})
+	if d, err := withCA.Verify(context.Background(), tok, ""); err != nil || d.Issuer != srv.URL {
+		t.Fatalf("with ca_file: %+v, %v", d, err)
 	}
 }
