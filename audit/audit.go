@@ -14,10 +14,29 @@ import (
 	"go.uber.org/zap/zapcore"
 )
 
-// Decisions.
+// Decisions: what escrow's checks (routing, request checks, identity, policy, credential,
+// egress) decided.
 const (
 	Allow = "allow"
 	Deny  = "deny"
+	// WouldDeny is report mode's decision for what enforce mode would deny: it was let through.
+	WouldDeny = "would_deny"
+)
+
+// Outcomes: what happened to a request that was let through (decision allow or would_deny).
+const (
+	OutcomeOK                  = "ok"                   // the upstream answered (any status), or the tunnel ran until closed
+	OutcomeUpstreamUnavailable = "upstream_unavailable" // no connection, or it broke before or while the response was copied
+	OutcomeUpstreamTimeout     = "upstream_timeout"     // no response headers within response_timeout
+	OutcomeAgentClosed         = "agent_closed"         // the agent went away first
+	OutcomeShuttingDown        = "shutting_down"        // cut by the end of the drain period at stop
+	OutcomeBadRequest          = "bad_request"          // the agent's request body was malformed
+	// OutcomeResponseUnscannable: a scrubbed route's upstream answered with a compressed body
+	// escrow did not ask for; it was not passed on (502).
+	OutcomeResponseUnscannable = "response_unscannable"
+	// OutcomeTLSHandshakeFailed: an intercepted connection's agent did not complete TLS with
+	// escrow's leaf (typically: it does not trust the pod CA) and sent no request.
+	OutcomeTLSHandshakeFailed = "tls_handshake_failed"
 )
 
 // Record is one audit record.
@@ -38,8 +57,9 @@ type Record struct {
 	Path    string
 	SNI     string // the TLS server name a tunnel's ClientHello named
 
-	Decision  string // Allow or Deny
-	Reason    string // stable machine-readable reason
+	Decision  string // Allow, Deny or WouldDeny
+	Reason    string // stable machine-readable reason of the decision
+	Outcome   string // what happened after an Allow or WouldDeny (Outcome...); "" for a Deny
 	PolicyIDs []string
 	Mode      string // enforce | report
 	WouldDeny bool   // report mode allowed what enforce would deny
@@ -47,9 +67,13 @@ type Record struct {
 	Credential   string // configured name
 	CredentialID string // instance id (short hash), never the value
 
+	Status         int // the HTTP status the agent received (0: none, e.g. a tunnel or an agent that left)
 	UpstreamStatus int
-	BytesIn        int64 // from the agent (request body, or tunnel agent->upstream)
-	BytesOut       int64 // to the agent (response body, or tunnel upstream->agent)
+	// Redacted counts the occurrences of the injected credential escrow replaced in the
+	// response (headers, trailers and scanned body); never the value.
+	Redacted int
+	BytesIn  int64 // from the agent (request body, or tunnel agent->upstream)
+	BytesOut int64 // to the agent (response body, or tunnel upstream->agent)
 
 	PolicyDur     time.Duration
 	CredentialDur time.Duration
@@ -81,6 +105,9 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	}
 	enc.AddString("decision", r.Decision)
 	enc.AddString("reason", r.Reason)
+	if r.Outcome != "" {
+		enc.AddString("outcome", r.Outcome)
+	}
 	_ = enc.AddArray("policy_ids", (*recordPolicyIDs)(r))
 	if r.Mode != "" {
 		enc.AddString("mode", r.Mode)
@@ -94,8 +121,14 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 			enc.AddString("credential_id", r.CredentialID)
 		}
 	}
+	if r.Status != 0 {
+		enc.AddInt("status", r.Status)
+	}
 	if r.UpstreamStatus != 0 {
 		enc.AddInt("upstream_status", r.UpstreamStatus)
+	}
+	if r.Redacted > 0 {
+		enc.AddInt("redacted", r.Redacted)
 	}
 	enc.AddInt64("bytes_in", r.BytesIn)
 	enc.AddInt64("bytes_out", r.BytesOut)

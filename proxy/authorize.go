@@ -15,7 +15,7 @@ import (
 const (
 	kindRequest = "request" // a plain or intercepted HTTP request
 	kindTunnel  = "tunnel"  // a blind CONNECT tunnel, recorded when it closes
-	kindConnect = "connect" // a CONNECT refused before it became a tunnel or an interception
+	kindConnect = "connect" // a CONNECT refused before it became a tunnel or an interception, or an intercepted connection that carried no request
 )
 
 // actionConnect is the policy action of a blind tunnel (see docs/policy.md).

@@ -10,11 +10,13 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/escrowproxy/escrow/attest"
+	"github.com/escrowproxy/escrow/audit"
 	"github.com/escrowproxy/escrow/policy"
 	"github.com/escrowproxy/escrow/proxy/egress"
 )
@@ -81,12 +83,12 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 	up, err := st.dialer.DialContext(ctx, "tcp", addr)
 	rec.UpstreamDur = p.now().Sub(start)
 	if err != nil {
-		reason := ReasonUpstreamUnavailable
 		var denied *egress.DeniedError
 		if errors.As(err, &denied) {
-			reason = ReasonEgressDenied
+			p.deny(w, rec, ReasonEgressDenied, err)
+		} else {
+			p.fail(w, rec, ReasonUpstreamUnavailable, err)
 		}
-		p.deny(w, rec, reason, err)
 		return
 	}
 	agent, brw, err := http.NewResponseController(w).Hijack()
@@ -98,13 +100,13 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 	if _, err := agent.Write([]byte("HTTP/1.1 200 Connection Established\r\n\r\n")); err != nil {
 		_ = up.Close()
 		_ = agent.Close()
-		markDenied(rec, ReasonUpstreamUnavailable)
+		rec.Outcome = audit.OutcomeAgentClosed
 		p.finish(rec)
 		return
 	}
-	rec.UpstreamStatus = http.StatusOK
+	rec.UpstreamStatus, rec.Status = http.StatusOK, http.StatusOK
 	if !p.conns.track(agent, up) {
-		markDenied(rec, ReasonShuttingDown)
+		rec.Outcome = audit.OutcomeShuttingDown
 		p.finish(rec)
 		return
 	}
@@ -131,7 +133,7 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 	rec.SNI = sni
 	switch {
 	case errors.Is(err, io.EOF):
-		rec.Reason = string(ReasonAgentClosed)
+		rec.Outcome = p.goneOutcome()
 		return
 	case err != nil:
 		p.log.Info("tunnel refused", zap.String("request_id", rec.RequestID), zap.Error(err))
@@ -144,7 +146,7 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 	}
 	rec.BytesIn = int64(len(hello))
 	if _, err := up.Write(hello); err != nil {
-		markDenied(rec, ReasonUpstreamUnavailable)
+		rec.Outcome = audit.OutcomeUpstreamUnavailable
 		return
 	}
 	var wg sync.WaitGroup
@@ -168,10 +170,14 @@ func relay(dst net.Conn, src io.Reader) int64 {
 	return n
 }
 
-// connMeta is what an intercepted connection knows about itself: its CONNECT target and agent.
+// connMeta is what an intercepted connection knows about itself: its CONNECT target and agent,
+// and how many requests it carried (a connection that carried none gets its own record).
 type connMeta struct {
-	target target
-	peer   attest.Peer
+	target   target
+	peer     attest.Peer
+	start    time.Time
+	mode     string
+	requests atomic.Int64
 }
 
 type connMetaKey struct{}
@@ -205,10 +211,13 @@ func (p *Proxy) intercept(w http.ResponseWriter, r *http.Request, st *state, t t
 			return p.ca.Leaf(host)
 		},
 	})
-	p.icpt.info.Store(tlsConn, &connMeta{target: t, peer: peer})
+	meta := &connMeta{target: t, peer: peer, start: p.now(), mode: string(st.mode)}
+	p.icpt.info.Store(tlsConn, meta)
+	p.icpt.live.Store(tlsConn, meta)
 	p.metrics.TunnelsActive.Inc()
 	if !p.icpt.ln.push(tlsConn) {
 		p.icpt.info.Delete(tlsConn)
+		p.icpt.live.Delete(tlsConn)
 		p.metrics.TunnelsActive.Dec()
 		_ = tlsConn.Close()
 	}
@@ -230,6 +239,7 @@ func (p *Proxy) serveIntercepted(w http.ResponseWriter, r *http.Request) {
 		writeDenial(w, ReasonBadRequest, "", "")
 		return
 	}
+	m.requests.Add(1)
 	if r.Host != "" {
 		h, port, err := splitHostPort(r.Host, m.target.port)
 		if err != nil || h != m.target.host || port != m.target.port {
@@ -243,11 +253,30 @@ func (p *Proxy) serveIntercepted(w http.ResponseWriter, r *http.Request) {
 	p.handle(w, r, m.target, m.peer)
 }
 
-// innerConnState keeps the active-connection gauge true for intercepted connections.
+// innerConnState keeps the active-connection gauge true for intercepted connections, and
+// records a connection that closed without carrying a request: an agent that did not complete
+// TLS with escrow's leaf (it does not trust the pod CA), or that connected and left.
 func (p *Proxy) innerConnState(c net.Conn, s http.ConnState) {
-	if s == http.StateClosed || s == http.StateHijacked {
-		p.metrics.TunnelsActive.Dec()
+	if s != http.StateClosed && s != http.StateHijacked {
+		return
 	}
+	p.metrics.TunnelsActive.Dec()
+	v, ok := p.icpt.live.LoadAndDelete(c)
+	if !ok || s != http.StateClosed {
+		return
+	}
+	m := v.(*connMeta)
+	if m.requests.Load() > 0 {
+		return
+	}
+	rec := &audit.Record{Time: m.start, RequestID: p.nextRequestID(), Kind: kindConnect, Method: http.MethodConnect,
+		Mode: m.mode, Scheme: m.target.scheme, Host: m.target.host, Port: m.target.port, Credential: m.target.route.credential}
+	p.bestEffortIdentity(context.Background(), m.peer, rec)
+	rec.Outcome = audit.OutcomeAgentClosed
+	if tc, ok := c.(*tls.Conn); ok && !tc.ConnectionState().HandshakeComplete {
+		rec.Outcome = audit.OutcomeTLSHandshakeFailed
+	}
+	p.finish(rec)
 }
 
 // prefixConn replays bytes read past the CONNECT request before reading the connection.
@@ -301,6 +330,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	err := p.icpt.srv.Shutdown(ctx)
 	if err != nil {
 		// The drain period is over (http.Server.Shutdown leaves active connections open).
+		p.conns.forced.Store(true)
 		_ = p.icpt.srv.Close()
 	}
 	_ = p.icpt.ln.Close()

@@ -29,6 +29,7 @@ const (
 	ReasonShuttingDown          Reason = "shutting_down"
 	ReasonMethodNotAllowed      Reason = "method_not_allowed"
 	ReasonAuditUnavailable      Reason = "audit_unavailable"
+	ReasonResponseUnscannable   Reason = "response_unscannable"
 	// ReasonAgentClosed is not a denial: an allowed response was cut short because the agent
 	// went away. It only appears in audit records and metrics.
 	ReasonAgentClosed Reason = "agent_closed"
@@ -65,6 +66,7 @@ var denials = map[Reason]denial{
 	ReasonShuttingDown:          {http.StatusServiceUnavailable, "escrow is shutting down"},
 	ReasonMethodNotAllowed:      {http.StatusMethodNotAllowed, "this method is never sent with a credential"},
 	ReasonAuditUnavailable:      {http.StatusServiceUnavailable, "audit records cannot be written; escrow serves no request it cannot record"},
+	ReasonResponseUnscannable:   {http.StatusBadGateway, "the upstream's response is compressed although escrow asked for none, so it cannot be checked for the credential"},
 }
 
 // Status returns the HTTP status escrow answers with for r.
@@ -83,7 +85,7 @@ type denialBody struct {
 
 // writeDenial answers the agent with the reason's status, a JSON body and X-Escrow-Reason.
 // message replaces the reason's default message when set; it is always a fixed text.
-func writeDenial(w http.ResponseWriter, reason Reason, message, requestID string) {
+func writeDenial(w http.ResponseWriter, reason Reason, message, requestID string) int64 {
 	d, ok := denials[reason]
 	if !ok {
 		d = denial{http.StatusForbidden, "denied"}
@@ -103,4 +105,5 @@ func writeDenial(w http.ResponseWriter, reason Reason, message, requestID string
 	}
 	w.WriteHeader(d.status)
 	_, _ = w.Write(body)
+	return int64(len(body))
 }

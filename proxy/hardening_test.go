@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -15,6 +16,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/escrowproxy/escrow/audit"
 )
@@ -355,7 +359,7 @@ func TestProxy_UpstreamThatDoesNotAnswerIs504AfterResponseTimeout(t *testing.T) 
 		if el := time.Since(start); el < time.Second || el > 8*time.Second {
 			t.Errorf("%s: answered after %v with response_timeout 1s", u, el)
 		}
-		if rec := findRecord(t, tp, d.RequestID); rec.Reason != string(ReasonUpstreamTimeout) {
+		if rec := findRecord(t, tp, d.RequestID); rec.Decision != audit.Allow || rec.Outcome != audit.OutcomeUpstreamTimeout || rec.Status != 504 {
 			t.Errorf("%s: record %+v", u, rec)
 		}
 	}
@@ -442,4 +446,185 @@ func adminGet(t testing.TB, sc *Sidecar, path string) (int, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b)
+}
+
+func TestProxy_EveryAttemptLeavesOneRecordWithItsTrueCause(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	plain := newPlainUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/hang" {
+			select {
+			case <-r.Context().Done():
+			case <-release:
+			}
+			return
+		}
+		_, _ = io.Copy(io.Discard, r.Body)
+		_, _ = io.WriteString(w, "ok")
+	}))
+	up := newTLSUpstream(t, okHandler(nil), false, "api.example.com")
+	tp := newTestProxy(t, "upstreams:\n"+plain.route("plain.example.com")+up.route("api.example.com", "credential: api"))
+	next := 0
+	record := func(what string) *audit.Record {
+		t.Helper()
+		next++
+		recs := tp.WaitRecords(t, next)
+		if len(recs) != next {
+			t.Fatalf("%s: %d records, want %d", what, len(recs), next)
+		}
+		return recs[next-1]
+	}
+
+	// The agent gives up while the upstream has not answered: agent_closed, policy's allow kept.
+	c, err := net.Dial("tcp", tp.Addr)
+	must(t, err)
+	_, err = io.WriteString(c, "GET http://plain.example.com/hang HTTP/1.1\r\nHost: plain.example.com\r\n\r\n")
+	must(t, err)
+	time.Sleep(100 * time.Millisecond)
+	c.Close()
+	if rec := record("agent left"); rec.Decision != audit.Allow || rec.Outcome != audit.OutcomeAgentClosed {
+		t.Errorf("agent left: record %+v", rec)
+	}
+
+	// A malformed chunked body: 400, outcome bad_request.
+	resp, body, _ := rawProxyRequest(t, tp, "POST http://plain.example.com/upload HTTP/1.1\r\nHost: plain.example.com\r\n"+
+		"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
+	denialOf(t, resp, body, http.StatusBadRequest, ReasonBadRequest)
+	if rec := record("malformed body"); rec.Outcome != audit.OutcomeBadRequest || rec.Status != 400 {
+		t.Errorf("malformed body: record %+v", rec)
+	}
+
+	// Requests net/http refuses before escrow sees them.
+	for _, c := range []struct {
+		name, raw string
+		status    int
+	}{
+		{"differing Content-Length", "POST http://plain.example.com/ HTTP/1.1\r\nHost: plain.example.com\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400},
+		{"bad header name", "GET http://plain.example.com/ HTTP/1.1\r\nHost: plain.example.com\r\nBad Header: x\r\n\r\n", 400},
+		{"unknown transfer coding", "POST http://plain.example.com/ HTTP/1.1\r\nHost: plain.example.com\r\nTransfer-Encoding: gzip\r\n\r\n", 501},
+		// The answer may be lost to a reset (escrow closes with unread bytes); the record is not.
+		{"headers too large", "GET http://plain.example.com/ HTTP/1.1\r\nHost: plain.example.com\r\nX-Big: " + strings.Repeat("a", 1<<20+8192) + "\r\n\r\n", 431},
+	} {
+		if c.status != 431 {
+			resp, _, _ := rawProxyRequest(t, tp, c.raw)
+			if resp.StatusCode != c.status {
+				t.Errorf("%s: status %d, want %d", c.name, resp.StatusCode, c.status)
+			}
+		} else {
+			conn, err := net.Dial("tcp", tp.Addr)
+			must(t, err)
+			_, _ = io.WriteString(conn, c.raw)
+			_, _ = io.Copy(io.Discard, conn)
+			conn.Close()
+		}
+		if rec := record(c.name); rec.Decision != audit.Deny || rec.Reason != string(ReasonBadRequest) || rec.Status != c.status ||
+			rec.SPIFFEID != testSPIFFEID {
+			t.Errorf("%s: record %+v", c.name, rec)
+		}
+	}
+
+	// An intercepted CONNECT whose agent does not trust escrow's CA: no request, one record.
+	conn, br, cresp, _ := tp.rawConnect(t, "api.example.com:443", nil)
+	if cresp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %d", cresp.StatusCode)
+	}
+	tc := tls.Client(&bufferedConn{Conn: conn, r: br}, &tls.Config{ServerName: "api.example.com"}) // system roots only
+	if err := tc.Handshake(); err == nil {
+		t.Fatal("handshake succeeded without trusting the pod CA")
+	}
+	conn.Close()
+	if rec := record("untrusted CA"); rec.Kind != "connect" || rec.Outcome != audit.OutcomeTLSHandshakeFailed ||
+		rec.Host != "api.example.com" || rec.Credential != "api" {
+		t.Errorf("untrusted CA: record %+v", rec)
+	}
+	// One that connects and leaves.
+	conn, _, _, _ = tp.rawConnect(t, "api.example.com:443", nil)
+	conn.Close()
+	if rec := record("connect and leave"); rec.Kind != "connect" || rec.Outcome == audit.OutcomeOK {
+		t.Errorf("connect and leave: record %+v", rec)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if n := len(tp.Records()); n != next {
+		t.Errorf("%d records, want exactly %d", n, next)
+	}
+}
+
+// reflector echoes the request (URL and headers) back in every way an upstream can.
+func reflector() http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		self := "https://" + r.Host + r.URL.RequestURI()
+		switch r.URL.Path {
+		case "/redirect":
+			w.Header().Set("Location", self+"&next=1")
+			w.Header().Set("X-Echo-Auth", r.Header.Get("Authorization"))
+			w.WriteHeader(http.StatusFound)
+		case "/sse":
+			w.Header().Set("Content-Type", "text/event-stream")
+			auth := r.Header.Get("Authorization")
+			fmt.Fprintf(w, "data: one\n\ndata: %s", auth[:12])
+			w.(http.Flusher).Flush()
+			fmt.Fprintf(w, "%s\n\n", auth[12:]) // the rest in a later write
+		case "/gzip":
+			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set("Content-Encoding", "gzip") // although escrow asked for identity
+			_, _ = w.Write([]byte{0x1f, 0x8b, 0, 0})
+		default:
+			body, _ := json.Marshal(map[string]any{"url": self, "headers": r.Header})
+			w.Header().Set("Content-Type", "application/json")
+			_, _ = w.Write(body)
+		}
+	}
+}
+
+func TestProxy_TheAgentNeverReceivesTheInjectedCredential(t *testing.T) {
+	up := func(host string) *upstream { return newTLSUpstream(t, reflector(), false, host) }
+	tp := newTestProxy(t, "upstreams:\n"+up("api.example.com").route("api.example.com", "credential: api")+
+		up("query.example.com").route("query.example.com", "credential: api", "query: {param: key}")+
+		up("basic.example.com").route("basic.example.com", "credential: api", "basic: {username: bot}")+
+		up("raw.example.com").route("raw.example.com", "credential: api", "scrub_responses: false"))
+	tp.Client.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	needles := []string{testSecret, url.QueryEscape(testSecret), base64.StdEncoding.EncodeToString([]byte("bot:" + testSecret)),
+		base64.StdEncoding.EncodeToString([]byte(testSecret))}
+	n := 0
+	for _, u := range []string{
+		"https://api.example.com/echo", "https://api.example.com/redirect?x=1", "https://api.example.com/sse",
+		"https://query.example.com/echo?x=1", "https://query.example.com/redirect?x=1",
+		"https://basic.example.com/echo", "https://basic.example.com/redirect?x=1",
+	} {
+		resp := tp.Get(t, u, "Accept-Encoding", "gzip")
+		var dump strings.Builder
+		_ = resp.Header.Write(&dump)
+		dump.Write(readBody(t, resp))
+		for _, s := range needles {
+			if strings.Contains(dump.String(), s) {
+				t.Errorf("%s: the agent received the credential (%d bytes form):\n%s", u, len(s), dump.String())
+			}
+		}
+		if !strings.Contains(dump.String(), "[escrow:redacted") {
+			t.Errorf("%s: no redaction marker in\n%s", u, dump.String())
+		}
+		n++
+		if rec := tp.Record(t, n); rec.Redacted == 0 || rec.Decision != audit.Allow {
+			t.Errorf("%s: record %+v", u, rec)
+		}
+	}
+	if v := counterValue(t, tp.Metrics.Redactions); v < float64(n) {
+		t.Errorf("escrow_response_redactions_total = %v, want >= %d", v, n)
+	}
+	// A body escrow cannot scan is not passed on.
+	resp := tp.Get(t, "https://api.example.com/gzip")
+	denialOf(t, resp, readBody(t, resp), http.StatusBadGateway, ReasonResponseUnscannable)
+	// scrub_responses: false is the documented opt-out: the reflection reaches the agent.
+	resp = tp.Get(t, "https://raw.example.com/echo")
+	if !strings.Contains(string(readBody(t, resp)), testSecret) {
+		t.Error("scrub_responses: false still scrubbed")
+	}
+}
+
+// counterValue reads a counter.
+func counterValue(t testing.TB, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	must(t, c.Write(&m))
+	return m.GetCounter().GetValue()
 }

@@ -33,6 +33,7 @@ import (
 	"github.com/escrowproxy/escrow/credential"
 	"github.com/escrowproxy/escrow/policy"
 	"github.com/escrowproxy/escrow/proxy/egress"
+	"github.com/escrowproxy/escrow/proxy/scrub"
 	"github.com/escrowproxy/escrow/telemetry"
 )
 
@@ -121,6 +122,7 @@ type interception struct {
 	srv  *http.Server // started by Serve
 	ln   *chanListener
 	info sync.Map // *tls.Conn → *connMeta, consumed by srv.ConnContext
+	live sync.Map // *tls.Conn → *connMeta, until the connection closes
 }
 
 // New checks the wiring and compiles the routes. It starts no goroutine: Serve does.
@@ -185,6 +187,9 @@ type peerKey struct{}
 
 // ConnContext records the agent's connection on the outer server; wire it into http.Server.
 func (p *Proxy) ConnContext(ctx context.Context, c net.Conn) context.Context {
+	if rc, ok := c.(*recordingConn); ok {
+		ctx = context.WithValue(ctx, recordingConnKey{}, rc)
+	}
 	return context.WithValue(ctx, peerKey{}, peerOf(c))
 }
 
@@ -209,6 +214,7 @@ func (p *Proxy) nextRequestID() string {
 // ServeHTTP handles the proxy listener: CONNECT, or an absolute-form http:// request.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodConnect {
+		markRaw(r.Context())
 		p.serveConnect(w, r)
 		return
 	}
@@ -280,6 +286,9 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 	// request: nothing that could mean something else upstream than to the policy.
 	upgrade, ref := checkRequest(r, rt)
 	rec.Method, rec.Upgrade = r.Method, upgrade
+	if upgrade != "" {
+		markRaw(ctx)
+	}
 	if ref != nil {
 		p.bestEffortIdentity(ctx, peer, rec)
 		p.refuse(w, rec, ref)
@@ -330,6 +339,9 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		}
 		p.metrics.CredentialFetch.WithLabelValues("ok").Inc()
 		rec.CredentialID, ob.token = tok.ID(), tok
+		if rt.scrub != nil {
+			ob.scrubber = scrubberFor(rt, tok)
+		}
 	}
 
 	// audit: nothing is served whose record could not be written.
@@ -340,6 +352,20 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 
 	// upstream: egress-checked dial, verified TLS, streamed both ways.
 	p.forward(w, r, rt, rec, ob)
+}
+
+// scrubberFor is the route's Scrubber of what its applier puts on a request: the token's value,
+// and for Basic authentication the user:password pair too (its base64 form is the header's).
+// A multi-part credential (SigV4) sends no secret, only a signature made with it.
+func scrubberFor(rt *route, tok credential.Token) *scrub.Scrubber {
+	v := tok.Value()
+	if v == "" {
+		return nil
+	}
+	if inj := rt.spec.Injection(); inj.Kind == config.InjectBasic {
+		return rt.scrub.For(v, scrub.BasicPair(inj.Username, v))
+	}
+	return rt.scrub.For(v)
 }
 
 func defaultPort(scheme string) int {
@@ -376,17 +402,19 @@ func (p *Proxy) reserveRecord(rec *audit.Record) bool {
 // record.
 func (p *Proxy) deny(w http.ResponseWriter, rec *audit.Record, reason Reason, cause error) {
 	markDenied(rec, reason)
+	rec.Status = reason.Status()
 	if cause != nil {
 		p.log.Info("denied", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(cause))
 	}
-	writeDenial(w, reason, "", rec.RequestID)
+	rec.BytesOut = writeDenial(w, reason, "", rec.RequestID)
 	p.finish(rec)
 }
 
 // refuse answers a request refused before the policy was asked, with its fixed message.
 func (p *Proxy) refuse(w http.ResponseWriter, rec *audit.Record, ref *refusal) {
 	markDenied(rec, ref.reason)
-	writeDenial(w, ref.reason, ref.message, rec.RequestID)
+	rec.Status = ref.reason.Status()
+	rec.BytesOut = writeDenial(w, ref.reason, ref.message, rec.RequestID)
 	p.finish(rec)
 }
 
@@ -396,7 +424,8 @@ func markDenied(rec *audit.Record, reason Reason) {
 }
 
 // finish is the one place an audit record is completed and written, with the request metrics:
-// every request, tunnel and refused CONNECT ends here exactly once.
+// every request, tunnel and refused CONNECT ends here exactly once. The metric's reason label is
+// the denial's reason, or for a request let through that did not complete, its outcome.
 func (p *Proxy) finish(rec *audit.Record) {
 	rec.TotalDur = p.now().Sub(rec.Time)
 	if rec.Decision == "" {
@@ -405,11 +434,39 @@ func (p *Proxy) finish(rec *audit.Record) {
 	if rec.Reason == "" {
 		rec.Reason = string(ReasonAllowed)
 	}
-	decision := rec.Decision
-	if rec.WouldDeny {
-		decision = "would_deny"
+	label := rec.Reason
+	if rec.Decision != audit.Deny {
+		if rec.WouldDeny {
+			rec.Decision = audit.WouldDeny
+		}
+		if rec.Outcome == "" {
+			rec.Outcome = audit.OutcomeOK
+		} else if rec.Outcome != audit.OutcomeOK {
+			label = rec.Outcome
+		}
 	}
-	p.metrics.Requests.WithLabelValues(decision, rec.Reason).Inc()
-	p.metrics.RequestDuration.WithLabelValues(decision).Observe(rec.TotalDur.Seconds())
+	p.metrics.Requests.WithLabelValues(rec.Decision, label).Inc()
+	p.metrics.RequestDuration.WithLabelValues(rec.Decision).Observe(rec.TotalDur.Seconds())
 	p.sink.Write(rec)
+}
+
+// fail answers a request that was let through but could not be completed (the upstream did not
+// answer, the agent's body was malformed) with outcome's status and reason, and finishes it.
+func (p *Proxy) fail(w http.ResponseWriter, rec *audit.Record, outcome Reason, cause error) {
+	rec.Outcome = string(outcome)
+	rec.Status = outcome.Status()
+	if cause != nil {
+		p.log.Info("request failed", zap.String("request_id", rec.RequestID), zap.String("outcome", string(outcome)), zap.Error(cause))
+	}
+	rec.BytesOut = writeDenial(w, outcome, "", rec.RequestID)
+	p.finish(rec)
+}
+
+// goneOutcome is the outcome of a request whose agent connection ended under it: the end of the
+// drain period at stop, or the agent leaving.
+func (p *Proxy) goneOutcome() string {
+	if p.conns.forced.Load() {
+		return audit.OutcomeShuttingDown
+	}
+	return audit.OutcomeAgentClosed
 }

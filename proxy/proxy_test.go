@@ -283,7 +283,7 @@ func TestProxy_ReportModeAllowsAndRecordsWouldDeny(t *testing.T) {
 		t.Fatalf("upstream calls = %d", calls.get())
 	}
 	rec := tp.Record(t, 1)
-	if rec.Decision != audit.Allow || !rec.WouldDeny || rec.Reason != string(ReasonPolicyDenied) || rec.Mode != "report" ||
+	if rec.Decision != audit.WouldDeny || !rec.WouldDeny || rec.Reason != string(ReasonPolicyDenied) || rec.Mode != "report" ||
 		!slices.Equal(rec.PolicyIDs, []string{"forbid-deletes"}) || rec.UpstreamStatus != 200 {
 		t.Errorf("record = %+v", rec)
 	}
@@ -298,7 +298,7 @@ func TestProxy_PolicyErrorDenies(t *testing.T) {
 	broken := allowAll + `
 @id("broken-forbid")
 forbid (principal, action, resource)
-when { context.nonexistent == 1 };
+when { context.port * 9223372036854775807 == 0 };
 `
 	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.com", "credential: api"), withPolicy(broken))
 	resp := tp.Get(t, "https://api.example.com/")
@@ -311,7 +311,7 @@ when { context.nonexistent == 1 };
 		t.Errorf("record = %+v", rec)
 	}
 	// The evaluation error goes to the ops log, not to the agent.
-	if body := readBody(t, resp); strings.Contains(string(body), "nonexistent") {
+	if body := readBody(t, resp); strings.Contains(string(body), "overflow") {
 		t.Errorf("evaluation error leaked to the agent: %s", body)
 	}
 	if !strings.Contains(tp.Logs.String(), "policy evaluation errors") {
@@ -454,7 +454,9 @@ func TestProxy_UpstreamUnavailableIs502(t *testing.T) {
 	for _, u := range []string{"http://dead.example.com/", "https://untrusted.example.com/"} {
 		resp := tp.Get(t, u)
 		d := denialOf(t, resp, readBody(t, resp), http.StatusBadGateway, ReasonUpstreamUnavailable)
-		if rec := findRecord(t, tp, d.RequestID); rec.Decision != audit.Deny || rec.Reason != string(ReasonUpstreamUnavailable) {
+		// The policy allowed it: the record says so, and what happened next.
+		if rec := findRecord(t, tp, d.RequestID); rec.Decision != audit.Allow || rec.Outcome != audit.OutcomeUpstreamUnavailable ||
+			rec.Status != http.StatusBadGateway || rec.BytesOut == 0 {
 			t.Errorf("%s: record = %+v", u, rec)
 		}
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/escrowproxy/escrow/config"
 	"github.com/escrowproxy/escrow/credential"
+	"github.com/escrowproxy/escrow/proxy/scrub"
 )
 
 // route is one compiled upstream entry. A route is immutable; an update builds new ones (or
@@ -31,6 +32,9 @@ type route struct {
 	plaintext  bool               // UnsafePlaintextCredential
 	address    string             // dial this host:port instead of resolving the host
 	inspector  Inspector          // nil: no inspection
+	// scrub keeps the Scrubber of the credential's current value; nil when the route has no
+	// credential or scrub_responses is false.
+	scrub *scrub.Memo
 
 	transport *http.Transport // nil for tunnels
 	forward   *httputil.ReverseProxy
@@ -139,6 +143,9 @@ func buildRoute(u config.Upstream, dial dialFunc, newProxy func(http.RoundTrippe
 			return nil, err
 		}
 		r.applier = a
+		if u.ScrubResponses() {
+			r.scrub = new(scrub.Memo)
+		}
 	}
 	if u.Tunnel {
 		return r, nil

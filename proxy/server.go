@@ -76,7 +76,7 @@ func (p *Proxy) Serve(ctx context.Context, o ServeOptions) error {
 	admin := &http.Server{Handler: o.AdminHandler, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = p.icpt.srv.Serve(p.icpt.ln) }() // intercepted connections; stopped by p.Shutdown
 	errc := make(chan error, 2)
-	go func() { errc <- front.Serve(o.Listener) }()
+	go func() { errc <- front.Serve(recordingListener{Listener: o.Listener, p: p}) }()
 	if o.AdminListener != nil {
 		go func() { errc <- admin.Serve(o.AdminListener) }()
 	}

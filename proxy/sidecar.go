@@ -195,6 +195,14 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	s.closers = append(s.closers, ignoreClosed(s.adminLn.Close))
 	s.ProxyAddr = s.ln.Addr().(*net.TCPAddr).AddrPort()
 	s.AdminAddr = s.adminLn.Addr().(*net.TCPAddr).AddrPort()
+	// The config checked the addresses as written; this checks what was bound (a name such as
+	// localhost can resolve to anything).
+	if err := boundLoopback("listen", s.ProxyAddr, cfg.UnsafeAllowNonLoopbackListen, "unsafe_allow_non_loopback_listen"); err != nil {
+		return nil, err
+	}
+	if err := boundLoopback("admin", s.AdminAddr, cfg.UnsafeAllowNonLoopbackAdmin, "unsafe_allow_non_loopback_admin"); err != nil {
+		return nil, err
+	}
 
 	// The pod CA (reused from ca_key_dir when it holds a valid one). Its files (ca_key_dir, and
 	// the trust bundle in ca_dir) are written at the very end, once nothing can fail: a start
@@ -461,6 +469,7 @@ func restartOnly(cur, next *config.Config) error {
 		{"listen", cur.Listen, next.Listen},
 		{"admin", cur.Admin, next.Admin},
 		{"unsafe_allow_non_loopback_listen", cur.UnsafeAllowNonLoopbackListen, next.UnsafeAllowNonLoopbackListen},
+		{"unsafe_allow_non_loopback_admin", cur.UnsafeAllowNonLoopbackAdmin, next.UnsafeAllowNonLoopbackAdmin},
 		{"identity", cur.Identity, next.Identity},
 		{"ca_dir", cur.CADir, next.CADir},
 		{"ca_key_dir", cur.CAKeyDir, next.CAKeyDir},
@@ -477,6 +486,14 @@ func restartOnly(cur, next *config.Config) error {
 		return errs
 	}
 	return nil
+}
+
+// boundLoopback refuses a listener bound to a non-loopback address unless allowed.
+func boundLoopback(key string, a netip.AddrPort, allowed bool, unsafeKey string) error {
+	if allowed || a.Addr().Unmap().IsLoopback() {
+		return nil
+	}
+	return fmt.Errorf("proxy: %s is bound to %s, not a loopback address (set %s to allow it)", key, a, unsafeKey)
 }
 
 // ignoreClosed treats closing an already closed listener as success (Serve's shutdown closes

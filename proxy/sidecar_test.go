@@ -235,3 +235,21 @@ func TestBuild_AFailedStartLeavesTheTrustFilesOfTheRunningOne(t *testing.T) {
 		}
 	}
 }
+
+func TestBuild_AdminOnANonLoopbackAddressNeedsTheUnsafeSwitch(t *testing.T) {
+	cfg := sidecarConfig(t, "")
+	cfg.Admin = "0.0.0.0:0" // as if a name had resolved there: Build checks what it bound
+	if sc, err := Build(context.Background(), cfg, Deps{}); err == nil {
+		sc.Close()
+		t.Fatal("Build bound admin on 0.0.0.0 without unsafe_allow_non_loopback_admin")
+	} else if !strings.Contains(err.Error(), "unsafe_allow_non_loopback_admin") {
+		t.Errorf("error %q does not name the switch", err)
+	}
+	if _, err := os.Stat(filepath.Join(cfg.CADir, config.CACertFile)); !os.IsNotExist(err) {
+		t.Errorf("the refused start wrote ca_dir: %v", err)
+	}
+	cfg.UnsafeAllowNonLoopbackAdmin = true
+	sc, err := Build(context.Background(), cfg, Deps{})
+	must(t, err)
+	sc.Close()
+}

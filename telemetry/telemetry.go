@@ -24,6 +24,7 @@ type Metrics struct {
 	PolicyReloads   *prometheus.CounterVec // {result}
 	TunnelsActive   prometheus.Gauge
 	CredentialFetch *prometheus.CounterVec // {result}
+	Redactions      prometheus.Counter
 }
 
 // Options configure New.
@@ -70,8 +71,12 @@ func New(o Options) *Metrics {
 			Namespace: namespace, Name: "credential_fetches_total",
 			Help: "Credential lookups by the proxy, by result (ok, error).",
 		}, []string{"result"}),
+		Redactions: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace, Name: "response_redactions_total",
+			Help: "Occurrences of an injected credential that escrow replaced in upstream responses (headers, trailers, scanned bodies).",
+		}),
 	}
-	reg.MustRegister(m.Requests, m.RequestDuration, m.PolicyEval, m.PolicyReloads, m.TunnelsActive,
+	reg.MustRegister(m.Redactions, m.Requests, m.RequestDuration, m.PolicyEval, m.PolicyReloads, m.TunnelsActive,
 		m.CredentialFetch,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -2,6 +2,7 @@ package scrub
 
 import (
 	"io"
+	"math"
 	"mime"
 	"net/http"
 	"strings"
@@ -58,7 +59,7 @@ func (s *Scrubber) Body(rc io.ReadCloser, o BodyOptions) io.ReadCloser {
 		limit = DefaultLimit
 	}
 	b := &body{s: s, rc: rc, onDone: o.OnDone, scanTo: -1}
-	if limit > 0 {
+	if limit > 0 && limit <= math.MaxInt64-int64(s.m.maxLen) {
 		b.scanTo = limit + int64(s.m.maxLen) - 1
 	}
 	return b

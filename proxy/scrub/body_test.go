@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"strings"
@@ -144,12 +145,14 @@ func TestBody_LimitBoundsTheScanExactly(t *testing.T) {
 	}
 }
 
-func TestBody_NegativeLimitScansEverything(t *testing.T) {
+func TestBody_NegativeOrHugeLimitScansEverything(t *testing.T) {
 	s := New(secret)
 	in := strings.Repeat("x", 3*DefaultLimit) + secret
-	got, err := readAll(t, s.Body(io.NopCloser(strings.NewReader(in)), BodyOptions{Limit: -1}))
-	if err != nil || strings.Contains(string(got), secret) || len(got) != len(in) {
-		t.Fatalf("err %v, secret left %v", err, strings.Contains(string(got), secret))
+	for _, limit := range []int64{-1, math.MaxInt64} {
+		got, err := readAll(t, s.Body(io.NopCloser(strings.NewReader(in)), BodyOptions{Limit: limit}))
+		if err != nil || strings.Contains(string(got), secret) || len(got) != len(in) {
+			t.Fatalf("limit %d: err %v, secret left %v", limit, err, strings.Contains(string(got), secret))
+		}
 	}
 }
 
@@ -258,5 +261,18 @@ func TestPrepareRequest_AsksForIdentityAndTheWholeBody(t *testing.T) {
 	want := http.Header{"Accept-Encoding": {"identity"}, "Accept": {"*/*"}}
 	if fmt.Sprint(h) != fmt.Sprint(want) {
 		t.Fatalf("got %v, want %v", h, want)
+	}
+}
+
+func TestBody_ReplacesEveryFormInAStreamedBody(t *testing.T) {
+	s := New(secret)
+	for _, f := range forms(secret) {
+		in := `{"echo":"` + strings.ToUpper(f[:1]) + f[1:] + `"}` + "\n"
+		var res BodyResult
+		got, err := readAll(t, s.Body(&chunkReader{data: []byte(in), sizes: []int{5, 3, 11}}, BodyOptions{OnDone: func(r BodyResult) { res = r }}), 600)
+		if err != nil || len(got) != len(in) || res.Redacted != 1 {
+			t.Fatalf("form %q: err %v, %q, %+v", f, err, got, res)
+		}
+		assertClean(t, string(got), secret)
 	}
 }

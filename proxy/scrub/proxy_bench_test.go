@@ -51,6 +51,7 @@ func benchReverseProxy(b *testing.B, handler http.HandlerFunc) {
 			defer tr.CloseIdleConnections()
 			client := &http.Client{Transport: tr}
 			b.ReportAllocs()
+			start := cpuNow(b)
 			for b.Loop() {
 				resp, err := client.Get(proxy.URL)
 				if err != nil {
@@ -61,6 +62,7 @@ func benchReverseProxy(b *testing.B, handler http.HandlerFunc) {
 				}
 				resp.Body.Close()
 			}
+			reportCPU(b, start)
 		})
 	}
 }

@@ -40,8 +40,8 @@ type Scrubber struct {
 	open, close byte   // first and last byte of every replacement; in no pattern
 	text        string // the replacement's interior, then fill
 	fill        byte
-	// Weak is set when no delimiter byte is free of the secrets' bytes: the output may then
-	// still contain a secret formed across a replacement's edge (see New).
+	// weak: no delimiter byte is free of the secrets' bytes, so the output may still contain
+	// a form made of a replacement's edge and its neighbours (see New).
 	weak    bool
 	ignored int
 }

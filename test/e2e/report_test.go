@@ -38,8 +38,8 @@ egress:
 			}
 			checkUpstreamSawOnlyTheRealKey(t, api, path)
 			rec := e.auditFor(t, path)
-			if rec.Decision != "allow" || !rec.WouldDeny || rec.Mode != "report" || rec.UpstreamStatus != 200 {
-				t.Errorf("record %s, want decision allow, would_deny true, mode report, upstream_status 200", rec.Raw)
+			if rec.Decision != "would_deny" || !rec.WouldDeny || rec.Mode != "report" || rec.UpstreamStatus != 200 {
+				t.Errorf("record %s, want decision would_deny, would_deny true, mode report, upstream_status 200", rec.Raw)
 			}
 			if !slices.Equal(rec.PolicyIDs, []string{"forbid-deletes"}) {
 				t.Errorf("policy_ids %v, want [forbid-deletes] (the policy that would deny)", rec.PolicyIDs)
