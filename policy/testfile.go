@@ -56,10 +56,10 @@ type testCase struct {
 	Identity   *testIdentity
 	Caller     *attest.Process
 	Delegation *attest.Delegation
-	Time      *time.Time
-	Request   testRequest
-	Expect    string
-	Policies  []string
+	Time       *time.Time
+	Request    testRequest
+	Expect     string
+	Policies   []string
 }
 
 type testIdentity struct {
