@@ -277,7 +277,7 @@ func eventEnd(b []byte) int {
 func (f *listFilter) filterEvent(ev []byte) ([]byte, error) {
 	var data []byte
 	var other [][]byte
-	hasData := false
+	hasData, n := false, 0
 	for rest := ev; len(rest) > 0; {
 		line, next := cutLine(rest)
 		rest = next
@@ -293,10 +293,15 @@ func (f *listFilter) filterEvent(ev []byte) ([]byte, error) {
 		if found && len(value) > 0 && value[0] == ' ' {
 			value = value[1:]
 		}
-		if hasData {
-			data = append(data, '\n')
+		switch {
+		case !hasData:
+			data, hasData = value, true // one data line (the usual case): no copy
+		case n == 1:
+			data = append(append(append(make([]byte, 0, 2*len(data)+len(value)), data...), '\n'), value...)
+		default:
+			data = append(append(data, '\n'), value...)
 		}
-		data, hasData = append(data, value...), true
+		n++
 	}
 	if !hasData {
 		return ev, nil

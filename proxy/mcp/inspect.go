@@ -373,12 +373,9 @@ func (c *Call) add(obj []byte, host string) error {
 			return err
 		}
 		call := &policy.MCPCall{Method: msg.Method, Name: msg.Name}
-		if msg.Arguments != nil && msg.Arguments[0] == '{' {
-			dec := json.NewDecoder(bytes.NewReader(msg.Arguments))
-			dec.UseNumber()
-			if err := dec.Decode(&call.Arguments); err != nil {
-				return &Error{Kind: ErrMalformed, Detail: "arguments: " + err.Error(), ID: msg.ID}
-			}
+		if msg.Arguments != nil {
+			args, _ := decodeValue(msg.Arguments, 0) // an object: callParams checked
+			call.Arguments = args.(map[string]any)
 		}
 		in = policy.Input{Action: msg.Method, MCP: call}
 		switch msg.Method {
