@@ -169,9 +169,13 @@ type entry struct {
 
 	mu   sync.Mutex                       // serialises writers of keys
 	keys atomic.Pointer[map[subKey]*slot] // copy-on-write, at most maxKeys
+	hot  atomic.Pointer[slot]             // the key used last, while it is in keys
 }
 
 type subKey struct{ subject, scope string }
+
+// lruResolution is how stale a key's last-use time may be (for eviction).
+const lruResolution = int64(100 * time.Millisecond)
 
 // slot caches the token of one key.
 type slot struct {
@@ -182,6 +186,7 @@ type slot struct {
 	nextCheck  atomic.Int64          // unix nanos of the next Stale check
 	refreshing atomic.Bool           // a background refresh is running
 	lastUsed   atomic.Int64          // unix nanos of the latest Get, for eviction
+	removed    atomic.Bool           // taken out of its entry's keys (never for entry.one)
 	sf         singleflight.Group    // one fetch at a time, under the key ""
 
 	mu      sync.Mutex // serialises writers of state against forget
@@ -373,9 +378,17 @@ func (m *Manager) Get(ctx context.Context, r Request) (Token, error) {
 // name is full) if it is new, and marks it used at now.
 func (m *Manager) slotFor(e *entry, key subKey, now time.Time) *slot {
 	n := now.UnixNano()
-	if sl := (*e.keys.Load())[key]; sl != nil {
-		// Write only when it moves forward: hits in the same tick do not contend on the line.
-		if sl.lastUsed.Load() < n {
+	// A sidecar serves one workload, mostly: the key used last is checked before the map.
+	sl := e.hot.Load()
+	if sl == nil || sl.key != key || sl.removed.Load() {
+		if sl = (*e.keys.Load())[key]; sl != nil && e.hot.Load() != sl {
+			e.hot.Store(sl)
+		}
+	}
+	if sl != nil {
+		// Write only when it moved on by lruResolution: hits in between neither write nor
+		// contend on the cache line, and eviction needs no finer order.
+		if sl.lastUsed.Load()+lruResolution <= n {
 			sl.lastUsed.Store(n)
 		}
 		return sl
@@ -400,11 +413,12 @@ func (m *Manager) slotFor(e *entry, key subKey, now time.Time) *slot {
 			next[k] = s
 		}
 	}
-	sl := &slot{key: key, m: m}
+	sl = &slot{key: key, m: m}
 	sl.lastUsed.Store(n)
 	next[key] = sl
 	e.keys.Store(&next)
 	if victim != nil {
+		victim.removed.Store(true)
 		if tok, ok := victim.forget(); ok {
 			m.revoke(e, []Token{tok})
 		}
@@ -656,6 +670,9 @@ func (sl *slot) drop(kill bool) (Token, bool) {
 func (e *entry) forget() []Token {
 	e.mu.Lock()
 	old := *e.keys.Swap(&map[subKey]*slot{})
+	for _, sl := range old {
+		sl.removed.Store(true)
+	}
 	e.mu.Unlock()
 	var toks []Token
 	for _, sl := range old {
@@ -678,6 +695,7 @@ func (e *entry) killWhere(drop func(subKey) bool) []Token {
 	var gone []*slot
 	for k, sl := range cur {
 		if drop(k) {
+			sl.removed.Store(true)
 			gone = append(gone, sl)
 		} else {
 			next[k] = sl
