@@ -31,6 +31,12 @@ import (
 //	    principal: spiffe://example.org/ns/agents/sa/coder
 //	    request: {action: connect, host: pypi.org, port: 443}
 //	    expect: deny
+//	  - name: an MCP tool call, by a known process, for a user
+//	    principal: spiffe://example.org/ns/agents/sa/coder
+//	    caller: {uid: 1000, gid: 1000, pid: 42, exe: /usr/bin/node, sha256: ab12...}   # context.caller
+//	    delegation: {subject: alice, actors: [spiffe://example.org/ns/agents/sa/orchestrator], issuer: https://idp}
+//	    request: {action: tools/call, host: mcp.example.com, path: /mcp, name: read_file, arguments: {path: /workspace/a}}
+//	    expect: allow
 //
 // request.scheme defaults to https, request.port to 443 (80 for http); a request has either
 // a method or action: connect. "deny" matches every kind of deny (policy_denied or
@@ -45,13 +51,15 @@ type testFile struct {
 }
 
 type testCase struct {
-	Name      string
-	Principal string
-	Identity  *testIdentity
-	Time      *time.Time
-	Request   testRequest
-	Expect    string
-	Policies  []string
+	Name       string
+	Principal  string
+	Identity   *testIdentity
+	Caller     *attest.Process
+	Delegation *attest.Delegation
+	Time       *time.Time
+	Request    testRequest
+	Expect     string
+	Policies   []string
 }
 
 type testIdentity struct {
@@ -68,6 +76,17 @@ type testRequest struct {
 	Port       int
 	Path       string
 	Credential string
+	Upgrade    string
+	// MCP calls (action tools/call, resources/read or prompts/get).
+	Name      string
+	Arguments map[string]any
+}
+
+// mcpResourceTypes maps the MCP actions to their resource's entity type.
+var mcpResourceTypes = map[string]string{
+	ActionToolsCall:     TypeTool,
+	ActionResourcesRead: TypeResource,
+	ActionPromptsGet:    TypePrompt,
 }
 
 // Report is the result of RunTests.
@@ -257,13 +276,23 @@ func (tf *testFile) check(dirGiven bool) []fileProblem {
 		if r.Host == "" {
 			bad("request.host", "required")
 		}
+		_, isMCP := mcpResourceTypes[r.Action]
 		switch {
-		case r.Action != "" && r.Action != ActionConnect:
-			bad("request.action", "must be %q (use request.method for HTTP methods)", ActionConnect)
+		case r.Action != "" && r.Action != ActionConnect && !isMCP:
+			bad("request.action", "must be %s, %s, %s or %s (use request.method for HTTP methods), not %q",
+				ActionConnect, ActionToolsCall, ActionResourcesRead, ActionPromptsGet, r.Action)
 		case r.Action != "" && r.Method != "":
 			bad("request", "has both action and method")
 		case r.Action == "" && r.Method == "":
-			bad("request", "needs a method (or action: connect)")
+			bad("request", "needs a method (or an action: connect, tools/call, resources/read, prompts/get)")
+		}
+		switch {
+		case isMCP && r.Name == "":
+			bad("request.name", "required for %s (the tool or prompt name, or the resource URI)", r.Action)
+		case !isMCP && r.Name != "":
+			bad("request.name", "only for the MCP actions (tools/call, resources/read, prompts/get)")
+		case !isMCP && r.Arguments != nil:
+			bad("request.arguments", "only for the MCP actions (tools/call, resources/read, prompts/get)")
 		}
 		if r.Scheme != "" && r.Scheme != "http" && r.Scheme != "https" {
 			bad("request.scheme", "must be http or https, not %q", r.Scheme)
@@ -322,8 +351,14 @@ func (c testCase) input(defaultTime time.Time) Input {
 		Credential: r.Credential,
 		Time:       t,
 	}
+	in.Caller, in.Delegation, in.Upgrade = c.Caller, c.Delegation, r.Upgrade
 	if r.Action == ActionConnect {
 		in.Action = ActionConnect
+	}
+	if typ, ok := mcpResourceTypes[r.Action]; ok {
+		in.Action = r.Action
+		in.Resource = Resource{Type: typ, ID: r.Host + "/" + r.Name}
+		in.MCP = &MCPCall{Method: r.Action, Name: r.Name, Arguments: r.Arguments}
 	}
 	if in.Scheme == "" {
 		in.Scheme = "https"

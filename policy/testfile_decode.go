@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"sigs.k8s.io/yaml"
+
+	"github.com/escrowproxy/escrow/attest"
 )
 
 // parseTestFile reads a test file strictly and reports every mistake at once, in the file's
@@ -99,7 +101,7 @@ func (d *fileDecoder) testCase(i int, v any) testCase {
 		}
 	}
 	where := caseLabel(i, c.Name)
-	m := d.mapping(where, "", v, "name", "principal", "identity", "time", "request", "expect", "policies")
+	m := d.mapping(where, "", v, "name", "principal", "identity", "caller", "delegation", "time", "request", "expect", "policies")
 	c.Name = d.str(where, "name", m["name"])
 	c.Principal = d.str(where, "principal", m["principal"])
 	c.Time = d.time(where, "time", m["time"])
@@ -124,8 +126,45 @@ func (d *fileDecoder) testCase(i int, v any) testCase {
 		}
 		c.Identity = id
 	}
-	rm := d.mapping(where, "request", m["request"], "action", "method", "scheme", "host", "port", "path", "credential")
+	if v, ok := m["caller"]; ok && v != nil {
+		cm := d.mapping(where, "caller", v, "uid", "gid", "pid", "exe", "sha256")
+		p := &attest.Process{Exe: d.str(where, "caller.exe", cm["exe"]), SHA256: d.str(where, "caller.sha256", cm["sha256"])}
+		for key, dst := range map[string]*int64{"uid": new(int64), "gid": new(int64), "pid": new(int64)} {
+			if v, ok := cm[key]; ok && v != nil {
+				if n, ok := d.integer(where, "caller."+key, v); ok {
+					*dst = n
+				}
+			}
+			switch key {
+			case "uid":
+				p.UID = uint32(*dst)
+			case "gid":
+				p.GID = uint32(*dst)
+			case "pid":
+				p.PID = int(*dst)
+			}
+		}
+		c.Caller = p
+	}
+	if v, ok := m["delegation"]; ok && v != nil {
+		dm := d.mapping(where, "delegation", v, "subject", "actors", "issuer")
+		c.Delegation = &attest.Delegation{Subject: d.str(where, "delegation.subject", dm["subject"]), Issuer: d.str(where, "delegation.issuer", dm["issuer"])}
+		if v, ok := dm["actors"]; ok && v != nil {
+			c.Delegation.Actors = d.strList(where, "delegation.actors", v)
+		}
+	}
+	rm := d.mapping(where, "request", m["request"], "action", "method", "scheme", "host", "port", "path", "credential", "upgrade", "name", "arguments")
+	if v, ok := rm["arguments"]; ok && v != nil {
+		if args, ok := v.(map[string]any); ok {
+			c.Request.Arguments = args
+		} else {
+			d.errf(where, "request.arguments", "must be a mapping (the call's arguments object), not %s", describe(v))
+		}
+	}
 	c.Request = testRequest{
+		Arguments:  c.Request.Arguments,
+		Upgrade:    d.str(where, "request.upgrade", rm["upgrade"]),
+		Name:       d.str(where, "request.name", rm["name"]),
 		Action:     d.str(where, "request.action", rm["action"]),
 		Method:     d.str(where, "request.method", rm["method"]),
 		Scheme:     d.str(where, "request.scheme", rm["scheme"]),
@@ -212,7 +251,7 @@ func (d *fileDecoder) time(where, key string, v any) *time.Time {
 func (d *fileDecoder) strList(where, key string, v any) []string {
 	list, ok := v.([]any)
 	if !ok {
-		d.errf(where, key, "must be a list of policy ids, not %s", describe(v))
+		d.errf(where, key, "must be a list of strings, not %s", describe(v))
 		return nil
 	}
 	out := make([]string, 0, len(list))

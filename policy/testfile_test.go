@@ -89,16 +89,20 @@ func TestRunTests_BadFile(t *testing.T) {
 	}
 	dir := t.TempDir()
 	for name, tc := range map[string]struct{ body, want string }{
-		"not yaml":         {"cases: [", "yaml"},
-		"no cases":         {"policies: " + absTestdata(t) + "\ncases: []\n", "cases: no cases"},
-		"no policies":      {"cases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "policies: required"},
-		"bad expect":       {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allowed}\n", `case 1 ("a"): expect: must be allow or deny, not "allowed"`},
-		"no host":          {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET}, expect: allow}\n", `case 1 ("a"): request.host: required`},
-		"method and act":   {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, action: connect, host: h}, expect: allow}\n", `case 1 ("a"): request: has both action and method`},
-		"bad action":       {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {action: GET, host: h}, expect: allow}\n", `case 1 ("a"): request.action: must be "connect"`},
-		"duplicate name":   {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", `case 2 ("a"): name: duplicate name`},
-		"bad policies dir": {"policies: nope\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "no such file"},
-		"broken policies":  {"policies: broken\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "@id"},
+		"not yaml":          {"cases: [", "yaml"},
+		"no cases":          {"policies: " + absTestdata(t) + "\ncases: []\n", "cases: no cases"},
+		"no policies":       {"cases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "policies: required"},
+		"bad expect":        {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allowed}\n", `case 1 ("a"): expect: must be allow or deny, not "allowed"`},
+		"no host":           {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET}, expect: allow}\n", `case 1 ("a"): request.host: required`},
+		"method and act":    {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, action: connect, host: h}, expect: allow}\n", `case 1 ("a"): request: has both action and method`},
+		"bad action":        {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {action: GET, host: h}, expect: allow}\n", `case 1 ("a"): request.action: must be connect, tools/call, resources/read or prompts/get (use request.method for HTTP methods), not "GET"`},
+		"tool without name": {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {action: tools/call, host: h}, expect: allow}\n", `case 1 ("a"): request.name: required for tools/call`},
+		"name on GET":       {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h, name: x}, expect: allow}\n", `case 1 ("a"): request.name: only for the MCP actions`},
+		"arguments as text": {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {action: tools/call, name: t, host: h, arguments: x}, expect: allow}\n", `case 1 ("a"): request.arguments: must be a mapping`},
+		"caller uid text":   {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, caller: {uid: root}, request: {method: GET, host: h}, expect: allow}\n", `case 1 ("a"): caller.uid: must be a whole number, not the string "root"`},
+		"duplicate name":    {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", `case 2 ("a"): name: duplicate name`},
+		"bad policies dir":  {"policies: nope\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "no such file"},
+		"broken policies":   {"policies: broken\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "@id"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			if err := os.MkdirAll(filepath.Join(dir, "broken"), 0o755); err != nil {
@@ -162,7 +166,7 @@ cases:
 		"\n\tcase 5 (\"bad identity and time\"): identity.expires_in_s: must be a whole number, not the number 1.5",
 		"\n\tcase 5 (\"bad identity and time\"): identity.sorce: unknown key (did you mean source?)",
 		"\n\tcase 5 (\"bad identity and time\"): time: must be an RFC 3339 time such as 2026-01-05T09:30:00Z, not the string \"tomorrow\"",
-		"\n\tcase 5 (\"bad identity and time\"): policies: must be a list of policy ids, not the string \"allow-github-read\"",
+		"\n\tcase 5 (\"bad identity and time\"): policies: must be a list of strings, not the string \"allow-github-read\"",
 	} {
 		if !strings.Contains(msg, want) {
 			t.Errorf("error lacks %q", want)

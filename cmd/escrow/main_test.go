@@ -179,7 +179,7 @@ func TestRun_PolicyTestRunsEveryExample(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"quickstart", "office-hours"} {
+	for _, want := range []string{"quickstart", "office-hours", "mcp"} {
 		if !slices.Contains(files, filepath.Join("..", "..", "examples", want, "policies.test.yaml")) {
 			t.Errorf("no policy test for examples/%s (found %v)", want, files)
 		}

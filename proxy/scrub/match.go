@@ -17,7 +17,10 @@ import "slices"
 // patterns, the body arrives in chunks, and the hold-back must be exact so that streamed
 // events are not delayed; BenchmarkMatcher compares both.
 type matcher struct {
-	class  [256]uint8 // byte → class; 0 is every byte (after folding) that no pattern contains
+	class [256]uint8 // byte → class; 0 is every byte (after folding) that no pattern contains
+	// start[b]: b begins some pattern. In the start state the scan skips other bytes in a
+	// loop without the table's dependency chain, which is where ordinary text spends its time.
+	start  [256]bool
 	nclass uint32
 	// delta[s+c] is the next state of dense state s on class c, with matchFlag set when the
 	// next state ends a match. A state value below sparseBase is a dense state's row offset
@@ -184,6 +187,9 @@ func newMatcher(patterns []string, minPrefix int) *matcher {
 			row[e.class] = m.encode(e.to)
 		}
 	}
+	for b := 0; b < 256; b++ {
+		m.start[b] = m.delta[m.class[b]]&^matchFlag != 0
+	}
 	return m
 }
 
@@ -243,13 +249,21 @@ func (m *matcher) holdBack(s uint32) int { return int(m.depth[m.indexOf(s)]) }
 // scan feeds b (whose first byte is at absolute offset pos) through the automaton from state s,
 // adds every match to rs, and returns the state after b.
 func (m *matcher) scan(s uint32, b []byte, pos int64, rs *runs) uint32 {
-	delta, class, base := m.delta, &m.class, m.sparseBase
-	for i, c := range b {
+	delta, class, start, base := m.delta, &m.class, &m.start, m.sparseBase
+	for i := 0; i < len(b); i++ {
+		if s == 0 {
+			for i < len(b) && !start[b[i]] {
+				i++
+			}
+			if i == len(b) {
+				break
+			}
+		}
 		var v uint32
 		if s < base {
-			v = delta[s+uint32(class[c])]
+			v = delta[s+uint32(class[b[i]])]
 		} else {
-			v = m.sparseStep(s, class[c])
+			v = m.sparseStep(s, class[b[i]])
 		}
 		s = v &^ matchFlag
 		if v&matchFlag != 0 {
@@ -262,9 +276,17 @@ func (m *matcher) scan(s uint32, b []byte, pos int64, rs *runs) uint32 {
 
 // scanString is scan for a string, from the start state.
 func (m *matcher) scanString(str string, rs *runs) {
-	delta, class, base := m.delta, &m.class, m.sparseBase
+	delta, class, start, base := m.delta, &m.class, &m.start, m.sparseBase
 	s := uint32(0)
 	for i := 0; i < len(str); i++ {
+		if s == 0 {
+			for i < len(str) && !start[str[i]] {
+				i++
+			}
+			if i == len(str) {
+				break
+			}
+		}
 		var v uint32
 		if s < base {
 			v = delta[s+uint32(class[str[i]])]
