@@ -79,6 +79,20 @@ func TestResponseFilter_RemovesRefusedToolsFromAJSONList(t *testing.T) {
 	}
 }
 
+func TestResponseFilter_DropsAToolWithTwoNames(t *testing.T) {
+	// JavaScript's JSON.parse takes the last "name", Go's encoding/json any "Name".
+	for _, tool := range []string{`{"name":"search","name":"delete_repo"}`, `{"name":"search","Name":"delete_repo"}`, `{"NAME":"search"}`} {
+		resp := jsonResponse(`{"jsonrpc":"2.0","id":2,"result":{"tools":[` + tool + `,{"name":"read_file"}]}}`)
+		if err := listCall(t, listReq).ResponseFilter(allowReadOnly)(resp); err != nil {
+			t.Fatal(err)
+		}
+		out, _ := io.ReadAll(resp.Body)
+		if want := `{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"read_file"}]}}`; string(out) != want {
+			t.Errorf("%s: got %s, want %s", tool, out, want)
+		}
+	}
+}
+
 func TestResponseFilter_LeavesOtherResponsesAlone(t *testing.T) {
 	for name, body := range map[string]string{
 		"another id":     `{"jsonrpc":"2.0","id":3,"result":` + toolsResult + `}`,
@@ -134,7 +148,12 @@ func TestResponseFilter_FailsClosedOnWhatItCannotFilter(t *testing.T) {
 	plain.Header.Set("Content-Type", "text/plain")
 	big := jsonResponse(`{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"` + strings.Repeat("x", 5<<10) + `"}]}}`)
 	broken := jsonResponse(`{"jsonrpc":"2.0","id":2,"result":{"tools":[`)
-	for name, resp := range map[string]*http.Response{"gzip": gz, "text/plain": plain, "over the bound": big, "broken JSON": broken} {
+	twoIDs := jsonResponse(`{"jsonrpc":"2.0","id":3,"id":2,"result":{"tools":[{"name":"delete_repo"}]}}`)
+	twoLists := jsonResponse(`{"jsonrpc":"2.0","id":2,"result":{"tools":[],"Tools":[{"name":"delete_repo"}]}}`)
+	for name, resp := range map[string]*http.Response{
+		"gzip": gz, "text/plain": plain, "over the bound": big, "broken JSON": broken,
+		"two ids": twoIDs, "two tools lists": twoLists,
+	} {
 		if err := filter(resp); !errors.Is(err, ErrResponse) {
 			t.Errorf("%s: err = %v, want ErrResponse", name, err)
 		}

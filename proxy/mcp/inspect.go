@@ -154,7 +154,8 @@ func (c *Call) ListsTools() bool { return len(c.toolsList) > 0 }
 type Audit struct {
 	Method string `json:"method,omitempty"`
 	// Tool is the tool or prompt name or the resource URI of a decided call.
-	Tool      string `json:"tool,omitempty"`
+	Tool string `json:"tool,omitempty"`
+	// JSONRPCID is the id as sent, in JSON: a number, or a string with its quotes.
 	JSONRPCID string `json:"jsonrpc_id,omitempty"`
 	Session   string `json:"session,omitempty"`
 	// ArgumentsSHA256 is the hex SHA-256 of the arguments' bytes exactly as sent, so a record

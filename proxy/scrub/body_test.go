@@ -10,7 +10,9 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // chunkReader returns data in the given chunk sizes (then the rest), one chunk per Read at
@@ -274,5 +276,31 @@ func TestBody_ReplacesEveryFormInAStreamedBody(t *testing.T) {
 			t.Fatalf("form %q: err %v, %q, %+v", f, err, got, res)
 		}
 		assertClean(t, string(got), secret)
+	}
+}
+
+// TestBody_CloseWhileAReadWaitsReportsOnce: the agent leaves while the upstream is silent; the
+// proxy closes the body from another goroutine. The blocked Read ends, OnDone runs once, and
+// the race detector has nothing to say.
+func TestBody_CloseWhileAReadWaitsReportsOnce(t *testing.T) {
+	s := New(secret)
+	pr, pw := io.Pipe()
+	var calls atomic.Int32
+	b := s.Body(pr, BodyOptions{OnDone: func(BodyResult) { calls.Add(1) }})
+	go pw.Write([]byte("data: " + secret[:10])) // a held prefix, then silence
+	readDone := make(chan error)
+	go func() {
+		_, err := readAll(t, b)
+		readDone <- err
+	}()
+	time.Sleep(10 * time.Millisecond) // let the Read block; the outcome does not depend on it
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-readDone; !errors.Is(err, io.ErrClosedPipe) {
+		t.Fatalf("Read: %v, want the closed pipe's error", err)
+	}
+	if calls.Load() != 1 {
+		t.Fatalf("OnDone ran %d times", calls.Load())
 	}
 }

@@ -20,7 +20,7 @@
 //     so the body's length is unchanged: a Content-Length stays true and need not be removed,
 //     HEAD and fixed-length responses keep their framing.
 //   - A body is scanned as it streams. A match split across reads is found; bytes are held
-//     back only while they could still be the start of a match (at most MaxMatchLen-1 bytes),
+//     back only while they could still be part of a match (at most MaxMatchLen bytes),
 //     so a Server-Sent Event that ends in a line break reaches the agent without waiting for
 //     the next one.
 //   - In a body, every occurrence that begins within the first BodyOptions.Limit bytes
