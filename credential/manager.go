@@ -169,9 +169,13 @@ type entry struct {
 
 	mu   sync.Mutex                       // serialises writers of keys
 	keys atomic.Pointer[map[subKey]*slot] // copy-on-write, at most maxKeys
+	hot  atomic.Pointer[slot]             // the key used last, while it is in keys
 }
 
 type subKey struct{ subject, scope string }
+
+// lruResolution is how stale a key's last-use time may be (for eviction).
+const lruResolution = int64(100 * time.Millisecond)
 
 // slot caches the token of one key.
 type slot struct {
@@ -182,10 +186,12 @@ type slot struct {
 	nextCheck  atomic.Int64          // unix nanos of the next Stale check
 	refreshing atomic.Bool           // a background refresh is running
 	lastUsed   atomic.Int64          // unix nanos of the latest Get, for eviction
+	removed    atomic.Bool           // taken out of its entry's keys (never for entry.one)
 	sf         singleflight.Group    // one fetch at a time, under the key ""
 
-	mu  sync.Mutex // serialises writers of state against forget
-	gen uint64     // bumped by forget; a fetch started under an older gen is not stored
+	mu      sync.Mutex // serialises writers of state against forget
+	gen     uint64     // bumped by forget; a fetch started under an older gen is not stored
+	killGen uint64     // gen of the latest kill (ForgetKey, ForgetSubject, Close)
 }
 
 // state is immutable once published.
@@ -275,7 +281,7 @@ func (m *Manager) newEntry(name string, p Provider) *entry {
 // A name whose Provider is the identical value (==) keeps its cached tokens and any fetch in
 // flight. A name with another provider, or a new name, starts empty; a removed name is gone
 // (Get returns ErrUnknown). A fetch in flight for a replaced or removed name still answers its
-// waiters but is not stored. To keep tokens across a configuration reload, pass the previous
+// waiters and is not stored. To keep tokens across a configuration reload, pass the previous
 // Provider value again for every credential whose configuration did not change.
 func (m *Manager) Update(providers map[string]Provider) {
 	if m.closed.Load() {
@@ -372,9 +378,17 @@ func (m *Manager) Get(ctx context.Context, r Request) (Token, error) {
 // name is full) if it is new, and marks it used at now.
 func (m *Manager) slotFor(e *entry, key subKey, now time.Time) *slot {
 	n := now.UnixNano()
-	if sl := (*e.keys.Load())[key]; sl != nil {
-		// Write only when it moves forward: hits in the same tick do not contend on the line.
-		if sl.lastUsed.Load() < n {
+	// A sidecar serves one workload, mostly: the key used last is checked before the map.
+	sl := e.hot.Load()
+	if sl == nil || sl.key != key || sl.removed.Load() {
+		if sl = (*e.keys.Load())[key]; sl != nil && e.hot.Load() != sl {
+			e.hot.Store(sl)
+		}
+	}
+	if sl != nil {
+		// Write only when it moved on by lruResolution: hits in between neither write nor
+		// contend on the cache line, and eviction needs no finer order.
+		if sl.lastUsed.Load()+lruResolution <= n {
 			sl.lastUsed.Store(n)
 		}
 		return sl
@@ -399,11 +413,12 @@ func (m *Manager) slotFor(e *entry, key subKey, now time.Time) *slot {
 			next[k] = s
 		}
 	}
-	sl := &slot{key: key, m: m}
+	sl = &slot{key: key, m: m}
 	sl.lastUsed.Store(n)
 	next[key] = sl
 	e.keys.Store(&next)
 	if victim != nil {
+		victim.removed.Store(true)
 		if tok, ok := victim.forget(); ok {
 			m.revoke(e, []Token{tok})
 		}
@@ -500,12 +515,19 @@ func (m *Manager) fetch(ctx context.Context, e *entry, sl *slot, seen *state) (t
 	}
 	old, stored := m.publish(sl, gen, ns, now)
 	if !stored {
-		// Dropped (Forget, Update) while it was being fetched: its waiters get it, nobody
-		// else will, so it is revoked like any other dropped token.
-		m.revoke(e, []Token{tok})
-	} else {
-		m.obs.Expires(e.name, tok.expiresAt)
+		sl.mu.Lock()
+		killed := sl.killGen > gen
+		sl.mu.Unlock()
+		if killed {
+			// Killed (ForgetKey, ForgetSubject, Close) while it was being fetched: its waiters
+			// get no token (fail closed) and it is revoked like any other dropped token.
+			m.revoke(e, []Token{tok})
+			return Token{}, unavailable(e.name, errDropped)
+		}
+		// Dropped by Forget, Update or eviction: its waiters still get it; nobody else will.
+		return tok, nil
 	}
+	m.obs.Expires(e.name, tok.expiresAt)
 	switch {
 	case old == nil || !old.has:
 		m.log.Debug("credential fetched", zap.String("credential", e.name),
@@ -622,9 +644,17 @@ func (m *Manager) publishFailure(sl *slot, gen uint64, ferr error, now time.Time
 
 // forget drops the slot's token and remembered failure; a fetch running is not stored, and the
 // next Get starts a new one rather than joining it. It returns the token dropped, if any.
-func (sl *slot) forget() (Token, bool) {
+func (sl *slot) forget() (Token, bool) { return sl.drop(false) }
+
+// kill is forget for a revocation: a fetch running also answers its waiters with an error.
+func (sl *slot) kill() (Token, bool) { return sl.drop(true) }
+
+func (sl *slot) drop(kill bool) (Token, bool) {
 	sl.mu.Lock()
 	sl.gen++
+	if kill {
+		sl.killGen = sl.gen
+	}
 	old := sl.state.Swap(nil)
 	sl.counted(old, nil)
 	sl.nextCheck.Store(0)
@@ -640,6 +670,9 @@ func (sl *slot) forget() (Token, bool) {
 func (e *entry) forget() []Token {
 	e.mu.Lock()
 	old := *e.keys.Swap(&map[subKey]*slot{})
+	for _, sl := range old {
+		sl.removed.Store(true)
+	}
 	e.mu.Unlock()
 	var toks []Token
 	for _, sl := range old {
@@ -653,14 +686,16 @@ func (e *entry) forget() []Token {
 	return toks
 }
 
-// forgetWhere drops the keys of e for which drop reports true and returns their tokens.
-func (e *entry) forgetWhere(drop func(subKey) bool) []Token {
+// killWhere drops the keys of e for which drop reports true, failing fetches in flight for
+// them, and returns their tokens.
+func (e *entry) killWhere(drop func(subKey) bool) []Token {
 	e.mu.Lock()
 	cur := *e.keys.Load()
 	next := make(map[subKey]*slot, len(cur))
 	var gone []*slot
 	for k, sl := range cur {
 		if drop(k) {
+			sl.removed.Store(true)
 			gone = append(gone, sl)
 		} else {
 			next[k] = sl
@@ -672,12 +707,12 @@ func (e *entry) forgetWhere(drop func(subKey) bool) []Token {
 	e.mu.Unlock()
 	var toks []Token
 	for _, sl := range gone {
-		if tok, ok := sl.forget(); ok {
+		if tok, ok := sl.kill(); ok {
 			toks = append(toks, tok)
 		}
 	}
 	if drop(e.one.key) {
-		if tok, ok := e.one.forget(); ok {
+		if tok, ok := e.one.kill(); ok {
 			toks = append(toks, tok)
 		}
 	}
@@ -710,7 +745,8 @@ func (m *Manager) revoke(e *entry, toks []Token) {
 // Forget drops every cached token (and any remembered failure) of the credential name, for
 // every subject and scope, so the next Get fetches again; tokens whose provider can revoke
 // them are revoked at their issuer (in the background). A fetch already running is not
-// stored; its current waiters still receive its result.
+// stored; its current waiters still receive its result. To fail those too (a kill switch), use
+// ForgetKey or ForgetSubject.
 func (m *Manager) Forget(name string) {
 	if e := (*m.entries.Load())[name]; e != nil {
 		m.revoke(e, e.forget())
@@ -718,7 +754,8 @@ func (m *Manager) Forget(name string) {
 }
 
 // ForgetKey drops the one cached token of r's key (Name, Subject, Scope; or Name alone for a
-// Shared provider), revoking it like Forget.
+// Shared provider), revoking it like Forget. A fetch running for the key answers its waiters
+// with ErrUnavailable, and its token is revoked.
 func (m *Manager) ForgetKey(r Request) {
 	e := (*m.entries.Load())[r.Name]
 	if e == nil {
@@ -728,13 +765,14 @@ func (m *Manager) ForgetKey(r Request) {
 	if e.shared {
 		k = subKey{}
 	}
-	m.revoke(e, e.forgetWhere(func(x subKey) bool { return x == k }))
+	m.revoke(e, e.killWhere(func(x subKey) bool { return x == k }))
 }
 
 // ForgetSubject drops every cached token minted for the SPIFFE ID subject, of every credential
 // and scope, at once (the kill switch for one workload), revoking them like Forget. Shared
 // providers' tokens do not belong to any subject and are kept. An empty subject drops nothing.
-// It returns how many tokens were dropped.
+// Fetches running for the subject answer their waiters with ErrUnavailable, and their tokens
+// are revoked. It returns how many cached tokens were dropped.
 func (m *Manager) ForgetSubject(subject string) int {
 	if subject == "" {
 		return 0
@@ -744,7 +782,7 @@ func (m *Manager) ForgetSubject(subject string) int {
 		if e.shared {
 			continue
 		}
-		toks := e.forgetWhere(func(k subKey) bool { return k.subject == subject })
+		toks := e.killWhere(func(k subKey) bool { return k.subject == subject })
 		n += len(toks)
 		m.revoke(e, toks)
 	}
@@ -756,6 +794,9 @@ func (m *Manager) ForgetSubject(subject string) int {
 // ErrUnavailable. Close is for shutdown; it is safe to call more than once.
 func (m *Manager) Close(ctx context.Context) error {
 	m.closed.Store(true)
+	for _, e := range *m.entries.Load() {
+		m.revoke(e, e.killWhere(func(subKey) bool { return true }))
+	}
 	m.update(nil)
 	done := make(chan struct{})
 	go func() { m.bg.Wait(); close(done) }()
@@ -792,7 +833,10 @@ func (m *Manager) Warm(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-var errClosed = errors.New("the credential manager is closed")
+var (
+	errClosed  = errors.New("the credential manager is closed")
+	errDropped = errors.New("the credential was dropped while it was being fetched")
+)
 
 // waitBackground waits for background refreshes and revocations; for tests.
 func (m *Manager) waitBackground() { m.bg.Wait() }
