@@ -186,3 +186,35 @@ func locate(text []byte, from, to int, token string) (line, col int) {
 func isIdentByte(b byte) bool {
 	return b == '_' || 'a' <= b && b <= 'z' || 'A' <= b && b <= 'Z' || '0' <= b && b <= '9'
 }
+
+// contextFree reports whether p's conditions read nothing of the context but `context has
+// mcp`, context.mcp.name and context.mcp.method: what is known of an MCP call before its
+// arguments (a tool in a tools/list).
+func contextFree(p *cedar.Policy) bool {
+	free := true
+	for _, c := range (*xast.Policy)(p.AST()).Conditions {
+		xast.Inspect(xast.NewNode(c.Body), func(n xast.IsNode) bool {
+			switch n := n.(type) {
+			case xast.NodeTypeHas:
+				if isContext(n.Arg) && n.Value == "mcp" {
+					return false
+				}
+			case xast.NodeTypeAccess:
+				if inner, ok := n.Arg.(xast.NodeTypeAccess); ok && isContext(inner.Arg) && inner.Value == "mcp" && (n.Value == "name" || n.Value == "method") {
+					return false
+				}
+			case xast.NodeTypeVariable:
+				if n.Name == "context" {
+					free = false
+				}
+			}
+			return free
+		})
+	}
+	return free
+}
+
+func isContext(n xast.IsNode) bool {
+	v, ok := n.(xast.NodeTypeVariable)
+	return ok && v.Name == "context"
+}

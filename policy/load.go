@@ -212,6 +212,9 @@ type Set struct {
 	pols    []*cedar.Policy
 	idx     index
 	full    *cedar.PolicySet // the same policies, unindexed (tests and the baseline benchmark)
+	// static[i]: policy i's conditions read no context but the MCP call's name and method
+	// (see Engine.MayAllow).
+	static []bool
 }
 
 // Version returns the short content hash of the set: the same text gives the same version,
@@ -325,6 +328,10 @@ func Compile(src Source) (*Set, error) {
 		return nil, &LoadError{Origin: src.Origin, Problems: probs}
 	}
 	set.idx = newIndex(set.pols)
+	set.static = make([]bool, len(set.pols))
+	for i, p := range set.pols {
+		set.static[i] = contextFree(p)
+	}
 	return set, nil
 }
 

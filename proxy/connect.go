@@ -42,11 +42,16 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rt := st.routes.match(host, port, 443)
+	if rt == nil && port == 80 {
+		// Node's (and undici's) proxy support sends CONNECT host:80 for http:// URLs: a plain
+		// HTTP upstream is reached through the tunnel, and its requests read inside it.
+		rt = st.routes.match(host, port, 80)
+	}
 	if rt == nil {
 		rec := p.newRecord(r, kindConnect, st.mode)
-		rec.Host, rec.Port = host, port
+		rec.Scheme, rec.Host, rec.Port = connectScheme(port), host, port
 		p.bestEffortIdentity(r.Context(), peer, rec)
-		p.deny(w, rec, ReasonUnknownDestination, nil)
+		p.denyConnect(w, r, st, rec, ReasonUnknownDestination, nil, peer)
 		return
 	}
 	if rt.tunnel {
@@ -55,7 +60,37 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request) {
 	}
 	// The route is fixed for the connection's life: its inner requests go where the CONNECT
 	// was decided to go, even if an update changes the routes meanwhile.
-	p.intercept(w, r, st, target{scheme: "https", host: host, port: port, route: rt}, peer)
+	p.intercept(w, r, st, target{scheme: "https", host: host, port: port, route: rt}, peer, nil)
+}
+
+// connectScheme is what a CONNECT to port is taken to carry until its first byte says.
+func connectScheme(port int) string {
+	if port == 80 {
+		return "http"
+	}
+	return "https"
+}
+
+// deniedConn is the denial an intercepted connection answers every request with: the CONNECT
+// was denied, and its record written with requestID.
+type deniedConn struct {
+	reason    Reason
+	requestID string
+}
+
+// denyConnect denies a CONNECT so that the agent's HTTP client can read why: the CONNECT is
+// answered 200, the connection intercepted (TLS with a leaf from the pod CA, or plain HTTP),
+// and every request inside answered with the JSON denial. A client that does not trust the pod
+// CA fails its TLS handshake instead (the record and the ops log say why). The record is
+// written here, once.
+func (p *Proxy) denyConnect(w http.ResponseWriter, r *http.Request, st *state, rec *audit.Record, reason Reason, cause error, peer attest.Peer) {
+	markDenied(rec, reason)
+	rec.Status = reason.Status()
+	if cause != nil {
+		p.log.Info("denied", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(cause))
+	}
+	p.finish(rec)
+	p.intercept(w, r, st, target{scheme: "https", host: rec.Host, port: rec.Port}, peer, &deniedConn{reason: reason, requestID: rec.RequestID})
 }
 
 // serveTunnel relays bytes to a tunnel-only upstream after identity, policy and egress checks.
@@ -67,7 +102,7 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 
 	v := p.authorize(ctx, rec, peer, policy.Input{Action: actionConnect, Scheme: "https", Host: host, Port: port}, st.mode)
 	if v.Reason != ReasonAllowed {
-		p.deny(w, rec, v.Reason, v.Cause)
+		p.denyConnect(w, r, st, rec, v.Reason, v.Cause, peer)
 		return
 	}
 
@@ -85,7 +120,7 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 	if err != nil {
 		var denied *egress.DeniedError
 		if errors.As(err, &denied) {
-			p.deny(w, rec, ReasonEgressDenied, err)
+			p.denyConnect(w, r, st, rec, ReasonEgressDenied, err, peer)
 		} else {
 			p.fail(w, rec, ReasonUpstreamUnavailable, err)
 		}
@@ -178,48 +213,65 @@ type connMeta struct {
 	start    time.Time
 	mode     string
 	requests atomic.Int64
+	denied   *deniedConn // the CONNECT was denied: every request is answered with it
 }
 
 type connMetaKey struct{}
 
-// intercept answers the CONNECT, terminates TLS with a leaf for the destination, and hands the
-// connection to the inner server, whose requests come to serveIntercepted.
-func (p *Proxy) intercept(w http.ResponseWriter, r *http.Request, st *state, t target, peer attest.Peer) {
+// intercept answers the CONNECT and hands the connection to the inner server, whose requests
+// come to serveIntercepted: TLS terminated with a leaf for the destination when the agent's
+// first byte starts a TLS handshake, plain HTTP otherwise (a CONNECT for an http:// URL).
+// denied, when set, is the CONNECT's denial, which every request inside is answered with.
+func (p *Proxy) intercept(w http.ResponseWriter, r *http.Request, st *state, t target, peer attest.Peer, denied *deniedConn) {
 	agent, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
-		rec := p.newRecord(r, kindConnect, st.mode)
-		rec.Host, rec.Port = t.host, t.port
-		p.deny(w, rec, ReasonBadRequest, err)
+		if denied == nil {
+			rec := p.newRecord(r, kindConnect, st.mode)
+			rec.Host, rec.Port = t.host, t.port
+			p.deny(w, rec, ReasonBadRequest, err)
+		}
 		return
 	}
 	if _, err := agent.Write([]byte("HTTP/1.1 200 Connection Established\r\n\r\n")); err != nil {
 		_ = agent.Close()
 		return
 	}
+	// The first byte says what the agent speaks: 0x16 opens a TLS handshake record.
+	_ = agent.SetReadDeadline(p.now().Add(helloTimeout))
+	first, perr := brw.Reader.Peek(1)
+	_ = agent.SetReadDeadline(time.Time{})
 	var conn net.Conn = agent
 	if n := brw.Reader.Buffered(); n > 0 {
 		buf, _ := brw.Reader.Peek(n)
 		conn = &prefixConn{Conn: agent, r: io.MultiReader(strings.NewReader(string(buf)), agent)}
 	}
-	host := t.host
-	tlsConn := tls.Server(conn, &tls.Config{
-		MinVersion: tls.VersionTLS12,
-		NextProtos: []string{"h2", "http/1.1"},
-		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-			// The leaf is always for the CONNECT destination, whatever SNI says: the inner
-			// requests go there, so that is the name the agent must verify.
-			return p.ca.Leaf(host)
-		},
-	})
-	meta := &connMeta{target: t, peer: peer, start: p.now(), mode: string(st.mode)}
-	p.icpt.info.Store(tlsConn, meta)
-	p.icpt.live.Store(tlsConn, meta)
+	if perr == nil && first[0] != 0x16 {
+		t.scheme = "http"
+	} else if perr == nil || denied == nil {
+		host := t.host
+		conn = tls.Server(conn, &tls.Config{
+			MinVersion: tls.VersionTLS12,
+			NextProtos: []string{"h2", "http/1.1"},
+			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+				// The leaf is always for the CONNECT destination, whatever SNI says: the inner
+				// requests go there, so that is the name the agent must verify.
+				return p.ca.Leaf(host)
+			},
+		})
+	}
+	if perr != nil && denied != nil {
+		_ = agent.Close() // denied and gone: the CONNECT's record is written
+		return
+	}
+	meta := &connMeta{target: t, peer: peer, start: p.now(), mode: string(st.mode), denied: denied}
+	p.icpt.info.Store(conn, meta)
+	p.icpt.live.Store(conn, meta)
 	p.metrics.TunnelsActive.Inc()
-	if !p.icpt.ln.push(tlsConn) {
-		p.icpt.info.Delete(tlsConn)
-		p.icpt.live.Delete(tlsConn)
+	if !p.icpt.ln.push(conn) {
+		p.icpt.info.Delete(conn)
+		p.icpt.live.Delete(conn)
 		p.metrics.TunnelsActive.Dec()
-		_ = tlsConn.Close()
+		_ = conn.Close()
 	}
 }
 
@@ -240,11 +292,17 @@ func (p *Proxy) serveIntercepted(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	m.requests.Add(1)
+	if m.denied != nil {
+		// The denial was decided, and recorded, at the CONNECT: this is how the agent reads it.
+		w.Header().Set("Connection", "close")
+		writeDenial(w, m.denied.reason, "", m.denied.requestID)
+		return
+	}
 	if r.Host != "" {
 		h, port, err := splitHostPort(r.Host, m.target.port)
 		if err != nil || h != m.target.host || port != m.target.port {
 			rec := p.newRecord(r, kindRequest, p.state.Load().mode)
-			rec.Scheme, rec.Host, rec.Port, rec.Path = "https", m.target.host, m.target.port, r.URL.Path
+			rec.Scheme, rec.Host, rec.Port, rec.Path = m.target.scheme, m.target.host, m.target.port, r.URL.Path
 			p.bestEffortIdentity(r.Context(), m.peer, rec)
 			p.deny(w, rec, ReasonHostMismatch, nil)
 			return
@@ -266,11 +324,14 @@ func (p *Proxy) innerConnState(c net.Conn, s http.ConnState) {
 		return
 	}
 	m := v.(*connMeta)
-	if m.requests.Load() > 0 {
+	if m.requests.Load() > 0 || m.denied != nil {
 		return
 	}
 	rec := &audit.Record{Time: m.start, RequestID: p.nextRequestID(), Kind: kindConnect, Method: http.MethodConnect,
-		Mode: m.mode, Scheme: m.target.scheme, Host: m.target.host, Port: m.target.port, Credential: m.target.route.credential}
+		Mode: m.mode, Scheme: m.target.scheme, Host: m.target.host, Port: m.target.port}
+	if m.target.route != nil {
+		rec.Credential = m.target.route.credential
+	}
 	p.bestEffortIdentity(context.Background(), m.peer, rec)
 	rec.Outcome = audit.OutcomeAgentClosed
 	if tc, ok := c.(*tls.Conn); ok && !tc.ConnectionState().HandshakeComplete {

@@ -159,6 +159,11 @@ func rewrite(pr *httputil.ProxyRequest) {
 	// Proxy-Authorization is the agent's credential for escrow, never the upstream's
 	// (ReverseProxy drops it as hop-by-hop too; this does not rely on that).
 	out.Header.Del("Proxy-Authorization")
+	if st.out.applier == nil {
+		// A route without a credential passes no credential either: the agent's own
+		// Authorization stays with the agent (a route with one replaces it when applying).
+		out.Header.Del("Authorization")
+	}
 	if st.out.scrubber != nil {
 		// An answer escrow can scan: identity encoding, whole (no ranges to reassemble).
 		scrub.PrepareRequest(out.Header)

@@ -628,3 +628,71 @@ func counterValue(t testing.TB, c prometheus.Counter) float64 {
 	must(t, c.Write(&m))
 	return m.GetCounter().GetValue()
 }
+
+func TestProxy_RouteWithoutCredentialDropsTheAgentsAuthorization(t *testing.T) {
+	var seen seenRequests
+	up := newTLSUpstream(t, http.HandlerFunc(seen.handler), false, "open.example.com")
+	plain := newPlainUpstream(t, http.HandlerFunc(seen.handler))
+	tp := newTestProxy(t, "upstreams:\n"+up.route("open.example.com")+plain.route("plain.example.com"))
+	for _, u := range []string{"https://open.example.com/x", "http://plain.example.com/x"} {
+		if resp := tp.Get(t, u, "Authorization", "Bearer agent-own-token", "X-Other", "kept"); resp.StatusCode != 200 {
+			t.Fatalf("%s: %d", u, resp.StatusCode)
+		}
+	}
+	for _, r := range seen.all() {
+		if a := r.Header.Get("Authorization"); a != "" || r.Header.Get("X-Other") != "kept" {
+			t.Errorf("upstream received Authorization %q, X-Other %q", a, r.Header.Get("X-Other"))
+		}
+	}
+}
+
+// deniedConnect CONNECTs to authority, completes TLS trusting the pod CA, sends one GET and
+// returns the answer: how an agent reads a CONNECT escrow denied.
+func deniedConnect(t testing.TB, tp *testProxy, authority string) (*http.Response, []byte) {
+	t.Helper()
+	conn, br, resp, _ := tp.rawConnect(t, authority, nil)
+	if resp.StatusCode != 200 {
+		t.Fatalf("CONNECT %s: %d", authority, resp.StatusCode)
+	}
+	host, _, _ := net.SplitHostPort(authority)
+	tc := tls.Client(&bufferedConn{Conn: conn, r: br}, &tls.Config{ServerName: host, RootCAs: tp.Roots, NextProtos: []string{"http/1.1"}})
+	must(t, tc.Handshake())
+	_, err := io.WriteString(tc, "GET / HTTP/1.1\r\nHost: "+authority+"\r\n\r\n")
+	must(t, err)
+	r, err := http.ReadResponse(bufio.NewReader(tc), nil)
+	must(t, err)
+	return r, readBody(t, r)
+}
+
+func TestProxy_ConnectToPort80ServesPlainHTTPInside(t *testing.T) {
+	var seen seenRequests
+	plain := newPlainUpstream(t, http.HandlerFunc(seen.handler))
+	tp := newTestProxy(t, "upstreams:\n"+plain.route("plain.example.com")+plain.route("cred.example.com", "credential: api"))
+
+	// As Node's env proxy support does for http:// URLs.
+	for _, c := range []struct {
+		host   string
+		status int
+	}{{"plain.example.com", 200}, {"cred.example.com", http.StatusForbidden}} {
+		conn, br, resp, _ := tp.rawConnect(t, c.host+":80", nil)
+		if resp.StatusCode != 200 {
+			t.Fatalf("CONNECT %s:80: %d", c.host, resp.StatusCode)
+		}
+		_, err := io.WriteString(conn, "GET /inside HTTP/1.1\r\nHost: "+c.host+"\r\nAuthorization: Bearer agent-own\r\n\r\n")
+		must(t, err)
+		r, err := http.ReadResponse(br, nil)
+		must(t, err)
+		body := readBody(t, r)
+		if r.StatusCode != c.status {
+			t.Errorf("%s: %d %s", c.host, r.StatusCode, body)
+		}
+		id := r.Header.Get(RequestIDHeader)
+		if rec := findRecord(t, tp, id); rec.Scheme != "http" || rec.Port != 80 || rec.Path != "/inside" {
+			t.Errorf("%s: record %+v", c.host, rec)
+		}
+	}
+	// The credential was never sent in clear text: the plaintext rule holds inside a tunnel too.
+	if got := seen.all(); len(got) != 1 || got[0].Header.Get("Authorization") != "" {
+		t.Errorf("upstream saw %d requests", len(got))
+	}
+}

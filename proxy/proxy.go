@@ -333,11 +333,11 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		tok, err := p.creds.Get(ctx, credential.Request{Name: rt.credential, Subject: v.Identity.SPIFFEID})
 		rec.CredentialDur = p.now().Sub(start)
 		if err != nil {
-			p.metrics.CredentialFetch.WithLabelValues("error").Inc()
+			p.metrics.CredentialLookups.WithLabelValues("error").Inc()
 			p.deny(w, rec, ReasonCredentialUnavailable, err)
 			return
 		}
-		p.metrics.CredentialFetch.WithLabelValues("ok").Inc()
+		p.metrics.CredentialLookups.WithLabelValues("ok").Inc()
 		rec.CredentialID, ob.token = tok.ID(), tok
 		if rt.scrub != nil {
 			ob.scrubber = scrubberFor(rt, tok)

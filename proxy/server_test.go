@@ -81,11 +81,14 @@ func TestAdmin_ReadyzReportsEachCheck(t *testing.T) {
 	if !strings.Contains(out, `escrow_requests_total{decision="deny",reason="unknown_destination"} 1`) {
 		t.Errorf("admin /metrics:\n%s", grepLines(out, "escrow_requests"))
 	}
+	// The test config's "broken" credential (its file does not exist) is reported, by name.
 	resp, err := direct.Get(tp.AdminURL + "/readyz")
 	must(t, err)
+	ready := string(readBody(t, resp))
 	resp.Body.Close()
-	if resp.StatusCode != 200 {
-		t.Errorf("admin /readyz = %d", resp.StatusCode)
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(ready, `"credentials":"broken: not available`) ||
+		!strings.Contains(ready, `"policy":"ok"`) {
+		t.Errorf("admin /readyz = %d %s", resp.StatusCode, ready)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"reflect"
+	"sort"
 	"sync"
 	"time"
 
@@ -321,6 +322,7 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	if auditQ != nil {
 		checks["audit"] = auditQ.Healthy
 	}
+	checks["credentials"] = s.credentialsReady
 	s.admin = AdminHandler(s.Metrics.Handler(), checks)
 
 	// Last, the trust files: everything that can fail has succeeded.
@@ -334,6 +336,33 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		return nil, err
 	}
 	return s, nil
+}
+
+// credentialsReady reports the shared credentials (static secrets: one value for every caller)
+// that cannot be fetched, by name, with the credential package's error (which never carries a
+// secret). The cache answers at once for a working one; a failing one is retried no more often
+// than the cache's failure backoff allows. Per-caller credentials are minted for a caller's
+// identity and are not checked here: their failures show as credential_unavailable denials.
+func (s *Sidecar) credentialsReady() error {
+	s.mu.Lock()
+	var names []string
+	for n, p := range s.providers {
+		if sh, ok := p.(credential.Shared); ok && sh.Shared() {
+			names = append(names, n)
+		}
+	}
+	s.mu.Unlock()
+	sort.Strings(names)
+	var errs []error
+	for _, n := range names {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err := s.creds.Get(ctx, credential.Request{Name: n})
+		cancel()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: not available: %w", n, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // buildProviders makes the provider of every configured credential, reusing prev's for a name

@@ -253,3 +253,24 @@ func TestBuild_AdminOnANonLoopbackAddressNeedsTheUnsafeSwitch(t *testing.T) {
 	must(t, err)
 	sc.Close()
 }
+
+func TestSidecar_ReadyzNamesTheCredentialThatCannotBeFetched(t *testing.T) {
+	dir := t.TempDir()
+	good, gone := filepath.Join(dir, "good"), filepath.Join(dir, "gone")
+	must(t, os.WriteFile(good, []byte(testSecret+"\n"), 0o600))
+	must(t, os.WriteFile(gone, []byte("sk-gone-"+testSecret+"\n"), 0o600))
+	cfg := sidecarConfig(t, "credentials:\n  good-key: {static: {file: "+good+"}}\n  gone-key: {static: {file: "+gone+"}}\n")
+	must(t, os.Remove(gone)) // after the config was checked: lost before the start
+	sc, err := Build(context.Background(), cfg, Deps{SystemRoots: func() ([]byte, error) { return nil, nil }})
+	must(t, err)
+	defer sc.Close()
+	rec := httptest.NewRecorder()
+	sc.Admin().ServeHTTP(rec, httptest.NewRequest("GET", "/readyz", nil))
+	body := rec.Body.String()
+	if rec.Code != http.StatusServiceUnavailable || !strings.Contains(body, "gone-key") || strings.Contains(body, "good-key:") {
+		t.Errorf("/readyz = %d %s; want 503 naming gone-key only", rec.Code, body)
+	}
+	if strings.Contains(body, testSecret) {
+		t.Error("/readyz shows a secret")
+	}
+}

@@ -101,9 +101,8 @@ func TestSidecar_UpdateSwapsRoutesCredentialsAndPoliciesWhileRequestsFlow(t *tes
 func TestSidecar_UpdateChangesThePolicyModeAndNewRoutes(t *testing.T) {
 	tp := newTestProxy(t, "", withPolicy(`@id("deny-all") forbid (principal, action, resource);`))
 	up := newTLSUpstream(t, okHandler(nil), false, "new.example.com")
-	if resp, err := tp.Client.Get("https://new.example.com/"); err == nil {
-		resp.Body.Close()
-		t.Fatalf("before the update: %d, want the CONNECT refused (unknown destination)", resp.StatusCode)
+	if resp := tp.Get(t, "https://new.example.com/"); resp.StatusCode != http.StatusForbidden || resp.Header.Get(ReasonHeader) != string(ReasonUnknownDestination) {
+		t.Fatalf("before the update: %d %s, want unknown_destination", resp.StatusCode, resp.Header.Get(ReasonHeader))
 	}
 	cfg, err := config.Parse([]byte(strings.Replace(tp.baseConfig, "mode: enforce", "mode: report", 1) +
 		"upstreams:\n" + up.route("new.example.com")))

@@ -23,8 +23,12 @@ type Metrics struct {
 	PolicyEval      prometheus.Histogram
 	PolicyReloads   *prometheus.CounterVec // {result}
 	TunnelsActive   prometheus.Gauge
-	CredentialFetch *prometheus.CounterVec // {result}
-	Redactions      prometheus.Counter
+	// CredentialLookups counts the proxy's credential lookups (served from the cache or not).
+	CredentialLookups *prometheus.CounterVec // {result}
+	// CredentialFetches counts calls to credential providers (token endpoints, files), which
+	// the credential cache makes on a miss or a refresh; the credential manager reports them.
+	CredentialFetches *prometheus.CounterVec // {provider, result}
+	Redactions        prometheus.Counter
 }
 
 // Options configure New.
@@ -67,17 +71,21 @@ func New(o Options) *Metrics {
 			Namespace: namespace, Name: "tunnels_active",
 			Help: "Connections currently relayed: CONNECT tunnels, intercepted TLS connections and upgraded (WebSocket) connections.",
 		}),
-		CredentialFetch: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: namespace, Name: "credential_fetches_total",
-			Help: "Credential lookups by the proxy, by result (ok, error).",
+		CredentialLookups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "credential_lookups_total",
+			Help: "Credential lookups by the proxy for requests (most are served from the cache), by result (ok, error).",
 		}, []string{"result"}),
+		CredentialFetches: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "credential_fetches_total",
+			Help: "Credential provider fetches (a token endpoint call, a file read), by provider kind and result (ok, error).",
+		}, []string{"provider", "result"}),
 		Redactions: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: namespace, Name: "response_redactions_total",
 			Help: "Occurrences of an injected credential that escrow replaced in upstream responses (headers, trailers, scanned bodies).",
 		}),
 	}
 	reg.MustRegister(m.Redactions, m.Requests, m.RequestDuration, m.PolicyEval, m.PolicyReloads, m.TunnelsActive,
-		m.CredentialFetch,
+		m.CredentialLookups, m.CredentialFetches,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if o.SVIDExpiry != nil {

@@ -536,7 +536,7 @@ egress:
 			{"escrow_requests_total", "decision", "allow", "reason", "allowed"},
 			{"escrow_requests_total", "decision", "deny", "reason", "policy_denied"},
 			{"escrow_requests_total", "decision", "deny", "reason", "unknown_destination"},
-			{"escrow_credential_fetches_total", "result", "ok"},
+			{"escrow_credential_lookups_total", "result", "ok"},
 		} {
 			if v := m.get(s[0], s[1:]...); v < 1 {
 				t.Errorf("%s%v = %v, want >= 1", s[0], s[1:], v)

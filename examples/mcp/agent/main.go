@@ -1,7 +1,7 @@
 // Command agent is the example's agent: the official Go SDK's MCP client, sent through escrow
 // by HTTPS_PROXY and trusting escrow's CA (SSL_CERT_FILE=<ca_dir>/trust-bundle.pem). It holds
 // no token for the MCP server. It lists the tools and makes allowed and refused calls; with
-// -check it exits non-zero unless escrow decided each one as the example's policy says.
+// -check it exits non-zero unless escrow decided each one as policies/mcp.cedar says.
 package main
 
 import (
@@ -23,7 +23,7 @@ import (
 const codeDenied = -32050
 
 func main() {
-	endpoint := flag.String("endpoint", "https://mcp.example.test/mcp", "the MCP server's endpoint")
+	endpoint := flag.String("endpoint", "https://mcp.github.example/mcp", "the MCP server's endpoint")
 	version := flag.String("protocol", "", "the protocol version to ask for (default: the SDK's latest)")
 	check := flag.Bool("check", false, "exit 1 unless every outcome is the expected one")
 	flag.Parse()
@@ -56,7 +56,8 @@ func main() {
 	}
 	slices.Sort(tools)
 	fmt.Printf("agent: tools/list -> %s\n", strings.Join(tools, ", "))
-	expect("delete_repo is listed", !slices.Contains(tools, "delete_repo"))
+	// transfer_repo: no policy could permit it, so escrow removes it from the list.
+	expect("transfer_repo is listed", !slices.Contains(tools, "transfer_repo"))
 	expect("read_file and search are listed", slices.Contains(tools, "read_file") && slices.Contains(tools, "search"))
 
 	for _, c := range []struct {
@@ -64,26 +65,63 @@ func main() {
 		args    map[string]any
 		allowed bool
 	}{
-		{"search", map[string]any{"query": "flaky test"}, true},
+		{"search", map[string]any{"query": "flaky test", "per_page": 50}, true},
+		{"search", map[string]any{"query": "flaky test", "per_page": 5000}, false},
 		{"read_file", map[string]any{"path": "/workspace/notes.txt"}, true},
 		{"read_file", map[string]any{"path": "/etc/passwd"}, false},
-		{"delete_repo", map[string]any{"name": "prod"}, false},
+		{"delete_repo", map[string]any{"name": "acme/app"}, false}, // not acting for a human
+		{"transfer_repo", map[string]any{"name": "acme/app"}, false},
+		{"admin_reset", map[string]any{"name": "acme/app"}, false}, // forbidden on the whole server
 	} {
 		res, err := cs.CallTool(ctx, &mcp.CallToolParams{Name: c.name, Arguments: c.args})
-		var je *jsonrpc.Error
-		switch {
-		case err == nil:
-			fmt.Printf("agent: %s %v -> %s\n", c.name, c.args, res.Content[0].(*mcp.TextContent).Text)
-			expect(c.name+" was allowed", c.allowed)
-		case errors.As(err, &je) && je.Code == codeDenied:
-			fmt.Printf("agent: %s %v -> refused by escrow: %s\n", c.name, c.args, je.Message)
-			expect(c.name+" was refused", !c.allowed)
-		default:
-			fmt.Printf("agent: %s %v -> error: %v\n", c.name, c.args, err)
-			expect(c.name+" failed", false)
-		}
+		report("tools/call "+c.name+" "+fmt.Sprint(c.args), res, err, c.allowed, expect)
 	}
+	rr, err := cs.ReadResource(ctx, &mcp.ReadResourceParams{URI: "file:///docs/readme.md"})
+	report("resources/read file:///docs/readme.md", rr, err, true, expect)
+	rr, err = cs.ReadResource(ctx, &mcp.ReadResourceParams{URI: "file:///etc/shadow"})
+	report("resources/read file:///etc/shadow", rr, err, false, expect)
+	pr, err := cs.GetPrompt(ctx, &mcp.GetPromptParams{Name: "review", Arguments: map[string]string{"pr": "42"}})
+	report("prompts/get review", pr, err, true, expect)
+
 	if *check && failed {
 		os.Exit(1)
 	}
+}
+
+// report prints the outcome of one call and checks it against allowed.
+func report(what string, res any, err error, allowed bool, expect func(string, bool)) {
+	var je *jsonrpc.Error
+	switch {
+	case err == nil:
+		fmt.Printf("agent: %s -> %s\n", what, summary(res))
+		expect(what+" was allowed", allowed)
+	case errors.As(err, &je) && je.Code == codeDenied:
+		fmt.Printf("agent: %s -> refused by escrow: %s\n", what, je.Message)
+		expect(what+" was refused", !allowed)
+	default:
+		fmt.Printf("agent: %s -> error: %v\n", what, err)
+		expect(what+" failed", false)
+	}
+}
+
+func summary(res any) string {
+	switch r := res.(type) {
+	case *mcp.CallToolResult:
+		if len(r.Content) > 0 {
+			if t, ok := r.Content[0].(*mcp.TextContent); ok {
+				return t.Text
+			}
+		}
+	case *mcp.ReadResourceResult:
+		if len(r.Contents) > 0 {
+			return r.Contents[0].Text
+		}
+	case *mcp.GetPromptResult:
+		if len(r.Messages) > 0 {
+			if t, ok := r.Messages[0].Content.(*mcp.TextContent); ok {
+				return t.Text
+			}
+		}
+	}
+	return fmt.Sprintf("%v", res)
 }

@@ -1,5 +1,6 @@
 // Command server is the example's MCP server: the official Go SDK over Streamable HTTP on
-// HTTPS, with three tools (read_file, search, delete_repo), a resource and a prompt. It
+// HTTPS, with the tools read_file, search, delete_repo, transfer_repo and admin_reset, two
+// resources and a prompt. It
 // answers only requests that carry its token (MCP_SERVER_TOKEN), which escrow holds and puts
 // on the agent's requests: the agent never sees it. It logs every call it executes.
 package main
@@ -28,7 +29,7 @@ import (
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8443", "listen address")
-	host := flag.String("host", "mcp.example.test", "the server's TLS name")
+	host := flag.String("host", "mcp.github.example", "the server's TLS name")
 	caOut := flag.String("ca-out", ".mcp-example/server-ca.pem", "where to write the CA escrow verifies the server with")
 	jsonMode := flag.Bool("json", false, "answer with JSON instead of SSE streams")
 	flag.Parse()
@@ -51,30 +52,35 @@ func main() {
 		})
 	mcp.AddTool(srv, &mcp.Tool{Name: "search", Description: "Search the issues."},
 		func(_ context.Context, _ *mcp.CallToolRequest, a struct {
-			Query string `json:"query"`
+			Query   string `json:"query"`
+			PerPage int    `json:"per_page,omitempty"`
 		}) (*mcp.CallToolResult, any, error) {
-			log.Printf("server: executed search %s", a.Query)
+			log.Printf("server: executed search %s (per_page %d)", a.Query, a.PerPage)
 			return text("3 issues match " + a.Query), nil, nil
 		})
-	mcp.AddTool(srv, &mcp.Tool{Name: "delete_repo", Description: "Delete a repository."},
-		func(_ context.Context, _ *mcp.CallToolRequest, a struct {
-			Name string `json:"name"`
-		}) (*mcp.CallToolResult, any, error) {
-			log.Printf("server: executed delete_repo %s", a.Name)
-			return text("deleted " + a.Name), nil, nil
-		})
-	srv.AddResource(&mcp.Resource{URI: "file:///workspace/README.md", Name: "README", MIMEType: "text/plain"},
-		func(_ context.Context, r *mcp.ReadResourceRequest) (*mcp.ReadResourceResult, error) {
-			log.Printf("server: read %s", r.Params.URI)
-			return &mcp.ReadResourceResult{Contents: []*mcp.ResourceContents{{URI: r.Params.URI, MIMEType: "text/plain", Text: "# Example"}}}, nil
-		})
-	srv.AddPrompt(&mcp.Prompt{Name: "review", Arguments: []*mcp.PromptArgument{{Name: "lang"}}},
+	for _, name := range []string{"delete_repo", "transfer_repo", "admin_reset"} {
+		mcp.AddTool(srv, &mcp.Tool{Name: name, Description: "Administer a repository: " + name + "."},
+			func(_ context.Context, _ *mcp.CallToolRequest, a struct {
+				Name string `json:"name"`
+			}) (*mcp.CallToolResult, any, error) {
+				log.Printf("server: executed %s %s", name, a.Name)
+				return text(name + " done for " + a.Name), nil, nil
+			})
+	}
+	for _, uri := range []string{"file:///docs/readme.md", "file:///etc/shadow"} {
+		srv.AddResource(&mcp.Resource{URI: uri, Name: uri, MIMEType: "text/plain"},
+			func(_ context.Context, r *mcp.ReadResourceRequest) (*mcp.ReadResourceResult, error) {
+				log.Printf("server: read %s", r.Params.URI)
+				return &mcp.ReadResourceResult{Contents: []*mcp.ResourceContents{{URI: r.Params.URI, MIMEType: "text/plain", Text: "text of " + r.Params.URI}}}, nil
+			})
+	}
+	srv.AddPrompt(&mcp.Prompt{Name: "review", Arguments: []*mcp.PromptArgument{{Name: "pr"}}},
 		func(_ context.Context, r *mcp.GetPromptRequest) (*mcp.GetPromptResult, error) {
-			log.Printf("server: prompt review %s", r.Params.Arguments["lang"])
-			return &mcp.GetPromptResult{Messages: []*mcp.PromptMessage{{Role: "user", Content: &mcp.TextContent{Text: "Review this " + r.Params.Arguments["lang"] + " code."}}}}, nil
+			log.Printf("server: prompt review %s", r.Params.Arguments["pr"])
+			return &mcp.GetPromptResult{Messages: []*mcp.PromptMessage{{Role: "user", Content: &mcp.TextContent{Text: "Review pull request " + r.Params.Arguments["pr"] + "."}}}}, nil
 		})
 
-	// escrow sends the agent's requests with Host: mcp.example.test to this loopback listener;
+	// escrow sends the agent's requests with Host: mcp.github.example to this loopback listener;
 	// the SDK refuses a non-loopback Host on a loopback listener unless told otherwise.
 	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv },
 		&mcp.StreamableHTTPOptions{JSONResponse: *jsonMode, DisableLocalhostProtection: true})

@@ -1,21 +1,22 @@
 // The TypeScript MCP SDK's client against an MCP server with the tools read_file, search and
 // delete_repo, through escrow. It lists the tools and makes allowed and refused calls, prints
 // one JSON line per step, and exits 1 unless each outcome is the expected one:
-//   tools/list shows read_file and search, not delete_repo;
+//   tools/list shows read_file and search, not MCP_HIDDEN_TOOL;
 //   search and read_file /workspace/... return the server's result;
-//   read_file /etc/passwd and delete_repo fail with escrow's JSON-RPC error (code -32050).
+//   read_file /etc/passwd and MCP_HIDDEN_TOOL fail with escrow's JSON-RPC error (code -32050).
 //
 // Environment:
 //   MCP_ENDPOINT    the server's endpoint, e.g. https://mcp.example.test/mcp (required)
 //   HTTPS_PROXY     escrow's listener; when set, requests go through an undici ProxyAgent
 //   ESCROW_CA_FILE  PEM file the client trusts for the server's (escrow's) certificates
-//   MCP_PROTOCOL_VERSION  for the record only: the SDK speaks its latest version
+//   MCP_HIDDEN_TOOL a tool no policy permits (default delete_repo): not listed, its call refused
 import { readFileSync } from 'node:fs';
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import { fetch as undiciFetch, ProxyAgent, Agent } from 'undici';
 
 const CODE_DENIED = -32050;
+const hidden = process.env.MCP_HIDDEN_TOOL || 'delete_repo';
 const endpoint = process.env.MCP_ENDPOINT;
 if (!endpoint) {
   console.error('client: set MCP_ENDPOINT');
@@ -47,13 +48,13 @@ do {
   cursor = page.nextCursor;
 } while (cursor);
 tools.sort();
-report({ step: 'tools/list', tools, ok: tools.includes('read_file') && tools.includes('search') && !tools.includes('delete_repo') });
+report({ step: 'tools/list', tools, ok: tools.includes('read_file') && tools.includes('search') && !tools.includes(hidden) });
 
 const calls = [
   { name: 'search', arguments: { query: 'flaky test' }, allowed: true },
   { name: 'read_file', arguments: { path: '/workspace/a' }, allowed: true },
   { name: 'read_file', arguments: { path: '/etc/passwd' }, allowed: false },
-  { name: 'delete_repo', arguments: { name: 'prod' }, allowed: false },
+  { name: hidden, arguments: { name: 'prod' }, allowed: false },
 ];
 for (const c of calls) {
   try {
