@@ -3,6 +3,9 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
@@ -12,11 +15,15 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
@@ -694,5 +701,61 @@ func TestProxy_ConnectToPort80ServesPlainHTTPInside(t *testing.T) {
 	// The credential was never sent in clear text: the plaintext rule holds inside a tunnel too.
 	if got := seen.all(); len(got) != 1 || got[0].Header.Get("Authorization") != "" {
 		t.Errorf("upstream saw %d requests", len(got))
+	}
+}
+
+func TestProxy_DelegationTokenIsVerifiedAndRecorded(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	must(t, err)
+	jwks, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: key.Public(), KeyID: "k1", Algorithm: "ES256", Use: "sig"}}})
+	must(t, err)
+	jwksFile := filepath.Join(t.TempDir(), "jwks.json")
+	must(t, os.WriteFile(jwksFile, jwks, 0o644))
+	sign := func(claims map[string]any) string {
+		sig, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: key}, (&jose.SignerOptions{}).WithHeader("kid", "k1").WithType("JWT"))
+		must(t, err)
+		tok, err := jwt.Signed(sig).Claims(claims).Serialize()
+		must(t, err)
+		return tok
+	}
+	now := time.Now()
+	good := sign(map[string]any{"iss": "https://idp.example.com", "sub": "alice@example.com", "aud": "escrow",
+		"exp": now.Add(time.Hour).Unix(), "iat": now.Unix(), "jti": "tok-1", "act": map[string]any{"sub": testSPIFFEID}})
+	var seen seenRequests
+	plain := newPlainUpstream(t, http.HandlerFunc(seen.handler))
+	tp := newTestProxy(t, "delegation:\n  audience: escrow\n  required: true\n  issuers:\n  - oidc: {issuer: https://idp.example.com, jwks_file: "+jwksFile+"}\n"+
+		"upstreams:\n"+plain.route("plain.example.com"))
+
+	get := func(auth string) (*http.Response, []byte) {
+		h := ""
+		if auth != "" {
+			h = "Proxy-Authorization: " + auth + "\r\n"
+		}
+		resp, body, _ := rawProxyRequest(t, tp, "GET http://plain.example.com/x HTTP/1.1\r\nHost: plain.example.com\r\n"+h+"\r\n")
+		return resp, body
+	}
+	for name, auth := range map[string]string{"missing": "", "garbage": "Bearer not-a-token", "wrong key": "Bearer " + good[:len(good)-4] + "AAAA"} {
+		resp, body := get(auth)
+		d := denialOf(t, resp, body, http.StatusProxyAuthRequired, ReasonDelegationInvalid)
+		if resp.Header.Get("Proxy-Authenticate") != "Bearer" {
+			t.Errorf("%s: Proxy-Authenticate = %q", name, resp.Header.Get("Proxy-Authenticate"))
+		}
+		if rec := findRecord(t, tp, d.RequestID); rec.Decision != audit.Deny || rec.SPIFFEID != testSPIFFEID {
+			t.Errorf("%s: record %+v", name, rec)
+		}
+	}
+	if n := len(seen.all()); n != 0 {
+		t.Fatalf("upstream reached %d times without a valid delegation", n)
+	}
+	resp, body := get("Bearer " + good)
+	if resp.StatusCode != 200 {
+		t.Fatalf("valid token: %d %s", resp.StatusCode, body)
+	}
+	rec := findRecord(t, tp, resp.Header.Get(RequestIDHeader))
+	if rec.DelegationSubject != "alice@example.com" || len(rec.DelegationActors) != 1 || rec.DelegationActors[0] != testSPIFFEID || rec.DelegationTokenID != "tok-1" {
+		t.Errorf("record %+v", rec)
+	}
+	if got := seen.all(); len(got) != 1 || got[0].Header.Get("Proxy-Authorization") != "" {
+		t.Error("the delegation token reached the upstream")
 	}
 }

@@ -52,6 +52,12 @@ type Credentials interface {
 	Get(ctx context.Context, r credential.Request) (credential.Token, error)
 }
 
+// DelegationVerifier verifies the delegation token an agent presents in Proxy-Authorization
+// (attest.DelegationVerifier): nil and no error when it presents none and none is required.
+type DelegationVerifier interface {
+	VerifyHeader(ctx context.Context, proxyAuthorization, workload string) (*attest.Delegation, error)
+}
+
 // LeafSource mints (or returns cached) TLS leaf certificates for intercepted hosts.
 type LeafSource interface {
 	Leaf(host string) (*tls.Certificate, error)
@@ -78,12 +84,15 @@ type Options struct {
 	Now  func() time.Time
 	// Inspectors returns the inspector of an upstream entry, or nil for none (the default).
 	Inspectors func(config.Upstream) Inspector
+	// Delegation verifies delegation tokens (config delegation); nil: none are read.
+	Delegation DelegationVerifier
 }
 
 // Proxy is the request pipeline and the CONNECT handler. It is an http.Handler for the proxy
 // listener; Serve runs it.
 type Proxy struct {
 	id      Identifier
+	deleg   DelegationVerifier // nil: no delegation
 	pol     Authorizer
 	creds   Credentials
 	ca      LeafSource
@@ -155,7 +164,7 @@ func New(o Options) (*Proxy, error) {
 	var pfx [4]byte
 	_, _ = rand.Read(pfx[:])
 	p := &Proxy{
-		id: o.Identity, pol: o.Policy, creds: o.Credentials, ca: o.CA, sink: o.Audit,
+		id: o.Identity, deleg: o.Delegation, pol: o.Policy, creds: o.Credentials, ca: o.CA, sink: o.Audit,
 		metrics: o.Metrics, log: o.Logger, now: o.Now,
 		build:    stateDeps{resolver: o.Resolver, dial: o.Dial, self: slices.Clone(o.Self), inspect: o.Inspectors},
 		reqIDPfx: hex.EncodeToString(pfx[:]), conns: newConns(), buffers: newBufferPool(),
