@@ -192,6 +192,23 @@ func TestRun_PolicyTestRunsEveryExample(t *testing.T) {
 	}
 }
 
+// Without schema.cedarschema, validate checks the policies against the built-in schema (a typo
+// that would deny everything at run time is an error, at its position) and says which schema.
+func TestRun_PolicyValidateUsesTheBuiltinSchema(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "a.cedar"), []byte(`@id("a") permit (principal, action, resource) when { context.methd == "GET" };`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, _, stderr := runCmd("policy", "validate", "--dir", dir)
+	if code != 1 || !strings.Contains(stderr, filepath.Join(dir, "a.cedar")+":1:61: ") || !strings.Contains(stderr, "built-in schema: attribute `methd`") {
+		t.Fatalf("code=%d stderr=%q", code, stderr)
+	}
+	code, stdout, stderr := runCmd("policy", "validate", "--dir", filepath.Join("..", "..", "examples", "quickstart", "policies"))
+	if code != 0 || !strings.Contains(stdout, "(validated against escrow's built-in schema)") {
+		t.Fatalf("code=%d stdout=%q stderr=%q", code, stdout, stderr)
+	}
+}
+
 func TestRun_PolicyValidateRejectsBadDir(t *testing.T) {
 	dir := t.TempDir()
 	if err := os.WriteFile(filepath.Join(dir, "a.cedar"), []byte(`permit (principal, action, resource);`), 0o644); err != nil {

@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 
 	"github.com/escrowproxy/escrow/policy"
 )
@@ -66,7 +68,11 @@ func cmdPolicy(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "ok: %d policies in %s\n", n, *dir)
+		against := policy.BuiltinSchemaName
+		if _, err := os.Stat(filepath.Join(*dir, policy.SchemaFile)); err == nil {
+			against = filepath.Join(*dir, policy.SchemaFile)
+		}
+		fmt.Fprintf(stdout, "ok: %d policies in %s (validated against %s)\n", n, *dir, against)
 		return nil
 	case "test":
 		fs := newFlagSet("policy test", "escrow policy test FILE", testAbout, stdout, stderr)

@@ -277,6 +277,55 @@ audit:
 	e.Stop(t)
 }
 
+// TestDex_ClientCredentialsThroughEscrow: escrow gets an access token from dex with client
+// credentials (client_secret_post, over TLS with dex's private CA) and the agent (curl, no
+// credential) reaches an HTTPS API that verifies it against dex's JWKS, issuer and expiry. The
+// identity is static here: client credentials do not use the JWT-SVID, and this runs without
+// SPIRE.
+func TestDex_ClientCredentialsThroughEscrow(t *testing.T) {
+	needCurl(t)
+	dex := harness.StartDex(t, harness.DexOptions{TLS: true})
+	client := dex.Clients[0]
+	api := &dexVerifier{t: t, dex: dex}
+	up := harness.StartUpstream(t, ccHost, api)
+	secretFile := writeFile(t, "dex-secret", client.Secret)
+	policies := harness.PolicyDir(t, map[string]string{"p.cedar": fmt.Sprintf(`@id("coder-cc")
+permit (principal == Workload::%q, action, resource == Host::%q);
+`, workloadID, ccHost)})
+	e := harness.StartEscrow(t, harness.EscrowOptions{Config: fmt.Sprintf(`
+identity: {static: %q}
+policy:
+  dir: %s
+upstreams:
+  - {host: %s, credential: cc, address: %s, ca_file: %s}
+credentials:
+  cc:
+    oauth2:
+      token_url: %s
+      client_id: %s
+      client_secret_file: %s
+      auth_style: post
+      scopes: [openid]
+      ca_file: %s
+egress:
+  allow_cidrs: [127.0.0.0/8]
+audit:
+  flush_interval: 0s
+`, workloadID, policies, ccHost, up.Addr, up.CAFile, dex.TokenURL, client.ID, secretFile, dex.CAFile)})
+	for i := range 3 {
+		if code, body := curl(t, e, "https://"+ccHost+"/v1/me"); code != http.StatusOK {
+			t.Fatalf("request %d: %d %s", i, code, body)
+		}
+	}
+	toks := api.seen()
+	if len(toks) != 3 || toks[0] != toks[1] || toks[1] != toks[2] {
+		t.Errorf("%d tokens seen, not one token reused from the cache", len(toks))
+	}
+	assertNotIn(t, e, "access token", toks...)
+	assertNotIn(t, e, "dex client secret", client.Secret)
+	e.Stop(t)
+}
+
 func tlsClient(t *testing.T, caFile string) *http.Client {
 	pem, err := os.ReadFile(caFile)
 	if err != nil {
