@@ -49,6 +49,11 @@ type Record struct {
 	Attested    bool
 	IdentitySrc string
 
+	// The calling process (identity.process), when it was found: pid, uid and executable.
+	CallerPID int
+	CallerUID uint32
+	CallerExe string
+
 	// The verified delegation chain the caller presented, if any: the subject it acts for, the
 	// actors (nearest first) and the token's id (its jti or a hash prefix, never the token).
 	DelegationSubject string
@@ -94,6 +99,9 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddString("request_id", r.RequestID)
 	enc.AddString("kind", r.Kind)
 	_ = enc.AddObject("identity", (*recordIdentity)(r))
+	if r.CallerPID != 0 {
+		_ = enc.AddObject("caller", (*recordCaller)(r))
+	}
 	if r.DelegationSubject != "" {
 		_ = enc.AddObject("delegation", (*recordDelegation)(r))
 	}
@@ -148,6 +156,7 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 // The nested parts of a record are views of it (named types, not closures), so encoding a
 // record allocates nothing for them.
 type (
+	recordCaller     Record
 	recordDelegation Record
 	recordIdentity   Record
 	recordPolicyIDs  Record
@@ -160,6 +169,13 @@ func (r *recordIdentity) MarshalLogObject(e zapcore.ObjectEncoder) error {
 	if r.IdentitySrc != "" {
 		e.AddString("source", r.IdentitySrc)
 	}
+	return nil
+}
+
+func (r *recordCaller) MarshalLogObject(e zapcore.ObjectEncoder) error {
+	e.AddInt("pid", r.CallerPID)
+	e.AddUint32("uid", r.CallerUID)
+	e.AddString("exe", r.CallerExe)
 	return nil
 }
 

@@ -65,6 +65,9 @@ func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Pe
 			rec.DelegationSubject, rec.DelegationActors, rec.DelegationTokenID = d.Subject, d.Actors, d.TokenID
 		}
 	}
+	if c := in.Caller; c != nil {
+		rec.CallerPID, rec.CallerUID, rec.CallerExe = c.PID, c.UID, c.Exe
+	}
 	in.Identity, in.Time = id, p.now()
 	return verdict{Identity: id, Reason: p.decide(ctx, rec, in, mode)}
 }

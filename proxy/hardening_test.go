@@ -17,6 +17,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -757,5 +758,37 @@ func TestProxy_DelegationTokenIsVerifiedAndRecorded(t *testing.T) {
 	}
 	if got := seen.all(); len(got) != 1 || got[0].Header.Get("Proxy-Authorization") != "" {
 		t.Error("the delegation token reached the upstream")
+	}
+}
+
+func TestSidecar_CallingProcessReachesPolicyAndRecord(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the calling process is found from /proc")
+	}
+	plain := newPlainUpstream(t, okHandler(nil))
+	cfg := sidecarConfig(t, "egress: {allow_cidrs: [127.0.0.0/8]}\nupstreams:\n"+plain.route("plain.example.com"))
+	cfg.Identity.Process = true
+	recs := make(chan *audit.Record, 4)
+	sc, err := Build(context.Background(), cfg, Deps{Audit: audit.SinkFunc(func(r *audit.Record) { recs <- r }),
+		SystemRoots: func() ([]byte, error) { return nil, nil }})
+	must(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- sc.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+	pu, _ := url.Parse("http://" + sc.ProxyAddr.String())
+	tr := &http.Transport{Proxy: http.ProxyURL(pu)}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get("http://plain.example.com/x")
+	must(t, err)
+	resp.Body.Close()
+	select {
+	case rec := <-recs:
+		// This test process is the caller: the kernel says so.
+		if rec.CallerPID != os.Getpid() || rec.CallerUID != uint32(os.Getuid()) || rec.CallerExe == "" {
+			t.Errorf("record caller pid %d uid %d exe %q; want pid %d", rec.CallerPID, rec.CallerUID, rec.CallerExe, os.Getpid())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no record")
 	}
 }

@@ -304,10 +304,16 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		deleg = v
 	}
 
+	// attest: the calling process of each connection, from the kernel (identity.process).
+	var callers CallerFinder
+	if cfg.Identity.Process {
+		callers = attest.NewProcessFinder(attest.ProcessFinderOptions{})
+	}
+
 	// proxy: the pipeline itself.
 	px, err = New(Options{
-		Delegation: deleg,
-		Config:     cfg, Identity: id, Policy: s.engine, Credentials: s.creds, CA: leaves,
+		Delegation: deleg, Callers: callers,
+		Config: cfg, Identity: id, Policy: s.engine, Credentials: s.creds, CA: leaves,
 		Audit: sink, Metrics: s.Metrics, Logger: log.Named("proxy"),
 		Resolver: d.Resolver, Dial: d.Dial, Self: []netip.AddrPort{s.ProxyAddr, s.AdminAddr},
 		Now: now, Inspectors: d.Inspectors,
