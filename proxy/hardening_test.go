@@ -224,14 +224,18 @@ func TestProxy_RefusesUpgradesOtherThanWebSocket(t *testing.T) {
 func TestProxy_WebSocketUpgradeIsVisibleToPolicyAndRecord(t *testing.T) {
 	gotAuth := make(chan string, 2)
 	up := wsEchoUpstream(t, "ws.example.com", gotAuth)
-	tp := newTestProxy(t, "upstreams:\n"+up.route("ws.example.com", "credential: api"))
+	tp := newTestProxy(t, "upstreams:\n"+up.route("ws.example.com", "credential: api"),
+		withPolicy(`@id("ws-only") permit (principal, action, resource) when { context has upgrade && context.upgrade == "websocket" };`))
 
 	tc, _ := openWebSocket(t, tp, "ws.example.com")
 	tc.Close()
 	rec := tp.Record(t, 1)
-	if rec.Upgrade != "websocket" || rec.Decision != audit.Allow {
+	if rec.Upgrade != "websocket" || rec.Decision != audit.Allow || len(rec.PolicyIDs) != 1 {
 		t.Errorf("record = %+v", rec)
 	}
+	// The same host without an upgrade is not permitted by this policy.
+	resp := tp.Get(t, "https://ws.example.com/plain")
+	denialOf(t, resp, readBody(t, resp), http.StatusForbidden, ReasonPolicyDenied)
 }
 
 func TestProxy_ClosesTheConnectionAfterAChunkedRequest(t *testing.T) {
