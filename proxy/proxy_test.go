@@ -319,7 +319,7 @@ func TestProxy_IdentityUnavailableIs503(t *testing.T) {
 
 	resp := tp.Get(t, "https://api.example.com/")
 	denialOf(t, resp, readBody(t, resp), http.StatusServiceUnavailable, ReasonIdentityUnavailable)
-	cresp, body := deniedConnect(t, tp, "tunnel.example.com:443")
+	_, _, cresp, body := tp.rawConnect(t, "tunnel.example.com:443", nil)
 	denialOf(t, cresp, body, http.StatusServiceUnavailable, ReasonIdentityUnavailable)
 	if calls.get() != 0 {
 		t.Fatal("a request without identity reached the upstream")
