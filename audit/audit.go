@@ -49,6 +49,17 @@ type Record struct {
 	Attested    bool
 	IdentitySrc string
 
+	// The calling process (identity.process), when it was found: pid, uid and executable.
+	CallerPID int
+	CallerUID uint32
+	CallerExe string
+
+	// The verified delegation chain the caller presented, if any: the subject it acts for, the
+	// actors (nearest first) and the token's id (its jti or a hash prefix, never the token).
+	DelegationSubject string
+	DelegationActors  []string
+	DelegationTokenID string
+
 	Method  string
 	Upgrade string // the protocol a request upgrades to ("websocket"), or ""
 	Scheme  string
@@ -88,6 +99,12 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddString("request_id", r.RequestID)
 	enc.AddString("kind", r.Kind)
 	_ = enc.AddObject("identity", (*recordIdentity)(r))
+	if r.CallerPID != 0 {
+		_ = enc.AddObject("caller", (*recordCaller)(r))
+	}
+	if r.DelegationSubject != "" {
+		_ = enc.AddObject("delegation", (*recordDelegation)(r))
+	}
 	if r.Method != "" {
 		enc.AddString("method", r.Method)
 	}
@@ -139,9 +156,11 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 // The nested parts of a record are views of it (named types, not closures), so encoding a
 // record allocates nothing for them.
 type (
-	recordIdentity  Record
-	recordPolicyIDs Record
-	recordDurations Record
+	recordCaller     Record
+	recordDelegation Record
+	recordIdentity   Record
+	recordPolicyIDs  Record
+	recordDurations  Record
 )
 
 func (r *recordIdentity) MarshalLogObject(e zapcore.ObjectEncoder) error {
@@ -150,6 +169,25 @@ func (r *recordIdentity) MarshalLogObject(e zapcore.ObjectEncoder) error {
 	if r.IdentitySrc != "" {
 		e.AddString("source", r.IdentitySrc)
 	}
+	return nil
+}
+
+func (r *recordCaller) MarshalLogObject(e zapcore.ObjectEncoder) error {
+	e.AddInt("pid", r.CallerPID)
+	e.AddUint32("uid", r.CallerUID)
+	e.AddString("exe", r.CallerExe)
+	return nil
+}
+
+func (r *recordDelegation) MarshalLogObject(e zapcore.ObjectEncoder) error {
+	e.AddString("subject", r.DelegationSubject)
+	_ = e.AddArray("actors", zapcore.ArrayMarshalerFunc(func(a zapcore.ArrayEncoder) error {
+		for _, s := range r.DelegationActors {
+			a.AppendString(s)
+		}
+		return nil
+	}))
+	e.AddString("token_id", r.DelegationTokenID)
 	return nil
 }
 

@@ -54,6 +54,20 @@ func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Pe
 		return verdict{Reason: ReasonIdentityUnavailable, Cause: err}
 	}
 	setIdentity(rec, id)
+	if p.deleg != nil {
+		// Whom the caller acts for: a token that does not verify is a denial, never ignored.
+		d, err := p.deleg.VerifyHeader(ctx, peer.ProxyAuthorization, id.SPIFFEID)
+		if err != nil {
+			return verdict{Identity: id, Reason: ReasonDelegationInvalid, Cause: err}
+		}
+		if d != nil {
+			in.Delegation = d
+			rec.DelegationSubject, rec.DelegationActors, rec.DelegationTokenID = d.Subject, d.Actors, d.TokenID
+		}
+	}
+	if c := in.Caller; c != nil {
+		rec.CallerPID, rec.CallerUID, rec.CallerExe = c.PID, c.UID, c.Exe
+	}
 	in.Identity, in.Time = id, p.now()
 	return verdict{Identity: id, Reason: p.decide(ctx, rec, in, mode)}
 }

@@ -100,7 +100,7 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 	rec := p.newRecord(r, kindTunnel, st.mode)
 	rec.Scheme, rec.Host, rec.Port = "https", host, port
 
-	v := p.authorize(ctx, rec, peer, policy.Input{Action: actionConnect, Scheme: "https", Host: host, Port: port}, st.mode)
+	v := p.authorize(ctx, rec, peer, policy.Input{Action: actionConnect, Scheme: "https", Host: host, Port: port, Caller: callerOf(ctx)}, st.mode)
 	if v.Reason != ReasonAllowed {
 		p.denyConnect(w, r, st, rec, v.Reason, v.Cause, peer)
 		return
@@ -213,7 +213,8 @@ type connMeta struct {
 	start    time.Time
 	mode     string
 	requests atomic.Int64
-	denied   *deniedConn // the CONNECT was denied: every request is answered with it
+	denied   *deniedConn   // the CONNECT was denied: every request is answered with it
+	caller   *callerLookup // the CONNECT's connection's calling process; nil: not looked up
 }
 
 type connMetaKey struct{}
@@ -264,6 +265,7 @@ func (p *Proxy) intercept(w http.ResponseWriter, r *http.Request, st *state, t t
 		return
 	}
 	meta := &connMeta{target: t, peer: peer, start: p.now(), mode: string(st.mode), denied: denied}
+	meta.caller, _ = r.Context().Value(callerKey{}).(*callerLookup)
 	p.icpt.info.Store(conn, meta)
 	p.icpt.live.Store(conn, meta)
 	p.metrics.TunnelsActive.Inc()
@@ -280,7 +282,11 @@ func (p *Proxy) innerConnContext(ctx context.Context, c net.Conn) context.Contex
 	if !ok {
 		return ctx
 	}
-	return context.WithValue(ctx, connMetaKey{}, v.(*connMeta))
+	m := v.(*connMeta)
+	if m.caller != nil {
+		ctx = context.WithValue(ctx, callerKey{}, m.caller)
+	}
+	return context.WithValue(ctx, connMetaKey{}, m)
 }
 
 // serveIntercepted handles one request on an intercepted connection: the destination is the

@@ -30,6 +30,7 @@ const (
 	ReasonMethodNotAllowed      Reason = "method_not_allowed"
 	ReasonAuditUnavailable      Reason = "audit_unavailable"
 	ReasonResponseUnscannable   Reason = "response_unscannable"
+	ReasonDelegationInvalid     Reason = "delegation_invalid"
 	// ReasonAgentClosed is not a denial: an allowed response was cut short because the agent
 	// went away. It only appears in audit records and metrics.
 	ReasonAgentClosed Reason = "agent_closed"
@@ -66,6 +67,7 @@ var denials = map[Reason]denial{
 	ReasonShuttingDown:          {http.StatusServiceUnavailable, "escrow is shutting down"},
 	ReasonMethodNotAllowed:      {http.StatusMethodNotAllowed, "this method is never sent with a credential"},
 	ReasonAuditUnavailable:      {http.StatusServiceUnavailable, "audit records cannot be written; escrow serves no request it cannot record"},
+	ReasonDelegationInvalid:     {http.StatusProxyAuthRequired, "the delegation token in Proxy-Authorization is missing or does not verify"},
 	ReasonResponseUnscannable:   {http.StatusBadGateway, "the upstream's response is compressed although escrow asked for none, so it cannot be checked for the credential"},
 }
 
@@ -102,6 +104,10 @@ func writeDenial(w http.ResponseWriter, reason Reason, message, requestID string
 	h.Set("Cache-Control", "no-store")
 	if requestID != "" {
 		h.Set(RequestIDHeader, requestID)
+	}
+	if reason == ReasonDelegationInvalid {
+		// RFC 9110 §11.7.1: a 407 says how to authenticate to the proxy.
+		h.Set("Proxy-Authenticate", "Bearer")
 	}
 	w.WriteHeader(d.status)
 	_, _ = w.Write(body)

@@ -3,6 +3,9 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
@@ -12,11 +15,16 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
@@ -216,14 +224,18 @@ func TestProxy_RefusesUpgradesOtherThanWebSocket(t *testing.T) {
 func TestProxy_WebSocketUpgradeIsVisibleToPolicyAndRecord(t *testing.T) {
 	gotAuth := make(chan string, 2)
 	up := wsEchoUpstream(t, "ws.example.com", gotAuth)
-	tp := newTestProxy(t, "upstreams:\n"+up.route("ws.example.com", "credential: api"))
+	tp := newTestProxy(t, "upstreams:\n"+up.route("ws.example.com", "credential: api"),
+		withPolicy(`@id("ws-only") permit (principal, action, resource) when { context has upgrade && context.upgrade == "websocket" };`))
 
 	tc, _ := openWebSocket(t, tp, "ws.example.com")
 	tc.Close()
 	rec := tp.Record(t, 1)
-	if rec.Upgrade != "websocket" || rec.Decision != audit.Allow {
+	if rec.Upgrade != "websocket" || rec.Decision != audit.Allow || len(rec.PolicyIDs) != 1 {
 		t.Errorf("record = %+v", rec)
 	}
+	// The same host without an upgrade is not permitted by this policy.
+	resp := tp.Get(t, "https://ws.example.com/plain")
+	denialOf(t, resp, readBody(t, resp), http.StatusForbidden, ReasonPolicyDenied)
 }
 
 func TestProxy_ClosesTheConnectionAfterAChunkedRequest(t *testing.T) {
@@ -694,5 +706,93 @@ func TestProxy_ConnectToPort80ServesPlainHTTPInside(t *testing.T) {
 	// The credential was never sent in clear text: the plaintext rule holds inside a tunnel too.
 	if got := seen.all(); len(got) != 1 || got[0].Header.Get("Authorization") != "" {
 		t.Errorf("upstream saw %d requests", len(got))
+	}
+}
+
+func TestProxy_DelegationTokenIsVerifiedAndRecorded(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	must(t, err)
+	jwks, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: key.Public(), KeyID: "k1", Algorithm: "ES256", Use: "sig"}}})
+	must(t, err)
+	jwksFile := filepath.Join(t.TempDir(), "jwks.json")
+	must(t, os.WriteFile(jwksFile, jwks, 0o644))
+	sign := func(claims map[string]any) string {
+		sig, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: key}, (&jose.SignerOptions{}).WithHeader("kid", "k1").WithType("JWT"))
+		must(t, err)
+		tok, err := jwt.Signed(sig).Claims(claims).Serialize()
+		must(t, err)
+		return tok
+	}
+	now := time.Now()
+	good := sign(map[string]any{"iss": "https://idp.example.com", "sub": "alice@example.com", "aud": "escrow",
+		"exp": now.Add(time.Hour).Unix(), "iat": now.Unix(), "jti": "tok-1", "act": map[string]any{"sub": testSPIFFEID}})
+	var seen seenRequests
+	plain := newPlainUpstream(t, http.HandlerFunc(seen.handler))
+	tp := newTestProxy(t, "delegation:\n  audience: escrow\n  required: true\n  issuers:\n  - oidc: {issuer: https://idp.example.com, jwks_file: "+jwksFile+"}\n"+
+		"upstreams:\n"+plain.route("plain.example.com"))
+
+	get := func(auth string) (*http.Response, []byte) {
+		h := ""
+		if auth != "" {
+			h = "Proxy-Authorization: " + auth + "\r\n"
+		}
+		resp, body, _ := rawProxyRequest(t, tp, "GET http://plain.example.com/x HTTP/1.1\r\nHost: plain.example.com\r\n"+h+"\r\n")
+		return resp, body
+	}
+	for name, auth := range map[string]string{"missing": "", "garbage": "Bearer not-a-token", "wrong key": "Bearer " + good[:len(good)-4] + "AAAA"} {
+		resp, body := get(auth)
+		d := denialOf(t, resp, body, http.StatusProxyAuthRequired, ReasonDelegationInvalid)
+		if resp.Header.Get("Proxy-Authenticate") != "Bearer" {
+			t.Errorf("%s: Proxy-Authenticate = %q", name, resp.Header.Get("Proxy-Authenticate"))
+		}
+		if rec := findRecord(t, tp, d.RequestID); rec.Decision != audit.Deny || rec.SPIFFEID != testSPIFFEID {
+			t.Errorf("%s: record %+v", name, rec)
+		}
+	}
+	if n := len(seen.all()); n != 0 {
+		t.Fatalf("upstream reached %d times without a valid delegation", n)
+	}
+	resp, body := get("Bearer " + good)
+	if resp.StatusCode != 200 {
+		t.Fatalf("valid token: %d %s", resp.StatusCode, body)
+	}
+	rec := findRecord(t, tp, resp.Header.Get(RequestIDHeader))
+	if rec.DelegationSubject != "alice@example.com" || len(rec.DelegationActors) != 1 || rec.DelegationActors[0] != testSPIFFEID || rec.DelegationTokenID != "tok-1" {
+		t.Errorf("record %+v", rec)
+	}
+	if got := seen.all(); len(got) != 1 || got[0].Header.Get("Proxy-Authorization") != "" {
+		t.Error("the delegation token reached the upstream")
+	}
+}
+
+func TestSidecar_CallingProcessReachesPolicyAndRecord(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the calling process is found from /proc")
+	}
+	plain := newPlainUpstream(t, okHandler(nil))
+	cfg := sidecarConfig(t, "egress: {allow_cidrs: [127.0.0.0/8]}\nupstreams:\n"+plain.route("plain.example.com"))
+	cfg.Identity.Process = true
+	recs := make(chan *audit.Record, 4)
+	sc, err := Build(context.Background(), cfg, Deps{Audit: audit.SinkFunc(func(r *audit.Record) { recs <- r }),
+		SystemRoots: func() ([]byte, error) { return nil, nil }})
+	must(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- sc.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+	pu, _ := url.Parse("http://" + sc.ProxyAddr.String())
+	tr := &http.Transport{Proxy: http.ProxyURL(pu)}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get("http://plain.example.com/x")
+	must(t, err)
+	resp.Body.Close()
+	select {
+	case rec := <-recs:
+		// This test process is the caller: the kernel says so.
+		if rec.CallerPID != os.Getpid() || rec.CallerUID != uint32(os.Getuid()) || rec.CallerExe == "" {
+			t.Errorf("record caller pid %d uid %d exe %q; want pid %d", rec.CallerPID, rec.CallerUID, rec.CallerExe, os.Getpid())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no record")
 	}
 }

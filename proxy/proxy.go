@@ -52,6 +52,18 @@ type Credentials interface {
 	Get(ctx context.Context, r credential.Request) (credential.Token, error)
 }
 
+// DelegationVerifier verifies the delegation token an agent presents in Proxy-Authorization
+// (attest.DelegationVerifier): nil and no error when it presents none and none is required.
+type DelegationVerifier interface {
+	VerifyHeader(ctx context.Context, proxyAuthorization, workload string) (*attest.Delegation, error)
+}
+
+// CallerFinder finds the process at the other end of an accepted connection
+// (attest.ProcessFinder).
+type CallerFinder interface {
+	FromConn(ctx context.Context, c net.Conn) (*attest.Process, error)
+}
+
 // LeafSource mints (or returns cached) TLS leaf certificates for intercepted hosts.
 type LeafSource interface {
 	Leaf(host string) (*tls.Certificate, error)
@@ -78,12 +90,18 @@ type Options struct {
 	Now  func() time.Time
 	// Inspectors returns the inspector of an upstream entry, or nil for none (the default).
 	Inspectors func(config.Upstream) Inspector
+	// Delegation verifies delegation tokens (config delegation); nil: none are read.
+	Delegation DelegationVerifier
+	// Callers finds each connection's calling process (identity.process); nil: not looked up.
+	Callers CallerFinder
 }
 
 // Proxy is the request pipeline and the CONNECT handler. It is an http.Handler for the proxy
 // listener; Serve runs it.
 type Proxy struct {
 	id      Identifier
+	deleg   DelegationVerifier // nil: no delegation
+	callers CallerFinder       // nil: no process lookup
 	pol     Authorizer
 	creds   Credentials
 	ca      LeafSource
@@ -155,7 +173,7 @@ func New(o Options) (*Proxy, error) {
 	var pfx [4]byte
 	_, _ = rand.Read(pfx[:])
 	p := &Proxy{
-		id: o.Identity, pol: o.Policy, creds: o.Credentials, ca: o.CA, sink: o.Audit,
+		id: o.Identity, deleg: o.Delegation, callers: o.Callers, pol: o.Policy, creds: o.Credentials, ca: o.CA, sink: o.Audit,
 		metrics: o.Metrics, log: o.Logger, now: o.Now,
 		build:    stateDeps{resolver: o.Resolver, dial: o.Dial, self: slices.Clone(o.Self), inspect: o.Inspectors},
 		reqIDPfx: hex.EncodeToString(pfx[:]), conns: newConns(), buffers: newBufferPool(),
@@ -189,8 +207,52 @@ type peerKey struct{}
 func (p *Proxy) ConnContext(ctx context.Context, c net.Conn) context.Context {
 	if rc, ok := c.(*recordingConn); ok {
 		ctx = context.WithValue(ctx, recordingConnKey{}, rc)
+		c = rc.Conn
+	}
+	if p.callers != nil {
+		ctx = context.WithValue(ctx, callerKey{}, p.lookupCaller(c))
 	}
 	return context.WithValue(ctx, peerKey{}, peerOf(c))
+}
+
+// callerKey carries a connection's *callerLookup through request contexts.
+type callerKey struct{}
+
+// callerLookup is the calling process of one connection, looked up once, right after Accept
+// (while the client still holds its socket), in the background so that accepting goes on.
+type callerLookup struct {
+	done chan struct{}
+	proc *attest.Process // nil: not found
+}
+
+func (p *Proxy) lookupCaller(c net.Conn) *callerLookup {
+	cl := &callerLookup{done: make(chan struct{})}
+	go func() {
+		defer close(cl.done)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		proc, err := p.callers.FromConn(ctx, c)
+		if err != nil {
+			p.log.Debug("calling process not found", zap.Error(err))
+			return
+		}
+		cl.proc = proc
+	}()
+	return cl
+}
+
+// callerOf waits for the request's connection's caller lookup; nil when none was made or found.
+func callerOf(ctx context.Context) *attest.Process {
+	cl, _ := ctx.Value(callerKey{}).(*callerLookup)
+	if cl == nil {
+		return nil
+	}
+	select {
+	case <-cl.done:
+		return cl.proc
+	case <-ctx.Done():
+		return nil
+	}
 }
 
 func peerOf(c net.Conn) attest.Peer {
@@ -298,7 +360,7 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 	// attest + policy: who is calling, and may it, now.
 	in := policy.Input{
 		Action: r.Method, Scheme: t.scheme, Host: t.host, Port: t.port,
-		Path: r.URL.Path, Credential: rt.credential, Upgrade: upgrade,
+		Path: r.URL.Path, Credential: rt.credential, Upgrade: upgrade, Caller: callerOf(ctx),
 	}
 	v := p.authorize(ctx, rec, peer, in, st.mode)
 	if v.Reason != ReasonAllowed {

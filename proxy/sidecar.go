@@ -290,8 +290,29 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		})
 	}
 
+	// delegation: whom the caller acts for, from the token it presents (config delegation).
+	var deleg DelegationVerifier
+	if cfg.Delegation != nil {
+		do := attest.DelegationOptions{HTTPClient: s.credDep.HTTPClient, Now: now}
+		if sp, ok := id.(*attest.SPIFFE); ok {
+			do.JWTBundles = sp.JWTBundles()
+		}
+		v, err := attest.NewDelegationVerifier(*cfg.Delegation, do)
+		if err != nil {
+			return nil, err
+		}
+		deleg = v
+	}
+
+	// attest: the calling process of each connection, from the kernel (identity.process).
+	var callers CallerFinder
+	if cfg.Identity.Process {
+		callers = attest.NewProcessFinder(attest.ProcessFinderOptions{})
+	}
+
 	// proxy: the pipeline itself.
 	px, err = New(Options{
+		Delegation: deleg, Callers: callers,
 		Config: cfg, Identity: id, Policy: s.engine, Credentials: s.creds, CA: leaves,
 		Audit: sink, Metrics: s.Metrics, Logger: log.Named("proxy"),
 		Resolver: d.Resolver, Dial: d.Dial, Self: []netip.AddrPort{s.ProxyAddr, s.AdminAddr},
@@ -500,6 +521,7 @@ func restartOnly(cur, next *config.Config) error {
 		{"unsafe_allow_non_loopback_listen", cur.UnsafeAllowNonLoopbackListen, next.UnsafeAllowNonLoopbackListen},
 		{"unsafe_allow_non_loopback_admin", cur.UnsafeAllowNonLoopbackAdmin, next.UnsafeAllowNonLoopbackAdmin},
 		{"identity", cur.Identity, next.Identity},
+		{"delegation", cur.Delegation, next.Delegation},
 		{"ca_dir", cur.CADir, next.CADir},
 		{"ca_key_dir", cur.CAKeyDir, next.CAKeyDir},
 		{"leaf_ttl", cur.LeafTTL, next.LeafTTL},

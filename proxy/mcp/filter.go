@@ -42,7 +42,23 @@ func (c *Call) ResponseFilter(allow func(tool string) bool) func(*http.Response)
 	return f.apply
 }
 
+// StreamFilter returns the hook that filters the response to a GET of the endpoint (the
+// server's SSE stream) for ReverseProxy.ModifyResponse, nil for any other request. A server
+// replays responses on that stream when a client resumes a broken one (Last-Event-ID); escrow
+// no longer knows which ids were tools/list requests, so every response there whose result has
+// a tools list is filtered (and every other event passes as it comes). It drops r's
+// Accept-Encoding, as Inspect does for a list.
+func (i *Inspector) StreamFilter(r *http.Request, allow func(tool string) bool) func(*http.Response) error {
+	if r.Method != http.MethodGet || strings.TrimSuffix(r.URL.Path, "/") != i.path {
+		return nil
+	}
+	r.Header.Del("Accept-Encoding")
+	f := &listFilter{anyID: true, allow: allow, max: i.maxList}
+	return f.apply
+}
+
 type listFilter struct {
+	anyID bool     // every response with a tools list is filtered (StreamFilter)
 	ids   [][]byte // canonical ids of the tools/list requests
 	allow func(string) bool
 	max   int64
@@ -192,6 +208,9 @@ func member1(obj []byte, key string) (value []byte, start int, dup bool) {
 }
 
 func (f *listFilter) isListID(raw []byte) bool {
+	if f.anyID {
+		return true
+	}
 	c := canonicalID(raw)
 	for _, id := range f.ids {
 		if bytes.Equal(id, c) {

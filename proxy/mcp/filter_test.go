@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
@@ -270,6 +271,38 @@ func TestEventEnd_KnowsEveryLineEnding(t *testing.T) {
 	} {
 		if got := eventEnd([]byte(in)); got != want {
 			t.Errorf("eventEnd(%q) = %d, want %d", in, got, want)
+		}
+	}
+}
+
+func TestStreamFilter_FiltersListsReplayedOnTheGETStream(t *testing.T) {
+	i := newTestInspector(t, Options{})
+	get := httptest.NewRequest(http.MethodGet, "https://"+testHost+"/mcp", nil)
+	get.Header.Set("Last-Event-ID", "7")
+	get.Header.Set("Accept-Encoding", "gzip")
+	filter := i.StreamFilter(get, allowReadOnly)
+	if filter == nil || get.Header.Get("Accept-Encoding") != "" {
+		t.Fatalf("filter %v, Accept-Encoding %q", filter != nil, get.Header.Get("Accept-Encoding"))
+	}
+	sampling := "id: 8\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"sampling/createMessage\",\"params\":{}}\n\n"
+	replayed := "id: 9\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"any\",\"result\":" + toolsResult + "}\n\n"
+	resp := sseResponse(strings.NewReader(sampling + replayed))
+	if err := filter(resp); err != nil {
+		t.Fatal(err)
+	}
+	out, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(string(out), sampling) || bytes.Contains(out, []byte("delete_repo")) || !bytes.Contains(out, []byte("read_file")) {
+		t.Errorf("stream = %q", out)
+	}
+	for _, r := range []*http.Request{
+		httptest.NewRequest(http.MethodPost, "https://"+testHost+"/mcp", nil),
+		httptest.NewRequest(http.MethodGet, "https://"+testHost+"/other", nil),
+	} {
+		if i.StreamFilter(r, allowReadOnly) != nil {
+			t.Errorf("a stream filter for %s %s", r.Method, r.URL.Path)
 		}
 	}
 }

@@ -107,6 +107,8 @@ func (g *gate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 		filter = call.ResponseFilter(func(tool string) bool { return g.listable(ctx, tool) })
+	} else {
+		filter = g.insp.StreamFilter(r, func(tool string) bool { return g.listable(ctx, tool) })
 	}
 	rec.reason = "allowed"
 	g.record(rec)

@@ -78,6 +78,11 @@ func text(s string) *sdk.CallToolResult {
 // newSDKServer starts an MCP server with three tools, two resources and a prompt; tools/list
 // answers two tools a page, so listing takes a cursor.
 func newSDKServer(t *testing.T, jsonResponse, stateless bool) (*httptest.Server, *serverLog) {
+	ts, log, _ := newSDKServerWith(t, jsonResponse, stateless)
+	return ts, log
+}
+
+func newSDKServerWith(t *testing.T, jsonResponse, stateless bool) (*httptest.Server, *serverLog, *sdk.Server) {
 	log := &serverLog{}
 	srv := sdk.NewServer(&sdk.Implementation{Name: "escrow-test-server", Version: "1.0.0"}, &sdk.ServerOptions{PageSize: 2})
 	sdk.AddTool(srv, &sdk.Tool{Name: "read_file", Description: "read a file"}, func(_ context.Context, _ *sdk.CallToolRequest, a pathArgs) (*sdk.CallToolResult, any, error) {
@@ -105,7 +110,7 @@ func newSDKServer(t *testing.T, jsonResponse, stateless bool) (*httptest.Server,
 	h := sdk.NewStreamableHTTPHandler(func(*http.Request) *sdk.Server { return srv }, &sdk.StreamableHTTPOptions{JSONResponse: jsonResponse, Stateless: stateless})
 	ts := httptest.NewServer(h)
 	t.Cleanup(ts.Close)
-	return ts, log
+	return ts, log, srv
 }
 
 func compiledEngine(t testing.TB, text string) *policy.Engine {
@@ -317,5 +322,54 @@ func TestSDK_BadInputIsRefusedAndNeverReachesTheServer(t *testing.T) {
 	}
 	if seen := log.all(); seen != "" {
 		t.Errorf("the server executed bad input:\n%s", seen)
+	}
+}
+
+func TestSDK_ListChangedPassesAndTheNewListIsFiltered(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	upstream, _, srv := newSDKServerWith(t, false, false)
+	g := newGate(t, sdkPolicies, upstream.URL, sdkHost)
+	front := httptest.NewServer(g)
+	defer front.Close()
+
+	changed := make(chan struct{}, 1)
+	client := sdk.NewClient(&sdk.Implementation{Name: "escrow-test-agent", Version: "1.0.0"}, &sdk.ClientOptions{
+		ToolListChangedHandler: func(context.Context, *sdk.ToolListChangedRequest) {
+			select {
+			case changed <- struct{}{}:
+			default:
+			}
+		},
+	})
+	cs, err := client.Connect(ctx, &sdk.StreamableClientTransport{Endpoint: front.URL + "/mcp", MaxRetries: -1}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cs.Close()
+	if _, err := cs.ListTools(ctx, nil); err != nil { // the server notifies sessions that listed
+		t.Fatal(err)
+	}
+
+	// The server gains a tool no policy permits; the notification reaches the client through the gate (on
+	// the GET stream, filtered by StreamFilter), and its new list is filtered.
+	sdk.AddTool(srv, &sdk.Tool{Name: "transfer_repo"}, func(context.Context, *sdk.CallToolRequest, nameArgs) (*sdk.CallToolResult, any, error) {
+		return text("moved"), nil, nil
+	})
+	select {
+	case <-changed:
+	case <-ctx.Done():
+		t.Fatal("notifications/tools/list_changed did not reach the client")
+	}
+	var listed []string
+	for tool, err := range cs.Tools(ctx, nil) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		listed = append(listed, tool.Name)
+	}
+	slices.Sort(listed)
+	if strings.Join(listed, ",") != "read_file,search" {
+		t.Errorf("tools after the change = %v, want read_file,search", listed)
 	}
 }
