@@ -12,6 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
 	"github.com/escrowproxy/escrow/config"
 )
 
@@ -252,5 +256,43 @@ func TestNewProvider_BuildsEveryKindFromConfig(t *testing.T) {
 	_, err := NewProvider("x", config.Credential{TokenExchange: &config.TokenExchange{TokenURL: "https://idp.example.com/token", SubjectToken: jwtSrc}}, testDeps(nil))
 	if err == nil || !strings.Contains(err.Error(), "credential: x: token_exchange") {
 		t.Errorf("token_exchange without a JWT source: %v; want a refusal naming the credential", err)
+	}
+}
+
+// TestManager_LogsOfFailingAndSucceedingFetchesHoldNoSecret runs the Manager's logging at
+// debug level over an IdP that echoes what it receives, and searches every line for the
+// client secret, the JWT-SVIDs and the minted token.
+func TestManager_LogsOfFailingAndSucceedingFetchesHoldNoSecret(t *testing.T) {
+	svids := newSVIDIssuer(t, subjA)
+	var fail atomic.Bool
+	fail.Store(true)
+	u, ca, _, _ := oauthStandIn(t, func(r tokenRequest) (string, string) {
+		if fail.Load() {
+			return "invalid_grant", "bad grant " + r.basicSecret + " " + r.form.Get("subject_token")
+		}
+		return "", ""
+	})
+	p, _ := NewTokenExchange(TokenExchangeOptions{TokenURL: u, SubjectTokenAudience: "idp",
+		ClientAuth: ClientAuth{ClientID: "agents", ClientSecretFile: writeSecret(t, clientSecret)}, CAFile: ca}, testDeps(svids))
+	core, logs := observer.New(zapcore.DebugLevel)
+	clock := newFakeClock()
+	m := NewManager(map[string]Provider{"x": p}, Options{Logger: zap.New(core), Now: clock.Now})
+	r := Request{Name: "x", Subject: subjA}
+	if _, err := m.Get(context.Background(), r); err == nil {
+		t.Fatal("no error from a refusing IdP")
+	} else {
+		assertNoSecrets(t, "Get's error", err.Error(), append(svids.issuedTokens(), clientSecret)...)
+	}
+	fail.Store(false)
+	clock.Advance(time.Minute)
+	tok := get(t, m, r)
+	m.ForgetSubject(subjA)
+	m.waitBackground()
+	if logs.Len() < 2 {
+		t.Fatalf("%d log lines; want the failure and the fetch", logs.Len())
+	}
+	for _, e := range logs.All() {
+		line := fmt.Sprintf("%s %v", e.Message, e.ContextMap())
+		assertNoSecrets(t, "log line", line, append(svids.issuedTokens(), clientSecret, tok.Value())...)
 	}
 }
