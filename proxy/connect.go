@@ -37,7 +37,7 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request) {
 	if p.conns.shuttingDown() {
 		// Nothing new is relayed or intercepted once Shutdown began.
 		rec := p.newRecord(r, kindConnect, st.mode)
-		rec.Host, rec.Port = host, port
+		rec.Scheme, rec.Host, rec.Port = connectScheme(port), host, port
 		p.deny(w, rec, ReasonShuttingDown, nil)
 		return
 	}
@@ -231,7 +231,7 @@ func (p *Proxy) intercept(w http.ResponseWriter, r *http.Request, st *state, t t
 	if err != nil {
 		if denied == nil {
 			rec := p.newRecord(r, kindConnect, st.mode)
-			rec.Host, rec.Port = t.host, t.port
+			rec.Scheme, rec.Host, rec.Port = t.scheme, t.host, t.port
 			p.deny(w, rec, ReasonBadRequest, err)
 		}
 		return
