@@ -32,6 +32,14 @@ type Metrics struct {
 	// MCPCalls counts the JSON-RPC calls decided on MCP servers (tool names are not labels:
 	// an unbounded set).
 	MCPCalls *prometheus.CounterVec // {decision, method}
+	// IdentityUpdates counts the Workload API's X509-SVID updates by result: ok, error (the
+	// agent unreachable; the held SVID serves until it expires), revoked (no identity issued).
+	IdentityUpdates *prometheus.CounterVec // {result}
+	// CredentialFetchDuration times calls to credential providers.
+	CredentialFetchDuration *prometheus.HistogramVec // {provider}
+	// CredentialExpiry is the expiry of each credential's newest token (0: none, or it does
+	// not expire).
+	CredentialExpiry *prometheus.GaugeVec // {credential}
 }
 
 // Options configure New.
@@ -80,7 +88,7 @@ func New(o Options) *Metrics {
 		}, []string{"result"}),
 		CredentialFetches: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "credential_fetches_total",
-			Help: "Credential provider fetches (a token endpoint call, a file read), by provider kind and result (ok, error).",
+			Help: "Credential provider fetches (a token endpoint call, a file read), by provider kind and result (success, error); cache hits are not fetches.",
 		}, []string{"provider", "result"}),
 		Redactions: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: namespace, Name: "response_redactions_total",
@@ -91,6 +99,20 @@ func New(o Options) *Metrics {
 			Help: "JSON-RPC calls to MCP servers decided by escrow (tools/call, resources/read, prompts/get; invalid bodies as method \"invalid\"), by decision.",
 		}, []string{"decision", "method"}),
 	}
+	m.IdentityUpdates = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "identity_updates_total",
+		Help: "X509-SVID updates from the Workload API by result: ok, error (agent unreachable), revoked (no identity issued).",
+	}, []string{"result"})
+	m.CredentialFetchDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: namespace, Name: "credential_fetch_duration_seconds",
+		Help:    "Time of each call to a credential provider (a token endpoint, a file read), by provider kind.",
+		Buckets: []float64{.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5, 10},
+	}, []string{"provider"})
+	m.CredentialExpiry = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "credential_expiry_timestamp_seconds",
+		Help: "Unix time at which each credential's newest token expires (0: it does not expire).",
+	}, []string{"credential"})
+	reg.MustRegister(m.IdentityUpdates, m.CredentialFetchDuration, m.CredentialExpiry)
 	reg.MustRegister(m.Redactions, m.MCPCalls, m.Requests, m.RequestDuration, m.PolicyEval, m.PolicyReloads, m.TunnelsActive,
 		m.CredentialLookups, m.CredentialFetches,
 		collectors.NewGoCollector(),
@@ -144,4 +166,12 @@ func (m *Metrics) RegisterAuditQueue(q AuditQueue) {
 // Handler serves the registry in the Prometheus text or OpenMetrics format.
 func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry, EnableOpenMetrics: true})
+}
+
+// RegisterCredentialCache exports the number of tokens the credential cache holds.
+func (m *Metrics) RegisterCredentialCache(entries func() int) {
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "credential_cache_entries",
+		Help: "Tokens the credential cache holds (one per credential, identity and scope).",
+	}, func() float64 { return float64(entries()) }))
 }
