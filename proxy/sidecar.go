@@ -257,6 +257,9 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	if co.Logger == nil {
 		co.Logger = log.Named("credential")
 	}
+	if co.Observer == nil {
+		co.Observer = telemetry.CredentialObserver{M: s.Metrics}
+	}
 	s.creds = credential.NewManager(providers, co)
 
 	// The audit sink, stopped (flushed) after the drain so no record is lost. Records go through

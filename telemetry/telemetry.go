@@ -28,7 +28,9 @@ type Metrics struct {
 	// CredentialFetches counts calls to credential providers (token endpoints, files), which
 	// the credential cache makes on a miss or a refresh; the credential manager reports them.
 	CredentialFetches *prometheus.CounterVec // {provider, result}
-	Redactions        prometheus.Counter
+	// CredentialExpiry is each credential's current token expiry (0: it does not expire).
+	CredentialExpiry *prometheus.GaugeVec // {credential}
+	Redactions       prometheus.Counter
 }
 
 // Options configure New.
@@ -79,13 +81,17 @@ func New(o Options) *Metrics {
 			Namespace: namespace, Name: "credential_fetches_total",
 			Help: "Credential provider fetches (a token endpoint call, a file read), by provider kind and result (ok, error).",
 		}, []string{"provider", "result"}),
+		CredentialExpiry: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "credential_expiry_timestamp_seconds",
+			Help: "Unix time at which the credential's last fetched token expires (0 for one that does not expire), by configured credential name.",
+		}, []string{"credential"}),
 		Redactions: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: namespace, Name: "response_redactions_total",
 			Help: "Occurrences of an injected credential that escrow replaced in upstream responses (headers, trailers, scanned bodies).",
 		}),
 	}
 	reg.MustRegister(m.Redactions, m.Requests, m.RequestDuration, m.PolicyEval, m.PolicyReloads, m.TunnelsActive,
-		m.CredentialLookups, m.CredentialFetches,
+		m.CredentialLookups, m.CredentialFetches, m.CredentialExpiry,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if o.SVIDExpiry != nil {
@@ -111,6 +117,27 @@ func New(o Options) *Metrics {
 	m.PolicyReloads.WithLabelValues("success")
 	m.PolicyReloads.WithLabelValues("failure")
 	return m
+}
+
+// CredentialObserver feeds the credential metrics; it is the credential manager's Observer.
+type CredentialObserver struct{ M *Metrics }
+
+// Fetched counts one provider fetch.
+func (o CredentialObserver) Fetched(provider string, ok bool, _ time.Duration) {
+	result := "ok"
+	if !ok {
+		result = "error"
+	}
+	o.M.CredentialFetches.WithLabelValues(provider, result).Inc()
+}
+
+// Expires records the expiry of a credential's newly fetched token.
+func (o CredentialObserver) Expires(credential string, at time.Time) {
+	v := 0.0
+	if !at.IsZero() {
+		v = float64(at.UnixNano()) / 1e9
+	}
+	o.M.CredentialExpiry.WithLabelValues(credential).Set(v)
 }
 
 // AuditQueue is what the audit metrics read (audit.Queue).
