@@ -31,6 +31,9 @@ type Metrics struct {
 	// CredentialExpiry is each credential's current token expiry (0: it does not expire).
 	CredentialExpiry *prometheus.GaugeVec // {credential}
 	Redactions       prometheus.Counter
+	// MCPCalls counts the JSON-RPC calls decided on MCP servers (tool names are not labels:
+	// an unbounded set).
+	MCPCalls *prometheus.CounterVec // {decision, method}
 }
 
 // Options configure New.
@@ -89,8 +92,12 @@ func New(o Options) *Metrics {
 			Namespace: namespace, Name: "response_redactions_total",
 			Help: "Occurrences of an injected credential that escrow replaced in upstream responses (headers, trailers, scanned bodies).",
 		}),
+		MCPCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "mcp_calls_total",
+			Help: "JSON-RPC calls to MCP servers decided by escrow (tools/call, resources/read, prompts/get; invalid bodies as method \"invalid\"), by decision.",
+		}, []string{"decision", "method"}),
 	}
-	reg.MustRegister(m.Redactions, m.Requests, m.RequestDuration, m.PolicyEval, m.PolicyReloads, m.TunnelsActive,
+	reg.MustRegister(m.Redactions, m.MCPCalls, m.Requests, m.RequestDuration, m.PolicyEval, m.PolicyReloads, m.TunnelsActive,
 		m.CredentialLookups, m.CredentialFetches, m.CredentialExpiry,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
