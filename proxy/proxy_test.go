@@ -577,8 +577,9 @@ func TestProxy_MetricsCountDecisions(t *testing.T) {
 		}
 	}
 	// Two lookups, served by one provider fetch (the second from the cache).
-	if !strings.Contains(out, `escrow_credential_lookups_total{result="ok"} 2`) {
-		t.Errorf("credential lookups not counted:\n%s", grepLines(out, "escrow_credential"))
+	if !strings.Contains(out, `escrow_credential_lookups_total{result="ok"} 2`) ||
+		!strings.Contains(out, `escrow_credential_fetches_total{provider="static",result="success"} 1`) {
+		t.Errorf("credential lookups and fetches not counted:\n%s", grepLines(out, "escrow_credential"))
 	}
 }
 

@@ -271,7 +271,7 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		co.Logger = log.Named("credential")
 	}
 	if co.Observer == nil {
-		co.Observer = credentialMetrics{s.Metrics}
+		co.Observer = telemetry.CredentialObserver{M: s.Metrics}
 	}
 	s.creds = credential.NewManager(providers, co)
 	s.Metrics.RegisterCredentialCache(s.creds.Len)
@@ -586,24 +586,3 @@ func hostname() string {
 // The SPIFFE source is the JWT-SVID source of credential providers (client assertions, token
 // exchange, STS web identity): credential declares the interface, attest satisfies it.
 var _ credential.JWTSource = (*attest.SPIFFE)(nil)
-
-// credentialMetrics exports what the credential manager measures: one fetch per call to a
-// provider (cache hits are lookups, counted by the proxy), its duration, and token expiries.
-type credentialMetrics struct{ m *telemetry.Metrics }
-
-func (c credentialMetrics) Fetched(provider string, ok bool, d time.Duration) {
-	result := "success"
-	if !ok {
-		result = "error"
-	}
-	c.m.CredentialFetches.WithLabelValues(provider, result).Inc()
-	c.m.CredentialFetchDuration.WithLabelValues(provider).Observe(d.Seconds())
-}
-
-func (c credentialMetrics) Expires(name string, at time.Time) {
-	v := 0.0
-	if !at.IsZero() {
-		v = float64(at.UnixNano()) / 1e9
-	}
-	c.m.CredentialExpiry.WithLabelValues(name).Set(v)
-}

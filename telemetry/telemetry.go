@@ -28,7 +28,9 @@ type Metrics struct {
 	// CredentialFetches counts calls to credential providers (token endpoints, files), which
 	// the credential cache makes on a miss or a refresh; the credential manager reports them.
 	CredentialFetches *prometheus.CounterVec // {provider, result}
-	Redactions        prometheus.Counter
+	// CredentialExpiry is each credential's current token expiry (0: it does not expire).
+	CredentialExpiry *prometheus.GaugeVec // {credential}
+	Redactions       prometheus.Counter
 	// MCPCalls counts the JSON-RPC calls decided on MCP servers (tool names are not labels:
 	// an unbounded set).
 	MCPCalls *prometheus.CounterVec // {decision, method}
@@ -37,9 +39,6 @@ type Metrics struct {
 	IdentityUpdates *prometheus.CounterVec // {result}
 	// CredentialFetchDuration times calls to credential providers.
 	CredentialFetchDuration *prometheus.HistogramVec // {provider}
-	// CredentialExpiry is the expiry of each credential's newest token (0: none, or it does
-	// not expire).
-	CredentialExpiry *prometheus.GaugeVec // {credential}
 }
 
 // Options configure New.
@@ -90,6 +89,10 @@ func New(o Options) *Metrics {
 			Namespace: namespace, Name: "credential_fetches_total",
 			Help: "Credential provider fetches (a token endpoint call, a file read), by provider kind and result (success, error); cache hits are not fetches.",
 		}, []string{"provider", "result"}),
+		CredentialExpiry: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "credential_expiry_timestamp_seconds",
+			Help: "Unix time at which the credential's last fetched token expires (0 for one that does not expire), by configured credential name.",
+		}, []string{"credential"}),
 		Redactions: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: namespace, Name: "response_redactions_total",
 			Help: "Occurrences of an injected credential that escrow replaced in upstream responses (headers, trailers, scanned bodies).",
@@ -108,13 +111,9 @@ func New(o Options) *Metrics {
 		Help:    "Time of each call to a credential provider (a token endpoint, a file read), by provider kind.",
 		Buckets: []float64{.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5, 10},
 	}, []string{"provider"})
-	m.CredentialExpiry = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Namespace: namespace, Name: "credential_expiry_timestamp_seconds",
-		Help: "Unix time at which each credential's newest token expires (0: it does not expire).",
-	}, []string{"credential"})
-	reg.MustRegister(m.IdentityUpdates, m.CredentialFetchDuration, m.CredentialExpiry)
+	reg.MustRegister(m.IdentityUpdates, m.CredentialFetchDuration)
 	reg.MustRegister(m.Redactions, m.MCPCalls, m.Requests, m.RequestDuration, m.PolicyEval, m.PolicyReloads, m.TunnelsActive,
-		m.CredentialLookups, m.CredentialFetches,
+		m.CredentialLookups, m.CredentialFetches, m.CredentialExpiry,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if o.SVIDExpiry != nil {
@@ -140,6 +139,28 @@ func New(o Options) *Metrics {
 	m.PolicyReloads.WithLabelValues("success")
 	m.PolicyReloads.WithLabelValues("failure")
 	return m
+}
+
+// CredentialObserver feeds the credential metrics; it is the credential manager's Observer.
+type CredentialObserver struct{ M *Metrics }
+
+// Fetched counts one provider fetch.
+func (o CredentialObserver) Fetched(provider string, ok bool, d time.Duration) {
+	result := "success"
+	if !ok {
+		result = "error"
+	}
+	o.M.CredentialFetches.WithLabelValues(provider, result).Inc()
+	o.M.CredentialFetchDuration.WithLabelValues(provider).Observe(d.Seconds())
+}
+
+// Expires records the expiry of a credential's newly fetched token.
+func (o CredentialObserver) Expires(credential string, at time.Time) {
+	v := 0.0
+	if !at.IsZero() {
+		v = float64(at.UnixNano()) / 1e9
+	}
+	o.M.CredentialExpiry.WithLabelValues(credential).Set(v)
 }
 
 // AuditQueue is what the audit metrics read (audit.Queue).
