@@ -3,6 +3,9 @@ package proxy
 import (
 	"context"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -10,6 +13,8 @@ import (
 	"time"
 
 	sdk "github.com/modelcontextprotocol/go-sdk/mcp"
+
+	"github.com/escrowproxy/escrow/internal/nodetest"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
@@ -158,5 +163,38 @@ func TestProxy_MCPRefusesAMalformedBodyWithoutForwardingIt(t *testing.T) {
 	rec := tp.Record(t, 1)
 	if rec.Reason != string(ReasonBadRequest) {
 		t.Errorf("record reason = %q, want bad_request", rec.Reason)
+	}
+}
+
+// The TypeScript MCP SDK's client (npm, run by node through undici's ProxyAgent, trusting
+// escrow's bundle) sees the same decisions as the Go SDK's: the list filtered, allowed calls
+// answered by the server, denied calls refused with escrow's JSON-RPC error.
+func TestProxy_MCPTypeScriptSDKClientThroughEscrow(t *testing.T) {
+	if testing.Short() {
+		t.Skip("the TypeScript SDK client needs npm packages")
+	}
+	script := nodetest.Script(t, filepath.Join("mcp", "testdata", "ts-client"))
+	up, calls := newMCPUpstream(t, false)
+	tp := newTestProxy(t, "upstreams:\n"+up.route("mcp.example.test",
+		"credential: api", "inject: {header: Authorization, value: \"Bearer {{.Token}}\"}", "mcp: {path: /mcp}"),
+		withPolicy(mcpPolicy))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "node", script)
+	cmd.Env = append(os.Environ(), "MCP_ENDPOINT=https://mcp.example.test/mcp", "HTTPS_PROXY="+tp.URL.String(),
+		"ESCROW_CA_FILE="+tp.BundleFile, "MCP_HIDDEN_TOOL=delete_repo")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("TypeScript client: %v\n%s", err, out)
+	}
+	for _, want := range []string{`"step":"tools/list"`, `"code":-32050`} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("client output lacks %s:\n%s", want, out)
+		}
+	}
+	for _, c := range calls() {
+		if strings.Contains(c, "/etc/passwd") || strings.HasPrefix(c, "delete_repo") {
+			t.Errorf("the server executed a denied call: %q", c)
+		}
 	}
 }
