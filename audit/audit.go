@@ -4,6 +4,7 @@
 package audit
 
 import (
+	"encoding/json"
 	"errors"
 	"io"
 	"os"
@@ -83,6 +84,9 @@ type Record struct {
 	// Redacted counts the occurrences of the injected credential escrow replaced in the
 	// response (headers, trailers and scanned body); never the value.
 	Redacted int
+
+	// MCP holds the JSON-RPC calls of a POST to an MCP server, in body order.
+	MCP      []MCPCall
 	BytesIn  int64 // from the agent (request body, or tunnel agent->upstream)
 	BytesOut int64 // to the agent (response body, or tunnel upstream->agent)
 
@@ -146,6 +150,9 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	}
 	if r.Redacted > 0 {
 		enc.AddInt("redacted", r.Redacted)
+	}
+	if len(r.MCP) > 0 {
+		_ = enc.AddArray("mcp", mcpCalls(r.MCP))
 	}
 	enc.AddInt64("bytes_in", r.BytesIn)
 	enc.AddInt64("bytes_out", r.BytesOut)
@@ -294,3 +301,49 @@ type SinkFunc func(*Record)
 
 // Write calls f(r).
 func (f SinkFunc) Write(r *Record) { f(r) }
+
+// MCPCall is one JSON-RPC message of a POST to an MCP server. It never holds the arguments
+// unless the configuration asks for them (audit.mcp_arguments): they may carry data.
+type MCPCall struct {
+	Method string
+	// Tool is the tool or prompt name, or the resource URI, of a decided call.
+	Tool string
+	// JSONRPCID is the id as sent, in JSON (a number, or a string with its quotes).
+	JSONRPCID string
+	// Session is the Mcp-Session-Id header.
+	Session string
+	// ArgumentsSHA256 is the hex sha256 of the arguments as sent.
+	ArgumentsSHA256 string
+	// Arguments is the arguments' JSON as sent, only with audit.mcp_arguments; else "".
+	Arguments string
+}
+
+type mcpCalls []MCPCall
+
+func (m mcpCalls) MarshalLogArray(e zapcore.ArrayEncoder) error {
+	for i := range m {
+		_ = e.AppendObject(&m[i])
+	}
+	return nil
+}
+
+// MarshalLogObject writes one call; the arguments, when kept, as JSON (not a quoted string).
+func (c *MCPCall) MarshalLogObject(e zapcore.ObjectEncoder) error {
+	e.AddString("method", c.Method)
+	if c.Tool != "" {
+		e.AddString("tool", c.Tool)
+	}
+	if c.JSONRPCID != "" {
+		e.AddString("jsonrpc_id", c.JSONRPCID)
+	}
+	if c.Session != "" {
+		e.AddString("session", c.Session)
+	}
+	if c.ArgumentsSHA256 != "" {
+		e.AddString("arguments_sha256", c.ArgumentsSHA256)
+	}
+	if c.Arguments != "" {
+		_ = e.AddReflected("arguments", json.RawMessage(c.Arguments))
+	}
+	return nil
+}

@@ -41,8 +41,11 @@ func policyReason(r policy.Reason) Reason {
 // the internal error behind it (logged, never sent to the agent).
 type verdict struct {
 	Identity attest.Identity
-	Reason   Reason
-	Cause    error
+	// Input is the decided input as the policy saw it (identity, time, caller, delegation
+	// filled in): the base of any further decision about the same request.
+	Input  policy.Input
+	Reason Reason
+	Cause  error
 }
 
 // authorize is the attest → policy step shared by requests and tunnels: it establishes the
@@ -69,7 +72,7 @@ func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Pe
 		rec.CallerPID, rec.CallerUID, rec.CallerExe = c.PID, c.UID, c.Exe
 	}
 	in.Identity, in.Time = id, p.now()
-	return verdict{Identity: id, Reason: p.decide(ctx, rec, in, mode)}
+	return verdict{Identity: id, Input: in, Reason: p.decide(ctx, rec, in, mode)}
 }
 
 // decide asks the policy about in, records the outcome on rec, and returns ReasonAllowed or the

@@ -37,7 +37,7 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request) {
 	if p.conns.shuttingDown() {
 		// Nothing new is relayed or intercepted once Shutdown began.
 		rec := p.newRecord(r, kindConnect, st.mode)
-		rec.Host, rec.Port = host, port
+		rec.Scheme, rec.Host, rec.Port = connectScheme(port), host, port
 		p.deny(w, rec, ReasonShuttingDown, nil)
 		return
 	}
@@ -78,11 +78,12 @@ type deniedConn struct {
 	requestID string
 }
 
-// denyConnect denies a CONNECT so that the agent's HTTP client can read why: the CONNECT is
-// answered 200, the connection intercepted (TLS with a leaf from the pod CA, or plain HTTP),
-// and every request inside answered with the JSON denial. A client that does not trust the pod
-// CA fails its TLS handshake instead (the record and the ops log say why). The record is
-// written here, once.
+// denyConnect denies a CONNECT to an unknown destination so that the agent's HTTP client can
+// read why: the CONNECT is answered 200, the connection intercepted (TLS with a leaf from the
+// pod CA, or plain HTTP), and every request inside answered with the JSON denial. A client that
+// does not trust the pod CA fails its TLS handshake instead (the record and the ops log say
+// why). Denials on tunnel routes stay plain 403s: their clients keep end-to-end TLS and are not
+// expected to trust the pod CA. The record is written here, once.
 func (p *Proxy) denyConnect(w http.ResponseWriter, r *http.Request, st *state, rec *audit.Record, reason Reason, cause error, peer attest.Peer) {
 	markDenied(rec, reason)
 	rec.Status = reason.Status()
@@ -102,7 +103,9 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 
 	v := p.authorize(ctx, rec, peer, policy.Input{Action: actionConnect, Scheme: "https", Host: host, Port: port, Caller: callerOf(ctx)}, st.mode)
 	if v.Reason != ReasonAllowed {
-		p.denyConnect(w, r, st, rec, v.Reason, v.Cause, peer)
+		// A plain 403 (not an intercepted denial): a tunnel route's clients keep end-to-end TLS
+		// and are not expected to trust the pod CA.
+		p.deny(w, rec, v.Reason, v.Cause)
 		return
 	}
 
@@ -120,7 +123,7 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 	if err != nil {
 		var denied *egress.DeniedError
 		if errors.As(err, &denied) {
-			p.denyConnect(w, r, st, rec, ReasonEgressDenied, err, peer)
+			p.deny(w, rec, ReasonEgressDenied, err)
 		} else {
 			p.fail(w, rec, ReasonUpstreamUnavailable, err)
 		}
@@ -228,7 +231,7 @@ func (p *Proxy) intercept(w http.ResponseWriter, r *http.Request, st *state, t t
 	if err != nil {
 		if denied == nil {
 			rec := p.newRecord(r, kindConnect, st.mode)
-			rec.Host, rec.Port = t.host, t.port
+			rec.Scheme, rec.Host, rec.Port = t.scheme, t.host, t.port
 			p.deny(w, rec, ReasonBadRequest, err)
 		}
 		return

@@ -462,7 +462,7 @@ func TestProxy_TunnelRelaysBytesAndAuditsAtClose(t *testing.T) {
 	}
 
 	// Denied by policy: refused at the CONNECT, nothing relayed.
-	resp, body := deniedConnect(t, tp, "closed.example.com:443")
+	_, _, resp, body := tp.rawConnect(t, "closed.example.com:443", nil)
 	denialOf(t, resp, body, http.StatusForbidden, ReasonPolicyDenied)
 	rec = tp.Record(t, 2)
 	if rec.Kind != "tunnel" || rec.Decision != audit.Deny || rec.Reason != string(ReasonPolicyDenied) {
@@ -513,7 +513,7 @@ func TestProxy_TunnelEgressDenied(t *testing.T) {
 	echo := newEchoServer(t)
 	tp := newTestProxy(t, "upstreams:\n  - host: tunnel.example.com\n    tunnel: true\n    address: "+echo+"\n",
 		withPolicy(tunnelPolicy), withoutLoopbackEgress())
-	resp, body := deniedConnect(t, tp, "tunnel.example.com:443")
+	_, _, resp, body := tp.rawConnect(t, "tunnel.example.com:443", nil)
 	denialOf(t, resp, body, http.StatusForbidden, ReasonEgressDenied)
 	if rec := tp.Record(t, 1); rec.Kind != "tunnel" || rec.Reason != string(ReasonEgressDenied) {
 		t.Errorf("record = %+v", rec)

@@ -49,6 +49,9 @@ type outbound struct {
 	token        credential.Token
 	// scrubber replaces the injected value in the response; nil: not scrubbed.
 	scrubber *scrub.Scrubber
+	// filter rewrites the response (an MCP tools/list answer); an error answers 502 so nothing
+	// unfiltered reaches the agent. nil: none.
+	filter func(*http.Response) error
 }
 
 // fixedLengthFlushInterval is how long bytes of a response with a Content-Length may wait in
@@ -79,6 +82,11 @@ func (p *Proxy) newReverseProxy(tr http.RoundTripper) *httputil.ReverseProxy {
 			st, _ := resp.Request.Context().Value(fwdKey{}).(*fwdState)
 			if st != nil && st.out.scrubber != nil {
 				if err := st.scrubResponse(resp, p.metrics.Redactions); err != nil {
+					return err
+				}
+			}
+			if st != nil && st.out.filter != nil {
+				if err := st.out.filter(resp); err != nil {
 					return err
 				}
 			}

@@ -796,3 +796,52 @@ func TestSidecar_CallingProcessReachesPolicyAndRecord(t *testing.T) {
 		t.Fatal("no record")
 	}
 }
+
+func TestProxy_TunnelHalfClosesTheAgentWhenTheUpstreamEnds(t *testing.T) {
+	// The upstream answers the TLS handshake's first flight and then ends its side only.
+	leaf, err := upstreamCA(t).Leaf("tunnel.example.com")
+	must(t, err)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{*leaf}})
+	must(t, err)
+	defer ln.Close()
+	got := make(chan string, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		tc := c.(*tls.Conn)
+		_, _ = io.WriteString(tc, "bye")
+		_ = tc.CloseWrite()
+		_ = tc.NetConn().(*net.TCPConn).CloseWrite()
+		b, _ := io.ReadAll(tc) // the agent can still send after the upstream's end of stream
+		got <- string(b)
+	}()
+	tp := newTestProxy(t, fmt.Sprintf("upstreams:\n  - host: tunnel.example.com\n    tunnel: true\n    address: %s\n", ln.Addr()),
+		withPolicy(tunnelPolicy))
+	conn, br, resp, _ := tp.rawConnect(t, "tunnel.example.com:443", nil)
+	if resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %d", resp.StatusCode)
+	}
+	tc := tlsThroughTunnel(t, conn, br, "tunnel.example.com")
+	if b, err := io.ReadAll(tc); err != nil || string(b) != "bye" {
+		t.Fatalf("read %q, %v", b, err)
+	}
+	// The TCP end of stream: escrow has acted on the upstream's by now (half-close, not close).
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("after close_notify: %v", err)
+	}
+	_, err = io.WriteString(tc, "late")
+	must(t, err)
+	must(t, tc.CloseWrite())
+	must(t, conn.(*net.TCPConn).CloseWrite())
+	select {
+	case s := <-got:
+		if s != "late" {
+			t.Errorf("upstream received %q after its end of stream, want late", s)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("upstream never received the agent's last bytes")
+	}
+}

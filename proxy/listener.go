@@ -48,6 +48,15 @@ func (c *recordingConn) Write(b []byte) (int, error) {
 	return c.Conn.Write(b)
 }
 
+// CloseWrite half-closes the connection when the underlying one can (a tunnel passes the
+// upstream's end of stream on to the agent this way).
+func (c *recordingConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
 type recordingConnKey struct{}
 
 // markRaw stops watching the request's connection: its next bytes are a tunnel's or an

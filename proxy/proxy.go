@@ -377,6 +377,7 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		}
 		for _, extra := range more {
 			extra.Identity, extra.Time = v.Identity, p.now()
+			extra.Caller, extra.Delegation, extra.Upgrade = v.Input.Caller, v.Input.Delegation, v.Input.Upgrade
 			if reason := p.decide(ctx, rec, extra, st.mode); reason != ReasonAllowed {
 				p.deny(w, rec, reason, nil)
 				return
@@ -384,8 +385,18 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		}
 	}
 
+	// mcp: on an MCP server, each JSON-RPC call in the body is decided on its own, and a
+	// tools/list answer is filtered to what this workload may call.
+	var filter func(*http.Response) error
+	if rt.mcp != nil {
+		var ok bool
+		if filter, ok = p.inspectMCP(w, r, rt, rec, v.Input, st); !ok {
+			return
+		}
+	}
+
 	// credential: the real one, applied to the outbound copy (which strips what the agent sent).
-	ob := outbound{scheme: t.scheme, host: t.host, port: t.port, applier: rt.applier}
+	ob := outbound{scheme: t.scheme, host: t.host, port: t.port, applier: rt.applier, filter: filter}
 	if rt.applier != nil {
 		if t.scheme == "http" && !rt.plaintext {
 			p.deny(w, rec, ReasonPlaintextCredential, nil)

@@ -319,7 +319,7 @@ func TestProxy_IdentityUnavailableIs503(t *testing.T) {
 
 	resp := tp.Get(t, "https://api.example.com/")
 	denialOf(t, resp, readBody(t, resp), http.StatusServiceUnavailable, ReasonIdentityUnavailable)
-	cresp, body := deniedConnect(t, tp, "tunnel.example.com:443")
+	_, _, cresp, body := tp.rawConnect(t, "tunnel.example.com:443", nil)
 	denialOf(t, cresp, body, http.StatusServiceUnavailable, ReasonIdentityUnavailable)
 	if calls.get() != 0 {
 		t.Fatal("a request without identity reached the upstream")
@@ -577,8 +577,9 @@ func TestProxy_MetricsCountDecisions(t *testing.T) {
 		}
 	}
 	// Two lookups, served by one provider fetch (the second from the cache).
-	if !strings.Contains(out, `escrow_credential_lookups_total{result="ok"} 2`) {
-		t.Errorf("credential lookups not counted:\n%s", grepLines(out, "escrow_credential"))
+	if !strings.Contains(out, `escrow_credential_lookups_total{result="ok"} 2`) ||
+		!strings.Contains(out, `escrow_credential_fetches_total{provider="static",result="success"} 1`) {
+		t.Errorf("credential lookups and fetches not counted:\n%s", grepLines(out, "escrow_credential"))
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 
 	"github.com/escrowproxy/escrow/config"
 	"github.com/escrowproxy/escrow/credential"
+	"github.com/escrowproxy/escrow/proxy/mcp"
 	"github.com/escrowproxy/escrow/proxy/scrub"
 )
 
@@ -35,6 +36,8 @@ type route struct {
 	// scrub keeps the Scrubber of the credential's current value; nil when the route has no
 	// credential or scrub_responses is false.
 	scrub *scrub.Memo
+	// mcp inspects the JSON-RPC calls to an MCP server (upstreams[].mcp); nil otherwise.
+	mcp *mcp.Inspector
 
 	transport *http.Transport // nil for tunnels
 	forward   *httputil.ReverseProxy
@@ -149,6 +152,13 @@ func buildRoute(u config.Upstream, dial dialFunc, newProxy func(http.RoundTrippe
 	}
 	if u.Tunnel {
 		return r, nil
+	}
+	if u.MCP != nil {
+		insp, err := mcp.New(mcp.OptionsFrom(*u.MCP))
+		if err != nil {
+			return nil, fmt.Errorf("mcp: %w", err)
+		}
+		r.mcp = insp
 	}
 	// nil RootCAs is the system roots, which crypto/tls then loads at the first upstream
 	// handshake: parsing the system bundle leaves a few MB of startup garbage that a proxy with

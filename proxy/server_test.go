@@ -271,7 +271,7 @@ func TestProxy_ConnectWhileShuttingDownIs503(t *testing.T) {
 	for i, authority := range []string{"tunnel.example.com:443", "api.example.com:443"} {
 		_, _, resp, body := tp.rawConnect(t, authority, nil)
 		denialOf(t, resp, body, http.StatusServiceUnavailable, ReasonShuttingDown)
-		if rec := tp.Record(t, i+1); rec.Decision != audit.Deny || rec.Reason != string(ReasonShuttingDown) {
+		if rec := tp.Record(t, i+1); rec.Decision != audit.Deny || rec.Reason != string(ReasonShuttingDown) || rec.Scheme != "https" {
 			t.Errorf("record = %+v", rec)
 		}
 	}

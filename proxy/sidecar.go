@@ -140,9 +140,21 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		}
 	}()
 
-	// attest: who this workload is.
-	id := d.Identity
+	// attest: who this workload is. The metrics exist first: the Workload API's first update can
+	// arrive while the source is being built. The SVID expiry gauge exists only for identities
+	// that expire (SPIFFE); it reads the source once it is there.
+	var expiring interface{ ExpiresAt() time.Time }
 	var svidExpiry func() time.Time
+	if _, ok := d.Identity.(interface{ ExpiresAt() time.Time }); ok || d.Identity == nil && cfg.Identity.SPIFFE != nil {
+		svidExpiry = func() time.Time {
+			if expiring == nil {
+				return time.Time{}
+			}
+			return expiring.ExpiresAt()
+		}
+	}
+	s.Metrics = telemetry.New(telemetry.Options{SVIDExpiry: svidExpiry, Version: d.Version})
+	id := d.Identity
 	if id == nil {
 		switch {
 		case cfg.Identity.Static != "":
@@ -153,7 +165,11 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 			id = st
 			log.Warn("using a static identity: requests are recorded as attested=false", zap.String("spiffe_id", cfg.Identity.Static))
 		default:
-			sp, err := attest.NewSPIFFE(ctx, attest.SPIFFEOptions{Addr: cfg.Identity.SPIFFE.Socket, Logger: log.Named("attest")})
+			updates := s.Metrics.IdentityUpdates
+			sp, err := attest.NewSPIFFE(ctx, attest.SPIFFEOptions{
+				Addr: cfg.Identity.SPIFFE.Socket, Logger: log.Named("attest"),
+				OnUpdateResult: func(r attest.UpdateResult) { updates.WithLabelValues(string(r)).Inc() },
+			})
 			if err != nil {
 				return nil, err
 			}
@@ -162,10 +178,7 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	}
 	s.ident = id
 	s.closers = append(s.closers, id.Close)
-	if e, ok := id.(interface{ ExpiresAt() time.Time }); ok {
-		svidExpiry = e.ExpiresAt
-	}
-	s.Metrics = telemetry.New(telemetry.Options{SVIDExpiry: svidExpiry, Version: d.Version})
+	expiring, _ = id.(interface{ ExpiresAt() time.Time })
 
 	// policy: the set in force, reloads counted.
 	s.engine = policy.NewEngine(policy.Options{
@@ -257,7 +270,11 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	if co.Logger == nil {
 		co.Logger = log.Named("credential")
 	}
+	if co.Observer == nil {
+		co.Observer = telemetry.CredentialObserver{M: s.Metrics}
+	}
 	s.creds = credential.NewManager(providers, co)
+	s.Metrics.RegisterCredentialCache(s.creds.Len)
 
 	// The audit sink, stopped (flushed) after the drain so no record is lost. Records go through
 	// a bounded queue: a stalled output makes requests fail closed (audit_unavailable) and

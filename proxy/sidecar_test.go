@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -272,5 +273,35 @@ func TestSidecar_ReadyzNamesTheCredentialThatCannotBeFetched(t *testing.T) {
 	}
 	if strings.Contains(body, testSecret) {
 		t.Error("/readyz shows a secret")
+	}
+}
+
+// A credential provider call is a fetch (counted with its provider kind and duration, and the
+// token's expiry exported); a cache hit is a lookup, not a fetch.
+func TestSidecar_CredentialMetricsCountProviderFetchesNotCacheHits(t *testing.T) {
+	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), false, "api.example.test")
+	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.test", "credential: api"))
+	for range 3 {
+		resp := tp.Get(t, "https://api.example.test/")
+		readBody(t, resp)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("status %d", resp.StatusCode)
+		}
+	}
+	fetches := testutil.ToFloat64(tp.Metrics.CredentialFetches.WithLabelValues("static", "success"))
+	lookups := testutil.ToFloat64(tp.Metrics.CredentialLookups.WithLabelValues("ok"))
+	if fetches < 1 || fetches >= lookups {
+		t.Errorf("fetches{static,success} = %v with %v lookups: want at least one fetch and fewer fetches than lookups", fetches, lookups)
+	}
+	if n := testutil.CollectAndCount(tp.Metrics.CredentialFetchDuration); n == 0 {
+		t.Error("escrow_credential_fetch_duration_seconds has no series")
+	}
+	resp, err := http.Get(tp.AdminURL + "/metrics")
+	must(t, err)
+	body := string(readBody(t, resp))
+	for _, want := range []string{"escrow_credential_cache_entries", `escrow_credential_expiry_timestamp_seconds{credential="api"}`} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
 	}
 }

@@ -63,8 +63,8 @@ egress:
 	t.Run("unknown_destination_is_still_denied_in_report_mode", func(t *testing.T) {
 		eachClient(t, []agentClient{curlFlags, goClient}, func(t *testing.T, cl agentClient) {
 			r := cl.do(t, e, call{URL: "https://unknown.example.test/", Headers: agentHeaders})
-			if r.ConnectStatus != http.StatusForbidden || r.ConnectReason != "unknown_destination" {
-				t.Errorf("CONNECT %d %q err %q, want 403 unknown_destination", r.ConnectStatus, r.ConnectReason, r.Err)
+			if r.Status != http.StatusForbidden || r.Header.Get("X-Escrow-Reason") != "unknown_destination" {
+				t.Errorf("%d %q err %q, want 403 unknown_destination", r.Status, r.Header.Get("X-Escrow-Reason"), r.Err)
 			}
 		})
 	})
