@@ -84,6 +84,8 @@ const auditStopTimeout = 10 * time.Second
 type Sidecar struct {
 	// ProxyAddr and AdminAddr are where the listeners are bound (useful with port 0).
 	ProxyAddr, AdminAddr netip.AddrPort
+	// unixLn is the proxy listener on listen_unix; nil without it.
+	unixLn net.Listener
 	// CAPEM is the pod CA certificate the agent must trust.
 	CAPEM []byte
 	// Metrics are the sidecar's collectors (its /metrics).
@@ -207,6 +209,12 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		}
 	}
 	s.closers = append(s.closers, ignoreClosed(s.adminLn.Close))
+	if cfg.ListenUnix != "" {
+		if s.unixLn, err = listenUnix(cfg.ListenUnix); err != nil {
+			return nil, err
+		}
+		s.closers = append(s.closers, ignoreClosed(s.unixLn.Close))
+	}
 	s.ProxyAddr = s.ln.Addr().(*net.TCPAddr).AddrPort()
 	s.AdminAddr = s.adminLn.Addr().(*net.TCPAddr).AddrPort()
 	// The config checked the addresses as written; this checks what was bound (a name such as
@@ -448,7 +456,7 @@ func (s *Sidecar) Serve(ctx context.Context) error {
 		wg.Go(func() { s.engine.Watch(wctx, s.polDir, s.polPoll) })
 		defer func() { cancel(); wg.Wait() }()
 	}
-	err := s.proxy.Serve(ctx, ServeOptions{Listener: s.ln, AdminListener: s.adminLn, AdminHandler: s.admin,
+	err := s.proxy.Serve(ctx, ServeOptions{Listener: s.ln, UnixListener: s.unixLn, AdminListener: s.adminLn, AdminHandler: s.admin,
 		DrainTimeout: s.drain, Logger: s.log})
 	return errors.Join(err, s.Close())
 }
@@ -586,3 +594,32 @@ func hostname() string {
 // The SPIFFE source is the JWT-SVID source of credential providers (client assertions, token
 // exchange, STS web identity): credential declares the interface, attest satisfies it.
 var _ credential.JWTSource = (*attest.SPIFFE)(nil)
+
+// listenUnix listens on the Unix socket path of listen_unix. A socket file left by an escrow
+// that is gone is replaced; one that still answers is in use, and is left alone (a second
+// instance must not take a running one's socket away). The socket is world-writable: who may
+// reach it is decided by its directory (a pod-local volume), and each caller is identified by
+// SO_PEERCRED for policy.
+func listenUnix(path string) (net.Listener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("proxy: listen_unix: %s exists and is not a socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			_ = c.Close()
+			return nil, fmt.Errorf("proxy: listen_unix: %s is in use by a running process", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("proxy: listen_unix: remove the stale socket: %w", err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: listen_unix: %w", err)
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("proxy: listen_unix: %w", err)
+	}
+	return ln, nil
+}
