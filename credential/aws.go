@@ -165,13 +165,24 @@ type sigv4Applier struct {
 	s3, other *v4.Signer
 }
 
-const unsignedPayload = "UNSIGNED-PAYLOAD"
+const (
+	unsignedPayload          = "UNSIGNED-PAYLOAD"
+	streamingUnsignedTrailer = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+)
 
 // presignParams are the query parameters of a presigned URL.
 var presignParams = []string{"X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
 	"X-Amz-SignedHeaders", "X-Amz-Signature", "X-Amz-Security-Token"}
 
 func (a *sigv4Applier) Apply(r *http.Request, tok Token) error {
+	// An aws-chunked body's payload hash names its encoding; the unsigned kind does not depend
+	// on the key and is kept (the AWS CLI and SDKs upload with it), the signed kinds carry
+	// per-chunk signatures under the agent's key, which cannot be re-signed without rewriting
+	// the body.
+	streaming := ""
+	if h := r.Header.Get("X-Amz-Content-Sha256"); strings.HasPrefix(h, "STREAMING-") {
+		streaming = h
+	}
 	for _, h := range []string{"Authorization", "Proxy-Authorization", "X-Amz-Date", "X-Amz-Security-Token", "X-Amz-Content-Sha256"} {
 		stripHeader(r.Header, h)
 	}
@@ -202,10 +213,19 @@ func (a *sigv4Applier) Apply(r *http.Request, tok Token) error {
 		}
 	}
 	signer, hash := a.other, ""
-	if service == "s3" {
+	switch {
+	case streaming == streamingUnsignedTrailer:
+		if service == "s3" {
+			signer = a.s3
+		}
+		hash = streaming
+		r.Header.Set("X-Amz-Content-Sha256", hash)
+	case streaming != "":
+		return unavailable(tok.name, fmt.Errorf("sigv4: the agent sent a chunk-signed upload (%s), which cannot be re-signed; configure its client for unsigned payloads", streaming))
+	case service == "s3":
 		signer, hash = a.s3, unsignedPayload
 		r.Header.Set("X-Amz-Content-Sha256", unsignedPayload)
-	} else {
+	default:
 		h, err := a.bodyHash(r)
 		if err != nil {
 			return unavailable(tok.name, err)

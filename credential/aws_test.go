@@ -235,3 +235,28 @@ func TestServiceFromHost(t *testing.T) {
 		}
 	}
 }
+
+func TestSigV4_KeepsAnUnsignedStreamingUploadAndRefusesAChunkSignedOne(t *testing.T) {
+	a, _ := NewSigV4Applier(SigV4Options{Region: "us-east-1", Service: "s3"})
+	r, _ := http.NewRequest(http.MethodPut, "https://s3.us-east-1.amazonaws.com/b/k", strings.NewReader("5\r\nhello\r\n0\r\n"))
+	r.Header.Set("Content-Encoding", "aws-chunked")
+	r.Header.Set("X-Amz-Content-Sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER")
+	r.Header.Set("X-Amz-Trailer", "x-amz-checksum-crc32")
+	if err := a.Apply(r, awsToken()); err != nil {
+		t.Fatal(err)
+	}
+	if r.Header.Get("X-Amz-Content-Sha256") != "STREAMING-UNSIGNED-PAYLOAD-TRAILER" {
+		t.Errorf("payload hash %q; the body's encoding must be kept", r.Header.Get("X-Amz-Content-Sha256"))
+	}
+	verifySigV4(t, r, "s3", "us-east-1", "STREAMING-UNSIGNED-PAYLOAD-TRAILER", true)
+
+	r2, _ := http.NewRequest(http.MethodPut, "https://s3.us-east-1.amazonaws.com/b/k", strings.NewReader("chunks"))
+	r2.Header.Set("X-Amz-Content-Sha256", "STREAMING-AWS4-HMAC-SHA256-PAYLOAD")
+	r2.Header.Set("Authorization", "AWS4-HMAC-SHA256 Credential=AKIDAGENT/...")
+	if err := a.Apply(r2, awsToken()); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "chunk-signed") {
+		t.Errorf("chunk-signed upload: %v; want a refusal", err)
+	}
+	if r2.Header.Get("Authorization") != "" {
+		t.Errorf("the agent's Authorization survived a refused Apply")
+	}
+}

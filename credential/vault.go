@@ -63,7 +63,8 @@ func NewVault(o VaultOptions, d Deps) (Provider, error) {
 	if o.JWTAuth != nil && d.JWT == nil {
 		return nil, errors.New("credential: vault: jwt auth needs a SPIFFE identity (no JWT-SVID source)")
 	}
-	cfg := &vault.Config{Address: o.Address, HttpClient: c, MaxRetries: 0, Timeout: c.Timeout}
+	hc := *c // a copy: Vault's client may set fields of the one it is given
+	cfg := &vault.Config{Address: o.Address, HttpClient: &hc, MaxRetries: 0, Timeout: c.Timeout}
 	client, err := vault.NewClient(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("credential: vault: %w", err)
