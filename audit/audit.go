@@ -78,6 +78,8 @@ type Record struct {
 
 	Credential   string // configured name
 	CredentialID string // instance id (short hash), never the value
+	// CredentialProvider is the credential's provider kind (static, oauth2, aws, ...).
+	CredentialProvider string
 
 	Status         int // the HTTP status the agent received (0: none, e.g. a tunnel or an agent that left)
 	UpstreamStatus int
@@ -138,6 +140,9 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	}
 	if r.Credential != "" {
 		enc.AddString("credential", r.Credential)
+		if r.CredentialProvider != "" {
+			enc.AddString("credential_provider", r.CredentialProvider)
+		}
 		if r.CredentialID != "" {
 			enc.AddString("credential_id", r.CredentialID)
 		}

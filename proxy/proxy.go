@@ -403,6 +403,9 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 			return
 		}
 		start := p.now()
+		if k, ok := p.creds.(interface{ Kind(name string) string }); ok {
+			rec.CredentialProvider = k.Kind(rt.credential)
+		}
 		tok, err := p.creds.Get(ctx, credential.Request{Name: rt.credential, Subject: v.Identity.SPIFFEID})
 		rec.CredentialDur = p.now().Sub(start)
 		if err != nil {

@@ -71,6 +71,9 @@ func TestProxy_InjectsCredentialAndReplacesAgentAuthorization(t *testing.T) {
 		rec.Credential != "api" || rec.BytesOut != int64(len("hello from upstream")) {
 		t.Errorf("record = %+v", rec)
 	}
+	if rec.CredentialProvider != "static" {
+		t.Errorf("record credential_provider = %q, want static", rec.CredentialProvider)
+	}
 	if want := credential.NewToken("api", testSecret, time.Time{}).ID(); rec.CredentialID != want {
 		t.Errorf("record credential id = %q, want %q", rec.CredentialID, want)
 	}

@@ -283,6 +283,13 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	}
 	s.creds = credential.NewManager(providers, co)
 	s.Metrics.RegisterCredentialCache(s.creds.Len)
+	// On stop, tokens that can be revoked at their issuer (GitHub installation tokens, Vault
+	// leases) are; this closer runs before the providers' transport is closed.
+	s.closers = append(s.closers, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		return s.creds.Close(ctx)
+	})
 
 	// The audit sink, stopped (flushed) after the drain so no record is lost. Records go through
 	// a bounded queue: a stalled output makes requests fail closed (audit_unavailable) and

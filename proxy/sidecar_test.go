@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"github.com/escrowproxy/escrow/credential"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"net"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -303,5 +305,38 @@ func TestSidecar_CredentialMetricsCountProviderFetchesNotCacheHits(t *testing.T)
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %s", want)
 		}
+	}
+}
+
+// revokingProvider mints one token and counts the revocations the manager asks for.
+type revokingProvider struct{ revoked atomic.Int32 }
+
+func (p *revokingProvider) Fetch(_ context.Context, a credential.FetchArgs) (credential.Token, error) {
+	return credential.NewToken(a.Name, "revocable-token-value", time.Now().Add(time.Hour)), nil
+}
+
+func (p *revokingProvider) Revoke(context.Context, credential.Token) error {
+	p.revoked.Add(1)
+	return nil
+}
+
+// A stopping sidecar revokes the tokens it holds at their issuer (GitHub installation tokens,
+// Vault leases): a token nobody uses any more does not stay valid until it expires.
+func TestSidecar_StopRevokesTheTokensItHolds(t *testing.T) {
+	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), false, "api.example.test")
+	prov := &revokingProvider{}
+	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.test", "credential: api"), withProvider("api", prov))
+	resp := tp.Get(t, "https://api.example.test/")
+	readBody(t, resp)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	if n := prov.revoked.Load(); n != 0 {
+		t.Fatalf("%d revocations while running", n)
+	}
+	tp.Transport.CloseIdleConnections()
+	must(t, tp.Stop())
+	if n := prov.revoked.Load(); n == 0 {
+		t.Error("no token was revoked on stop")
 	}
 }
