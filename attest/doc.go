@@ -10,6 +10,27 @@
 //   - [Static] is a configured SPIFFE ID for local use. Nothing vouches for it, so its
 //     identities are not Attested, and policy and audit can tell the difference.
 //
+// # The calling process
+//
+// A pod runs several processes (the agent, a tool it spawned, a package install); the pod's
+// SVID does not say which one is calling. [ProcessFinder] asks the kernel, once per accepted
+// connection: for loopback TCP the client socket's inode in /proc/net/tcp{,6} and the process
+// holding it, for a Unix socket SO_PEERCRED. The result, a [Process] (pid, uid, gid, executable
+// path and its sha256, start time), is attested by the kernel; policy sees it as
+// context.caller. A process that cannot be found is left out (ErrProcessNotFound), never
+// guessed: policy decides whether a caller is required.
+//
+// # Delegation tokens
+//
+// An agent may say whom it acts for by presenting a JWT in Proxy-Authorization ("Bearer
+// <jwt>", or Basic with the JWT as password, which is what clients send for credentials in
+// the proxy URL). [DelegationVerifier] verifies it against the configured issuers (JWT-SVIDs
+// of other workloads via the Workload API's JWT bundles, or OIDC issuers' JWKS), its audience,
+// expiry and algorithm, and reads the chain from RFC 8693's nested act claims into a
+// [Delegation] (subject, actors nearest first, issuer, a token id that is never the token).
+// A delegation is verified cryptographically but only asserted by its issuer; policy sees it
+// as context.delegation. Any failure wraps [ErrDelegationInvalid].
+//
 // # No identity is an error, never "anonymous"
 //
 // Every decision escrow makes downstream keys off the identity: the Cedar principal, the

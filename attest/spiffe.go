@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
@@ -28,7 +30,26 @@ type SPIFFEOptions struct {
 	// OnUpdate, if set, is called with the leaf's NotAfter every time a new X509-SVID arrives
 	// (e.g. to set an expiry gauge). It runs on the watch goroutine and must not block.
 	OnUpdate func(expiresAt time.Time)
+	// OnUpdateResult, if set, is called with the outcome of every message or failure of the
+	// Workload API's X509-SVID stream (e.g. to count escrow_identity_updates_total{result}).
+	// It runs on the watch goroutine and must not block.
+	OnUpdateResult func(UpdateResult)
 }
+
+// UpdateResult is the outcome of one event on the Workload API's X509-SVID stream. Its values
+// are stable: they are metric label values.
+type UpdateResult string
+
+const (
+	// UpdateOK: an X509-SVID arrived (the first, a rotation, or one after an outage).
+	UpdateOK UpdateResult = "ok"
+	// UpdateError: the stream failed (e.g. the agent is unreachable). The SVID held keeps
+	// serving until its NotAfter while the watch reconnects.
+	UpdateError UpdateResult = "error"
+	// UpdateRevoked: the Workload API said the workload has no identity (no identity issued,
+	// or an update without a usable SVID). The SVID held is dropped at once.
+	UpdateRevoked UpdateResult = "revoked"
+)
 
 // SPIFFE is a Source that follows the SPIFFE Workload API. It holds the SPIFFE ID and expiry
 // of the current default X509-SVID (never its private key) and replaces them on every update
@@ -40,6 +61,7 @@ type SPIFFE struct {
 	now      func() time.Time
 	log      *zap.Logger
 	onUpdate func(time.Time)
+	onResult func(UpdateResult)
 
 	client *workloadapi.Client
 	ctx    context.Context // lives until Close (or the ctx given to NewSPIFFE ends)
@@ -54,6 +76,10 @@ type SPIFFE struct {
 	jwtMu    sync.Mutex
 	jwtCache map[string]jwtEntry // by audience
 	jwtGroup singleflight.Group
+
+	bundleMu   sync.Mutex
+	bundleDone chan struct{} // nil until JWTBundles starts the bundle watch; closed when it ends
+	bundles    atomic.Pointer[jwtbundle.Set]
 }
 
 var _ Source = (*SPIFFE)(nil)
@@ -100,6 +126,7 @@ func NewSPIFFE(ctx context.Context, opts SPIFFEOptions) (*SPIFFE, error) {
 		now:      opts.Now,
 		log:      opts.Logger,
 		onUpdate: opts.OnUpdate,
+		onResult: opts.OnUpdateResult,
 		done:     make(chan struct{}),
 		jwtCache: make(map[string]jwtEntry),
 	}
@@ -178,6 +205,13 @@ func (w x509Watcher) OnX509ContextUpdate(c *workloadapi.X509Context) {
 	if s.onUpdate != nil {
 		s.onUpdate(st.notAfter)
 	}
+	s.result(UpdateOK)
+}
+
+func (s *SPIFFE) result(r UpdateResult) {
+	if s.onResult != nil {
+		s.onResult(r)
+	}
 }
 
 func (w x509Watcher) OnX509ContextWatchError(err error) {
@@ -190,18 +224,28 @@ func (w x509Watcher) OnX509ContextWatchError(err error) {
 	if st != nil && !st.closed {
 		fields = append(fields, zap.String("spiffe_id", st.id), zap.Time("svid_expires_at", st.notAfter))
 	}
-	if status.Code(err) == codes.PermissionDenied && st != nil && !st.closed {
-		// The agent says this workload has no identity (its registration entries were removed):
-		// that is a revocation, so stop serving the SVID now rather than until it expires. An
-		// unreachable agent (Unavailable) is not; then the SVID serves until its NotAfter.
-		if s.cur.CompareAndSwap(st, nil) {
+	// Two answers from the Workload API withdraw the identity, and then the SVID held is not
+	// served until it expires but dropped now:
+	//   - PermissionDenied ("no identity issued"): SPIRE ends the stream this way when the
+	//     workload's registration entries were removed;
+	//   - a response go-spiffe could not use (not a gRPC status, e.g. "no SVIDs in response"):
+	//     the agent is there and answering, and its answer lists no valid SVID for us.
+	// An unreachable agent (Unavailable and other transport failures) is not a revocation: the
+	// SVID serves until its NotAfter while the watch reconnects.
+	_, isStatus := status.FromError(err)
+	if status.Code(err) == codes.PermissionDenied || !isStatus {
+		s.result(UpdateRevoked)
+		if st != nil && !st.closed && s.cur.CompareAndSwap(st, nil) {
 			s.log.Warn("SPIFFE Workload API issued no identity: SVID dropped, requests are denied until a new one arrives", fields...)
 			if s.onUpdate != nil {
 				s.onUpdate(time.Time{})
 			}
 			return
 		}
+		s.log.Warn("SPIFFE Workload API issued no identity", fields...)
+		return
 	}
+	s.result(UpdateError)
 	s.log.Warn("SPIFFE Workload API watch failed; retrying", fields...)
 }
 
@@ -251,6 +295,12 @@ func (s *SPIFFE) Close() error {
 		s.closed.Store(true)
 		s.cancel()
 		<-s.done
+		s.bundleMu.Lock()
+		bundleDone := s.bundleDone
+		s.bundleMu.Unlock()
+		if bundleDone != nil {
+			<-bundleDone
+		}
 		s.cur.Store(closedState)
 		s.jwtMu.Lock()
 		clear(s.jwtCache)
@@ -260,6 +310,77 @@ func (s *SPIFFE) Close() error {
 		}
 	})
 	return s.closeErr
+}
+
+// JWTBundles returns the JWT bundles the Workload API streams (the trust domain's JWT signing
+// keys and those of federated trust domains), for verifying other workloads' JWT-SVIDs (a
+// delegation verifier's spiffe issuer). The first call starts watching them; until the first
+// bundles arrive, and after Close, lookups fail with ErrUnavailable. The bundles are replaced
+// on every update, so key rotation is followed.
+func (s *SPIFFE) JWTBundles() jwtbundle.Source {
+	s.bundleMu.Lock()
+	defer s.bundleMu.Unlock()
+	if s.bundleDone == nil && s.ctx.Err() == nil {
+		s.bundleDone = make(chan struct{})
+		go s.watchBundles()
+	}
+	return spiffeJWTBundles{s}
+}
+
+func (s *SPIFFE) watchBundles() {
+	defer close(s.bundleDone)
+	for {
+		err := s.client.WatchJWTBundles(s.ctx, jwtBundleWatcher{s})
+		if s.ctx.Err() != nil {
+			return
+		}
+		s.log.Error("SPIFFE Workload API JWT bundle watch stopped; restarting", zap.Error(err),
+			zap.Duration("retry_in", watchRetry))
+		t := time.NewTimer(watchRetry)
+		select {
+		case <-s.ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+type jwtBundleWatcher struct{ s *SPIFFE }
+
+func (w jwtBundleWatcher) OnJWTBundlesUpdate(set *jwtbundle.Set) {
+	if w.s.closed.Load() {
+		return
+	}
+	w.s.bundles.Store(set)
+	w.s.log.Debug("JWT bundles received", zap.Int("trust_domains", set.Len()))
+}
+
+func (w jwtBundleWatcher) OnJWTBundlesWatchError(err error) {
+	if w.s.ctx.Err() != nil || status.Code(err) == codes.Canceled {
+		return
+	}
+	// The bundles held stay in use: keys are public and rotate slowly, and the JWT-SVIDs they
+	// verify carry their own expiry.
+	w.s.log.Warn("SPIFFE Workload API JWT bundle watch failed; retrying", zap.Error(err))
+}
+
+type spiffeJWTBundles struct{ s *SPIFFE }
+
+// GetJWTBundleForTrustDomain implements jwtbundle.Source.
+func (b spiffeJWTBundles) GetJWTBundleForTrustDomain(td spiffeid.TrustDomain) (*jwtbundle.Bundle, error) {
+	if b.s.closed.Load() {
+		return nil, errClosed
+	}
+	set := b.s.bundles.Load()
+	if set == nil {
+		return nil, fmt.Errorf("%w: no JWT bundles from the Workload API yet", ErrUnavailable)
+	}
+	bundle, err := set.GetJWTBundleForTrustDomain(td)
+	if err != nil {
+		return nil, fmt.Errorf("attest: %w", err)
+	}
+	return bundle, nil
 }
 
 // spiffeLogger routes go-spiffe's own log lines to zap at debug level: every error it logs is

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -30,17 +31,32 @@ type harness struct {
 	clk     *fakeclock.Clock
 	logs    *observer.ObservedLogs
 	updates chan time.Time
+
+	resultsMu sync.Mutex
+	results   map[attest.UpdateResult]int
+}
+
+// resultCount is how many times OnUpdateResult reported r.
+func (h *harness) resultCount(r attest.UpdateResult) int {
+	h.resultsMu.Lock()
+	defer h.resultsMu.Unlock()
+	return h.results[r]
 }
 
 func startSPIFFE(t *testing.T, ctx context.Context, addr string, clk *fakeclock.Clock) *harness {
 	t.Helper()
 	core, logs := observer.New(zap.DebugLevel)
-	h := &harness{clk: clk, logs: logs, updates: make(chan time.Time, 64)}
+	h := &harness{clk: clk, logs: logs, updates: make(chan time.Time, 64), results: map[attest.UpdateResult]int{}}
 	src, err := attest.NewSPIFFE(ctx, attest.SPIFFEOptions{
 		Addr:     addr,
 		Now:      clk.Now,
 		Logger:   zap.New(core),
 		OnUpdate: func(exp time.Time) { h.updates <- exp },
+		OnUpdateResult: func(r attest.UpdateResult) {
+			h.resultsMu.Lock()
+			h.results[r]++
+			h.resultsMu.Unlock()
+		},
 	})
 	if err != nil {
 		t.Fatalf("NewSPIFFE: %v", err)
@@ -376,6 +392,9 @@ func TestSPIFFERevokedIdentityIsUnavailableBeforeExpiry(t *testing.T) {
 	if !h.src.ExpiresAt().IsZero() {
 		t.Error("ExpiresAt still reports the revoked SVID")
 	}
+	if h.resultCount(attest.UpdateRevoked) == 0 {
+		t.Error("the revocation was not reported as an update result")
+	}
 	calls := w.JWTSVIDCalls()
 	_, _, _ = h.src.JWTSVID(context.Background(), "aud")
 	if w.JWTSVIDCalls() == calls {
@@ -386,4 +405,64 @@ func TestSPIFFERevokedIdentityIsUnavailableBeforeExpiry(t *testing.T) {
 	w.SetSVID(id1, t0.Add(2*time.Hour))
 	h.waitUpdate(t, t0.Add(2*time.Hour))
 	mustIdentify(t, h.src, id1, t0.Add(2*time.Hour))
+}
+
+func TestSPIFFE_AgentStoppedServesUntilExpiryThenRecoversWhenRestarted(t *testing.T) {
+	w := attesttest.NewWorkloadAPI(t, td)
+	clk := newClock()
+	h := startSPIFFE(t, context.Background(), w.Addr(), clk)
+	exp := clk.Now().Add(time.Hour)
+	w.SetSVID(id1, exp)
+	h.waitUpdate(t, exp)
+	if h.resultCount(attest.UpdateOK) != 1 {
+		t.Fatalf("results ok = %d after the first SVID, want 1", h.resultCount(attest.UpdateOK))
+	}
+
+	w.Stop() // the SPIRE agent is stopped
+	eventually(t, func() bool { return h.resultCount(attest.UpdateError) > 0 }, "a watch error result")
+	clk.Advance(59 * time.Minute)
+	mustIdentify(t, h.src, id1, exp) // still serving the SVID it holds
+	clk.Advance(time.Minute)
+	mustUnavailable(t, h.src, "SVID expired at")
+	if h.src.Ready() {
+		t.Fatal("Ready after the held SVID expired with the agent stopped")
+	}
+
+	// The agent comes back with a renewed SVID: the same source recovers.
+	exp2 := clk.Now().Add(time.Hour)
+	w.SetSVID(id1, exp2)
+	w.Start()
+	h.waitUpdate(t, exp2)
+	mustIdentify(t, h.src, id1, exp2)
+	if !h.src.Ready() {
+		t.Fatal("not Ready after the agent came back")
+	}
+	if h.resultCount(attest.UpdateRevoked) != 0 {
+		t.Fatal("an agent outage was reported as a revocation")
+	}
+}
+
+func TestSPIFFE_UpdateWithoutSVIDDropsIdentityAtOnce(t *testing.T) {
+	w := attesttest.NewWorkloadAPI(t, td)
+	clk := newClock()
+	h := startSPIFFE(t, context.Background(), w.Addr(), clk)
+	exp := clk.Now().Add(time.Hour)
+	w.SetSVID(id1, exp)
+	h.waitUpdate(t, exp)
+
+	// The entry is deleted: the Workload API's next update lists no SVID for us.
+	w.SendNoSVID()
+	h.waitUpdate(t, time.Time{})
+	if h.src.Ready() {
+		t.Fatal("still Ready after an update without our SVID")
+	}
+	mustUnavailable(t, h.src, "no SVID yet")
+	if h.resultCount(attest.UpdateRevoked) == 0 {
+		t.Fatal("the dropped identity was not reported as revoked")
+	}
+
+	exp2 := clk.Now().Add(2 * time.Hour)
+	w.SetSVID(id1, exp2)
+	h.waitUpdate(t, exp2)
+	mustIdentify(t, h.src, id1, exp2)
 }

@@ -4,18 +4,40 @@
 package audit
 
 import (
+	"encoding/json"
+	"errors"
 	"io"
 	"os"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 )
 
-// Decisions.
+// Decisions: what escrow's checks (routing, request checks, identity, policy, credential,
+// egress) decided.
 const (
 	Allow = "allow"
 	Deny  = "deny"
+	// WouldDeny is report mode's decision for what enforce mode would deny: it was let through.
+	WouldDeny = "would_deny"
+)
+
+// Outcomes: what happened to a request that was let through (decision allow or would_deny).
+const (
+	OutcomeOK                  = "ok"                   // the upstream answered (any status), or the tunnel ran until closed
+	OutcomeUpstreamUnavailable = "upstream_unavailable" // no connection, or it broke before or while the response was copied
+	OutcomeUpstreamTimeout     = "upstream_timeout"     // no response headers within response_timeout
+	OutcomeAgentClosed         = "agent_closed"         // the agent went away first
+	OutcomeShuttingDown        = "shutting_down"        // cut by the end of the drain period at stop
+	OutcomeBadRequest          = "bad_request"          // the agent's request body was malformed
+	// OutcomeResponseUnscannable: a scrubbed route's upstream answered with a compressed body
+	// escrow did not ask for; it was not passed on (502).
+	OutcomeResponseUnscannable = "response_unscannable"
+	// OutcomeTLSHandshakeFailed: an intercepted connection's agent did not complete TLS with
+	// escrow's leaf (typically: it does not trust the pod CA) and sent no request.
+	OutcomeTLSHandshakeFailed = "tls_handshake_failed"
 )
 
 // Record is one audit record.
@@ -28,29 +50,54 @@ type Record struct {
 	Attested    bool
 	IdentitySrc string
 
-	Method string
-	Scheme string
-	Host   string
-	Port   int
-	Path   string
+	// The calling process (identity.process), when it was found: pid, uid and executable.
+	CallerPID int
+	CallerUID uint32
+	CallerExe string
 
-	Decision  string // Allow or Deny
-	Reason    string // stable machine-readable reason
+	// The verified delegation chain the caller presented, if any: the subject it acts for, the
+	// actors (nearest first) and the token's id (its jti or a hash prefix, never the token).
+	DelegationSubject string
+	DelegationActors  []string
+	DelegationTokenID string
+
+	Method  string
+	Upgrade string // the protocol a request upgrades to ("websocket"), or ""
+	Scheme  string
+	Host    string
+	Port    int
+	Path    string
+	SNI     string // the TLS server name a tunnel's ClientHello named
+
+	Decision  string // Allow, Deny or WouldDeny
+	Reason    string // stable machine-readable reason of the decision
+	Outcome   string // what happened after an Allow or WouldDeny (Outcome...); "" for a Deny
 	PolicyIDs []string
 	Mode      string // enforce | report
 	WouldDeny bool   // report mode allowed what enforce would deny
 
 	Credential   string // configured name
 	CredentialID string // instance id (short hash), never the value
+	// CredentialProvider is the credential's provider kind (static, oauth2, aws, ...).
+	CredentialProvider string
 
+	Status         int // the HTTP status the agent received (0: none, e.g. a tunnel or an agent that left)
 	UpstreamStatus int
-	BytesIn        int64 // from the agent (request body, or tunnel agent->upstream)
-	BytesOut       int64 // to the agent (response body, or tunnel upstream->agent)
+	// Redacted counts the occurrences of the injected credential escrow replaced in the
+	// response (headers, trailers and scanned body); never the value.
+	Redacted int
+
+	// MCP holds the JSON-RPC calls of a POST to an MCP server, in body order.
+	MCP      []MCPCall
+	BytesIn  int64 // from the agent (request body, or tunnel agent->upstream)
+	BytesOut int64 // to the agent (response body, or tunnel upstream->agent)
 
 	PolicyDur     time.Duration
 	CredentialDur time.Duration
 	UpstreamDur   time.Duration
 	TotalDur      time.Duration
+
+	reserved bool // Queue.Reserve promised this record a place
 }
 
 // MarshalLogObject writes the record without reflection.
@@ -58,8 +105,17 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddString("request_id", r.RequestID)
 	enc.AddString("kind", r.Kind)
 	_ = enc.AddObject("identity", (*recordIdentity)(r))
+	if r.CallerPID != 0 {
+		_ = enc.AddObject("caller", (*recordCaller)(r))
+	}
+	if r.DelegationSubject != "" {
+		_ = enc.AddObject("delegation", (*recordDelegation)(r))
+	}
 	if r.Method != "" {
 		enc.AddString("method", r.Method)
+	}
+	if r.Upgrade != "" {
+		enc.AddString("upgrade", r.Upgrade)
 	}
 	enc.AddString("scheme", r.Scheme)
 	enc.AddString("host", r.Host)
@@ -67,8 +123,14 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	if r.Path != "" {
 		enc.AddString("path", r.Path)
 	}
+	if r.SNI != "" {
+		enc.AddString("sni", r.SNI)
+	}
 	enc.AddString("decision", r.Decision)
 	enc.AddString("reason", r.Reason)
+	if r.Outcome != "" {
+		enc.AddString("outcome", r.Outcome)
+	}
 	_ = enc.AddArray("policy_ids", (*recordPolicyIDs)(r))
 	if r.Mode != "" {
 		enc.AddString("mode", r.Mode)
@@ -78,12 +140,24 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	}
 	if r.Credential != "" {
 		enc.AddString("credential", r.Credential)
+		if r.CredentialProvider != "" {
+			enc.AddString("credential_provider", r.CredentialProvider)
+		}
 		if r.CredentialID != "" {
 			enc.AddString("credential_id", r.CredentialID)
 		}
 	}
+	if r.Status != 0 {
+		enc.AddInt("status", r.Status)
+	}
 	if r.UpstreamStatus != 0 {
 		enc.AddInt("upstream_status", r.UpstreamStatus)
+	}
+	if r.Redacted > 0 {
+		enc.AddInt("redacted", r.Redacted)
+	}
+	if len(r.MCP) > 0 {
+		_ = enc.AddArray("mcp", mcpCalls(r.MCP))
 	}
 	enc.AddInt64("bytes_in", r.BytesIn)
 	enc.AddInt64("bytes_out", r.BytesOut)
@@ -94,9 +168,11 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 // The nested parts of a record are views of it (named types, not closures), so encoding a
 // record allocates nothing for them.
 type (
-	recordIdentity  Record
-	recordPolicyIDs Record
-	recordDurations Record
+	recordCaller     Record
+	recordDelegation Record
+	recordIdentity   Record
+	recordPolicyIDs  Record
+	recordDurations  Record
 )
 
 func (r *recordIdentity) MarshalLogObject(e zapcore.ObjectEncoder) error {
@@ -105,6 +181,25 @@ func (r *recordIdentity) MarshalLogObject(e zapcore.ObjectEncoder) error {
 	if r.IdentitySrc != "" {
 		e.AddString("source", r.IdentitySrc)
 	}
+	return nil
+}
+
+func (r *recordCaller) MarshalLogObject(e zapcore.ObjectEncoder) error {
+	e.AddInt("pid", r.CallerPID)
+	e.AddUint32("uid", r.CallerUID)
+	e.AddString("exe", r.CallerExe)
+	return nil
+}
+
+func (r *recordDelegation) MarshalLogObject(e zapcore.ObjectEncoder) error {
+	e.AddString("subject", r.DelegationSubject)
+	_ = e.AddArray("actors", zapcore.ArrayMarshalerFunc(func(a zapcore.ArrayEncoder) error {
+		for _, s := range r.DelegationActors {
+			a.AppendString(s)
+		}
+		return nil
+	}))
+	e.AddString("token_id", r.DelegationTokenID)
 	return nil
 }
 
@@ -171,10 +266,25 @@ func NewBufferedZapSink(w io.Writer, flush time.Duration, clock zapcore.Clock) *
 // Stop writes every buffered record and stops the flush timer. Call it once the last record
 // has been written (after the proxy has drained).
 func (s *ZapSink) Stop() error {
+	var err error
 	if s.buf == nil {
-		return s.l.Sync()
+		err = s.l.Sync()
+	} else {
+		err = s.buf.Stop()
 	}
-	return s.buf.Stop()
+	if unsyncable(err) {
+		// A pipe or a terminal cannot be synced: every record was written, nothing is lost.
+		return nil
+	}
+	return err
+}
+
+// unsyncable reports the error fsync gives for a file that cannot be synced (a pipe, a
+// terminal, a socket), which is no failure to write.
+func unsyncable(err error) bool {
+	var pe *os.PathError
+	return errors.As(err, &pe) && pe.Op == "sync" &&
+		(errors.Is(err, syscall.EINVAL) || errors.Is(err, syscall.ENOTSUP) || errors.Is(err, syscall.ENOTTY))
 }
 
 // NewZapSinkFromLogger wraps an existing logger (tests use zaptest/observer).
@@ -196,3 +306,49 @@ type SinkFunc func(*Record)
 
 // Write calls f(r).
 func (f SinkFunc) Write(r *Record) { f(r) }
+
+// MCPCall is one JSON-RPC message of a POST to an MCP server. It never holds the arguments
+// unless the configuration asks for them (audit.mcp_arguments): they may carry data.
+type MCPCall struct {
+	Method string
+	// Tool is the tool or prompt name, or the resource URI, of a decided call.
+	Tool string
+	// JSONRPCID is the id as sent, in JSON (a number, or a string with its quotes).
+	JSONRPCID string
+	// Session is the Mcp-Session-Id header.
+	Session string
+	// ArgumentsSHA256 is the hex sha256 of the arguments as sent.
+	ArgumentsSHA256 string
+	// Arguments is the arguments' JSON as sent, only with audit.mcp_arguments; else "".
+	Arguments string
+}
+
+type mcpCalls []MCPCall
+
+func (m mcpCalls) MarshalLogArray(e zapcore.ArrayEncoder) error {
+	for i := range m {
+		_ = e.AppendObject(&m[i])
+	}
+	return nil
+}
+
+// MarshalLogObject writes one call; the arguments, when kept, as JSON (not a quoted string).
+func (c *MCPCall) MarshalLogObject(e zapcore.ObjectEncoder) error {
+	e.AddString("method", c.Method)
+	if c.Tool != "" {
+		e.AddString("tool", c.Tool)
+	}
+	if c.JSONRPCID != "" {
+		e.AddString("jsonrpc_id", c.JSONRPCID)
+	}
+	if c.Session != "" {
+		e.AddString("session", c.Session)
+	}
+	if c.ArgumentsSHA256 != "" {
+		e.AddString("arguments_sha256", c.ArgumentsSHA256)
+	}
+	if c.Arguments != "" {
+		_ = e.AddReflected("arguments", json.RawMessage(c.Arguments))
+	}
+	return nil
+}

@@ -159,3 +159,25 @@ func TestWritableDir_ProbesWithoutLeavingAnythingBehind(t *testing.T) {
 		t.Errorf("the probe left files behind: %v", entries)
 	}
 }
+
+func TestLoad_ReportsFileAndMachineProblemsInOneRun(t *testing.T) {
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "missing-secret")
+	cfg := write(t, filepath.Join(dir, "escrow.yaml"), []byte(`
+identity: {static: spiffe://example.org/a}
+policy: {dir: `+filepath.Join(dir, "no-policies")+`, mode: strict}
+ca_dir: `+filepath.Join(dir, "ca")+`
+credentials:
+  k: {static: {file: `+missing+`}}
+  e: {static: {env: ESCROW_TEST_NOT_SET_ANYWHERE}}
+upstreams: [{host: a.example, credential: k, port: 80}]
+`), 0o644)
+	_, err := LoadWith(cfg, osLocalWithEnv(nil))
+	wantAll(t, errText(err),
+		"policy.mode: want enforce or report",
+		"upstreams[0].port: port 80 is plain HTTP",
+		"policy.dir: cannot read",
+		"credentials.k.static.file: cannot read "+missing,
+		"credentials.e.static.env: environment variable ESCROW_TEST_NOT_SET_ANYWHERE is not set",
+	)
+}

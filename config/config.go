@@ -258,6 +258,8 @@ type OIDCIssuer struct {
 	JWKSURL string `json:"jwks_url,omitempty"`
 	// JWKSFile holds the keys (a JWK set), re-read when it changes.
 	JWKSFile string `json:"jwks_file,omitempty"`
+	// CAFile adds PEM roots for the issuer's discovery and JWKS endpoints (a private CA).
+	CAFile string `json:"ca_file,omitempty"`
 }
 
 // Injection returns how the upstream's credential is applied, compiled once by Validate: the

@@ -288,6 +288,16 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(minimal))
 	f.Add([]byte("upstreams: [{host: '*.x', port: 70000, inject: {header: a, value: '{{.Token'}}]"))
 	f.Add([]byte("credentials: {a: {static: {file: x}}}\negress: {allow_cidrs: [1.2.3.4/40]}"))
+	f.Add([]byte(spiffeIdentity + issue10Credentials))
+	f.Add([]byte("egress: {dial_timeout: 10}\nlisten: 0.0.0.0:1\nupstreams: [{host: 'a b', mcp: {path: x}, response_timeout: 5}]"))
+	f.Add([]byte("delegation: {audience: a, max_depth: 99, issuers: [{spiffe: {}, oidc: {issuer: 'http://x'}}]}\nlisten_unix: rel"))
+	// The machine check also runs on what was decoded of a bad file (Load): it must not panic.
+	nothing := Local{
+		Stat:        func(name string) (fs.FileInfo, error) { return nil, fs.ErrNotExist },
+		LookupEnv:   func(string) (string, bool) { return "", false },
+		ReadFile:    func(string) ([]byte, error) { return nil, fs.ErrPermission },
+		WritableDir: func(string) error { return fs.ErrPermission },
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := Parse(data)
 		if err == nil && c == nil {
@@ -295,6 +305,9 @@ func FuzzParse(f *testing.F) {
 		}
 		if err != nil && c != nil {
 			t.Fatal("config returned with an error")
+		}
+		if c, _, _, err := parse(data); err == nil {
+			_ = c.CheckLocal(nothing)
 		}
 	})
 }

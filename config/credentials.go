@@ -32,7 +32,7 @@ const (
 	ProviderAzure         = "azure"
 )
 
-// Providers lists every provider key, in the order the docs present them.
+// providerKeys lists every provider key, in the order the docs present them.
 var providerKeys = []string{ProviderStatic, ProviderOAuth2, ProviderTokenExchange, ProviderAWS, ProviderGitHubApp, ProviderVault, ProviderGCP, ProviderAzure}
 
 // Provider is the key of the provider that is set ("static", "oauth2", ...), as audit records
@@ -290,7 +290,7 @@ const (
 	DefaultAzureAuthority = "https://login.microsoftonline.com"
 )
 
-// credentialDefaults fills what a provider leaves out.
+// applyDefaults fills what a provider leaves out.
 func (c *Credential) applyDefaults() {
 	if o := c.OAuth2; o != nil && o.AuthStyle == "" && o.ClientSecretFile != "" {
 		o.AuthStyle = AuthStyleBasic

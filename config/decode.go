@@ -2,6 +2,7 @@ package config
 
 import (
 	"bytes"
+	"encoding"
 	"encoding/json"
 	"fmt"
 	"reflect"
@@ -62,13 +63,22 @@ func Decode(data []byte, out any) (shape Errors, err error) {
 	if raw == nil {
 		return nil, nil // an empty document: every key at its default
 	}
-	checkShape(&shape, "", raw, reflect.TypeOf(out).Elem())
-	dec := json.NewDecoder(bytes.NewReader(js))
-	if len(shape) == 0 {
-		dec.DisallowUnknownFields()
+	raw, ok := checkShape(&shape, "", raw, reflect.TypeOf(out).Elem())
+	if !ok {
+		return shape, nil // the document itself has the wrong shape: nothing to decode
 	}
+	if len(shape) > 0 {
+		// Decode what is left once every wrong value and unknown key is cut out: encoding/json
+		// stops at the first error a custom UnmarshalJSON returns, and every key after it would
+		// look missing (false "required" errors, real mistakes unreported).
+		if js, err = json.Marshal(raw); err != nil {
+			return nil, fmt.Errorf("config: %w", err)
+		}
+	}
+	dec := json.NewDecoder(bytes.NewReader(js))
+	dec.DisallowUnknownFields()
 	if err := dec.Decode(out); err != nil && len(shape) == 0 {
-		// checkShape catches nearly everything with a path; this is the backstop.
+		// checkShape catches everything with a path; this is the backstop.
 		return Errors{{Path: "(root)", Msg: err.Error()}}, nil
 	}
 	return shape, nil
@@ -106,9 +116,16 @@ func sortErrs(es Errors) Errors {
 
 var shaperType = reflect.TypeOf((*Shaper)(nil)).Elem()
 
+var (
+	jsonUnmarshalerType = reflect.TypeOf((*json.Unmarshaler)(nil)).Elem()
+	textUnmarshalerType = reflect.TypeOf((*encoding.TextUnmarshaler)(nil)).Elem()
+)
+
 // checkShape walks the decoded document against the Go type, reporting unknown keys and wrong
-// kinds with their paths, so that one run names every mistake.
-func checkShape(errs *Errors, path string, v any, t reflect.Type) {
+// kinds with their paths, so that one run names every mistake. It returns v with every wrong
+// part cut out (a mapping's key deleted, a list element set to null) and whether v itself is
+// acceptable, so that what is left decodes without an error.
+func checkShape(errs *Errors, path string, v any, t reflect.Type) (any, bool) {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
@@ -117,20 +134,35 @@ func checkShape(errs *Errors, path string, v any, t reflect.Type) {
 		at = "(root)"
 	}
 	if v == nil {
-		return // null: leave the zero value
+		return nil, true // null: leave the zero value
 	}
-	if reflect.PointerTo(t).Implements(shaperType) {
+	bad := func(msg string) (any, bool) {
+		*errs = append(*errs, FieldError{at, msg})
+		return nil, false
+	}
+	pt := reflect.PointerTo(t)
+	if pt.Implements(shaperType) {
 		if msg := reflect.New(t).Interface().(Shaper).CheckShape(v); msg != "" {
-			*errs = append(*errs, FieldError{at, msg})
+			return bad(msg)
 		}
-		return
+		return v, true
+	}
+	if pt.Implements(jsonUnmarshalerType) || pt.Implements(textUnmarshalerType) {
+		// A type that reads itself and says nothing of its shape: let it try.
+		b, err := json.Marshal(v)
+		if err == nil {
+			err = json.Unmarshal(b, reflect.New(t).Interface())
+		}
+		if err != nil {
+			return bad(strings.TrimPrefix(err.Error(), "json: "))
+		}
+		return v, true
 	}
 	switch t.Kind() {
 	case reflect.Struct:
 		m, ok := v.(map[string]any)
 		if !ok {
-			*errs = append(*errs, FieldError{at, "want a mapping, got " + kindOf(v)})
-			return
+			return bad("want a mapping, got " + kindOf(v))
 		}
 		fields := map[string]reflect.Type{}
 		for i := 0; i < t.NumField(); i++ {
@@ -149,49 +181,70 @@ func checkShape(errs *Errors, path string, v any, t reflect.Type) {
 			ft, ok := fields[k]
 			if !ok {
 				*errs = append(*errs, FieldError{join(path, k), "unknown key" + suggest(k, fields)})
+				delete(m, k)
 				continue
 			}
-			checkShape(errs, join(path, k), m[k], ft)
+			if nv, ok := checkShape(errs, join(path, k), m[k], ft); ok {
+				m[k] = nv
+			} else {
+				delete(m, k)
+			}
 		}
 	case reflect.Map:
 		m, ok := v.(map[string]any)
 		if !ok {
-			*errs = append(*errs, FieldError{at, "want a mapping, got " + kindOf(v)})
-			return
+			return bad("want a mapping, got " + kindOf(v))
 		}
-		for k, e := range m {
-			checkShape(errs, join(path, k), e, t.Elem())
+		keys := make([]string, 0, len(m))
+		for k := range m {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			if nv, ok := checkShape(errs, join(path, k), m[k], t.Elem()); ok {
+				m[k] = nv
+			} else {
+				delete(m, k)
+			}
 		}
 	case reflect.Slice:
 		l, ok := v.([]any)
 		if !ok {
-			*errs = append(*errs, FieldError{at, "want a list, got " + kindOf(v)})
-			return
+			return bad("want a list, got " + kindOf(v))
 		}
 		for i, e := range l {
-			checkShape(errs, fmt.Sprintf("%s[%d]", path, i), e, t.Elem())
+			// A bad element becomes null (its zero value): the indices of the rest stay true.
+			l[i], _ = checkShape(errs, fmt.Sprintf("%s[%d]", path, i), e, t.Elem())
 		}
 	case reflect.String:
 		if _, ok := v.(string); !ok {
-			*errs = append(*errs, FieldError{at, "want a string, got " + kindOf(v)})
+			return bad("want a string, got " + kindOf(v))
 		}
 	case reflect.Bool:
 		if _, ok := v.(bool); !ok {
-			*errs = append(*errs, FieldError{at, "want true or false, got " + kindOf(v)})
+			return bad("want true or false, got " + kindOf(v))
 		}
 	case reflect.Int, reflect.Int64, reflect.Int32:
 		f, ok := v.(float64)
-		if !ok || f != float64(int64(f)) {
-			*errs = append(*errs, FieldError{at, "want an integer, got " + kindOf(v)})
+		if !ok || f != float64(int64(f)) || !fitsInt(f, t) {
+			return bad("want an integer, got " + kindOf(v))
 		}
 	}
+	return v, true
 }
 
-func join(path, k string) string {
+// fitsInt reports whether the integer f fits t's kind.
+func fitsInt(f float64, t reflect.Type) bool {
+	bits := t.Bits()
+	lim := float64(uint64(1) << (bits - 1))
+	return f >= -lim && f < lim
+}
+
+func join(path, key string) string {
 	if path == "" {
-		return k
+		return key
 	}
-	return path + "." + k
+	return path + "." + key
 }
 
 // KindOf names the kind of a decoded YAML value for messages ("a mapping", "the number 5").

@@ -108,6 +108,7 @@ listen_unix: /var/run/escrow/proxy.sock
 		t.Errorf("identity.process=%v listen_unix=%q", c.Identity.Process, c.ListenUnix)
 	}
 	wantAll(t, parseErr(t, minimal+"listen_unix: run/proxy.sock\n"), "listen_unix: want an absolute path")
+	wantAll(t, parseErr(t, minimal+"listen_unix: /"+strings.Repeat("a", 107)+"\n"), "listen_unix: 108 bytes is too long for a Unix socket path (at most 107)")
 
 	if err := c.CheckLocal(fakeLocal([]string{"p"}, nil)); err == nil || !strings.Contains(err.Error(), "listen_unix: directory /var/run/escrow") {
 		t.Errorf("CheckLocal with the socket's directory missing: %v", err)
@@ -127,19 +128,20 @@ delegation:
     - spiffe: {}
     - oidc: {issuer: https://idp.example.com}
     - oidc: {issuer: "http://127.0.0.1:5556/dex", jwks_file: /etc/escrow/dex.jwks}
+    - oidc: {issuer: "https://dex.internal:5554/dex", ca_file: /etc/escrow/dex-ca.pem}
 `))
 	if err != nil {
 		t.Fatal(err)
 	}
 	d := c.Delegation
-	if d.Audience != "spiffe://example.org/escrow" || len(d.Issuers) != 3 || d.Issuers[0].SPIFFE == nil || d.Issuers[1].OIDC.Issuer != "https://idp.example.com" {
+	if d.Audience != "spiffe://example.org/escrow" || len(d.Issuers) != 4 || d.Issuers[3].OIDC.CAFile != "/etc/escrow/dex-ca.pem" || d.Issuers[0].SPIFFE == nil || d.Issuers[1].OIDC.Issuer != "https://idp.example.com" {
 		t.Errorf("decoded %+v", d)
 	}
 	if d.MaxActors() != 3 || d.Required {
 		t.Errorf("defaults: max_depth %d required %v", d.MaxActors(), d.Required)
 	}
 	err = c.CheckLocal(fakeLocal([]string{"p"}, nil))
-	wantAll(t, errText(err), "delegation.issuers[2].oidc.jwks_file: cannot read")
+	wantAll(t, errText(err), "delegation.issuers[2].oidc.jwks_file: cannot read", "delegation.issuers[3].oidc.ca_file: cannot read")
 
 	c, err = Parse([]byte(minimal + "delegation: {audience: a, issuers: [{oidc: {issuer: \"https://i.example\"}}], max_depth: 0, required: true}\n"))
 	if err != nil {

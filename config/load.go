@@ -48,6 +48,9 @@ func (d *Duration) CheckShape(v any) string {
 
 // UnmarshalJSON reads a duration string.
 func (d *Duration) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		return nil // as encoding/json does for its own types: null leaves the value alone
+	}
 	var s string
 	if err := json.Unmarshal(b, &s); err != nil {
 		return fmt.Errorf("want a duration string such as \"2s\"")
@@ -63,21 +66,36 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// Load reads the file at path, parses and validates it (Parse), then runs the checks that need
-// this machine (CheckLocal against the real filesystem and environment). It is what the binary
-// uses; config that arrives as bytes from elsewhere goes through Parse alone.
+// Load reads the file at path, parses and validates it (Parse) and runs the checks that need
+// this machine (CheckLocal against the real filesystem and environment), and reports the
+// problems of both at once, so one run of escrow proxy --check names every mistake. It is what
+// the binary uses; config that arrives as bytes from elsewhere goes through Parse alone.
 func Load(path string) (*Config, error) {
+	return LoadWith(path, OSLocal())
+}
+
+// LoadWith is Load on the machine l describes.
+func LoadWith(path string, l Local) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	c, err := Parse(data)
+	c, shape, values, err := parse(data)
 	if err != nil {
 		return nil, err
 	}
-	if err := c.CheckLocal(OSLocal()); err != nil {
-		return nil, err
+	// The machine is checked even when the file has mistakes: what was decoded of it names
+	// the files and variables the fixed config will need.
+	var local Errors
+	if err := c.CheckLocal(l); err != nil {
+		if !errors.As(err, &local) {
+			return nil, err
+		}
 	}
+	if errs := Combine(shape, append(values, local...)); len(errs) > 0 {
+		return nil, errs
+	}
+	c.validated = true
 	return c, nil
 }
 
@@ -85,17 +103,27 @@ func Load(path string) (*Config, error) {
 // It is pure: it reads no file and no environment variable, so config can be validated from
 // bytes that arrive over the network. The error, if any, is an Errors naming every bad key path.
 func Parse(data []byte) (*Config, error) {
-	var c Config
-	shape, err := Decode(data, &c)
+	c, shape, values, err := parse(data)
 	if err != nil {
 		return nil, err
 	}
-	c.applyDefaults()
-	if errs := Combine(shape, c.validate()); len(errs) > 0 {
+	if errs := Combine(shape, values); len(errs) > 0 {
 		return nil, errs
 	}
 	c.validated = true
-	return &c, nil
+	return c, nil
+}
+
+// parse decodes data best effort, fills defaults and validates: the Config (not marked
+// validated), its shape and value errors, and err for input that is not YAML at all.
+func parse(data []byte) (c *Config, shape, values Errors, err error) {
+	c = new(Config)
+	shape, err = Decode(data, c)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	c.applyDefaults()
+	return c, shape, c.validate(), nil
 }
 
 // Validate fills defaults, checks every value and compiles what the rest of the program uses
@@ -185,8 +213,8 @@ func writableDir(dir string) error {
 //   - policy.dir is a directory; the directory of listen_unix exists;
 //   - identity.spiffe has a socket, configured or in SPIFFE_ENDPOINT_SOCKET;
 //   - every file a key names is readable (upstreams[].ca_file, the credentials'
-//     static.file, client_secret_file, private_key_file, token_file and ca_file, delegation
-//     jwks_file), and every ca_file holds at least one PEM certificate;
+//     static.file, client_secret_file, private_key_file, token_file and ca_file, a delegation
+//     issuer's jwks_file and ca_file), and every ca_file holds at least one PEM certificate;
 //   - every static.env variable is set and not empty;
 //   - ca_dir and ca_key_dir can be created or written (probed without leaving a file behind).
 //
@@ -265,6 +293,9 @@ func (c *Config) CheckLocal(l Local) error {
 			if is.OIDC != nil && is.OIDC.JWKSFile != "" {
 				checkFile(fmt.Sprintf("delegation.issuers[%d].oidc.jwks_file", i), is.OIDC.JWKSFile, false)
 			}
+			if is.OIDC != nil && is.OIDC.CAFile != "" {
+				checkFile(fmt.Sprintf("delegation.issuers[%d].oidc.ca_file", i), is.OIDC.CAFile, true)
+			}
 		}
 	}
 	for i, u := range c.Upstreams {
@@ -337,6 +368,10 @@ func (c *Config) applyDefaults() {
 	}
 }
 
+// maxUnixPath is the longest path a Unix socket address holds on Linux (sun_path is 108 bytes,
+// one of them the terminating NUL).
+const maxUnixPath = 107
+
 var headerName = regexp.MustCompile("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 // forbiddenHeaders never carry a credential: they frame the message, route it, are hop-by-hop,
@@ -402,7 +437,7 @@ func (c *Config) validate() Errors {
 			return
 		}
 		if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
-			add(key, "invalid port %q", port)
+			add(key, "invalid port %q: want 1-65535, or 0 for any free port", port)
 		}
 		if !loopbackOnly {
 			return
@@ -424,6 +459,8 @@ func (c *Config) validate() Errors {
 			add("listen_unix", "want an absolute path, got %q", c.ListenUnix)
 		} else if strings.HasSuffix(c.ListenUnix, "/") {
 			add("listen_unix", "want the socket's path, not a directory: %q", c.ListenUnix)
+		} else if len(c.ListenUnix) > maxUnixPath {
+			add("listen_unix", "%d bytes is too long for a Unix socket path (at most %d)", len(c.ListenUnix), maxUnixPath)
 		}
 	}
 	if c.Listen == c.Admin && !strings.HasSuffix(c.Listen, ":0") {
@@ -489,7 +526,7 @@ func (c *Config) validate() Errors {
 			seen[key{u.Host, u.Port}] = i
 		}
 		if u.Port < 0 || u.Port > 65535 {
-			add(p+".port", "must be 1-65535")
+			add(p+".port", "must be 1-65535, or omit it for the scheme's default (80 for http, 443 for https)")
 		}
 		n := 0
 		for _, set := range []bool{u.Inject != nil, u.Basic != nil, u.Query != nil} {
@@ -756,6 +793,9 @@ func fmtDuration(d time.Duration) string {
 // whose form is fixed (an aws SigV4 signature, a username and password pair) takes no
 // inject/basic/query.
 func (c *Config) checkCredentialOnUpstream(p string, u Upstream, cr Credential, n int, add func(path, format string, a ...any)) {
+	if u.Port == 80 && !u.UnsafePlaintextCredential {
+		add(p+".port", "port 80 is plain HTTP: the credential would cross the network in clear text, so every request would be refused (plaintext_credential_refused); use the https port, or set unsafe_plaintext_credential: true to send it anyway")
+	}
 	switch {
 	case cr.AWS != nil:
 		if n > 0 {

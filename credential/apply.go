@@ -38,6 +38,10 @@ func NewApplier(in config.Injection) (Applier, error) {
 		a.header, a.prefix, a.suffix = in.Header, in.Prefix, in.Suffix
 	case config.InjectBasic:
 		a.header, a.prefix, a.user = "Authorization", "Basic ", in.Username
+	case config.InjectBasicPair:
+		a.header, a.prefix = "Authorization", "Basic "
+	case config.InjectSigV4:
+		return NewSigV4Applier(SigV4Options{Region: in.Region, Service: in.Service})
 	case config.InjectQuery:
 		if in.Param == "" {
 			return nil, errors.New("credential: query injection without a parameter name")
@@ -91,7 +95,13 @@ func (a *valueApplier) Apply(r *http.Request, tok Token) error {
 		rd  *rendered
 		err error
 	)
-	if tok.sec == nil || tok.multi {
+	if a.kind == config.InjectBasicPair {
+		if tok.sec == nil || !tok.multi || tok.Part(PartUsername) == "" || tok.Part(PartPassword) == "" {
+			err = unavailable(tok.name, fmt.Errorf("cannot apply %s as %v: it is not a username and password", tok, a.kind))
+		} else {
+			rd = a.render(tok)
+		}
+	} else if tok.sec == nil || tok.multi {
 		err = unavailable(tok.name, fmt.Errorf("cannot apply %s as %v: it has no single value", tok, a.kind))
 	} else if rd = a.render(tok); rd.err != nil {
 		err = rd.err
@@ -134,6 +144,8 @@ func (a *valueApplier) render(tok Token) *rendered {
 		}
 	case config.InjectBasic:
 		rd.value = a.prefix + base64.StdEncoding.EncodeToString([]byte(a.user+":"+v))
+	case config.InjectBasicPair: // a username and password from one lease (Vault dynamic secret)
+		rd.value = a.prefix + base64.StdEncoding.EncodeToString([]byte(tok.Part(PartUsername)+":"+tok.Part(PartPassword)))
 	case config.InjectQuery:
 		rd.value = url.QueryEscape(v)
 	}

@@ -105,3 +105,24 @@ func BenchmarkApply_Query(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkManagerGet_HitEphemeral is a hit on an expiring per-caller token (OAuth2, STS, ...):
+// compare with BenchmarkManagerGet_Hit, a static secret's hit, in the same run.
+func BenchmarkManagerGet_HitEphemeral(b *testing.B) {
+	exp := time.Now().Add(time.Hour)
+	p := providerFunc(func(ctx context.Context, a FetchArgs) (Token, error) {
+		return NewToken(a.Name, secretValue, exp), nil
+	})
+	m := NewManager(map[string]Provider{"idp": p}, Options{})
+	ctx := context.Background()
+	r := Request{Name: "idp", Subject: "spiffe://example.org/ns/agents/sa/coder"}
+	if _, err := m.Get(ctx, r); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := m.Get(ctx, r); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -19,3 +19,6 @@ func (f providerFunc) Fetch(ctx context.Context, args FetchArgs) (Token, error) 
 
 // secretValue is the secret the formatting and error tests look for.
 const secretValue = "sk-live-7Hq2VERYSECRETxK9w4PzZ"
+
+// noJitter pins the backoff jitter to its minimum (no stretch).
+func noJitter() float64 { return 0 }

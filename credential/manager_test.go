@@ -214,7 +214,7 @@ func TestManager_RotatedFileThatVanishesFailsClosed(t *testing.T) {
 	clock := newFakeClock()
 	path := filepath.Join(t.TempDir(), "key")
 	writeFile(t, path, secretValue)
-	m := NewManager(map[string]Provider{"openai": StaticFile(path)}, Options{Now: clock.Now})
+	m := NewManager(map[string]Provider{"openai": StaticFile(path)}, Options{Now: clock.Now, Rand: noJitter})
 	mustGet(t, m, "openai")
 	if err := os.Remove(path); err != nil {
 		t.Fatal(err)
@@ -396,7 +396,7 @@ func TestManager_FailedFetchBacksOffAndIsNotCached(t *testing.T) {
 		}
 		return NewToken(args.Name, secretValue, time.Time{}), nil
 	})
-	m := NewManager(map[string]Provider{"k": p}, Options{Now: clock.Now})
+	m := NewManager(map[string]Provider{"k": p}, Options{Now: clock.Now, Rand: noJitter})
 	for range 5 {
 		if _, err := m.Get(context.Background(), Request{Name: "k"}); !errors.Is(err, ErrUnavailable) {
 			t.Fatalf("Get: %v", err)

@@ -102,8 +102,93 @@ func NewProvider(name string, c config.Credential, d Deps) (Provider, error) {
 			return StaticEnvFrom(c.Static.Env, lookup), nil
 		}
 		return nil, fmt.Errorf("credential: %s: static: neither file nor env set", name)
+	case c.OAuth2 != nil:
+		o := c.OAuth2
+		return named(name)(NewOAuth2(OAuth2Options{
+			TokenURL:   o.TokenURL,
+			ClientAuth: clientAuth(o.ClientID, o.ClientSecretFile, o.ClientAssertion, o.AuthStyle),
+			Scopes:     o.Scopes, Audience: o.Audience, Resource: o.Resource, CAFile: o.CAFile,
+		}, d))
+	case c.TokenExchange != nil:
+		x := c.TokenExchange
+		return named(name)(NewTokenExchange(TokenExchangeOptions{
+			TokenURL:             x.TokenURL,
+			ClientAuth:           clientAuth(x.ClientID, x.ClientSecretFile, x.ClientAssertion, x.AuthStyle),
+			SubjectTokenAudience: audienceOf(x.SubjectToken),
+			SubjectTokenType:     x.SubjectTokenType, RequestedTokenType: x.RequestedTokenType,
+			Audience: x.Audience, Resource: x.Resource, Scopes: x.Scopes, Extra: x.Extra, CAFile: x.CAFile,
+		}, d))
+	case c.AWS != nil:
+		a := c.AWS
+		return named(name)(NewAWS(AWSOptions{
+			RoleARN: a.RoleARN, WebIdentityAudience: audienceOf(a.WebIdentity), Region: a.Region,
+			STSEndpoint: a.STSEndpoint, Duration: a.Duration.D(), CAFile: a.CAFile,
+		}, d))
+	case c.GitHubApp != nil:
+		g := c.GitHubApp
+		return named(name)(NewGitHubApp(GitHubAppOptions{
+			AppID: g.AppID, InstallationID: g.InstallationID, PrivateKeyFile: g.PrivateKeyFile,
+			APIURL: g.APIURL, Repositories: g.Repositories, Permissions: g.Permissions, CAFile: g.CAFile,
+		}, d))
+	case c.Vault != nil:
+		v := c.Vault
+		o := VaultOptions{Address: v.Address, Namespace: v.Namespace, CAFile: v.CAFile}
+		if j := v.Auth.JWT; j != nil {
+			aud := ""
+			if j.JWTSVID != nil {
+				aud = j.JWTSVID.Audience
+			}
+			o.JWTAuth = &VaultJWTAuth{Mount: j.Mount, Role: j.Role, Audience: aud}
+		}
+		if k := v.Auth.Kubernetes; k != nil {
+			o.KubernetesAuth = &VaultKubernetesAuth{Mount: k.Mount, Role: k.Role, TokenFile: k.TokenFile}
+		}
+		if kv := v.Secret.KV2; kv != nil {
+			o.KV2 = &VaultKV2{Mount: kv.Mount, Path: kv.Path, Field: kv.Field}
+		}
+		if dy := v.Secret.Dynamic; dy != nil {
+			o.Dynamic = &VaultDynamic{Path: dy.Path, Field: dy.Field, UsernameField: dy.UsernameField, PasswordField: dy.PasswordField}
+		}
+		return named(name)(NewVault(o, d))
+	case c.GCP != nil:
+		g := c.GCP
+		return named(name)(NewGCP(GCPOptions{
+			Audience: g.Audience, SubjectTokenAudience: audienceOf(g.SubjectToken), ServiceAccount: g.ServiceAccount,
+			Scopes: g.Scopes, STSURL: g.STSURL, IAMURL: g.IAMURL, CAFile: g.CAFile,
+		}, d))
+	case c.Azure != nil:
+		a := c.Azure
+		aud := ""
+		if a.JWTSVID != nil {
+			aud = a.JWTSVID.Audience
+		}
+		return named(name)(NewAzure(AzureOptions{
+			TenantID: a.TenantID, ClientID: a.ClientID, Scope: a.Scope, JWTAudience: aud,
+			AuthorityURL: a.AuthorityURL, CAFile: a.CAFile,
+		}, d))
 	}
 	return nil, fmt.Errorf("credential: %s: no provider set", name)
+}
+
+// named prefixes a constructor's error with the credential's name.
+func named(name string) func(Provider, error) (Provider, error) {
+	return func(p Provider, err error) (Provider, error) {
+		if err != nil {
+			return nil, fmt.Errorf("credential: %s: %s", name, strings.TrimPrefix(err.Error(), "credential: "))
+		}
+		return p, nil
+	}
+}
+
+func audienceOf(t *config.TokenSource) string {
+	if t == nil || t.JWTSVID == nil {
+		return ""
+	}
+	return t.JWTSVID.Audience
+}
+
+func clientAuth(id, secretFile string, assertion *config.TokenSource, style config.AuthStyle) ClientAuth {
+	return ClientAuth{ClientID: id, ClientSecretFile: secretFile, AssertionAudience: audienceOf(assertion), AuthStyle: string(style)}
 }
 
 // Staler is implemented by providers whose source can change under a token that does not
@@ -180,6 +265,9 @@ func (p *fileProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error)
 // Shared is true: the file's secret does not depend on the caller.
 func (p *fileProvider) Shared() bool { return true }
 
+// Kind is "static".
+func (p *fileProvider) Kind() string { return "static" }
+
 // Stale reports whether the file at path is no longer the file last read: it is gone, or its
 // inode, size or modification time differ.
 func (p *fileProvider) Stale(time.Time) bool {
@@ -226,6 +314,9 @@ type envProvider struct {
 
 // Shared is true: the variable's value does not depend on the caller.
 func (p *envProvider) Shared() bool { return true }
+
+// Kind is "static".
+func (p *envProvider) Kind() string { return "static" }
 
 func (p *envProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error) {
 	if p.err != nil {

@@ -36,6 +36,8 @@ type Token struct {
 	sec       *secret // the value, or the encoded parts when multi
 	multi     bool
 	id        string
+	ownID     bool    // id was set by the provider (an AWS access key ID), not derived
+	revoke    *secret // what a Revoker needs besides the value (a Vault token); nil if nothing
 	expiresAt time.Time
 }
 
@@ -63,8 +65,19 @@ func NewTokenParts(name string, parts map[string]string, expiresAt time.Time) To
 	return Token{name: name, sec: newSecret(enc), multi: true, id: instanceID(partsDomain, name, enc), expiresAt: expiresAt}
 }
 
-// withName returns t renamed, its ID recomputed over the same secret.
+// withID returns t with a provider-chosen, non-secret ID (an AWS access key ID).
+func (t Token) withID(id string) Token {
+	t.id, t.ownID = id, true
+	return t
+}
+
+// withName returns t renamed, its ID recomputed over the same secret (unless the provider chose
+// it).
 func (t Token) withName(name string) Token {
+	if t.ownID {
+		t.name = name
+		return t
+	}
 	v, domain := t.Value(), idDomain
 	if t.multi {
 		v, domain = string(*t.sec), partsDomain

@@ -83,7 +83,12 @@ imagePullPolicy: Always
 		"no_proxy[0]: \"a b\" contains a space",
 		"proxy_port: want a port from 1 to 65535",
 		"resources.limits.memory: want a quantity",
+		// A wrongly typed value no longer stops the decoding: the keys after it are checked too.
+		"resources.requests.cpu: \"lots\" is not a quantity",
+		"resources.requests.gpu: want cpu, memory or ephemeral-storage",
+		"service_cidrs[0]: want a CIDR",
 		"spiffe.sockets: unknown key",
+		"spiffe.source: want csi or hostPath",
 		"trust_env: want true or false",
 	}
 	checkErrs(t, errs, want)

@@ -61,9 +61,14 @@
 // symlinks, and schema.cedarschema if present) or from the control plane as bytes. [Compile]
 // turns it into an immutable [Set], or into a *[LoadError] listing every problem, each with its
 // position as "name:line:col". Compile does no I/O, so text from the network is checked exactly
-// like a directory. Files are compiled in name order. With a schema, every policy is validated
-// against it (strict mode); without one (Source.Schema nil) policies are parsed and checked
-// for @id only. Every policy must carry a unique @id("...") annotation: it is the name that
+// like a directory. Files are compiled in name order. Every policy is validated (strict mode)
+// against the Source's schema, or, when it has none (Source.Schema nil, a directory without
+// schema.cedarschema), against the built-in one: a typo such as context.methd, which would
+// make every decision a policy_error, is rejected at load. A schema of one's own replaces the
+// built-in one (to declare more methods, or to type MCP arguments). Whatever the schema,
+// policies that can never match a request escrow builds are rejected too ([ErrNeverMatches]:
+// `principal == ServiceAccount::...`, a Host with upper case or a port). Problems point at the
+// offending token where it can be found. Every policy must carry a unique @id("...") annotation: it is the name that
 // decisions, audit records and metrics use. A set's [Set.Version] is a short hash of the
 // names and texts (not of where they came from), so the same set has the same version from a
 // directory and from the control plane.
@@ -71,9 +76,8 @@
 // There is one update path: [Engine.Install] swaps a compiled set in atomically;
 // [Engine.Load] compiles and installs; [Engine.LoadDir] and [Engine.Watch] read a directory
 // and load it. A set that fails to compile in any way is rejected whole and the last good one
-// stays in force. With a schema, a policy that names a method outside the schema (say
-// Action::"PROPFIND") fails validation: add the method to the schema to write policies for
-// it. Without a schema such methods work as described above.
+// stays in force. A policy that names a method outside the schema (say Action::"PROPFIND")
+// fails validation: add the method to a schema of your own to write policies for it.
 //
 // # Decisions
 //

@@ -333,3 +333,44 @@ func decisionFrom(dec cedar.Decision, diag cedar.Diagnostic) Decision {
 	}
 	return d
 }
+
+// MayAllow reports whether the policies in force could allow in under some context. It never
+// says false for an input that Decide could allow, whatever the context (time, arguments,
+// caller, ...): it is false only when no permit's scope matches in, or when a policy that
+// depends on nothing but the principal, the resource and the MCP call's name (no other context)
+// decides it: an unconditional or name-only forbid that matches, or only name-only permits that
+// do not. The proxy uses it to filter an MCP server's tools/list: a tool for which MayAllow
+// (tools/call on it) is false can never be called by this workload, so the model need not see
+// it; a tool whose permit depends on its arguments stays listed, and its calls are decided one
+// by one. It is false when no set is loaded or the input is malformed.
+func (e *Engine) MayAllow(in Input) bool {
+	s := e.set.Load()
+	if s == nil {
+		return false
+	}
+	r, err := buildRequest(&e.principals, in, e.now)
+	if err != nil {
+		return false
+	}
+	permit := false
+	for _, i := range s.idx.candidates(r, nil) {
+		p := s.pols[i]
+		if !s.static[i] {
+			// Its conditions read the context: it may or may not match another time.
+			permit = permit || p.Effect() == cedar.Permit
+			continue
+		}
+		one := subset{ids: s.ids, pols: s.pols, idx: []int32{i}}
+		_, diag := cedar.Authorize(&one, r, r.req)
+		matched := len(diag.Reasons) > 0
+		switch {
+		case len(diag.Errors) > 0:
+			permit = permit || p.Effect() == cedar.Permit // unknown: stay listed
+		case p.Effect() == cedar.Forbid && matched:
+			return false
+		case p.Effect() == cedar.Permit && matched:
+			permit = true
+		}
+	}
+	return permit
+}

@@ -50,7 +50,7 @@ func TestEngine_ForbidWinsOverPermit(t *testing.T) {
 func TestEngine_EvaluationErrorDenies(t *testing.T) {
 	// The forbid errors (no such context attribute). Cedar skips it and would allow through
 	// the permit; the engine must fail closed and name the erroring policy.
-	e := loaded(t, `
+	e := loadedUnvalidated(t, `
 @id("allow-all") permit(principal, action, resource);
 @id("forbid-broken") forbid(principal, action, resource) when { context.no_such_field == "x" };`)
 	d := decide(e, get(coderID, "h.example", "/"))
@@ -60,12 +60,12 @@ func TestEngine_EvaluationErrorDenies(t *testing.T) {
 	}
 
 	// An erroring permit alone also denies with policy_error, not a plain default deny.
-	e = loaded(t, `@id("allow-broken") permit(principal, action, resource) when { resource.owner == "me" };`)
+	e = loadedUnvalidated(t, `@id("allow-broken") permit(principal, action, resource) when { resource.owner == "me" };`)
 	wantDecision(t, decide(e, get(coderID, "h.example", "/")), false, ReasonError, "allow-broken")
 }
 
 func TestDecision_OverridableOnlyForPolicyDenials(t *testing.T) {
-	e := loaded(t, `
+	e := loadedUnvalidated(t, `
 @id("allow-read") permit(principal, action in Action::"read", resource);
 @id("forbid-admin") forbid(principal, action, resource) when { context.path == "/admin" };
 @id("forbid-broken") forbid(principal, action, resource) when { context.path == "/broken" && context.nope };`)
@@ -139,11 +139,16 @@ func TestEngine_PrincipalInNamespaceMatchesK8sShapedID(t *testing.T) {
 }
 
 func TestEngine_ActionsAreGroupedIntoReadAndWrite(t *testing.T) {
-	e := loaded(t, `
+	// A method outside the built-in schema needs a schema that declares it.
+	schema := strings.Replace(string(DefaultSchema()), "action POST, PUT,", "action PROPFIND, POST, PUT,", 1)
+	e := NewEngine(Options{Now: fixedClock})
+	if err := e.LoadDir(writeDir(t, map[string]string{SchemaFile: schema, "p.cedar": `
 @id("read") permit(principal, action in Action::"read", resource == Host::"r.example");
 @id("write") permit(principal, action in Action::"write", resource == Host::"w.example");
 @id("connect") permit(principal, action == Action::"connect", resource == Host::"c.example");
-@id("propfind") permit(principal, action == Action::"PROPFIND", resource == Host::"p.example");`)
+@id("propfind") permit(principal, action == Action::"PROPFIND", resource == Host::"p.example");`})); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		action, host string
 		allow        bool

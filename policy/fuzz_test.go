@@ -1,6 +1,8 @@
 package policy
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"strings"
 	"testing"
@@ -50,6 +52,61 @@ func FuzzLoad(f *testing.F) {
 			if d.Reason == "" {
 				t.Fatalf("decision without a reason: %+v", d)
 			}
+		}
+	})
+}
+
+// FuzzArgumentsRecord feeds arbitrary JSON to the MCP arguments conversion, as the proxy
+// decodes it (UseNumber). It must never panic; within the bounds it converts, beyond them it
+// fails with one of the bound errors.
+// Run longer with: go test -run x -fuzz FuzzArgumentsRecord -fuzztime 30s ./policy/
+func FuzzArgumentsRecord(f *testing.F) {
+	for _, seed := range []string{
+		`{}`, `{"path": "/workspace/a"}`, `{"n": 1, "f": 1.5, "big": 1e400, "neg": -9223372036854775809}`,
+		`{"a": [1, "x", null, true, {"b": [[]]}]}`, `{"a": {"a": {"a": {"a": {"a": {"a": {"a": {"a": 1}}}}}}}}`,
+		`{"": null, "\u0000": "\u0000"}`,
+	} {
+		f.Add([]byte(seed))
+	}
+	e := NewEngine(Options{Now: fixedClock})
+	e.Install(compileText(f, `@id("all") permit (principal, action, resource);`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		d := json.NewDecoder(bytes.NewReader(data))
+		d.UseNumber()
+		var args map[string]any
+		if d.Decode(&args) != nil {
+			return
+		}
+		_, err := argumentsRecord(args)
+		if err != nil && !errors.Is(err, ErrArgumentsTooDeep) && !errors.Is(err, ErrArgumentsTooLarge) {
+			t.Fatalf("arguments %s: %v", data, err)
+		}
+		in := get(coderID, "h", "/mcp")
+		in.Action, in.Resource = ActionToolsCall, Resource{Type: TypeTool, ID: "h/t"}
+		in.MCP = &MCPCall{Name: "t", Arguments: args}
+		dec := decide(e, in)
+		if (err == nil) != dec.Allow {
+			t.Fatalf("arguments %s: conversion error %v, decision %+v", data, err, dec)
+		}
+	})
+}
+
+// FuzzTestFile feeds arbitrary bytes to the policy test file reader: it must never panic, and
+// a file it rejects is rejected with at least one problem.
+func FuzzTestFile(f *testing.F) {
+	for _, seed := range []string{
+		"policies: p\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n",
+		"cases: [", "{}", "cases: {a: 1}", "policies: [1]\ntime: 5\ncases:\n  - 7\n  - {identity: {attested: 1, expires_in_s: x}, request: {port: 1e99}}\n",
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		tf, problems, ok := parseTestFile(data)
+		if !ok && len(problems) != 1 {
+			t.Fatalf("not YAML, yet %d problems", len(problems))
+		}
+		if ok {
+			_ = mergeProblems(problems, tf.check(false))
 		}
 	})
 }

@@ -59,6 +59,19 @@ func loaded(t testing.TB, policies string, opts ...func(*Options)) *Engine {
 	return e
 }
 
+// loadedUnvalidated returns an enforcing engine with policies installed without schema
+// validation: for tests of evaluation errors, which validation would reject at load.
+func loadedUnvalidated(t testing.TB, policies string) *Engine {
+	t.Helper()
+	s, err := Compile(Source{Origin: "mem", Policies: map[string][]byte{"p.cedar": []byte(policies)}, unvalidated: true})
+	if err != nil {
+		t.Fatalf("compile: %v", err)
+	}
+	e := NewEngine(Options{Now: fixedClock})
+	e.Install(s)
+	return e
+}
+
 func spiffeIdentity(id string) attest.Identity {
 	return attest.Identity{
 		SPIFFEID:    id,

@@ -35,6 +35,7 @@ type Problem struct {
 	PolicyID string // the policy's @id, when known
 	Kind     error  // one of the Err* kinds above
 	Detail   string // what cedar said, if anything
+	Schema   string // for ErrValidation: the schema's file, or BuiltinSchemaName
 	cause    error
 }
 
@@ -53,7 +54,11 @@ func (p *Problem) Error() string {
 	if p.PolicyID != "" {
 		b.WriteString("policy " + strconv.Quote(p.PolicyID) + ": ")
 	}
-	b.WriteString(p.Kind.Error())
+	if p.Kind == ErrValidation && p.Schema != "" {
+		b.WriteString("policy does not match " + p.Schema)
+	} else {
+		b.WriteString(p.Kind.Error())
+	}
 	if p.Detail != "" {
 		b.WriteString(": " + p.Detail)
 	}
@@ -108,10 +113,13 @@ type Source struct {
 	// name order, so policy order (and the order of determining policy ids) is stable.
 	Policies map[string][]byte
 	// Schema is the Cedar schema (human-readable format) every policy is validated against
-	// (strict mode). nil means no schema: policies are parsed and checked for @id but not
-	// type-checked, as for a directory without schema.cedarschema. A non-nil empty schema is
-	// a schema that declares nothing.
+	// (strict mode). nil means escrow's built-in schema ([DefaultSchema]), as for a directory
+	// without schema.cedarschema. A non-nil empty schema is a schema that declares nothing.
 	Schema []byte
+
+	// unvalidated skips schema validation and the never-matches checks (this package's tests
+	// of evaluation errors; never set outside them).
+	unvalidated bool
 }
 
 // ReadDir reads dir/*.cedar (dot-files skipped, symlinks followed, so Kubernetes ConfigMap
@@ -204,6 +212,9 @@ type Set struct {
 	pols    []*cedar.Policy
 	idx     index
 	full    *cedar.PolicySet // the same policies, unindexed (tests and the baseline benchmark)
+	// static[i]: policy i's conditions read no context but the MCP call's name and method
+	// (see Engine.MayAllow).
+	static []bool
 }
 
 // Version returns the short content hash of the set: the same text gives the same version,
@@ -226,8 +237,18 @@ func Compile(src Source) (*Set, error) {
 		probs = append(probs, &Problem{File: src.Origin, Kind: ErrNoPolicies})
 	}
 	var sch *Schema
-	if src.Schema != nil {
+	schemaName := BuiltinSchemaName
+	switch {
+	case src.unvalidated:
+	case src.Schema == nil:
+		s, err := builtinSchema()
+		if err != nil {
+			return nil, fmt.Errorf("policy: %w", err) // a bug: the embedded schema is tested
+		}
+		sch = s
+	default:
 		name := src.displayName(SchemaFile)
+		schemaName = name
 		s, err := ParseSchema(name, src.Schema)
 		if err != nil {
 			line, col, detail := splitPosition(name, err.Error())
@@ -246,10 +267,23 @@ func Compile(src Source) (*Set, error) {
 			probs = append(probs, parseProblem(file, err))
 			continue
 		}
-		for _, p := range list {
+		text := src.Policies[name]
+		for i, p := range list {
 			pos := p.Position()
+			end := len(text)
+			if i+1 < len(list) {
+				end = list[i+1].Position().Offset
+			}
 			prob := func(id string, kind error, detail string) *Problem {
 				return &Problem{File: file, Line: pos.Line, Column: pos.Column, PolicyID: id, Kind: kind, Detail: detail}
+			}
+			// at is prob at token's position in this policy's text, when it can be found.
+			at := func(id string, kind error, detail, token string) *Problem {
+				pr := prob(id, kind, detail)
+				if l, c := locate(text, pos.Offset, end, token); l > 0 {
+					pr.Line, pr.Column = l, c
+				}
+				return pr
 			}
 			rawID, hasID := p.Annotations()["id"]
 			id := string(rawID)
@@ -266,10 +300,23 @@ func Compile(src Source) (*Set, error) {
 				set.pols = append(set.pols, p)
 				set.full.Add(cedar.PolicyID(id), p)
 			}
+			if src.unvalidated {
+				continue
+			}
+			lints := lintPolicy(p)
+			for _, f := range lints {
+				probs = append(probs, at(id, ErrNeverMatches, f.detail, f.token))
+			}
 			if sch != nil {
 				if err := sch.ValidatePolicy(id, p); err != nil {
-					for line := range strings.SplitSeq(err.Error(), "\n") {
-						pr := prob(id, ErrValidation, line)
+					lines := strings.Split(err.Error(), "\n")
+					for _, line := range lines {
+						if line == noApplicableAction && (len(lines) > 1 || len(lints) > 0) {
+							continue // a consequence of what the other problems say
+						}
+						detail, token := explain(line, sch.actions)
+						pr := at(id, ErrValidation, detail, token)
+						pr.Schema = schemaName
 						pr.cause = err
 						probs = append(probs, pr)
 					}
@@ -281,6 +328,10 @@ func Compile(src Source) (*Set, error) {
 		return nil, &LoadError{Origin: src.Origin, Problems: probs}
 	}
 	set.idx = newIndex(set.pols)
+	set.static = make([]bool, len(set.pols))
+	for i, p := range set.pols {
+		set.static[i] = contextFree(p)
+	}
 	return set, nil
 }
 

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -140,8 +141,10 @@ func TestLoad_SchemaViolationIsRejected(t *testing.T) {
 		t.Fatalf("error = %v", le)
 	}
 	msg := le.Error()
-	if !strings.Contains(msg, filepath.Join(dir, "a.cedar")+`:2:1: policy "typo": `) || !strings.Contains(msg, "methd") || strings.Contains(msg, `"good"`) {
-		t.Fatalf("error should name file:line, the policy and the attribute, and only that:\n%s", msg)
+	// The position is the offending token's: `.methd` on line 2.
+	col := strings.Index(`@id("typo") permit(principal, action, resource) when { context.methd == "GET" };`, ".methd") + 1
+	if !strings.Contains(msg, fmt.Sprintf(`%s:2:%d: policy "typo": `, filepath.Join(dir, "a.cedar"), col)) || !strings.Contains(msg, "methd") || strings.Contains(msg, `"good"`) {
+		t.Fatalf("error should name file:line:col, the policy and the attribute, and only that:\n%s", msg)
 	}
 }
 
@@ -170,5 +173,95 @@ func TestValidateDir(t *testing.T) {
 	}
 	if _, err := ValidateDir(filepath.Join(dir, "nope")); err == nil {
 		t.Fatal("ValidateDir(missing) succeeded")
+	}
+}
+
+// Without schema.cedarschema a directory is validated against the built-in schema: typos that
+// would make every decision a policy_error at run time are rejected at load, each at its
+// token, with a hint where one helps.
+func TestLoad_DirWithoutSchemaIsValidatedAgainstTheBuiltinSchema(t *testing.T) {
+	policies := `@id("ok") permit (principal, action == Action::"GET", resource == Host::"api.github.com");
+@id("typo-attr") permit (principal, action, resource)
+  when { context.methd == "GET" };
+@id("typo-type") permit (principal in Namespce::"agents", action, resource);
+@id("lower-method") permit (principal, action == Action::"get", resource);
+`
+	le, dir := loadErr(t, map[string]string{"p.cedar": policies})
+	file := filepath.Join(dir, "p.cedar")
+	pos := func(token string) string { // line:col of the first occurrence of token
+		i := strings.Index(policies, token)
+		before := policies[:i]
+		return fmt.Sprintf("%s:%d:%d: ", file, strings.Count(before, "\n")+1, i-strings.LastIndex(before, "\n"))
+	}
+	msg := le.Error()
+	for _, want := range []string{
+		"3 problems",
+		pos(".methd") + `policy "typo-attr": policy does not match escrow's built-in schema: attribute ` + "`methd`",
+		pos("Namespce::") + `policy "typo-type": policy does not match escrow's built-in schema: unrecognized entity type ` + "`Namespce`",
+		pos(`Action::"get"`) + `policy "lower-method": policy does not match escrow's built-in schema: unrecognized action ` + "`Action::\"get\"`" + ` (did you mean Action::"GET"? HTTP methods are upper case)`,
+	} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error lacks %q:\n%s", want, msg)
+		}
+	}
+	if strings.Contains(msg, `"ok"`) || strings.Contains(msg, noApplicableAction) {
+		t.Errorf("error names a good policy or repeats the generic scope message:\n%s", msg)
+	}
+	if !errors.Is(le, ErrValidation) {
+		t.Errorf("errors.Is(ErrValidation) = false: %v", le)
+	}
+}
+
+// A schema of one's own replaces the built-in one (how to write policies for methods it does
+// not declare).
+func TestLoad_OwnSchemaReplacesTheBuiltinSchema(t *testing.T) {
+	propfind := `@id("propfind") permit (principal, action == Action::"PROPFIND", resource);`
+	if le, _ := loadErr(t, map[string]string{"p.cedar": propfind}); !errors.Is(le, ErrValidation) {
+		t.Fatalf("PROPFIND without a schema: %v", le)
+	}
+	schema := strings.Replace(string(DefaultSchema()), "action POST, PUT,", "action PROPFIND, POST, PUT,", 1)
+	if _, err := ValidateDir(writeDir(t, map[string]string{"p.cedar": propfind, SchemaFile: schema})); err != nil {
+		t.Fatalf("with a schema declaring PROPFIND: %v", err)
+	}
+}
+
+// Policies that are valid Cedar but can never match a request escrow builds are rejected,
+// whatever the schema, with the reason and the token's position.
+func TestLoad_PolicyThatCanNeverMatchIsRejectedWithAHint(t *testing.T) {
+	for name, c := range map[string]struct{ policy, token, want string }{
+		"principal == ServiceAccount": {
+			`@id("x") permit (principal == ServiceAccount::"agents/coder", action, resource);`,
+			`ServiceAccount::`, "a principal is a Workload; use `principal in ServiceAccount::\"agents/coder\"`"},
+		"principal == Namespace in a condition": {
+			`@id("x") permit (principal, action, resource) when { principal == Namespace::"agents" };`,
+			`Namespace::`, "a principal is a Workload; use `principal in Namespace::\"agents\"`"},
+		"host with upper case": {
+			`@id("x") permit (principal, action, resource == Host::"API.GitHub.com");`,
+			`Host::`, `host names are lower case, without port (did you mean Host::"api.github.com"?)`},
+		"host with port": {
+			`@id("x") permit (principal, action, resource) when { resource in [Host::"a.example", Host::"h.example:443"] };`,
+			`Host::"h.example:443"`, `did you mean Host::"h.example"?`},
+		"tool on an upper-case host": {
+			`@id("x") permit (principal, action == Action::"tools/call", resource == Tool::"MCP.example/Read_File");`,
+			`Tool::`, `did you mean Tool::"mcp.example/Read_File"?`},
+	} {
+		t.Run(name, func(t *testing.T) {
+			for _, schema := range []string{"", string(DefaultSchema())} {
+				files := map[string]string{"p.cedar": "\n" + c.policy}
+				if schema != "" {
+					files[SchemaFile] = schema
+				}
+				le, dir := loadErr(t, files)
+				col := strings.Index(c.policy, c.token) + 1
+				want := fmt.Sprintf(`%s:2:%d: policy "x": %s: `, filepath.Join(dir, "p.cedar"), col, ErrNeverMatches)
+				if !errors.Is(le, ErrNeverMatches) || !strings.Contains(le.Error(), want) || !strings.Contains(le.Error(), c.want) {
+					t.Errorf("error = %v\nwant %q ... %q", le, want, c.want)
+				}
+			}
+		})
+	}
+	// IPv6 literals and lower-case names are fine.
+	if _, err := ValidateDir(writeDir(t, map[string]string{"p.cedar": `@id("x") permit (principal, action, resource) when { resource in [Host::"::1", Host::"10.0.0.1", Host::"api.github.com"] };`})); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"encoding/json"
+	"math/rand/v2"
 	"strings"
 	"testing"
 
@@ -335,5 +336,66 @@ func TestSchema_DeclaredArgumentsAreNotInferred(t *testing.T) {
 		if err := s.ValidatePolicy("a", list[0]); (err != nil) != wantErr {
 			t.Errorf("%s: error %v, want error %v", policy, err, wantErr)
 		}
+	}
+}
+
+// MayAllow is what filters a tools/list: it hides a tool only when no context could let the
+// workload call it.
+func TestEngine_MayAllowHidesOnlyToolsThatCanNeverBeCalled(t *testing.T) {
+	e := NewEngine(Options{Now: fixedClock})
+	if e.MayAllow(toolCall(t, "search", "")) {
+		t.Fatal("MayAllow with no policy set")
+	}
+	if err := e.LoadDir("../examples/mcp/policies"); err != nil {
+		t.Fatal(err)
+	}
+	researcherID := "spiffe://example.org/ns/agents/sa/researcher"
+	for _, c := range []struct {
+		who, tool string
+		want      bool
+	}{
+		{coderID, "read_file", true},    // allowed for some arguments
+		{coderID, "search", true},       // unless an argument is too large
+		{coderID, "delete_repo", true},  // for some delegation and caller
+		{coderID, "admin_reset", false}, // a forbid on the name alone
+		{coderID, "list_secrets", false},
+		{researcherID, "search", false}, // no permit for this workload
+	} {
+		in := toolCall(t, c.tool, "")
+		in.Host, in.Resource.ID = mcpHost, mcpHost+"/"+c.tool
+		in.Identity = spiffeIdentity(c.who)
+		if got := e.MayAllow(in); got != c.want {
+			t.Errorf("%s may call %s: %v, want %v", c.who, c.tool, got, c.want)
+		}
+	}
+	if in := with(toolCall(t, "search", ""), func(in *Input) { in.MCP = nil }); e.MayAllow(in) {
+		t.Error("MayAllow on a malformed input")
+	}
+}
+
+// The property MayAllow must keep: whenever Decide allows, MayAllow says true, over random
+// policy sets and inputs (arguments, times, identities).
+func TestEngine_MayAllowNeverHidesAnAllowedCall(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 0x6d6179))
+	allowed, hidden := 0, 0
+	for range 300 {
+		s := compileText(t, genPolicySet(r, 1+r.IntN(30)))
+		e := engineWith(s)
+		for range 40 {
+			in := genInput(r)
+			may := e.MayAllow(in)
+			if !may {
+				hidden++
+			}
+			if d := decide(e, in); d.Allow {
+				allowed++
+				if !may {
+					t.Fatalf("Decide allows %+v (%v) but MayAllow says false", in, d.PolicyIDs)
+				}
+			}
+		}
+	}
+	if allowed < 100 || hidden < 100 {
+		t.Fatalf("generator is lopsided: %d allowed, %d hidden", allowed, hidden)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 
 	cedar "github.com/cedar-policy/cedar-go"
 	xast "github.com/cedar-policy/cedar-go/x/exp/ast"
@@ -39,7 +40,18 @@ type Schema struct {
 	// inferArgs: the schema declares `type MCPArguments = {};`, so each policy's uses of
 	// context.mcp.arguments declare its attributes (see schema_args.go).
 	inferArgs bool
+	// actions are the names of the schema's actions, for "did you mean" hints.
+	actions []string
 }
+
+// builtinSchema is the default schema, parsed once: policies are validated against it when
+// their Source has no schema of its own.
+var builtinSchema = sync.OnceValues(func() (*Schema, error) {
+	return ParseSchema(BuiltinSchemaName, defaultSchema)
+})
+
+// BuiltinSchemaName is how messages name the default schema.
+const BuiltinSchemaName = "escrow's built-in schema"
 
 // ParseSchema parses and resolves a schema in the Cedar human-readable format. name is used
 // in error messages.
@@ -54,7 +66,12 @@ func ParseSchema(name string, src []byte) (s *Schema, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	return &Schema{name: name, ast: sc.AST(), v: validate.New(rs), inferArgs: inferArguments(sc.AST())}, nil
+	var actions []string
+	for uid := range rs.Actions {
+		actions = append(actions, string(uid.ID))
+	}
+	slices.Sort(actions)
+	return &Schema{name: name, ast: sc.AST(), v: validate.New(rs), inferArgs: inferArguments(sc.AST()), actions: actions}, nil
 }
 
 // ValidatePolicy type-checks one policy against the schema. The error lists every problem,

@@ -196,7 +196,8 @@ func TestCompile_ReportsEveryProblemWithPosition(t *testing.T) {
 				"\n\t" + at("a.cedar") + ":2:1: " + ErrMissingID.Error(),
 				"\n\t" + at("b.cedar") + ":2:25: parse error: near \";\"",
 				"\n\t" + at("c.cedar") + ":1:1: policy \"a\": " + ErrDuplicateID.Error() + ": first defined at " + at("a.cedar") + ":1:1",
-				"\n\t" + at("d.cedar") + ":3:1: policy \"typo\": " + ErrValidation.Error(),
+				// At the token, and naming the schema the policy was validated against.
+				"\n\t" + at("d.cedar") + ":3:63: policy \"typo\": policy does not match " + at(SchemaFile) + ": attribute `methd`",
 				"methd",
 			} {
 				if !strings.Contains(msg, want) {

@@ -2,7 +2,6 @@ package policy
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,12 +9,13 @@ import (
 	"strings"
 	"time"
 
-	"sigs.k8s.io/yaml"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/escrowproxy/escrow/attest"
 )
 
-// The `escrow policy test FILE` format (YAML or JSON; unknown keys are errors):
+// The `escrow policy test FILE` format (YAML, or JSON which is YAML too; unknown keys are
+// errors):
 //
 //	policies: ../policies        # policy directory, relative to this file
 //	time: 2026-01-01T12:00:00Z   # optional default request time (RFC 3339); default: now
@@ -31,41 +31,62 @@ import (
 //	    principal: spiffe://example.org/ns/agents/sa/coder
 //	    request: {action: connect, host: pypi.org, port: 443}
 //	    expect: deny
+//	  - name: an MCP tool call, by a known process, for a user
+//	    principal: spiffe://example.org/ns/agents/sa/coder
+//	    caller: {uid: 1000, gid: 1000, pid: 42, exe: /usr/bin/node, sha256: ab12...}   # context.caller
+//	    delegation: {subject: alice, actors: [spiffe://example.org/ns/agents/sa/orchestrator], issuer: https://idp}
+//	    request: {action: tools/call, host: mcp.example.com, path: /mcp, name: read_file, arguments: {path: /workspace/a}}
+//	    expect: allow
 //
 // request.scheme defaults to https, request.port to 443 (80 for http); a request has either
 // a method or action: connect. "deny" matches every kind of deny (policy_denied or
-// policy_error); the result reports which.
+// policy_error); the result reports which. Every mistake in the file is reported at once, each
+// with the case's number and name and the key, e.g. `case 2 ("tunnel"): request.prot: unknown
+// key (did you mean port?)`.
 
 type testFile struct {
-	Policies string     `json:"policies"`
-	Time     *time.Time `json:"time,omitempty"`
-	Cases    []testCase `json:"cases"`
+	Policies string
+	Time     *time.Time
+	Cases    []testCase
 }
 
 type testCase struct {
-	Name      string        `json:"name"`
-	Principal string        `json:"principal"`
-	Identity  *testIdentity `json:"identity,omitempty"`
-	Time      *time.Time    `json:"time,omitempty"`
-	Request   testRequest   `json:"request"`
-	Expect    string        `json:"expect"`
-	Policies  []string      `json:"policies,omitempty"`
+	Name       string
+	Principal  string
+	Identity   *testIdentity
+	Caller     *attest.Process
+	Delegation *attest.Delegation
+	Time       *time.Time
+	Request    testRequest
+	Expect     string
+	Policies   []string
 }
 
 type testIdentity struct {
-	Attested   *bool  `json:"attested,omitempty"`
-	Source     string `json:"source,omitempty"`
-	ExpiresInS *int64 `json:"expires_in_s,omitempty"`
+	Attested   *bool
+	Source     string
+	ExpiresInS *int64
 }
 
 type testRequest struct {
-	Action     string `json:"action,omitempty"`
-	Method     string `json:"method,omitempty"`
-	Scheme     string `json:"scheme,omitempty"`
-	Host       string `json:"host"`
-	Port       int    `json:"port,omitempty"`
-	Path       string `json:"path,omitempty"`
-	Credential string `json:"credential,omitempty"`
+	Action     string
+	Method     string
+	Scheme     string
+	Host       string
+	Port       int
+	Path       string
+	Credential string
+	Upgrade    string
+	// MCP calls (action tools/call, resources/read or prompts/get).
+	Name      string
+	Arguments map[string]any
+}
+
+// mcpResourceTypes maps the MCP actions to their resource's entity type.
+var mcpResourceTypes = map[string]string{
+	ActionToolsCall:     TypeTool,
+	ActionResourcesRead: TypeResource,
+	ActionPromptsGet:    TypePrompt,
 }
 
 // Report is the result of RunTests.
@@ -154,12 +175,18 @@ func RunTests(path string, opts ...TestOption) (Report, error) {
 	if err != nil {
 		return rep, fmt.Errorf("policy: test file: %w", err)
 	}
-	var tf testFile
-	if err := yaml.UnmarshalStrict(raw, &tf); err != nil {
-		return rep, fmt.Errorf("policy: test file %s: %w", path, err)
+	tf, parsed, ok := parseTestFile(raw)
+	var checked []fileProblem
+	if ok {
+		checked = tf.check(cfg.dir != "")
 	}
-	if err := tf.check(cfg.dir != ""); err != nil {
-		return rep, fmt.Errorf("policy: test file %s: %w", path, err)
+	problems := mergeProblems(parsed, checked)
+	switch len(problems) {
+	case 0:
+	case 1:
+		return rep, fmt.Errorf("policy: test file %s: %s", path, problems[0])
+	default:
+		return rep, fmt.Errorf("policy: test file %s: %d problems:\n\t%s", path, len(problems), strings.Join(problems, "\n\t"))
 	}
 	dir := cfg.dir
 	if dir == "" {
@@ -208,53 +235,80 @@ func sortedCopy(s []string) []string {
 	return out
 }
 
-// check reports every malformed case at once.
-func (tf *testFile) check(dirGiven bool) error {
-	var errs []error
+// check reports every malformed case at once (what parseTestFile cannot see: missing keys,
+// values out of their sets, conflicts).
+func (tf *testFile) check(dirGiven bool) []fileProblem {
+	var errs []fileProblem
 	if tf.Policies == "" && !dirGiven {
-		errs = append(errs, errors.New("`policies` (the policy directory) is required"))
+		errs = append(errs, fileProblem{key: "policies", msg: "required (the policy directory, relative to this file)"})
 	}
 	if len(tf.Cases) == 0 {
-		errs = append(errs, errors.New("no cases"))
+		errs = append(errs, fileProblem{key: "cases", msg: "no cases"})
 	}
 	names := map[string]bool{}
 	for i, c := range tf.Cases {
-		bad := func(format string, args ...any) {
-			errs = append(errs, fmt.Errorf("case %d (%q): %s", i+1, c.Name, fmt.Sprintf(format, args...)))
+		bad := func(key, format string, args ...any) {
+			errs = append(errs, fileProblem{where: caseLabel(i, c.Name), key: key, msg: fmt.Sprintf(format, args...)})
 		}
 		switch {
 		case c.Name == "":
-			bad("name is required")
+			bad("name", "required")
 		case names[c.Name]:
-			bad("duplicate name")
+			bad("name", "duplicate name")
 		}
 		names[c.Name] = true
 		if c.Principal == "" {
-			bad("principal is required")
+			bad("principal", "required")
+		} else if _, err := spiffeid.FromString(c.Principal); err != nil {
+			bad("principal", "%q is not a SPIFFE ID (spiffe://<trust domain>/<path>): %v", c.Principal, err)
 		}
-		if c.Expect != "allow" && c.Expect != "deny" {
-			bad("expect must be allow or deny, not %q", c.Expect)
+		switch c.Expect {
+		case "allow", "deny":
+		case "":
+			bad("expect", "required: allow or deny")
+		default:
+			bad("expect", "must be allow or deny, not %q", c.Expect)
+		}
+		if ci := c.Identity; ci != nil && ci.Source != "" && ci.Source != attest.SourceSPIFFE && ci.Source != attest.SourceStatic {
+			bad("identity.source", "must be %s or %s, not %q", attest.SourceSPIFFE, attest.SourceStatic, ci.Source)
 		}
 		r := c.Request
 		if r.Host == "" {
-			bad("request.host is required")
+			bad("request.host", "required")
+		}
+		_, isMCP := mcpResourceTypes[r.Action]
+		switch {
+		case r.Action != "" && r.Action != ActionConnect && !isMCP:
+			bad("request.action", "must be %s, %s, %s or %s (use request.method for HTTP methods), not %q",
+				ActionConnect, ActionToolsCall, ActionResourcesRead, ActionPromptsGet, r.Action)
+		case r.Action != "" && r.Method != "":
+			bad("request", "has both action and method")
+		case r.Action == "" && r.Method == "":
+			bad("request", "needs a method (or an action: connect, tools/call, resources/read, prompts/get)")
 		}
 		switch {
-		case r.Action != "" && r.Action != ActionConnect:
-			bad("request.action must be %q (use request.method for HTTP methods)", ActionConnect)
-		case r.Action != "" && r.Method != "":
-			bad("request has both action and method")
-		case r.Action == "" && r.Method == "":
-			bad("request needs a method (or action: connect)")
+		case isMCP && r.Name == "":
+			bad("request.name", "required for %s (the tool or prompt name, or the resource URI)", r.Action)
+		case !isMCP && r.Name != "":
+			bad("request.name", "only for the MCP actions (tools/call, resources/read, prompts/get)")
+		case !isMCP && r.Arguments != nil:
+			bad("request.arguments", "only for the MCP actions (tools/call, resources/read, prompts/get)")
 		}
 		if r.Scheme != "" && r.Scheme != "http" && r.Scheme != "https" {
-			bad("request.scheme must be http or https, not %q", r.Scheme)
+			bad("request.scheme", "must be http or https, not %q", r.Scheme)
 		}
 		if r.Port < 0 || r.Port > 65535 {
-			bad("request.port %d out of range", r.Port)
+			bad("request.port", "%d is out of range (1-65535; 0 or absent for the scheme's default)", r.Port)
 		}
 	}
-	return errors.Join(errs...)
+	return errs
+}
+
+func caseLabel(i int, name string) string {
+	if name == "" {
+		return fmt.Sprintf("case %d", i+1)
+	}
+	return fmt.Sprintf("case %d (%q)", i+1, name)
 }
 
 func (c testCase) input(defaultTime time.Time) Input {
@@ -297,8 +351,14 @@ func (c testCase) input(defaultTime time.Time) Input {
 		Credential: r.Credential,
 		Time:       t,
 	}
+	in.Caller, in.Delegation, in.Upgrade = c.Caller, c.Delegation, r.Upgrade
 	if r.Action == ActionConnect {
 		in.Action = ActionConnect
+	}
+	if typ, ok := mcpResourceTypes[r.Action]; ok {
+		in.Action = r.Action
+		in.Resource = Resource{Type: typ, ID: r.Host + "/" + r.Name}
+		in.MCP = &MCPCall{Method: r.Action, Name: r.Name, Arguments: r.Arguments}
 	}
 	if in.Scheme == "" {
 		in.Scheme = "https"

@@ -81,7 +81,7 @@ func TestRunTests_JSONFileAndPolicyDirOverride(t *testing.T) {
 }
 
 func TestRunTests_BadFile(t *testing.T) {
-	if _, err := RunTests("testdata/unknown-key.test.yaml"); err == nil || !strings.Contains(err.Error(), "expected") {
+	if _, err := RunTests("testdata/unknown-key.test.yaml"); err == nil || !strings.HasSuffix(err.Error(), `: case 1 ("typo"): expected: unknown key (did you mean expect?)`) {
 		t.Fatalf("unknown key: err = %v", err)
 	}
 	if _, err := RunTests("testdata/no-such.test.yaml"); !errors.Is(err, os.ErrNotExist) {
@@ -89,16 +89,20 @@ func TestRunTests_BadFile(t *testing.T) {
 	}
 	dir := t.TempDir()
 	for name, tc := range map[string]struct{ body, want string }{
-		"not yaml":         {"cases: [", "yaml"},
-		"no cases":         {"policies: " + absTestdata(t) + "\ncases: []\n", "no cases"},
-		"no policies":      {"cases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "`policies`"},
-		"bad expect":       {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allowed}\n", "expect must be"},
-		"no host":          {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET}, expect: allow}\n", "request.host is required"},
-		"method and act":   {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, action: connect, host: h}, expect: allow}\n", "both action and method"},
-		"bad action":       {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {action: GET, host: h}, expect: allow}\n", "request.action must be"},
-		"duplicate name":   {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "duplicate name"},
-		"bad policies dir": {"policies: nope\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "no such file"},
-		"broken policies":  {"policies: broken\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "@id"},
+		"not yaml":          {"cases: [", "yaml"},
+		"no cases":          {"policies: " + absTestdata(t) + "\ncases: []\n", "cases: no cases"},
+		"no policies":       {"cases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "policies: required"},
+		"bad expect":        {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allowed}\n", `case 1 ("a"): expect: must be allow or deny, not "allowed"`},
+		"no host":           {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET}, expect: allow}\n", `case 1 ("a"): request.host: required`},
+		"method and act":    {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, action: connect, host: h}, expect: allow}\n", `case 1 ("a"): request: has both action and method`},
+		"bad action":        {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {action: GET, host: h}, expect: allow}\n", `case 1 ("a"): request.action: must be connect, tools/call, resources/read or prompts/get (use request.method for HTTP methods), not "GET"`},
+		"tool without name": {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {action: tools/call, host: h}, expect: allow}\n", `case 1 ("a"): request.name: required for tools/call`},
+		"name on GET":       {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h, name: x}, expect: allow}\n", `case 1 ("a"): request.name: only for the MCP actions`},
+		"arguments as text": {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {action: tools/call, name: t, host: h, arguments: x}, expect: allow}\n", `case 1 ("a"): request.arguments: must be a mapping`},
+		"caller uid text":   {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, caller: {uid: root}, request: {method: GET, host: h}, expect: allow}\n", `case 1 ("a"): caller.uid: must be a whole number, not the string "root"`},
+		"duplicate name":    {"policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", `case 2 ("a"): name: duplicate name`},
+		"bad policies dir":  {"policies: nope\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "no such file"},
+		"broken policies":   {"policies: broken\ncases:\n  - {name: a, principal: spiffe://x/y, request: {method: GET, host: h}, expect: allow}\n", "@id"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			if err := os.MkdirAll(filepath.Join(dir, "broken"), 0o755); err != nil {
@@ -111,5 +115,69 @@ func TestRunTests_BadFile(t *testing.T) {
 				t.Fatalf("err = %v, want it to mention %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// Every mistake of a test file is reported at once, each with the case number (and name) and
+// the YAML key, in YAML terms: no "error unmarshaling JSON", no Go types.
+func TestRunTests_ReportsEveryMistakeWithCaseAndKey(t *testing.T) {
+	dir := t.TempDir()
+	writeFiles(t, dir, map[string]string{"t.yaml": `
+policies: ` + absTestdata(t) + `
+tme: 2026-01-01T00:00:00Z
+cases:
+  - name: typo in a request key
+    principal: spiffe://example.org/ns/agents/sa/coder
+    request: {method: GET, host: api.github.com, prot: 443}
+    expect: allow
+  - name: port as text
+    principal: spiffe://example.org/ns/agents/sa/coder
+    request: {method: GET, host: api.github.com, port: "443x"}
+    expect: allow
+  - name: not a SPIFFE ID
+    principal: coder
+    request: {method: GET, host: api.github.com}
+    expect: allow
+  - principal: spiffe://example.org/ns/agents/sa/coder
+    request: {method: GET, host: api.github.com}
+    expct: deny
+  - name: bad identity and time
+    principal: spiffe://example.org/ns/agents/sa/coder
+    identity: {attested: yes please, expires_in_s: 1.5, sorce: spiffe}
+    time: tomorrow
+    request: {method: GET, host: api.github.com}
+    expect: allow
+    policies: allow-github-read
+`})
+	_, err := RunTests(filepath.Join(dir, "t.yaml"))
+	if err == nil {
+		t.Fatal("a broken test file ran")
+	}
+	msg := err.Error()
+	for _, want := range []string{
+		"11 problems:",
+		"\n\ttme: unknown key (did you mean time?)",
+		"\n\tcase 1 (\"typo in a request key\"): request.prot: unknown key (did you mean port?)",
+		"\n\tcase 2 (\"port as text\"): request.port: must be a whole number, not the string \"443x\"",
+		"\n\tcase 3 (\"not a SPIFFE ID\"): principal: \"coder\" is not a SPIFFE ID",
+		"\n\tcase 4: expct: unknown key (did you mean expect?)",
+		"\n\tcase 4: name: required",
+		"\n\tcase 5 (\"bad identity and time\"): identity.attested: must be true or false, not the string \"yes please\"",
+		"\n\tcase 5 (\"bad identity and time\"): identity.expires_in_s: must be a whole number, not the number 1.5",
+		"\n\tcase 5 (\"bad identity and time\"): identity.sorce: unknown key (did you mean source?)",
+		"\n\tcase 5 (\"bad identity and time\"): time: must be an RFC 3339 time such as 2026-01-05T09:30:00Z, not the string \"tomorrow\"",
+		"\n\tcase 5 (\"bad identity and time\"): policies: must be a list of strings, not the string \"allow-github-read\"",
+	} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error lacks %q", want)
+		}
+	}
+	for _, never := range []string{"JSON", "json", "unmarshal", "int64", "Go value", "expect: required"} {
+		if strings.Contains(msg, never) {
+			t.Errorf("error says %q:\n%s", never, msg)
+		}
+	}
+	if t.Failed() {
+		t.Log(msg)
 	}
 }

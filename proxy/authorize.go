@@ -15,7 +15,7 @@ import (
 const (
 	kindRequest = "request" // a plain or intercepted HTTP request
 	kindTunnel  = "tunnel"  // a blind CONNECT tunnel, recorded when it closes
-	kindConnect = "connect" // a CONNECT refused before it became a tunnel or an interception
+	kindConnect = "connect" // a CONNECT refused before it became a tunnel or an interception, or an intercepted connection that carried no request
 )
 
 // actionConnect is the policy action of a blind tunnel (see docs/policy.md).
@@ -41,8 +41,11 @@ func policyReason(r policy.Reason) Reason {
 // the internal error behind it (logged, never sent to the agent).
 type verdict struct {
 	Identity attest.Identity
-	Reason   Reason
-	Cause    error
+	// Input is the decided input as the policy saw it (identity, time, caller, delegation
+	// filled in): the base of any further decision about the same request.
+	Input  policy.Input
+	Reason Reason
+	Cause  error
 }
 
 // authorize is the attest → policy step shared by requests and tunnels: it establishes the
@@ -54,8 +57,22 @@ func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Pe
 		return verdict{Reason: ReasonIdentityUnavailable, Cause: err}
 	}
 	setIdentity(rec, id)
+	if p.deleg != nil {
+		// Whom the caller acts for: a token that does not verify is a denial, never ignored.
+		d, err := p.deleg.VerifyHeader(ctx, peer.ProxyAuthorization, id.SPIFFEID)
+		if err != nil {
+			return verdict{Identity: id, Reason: ReasonDelegationInvalid, Cause: err}
+		}
+		if d != nil {
+			in.Delegation = d
+			rec.DelegationSubject, rec.DelegationActors, rec.DelegationTokenID = d.Subject, d.Actors, d.TokenID
+		}
+	}
+	if c := in.Caller; c != nil {
+		rec.CallerPID, rec.CallerUID, rec.CallerExe = c.PID, c.UID, c.Exe
+	}
 	in.Identity, in.Time = id, p.now()
-	return verdict{Identity: id, Reason: p.decide(ctx, rec, in, mode)}
+	return verdict{Identity: id, Input: in, Reason: p.decide(ctx, rec, in, mode)}
 }
 
 // decide asks the policy about in, records the outcome on rec, and returns ReasonAllowed or the

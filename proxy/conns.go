@@ -15,6 +15,7 @@ type conns struct {
 	open    map[net.Conn]struct{}
 	active  sync.WaitGroup // one per tracked relay, released after its audit record is written
 	closing atomic.Bool
+	forced  atomic.Bool // the drain period ended: connections still open were closed
 }
 
 func newConns() *conns { return &conns{open: map[net.Conn]struct{}{}} }
@@ -72,6 +73,7 @@ func (c *conns) drain(ctx context.Context) (forced bool) {
 		return false
 	case <-ctx.Done():
 	}
+	c.forced.Store(true)
 	c.mu.Lock()
 	for x := range c.open {
 		_ = x.Close()

@@ -27,6 +27,10 @@ const (
 	ReasonUpstreamUnavailable   Reason = "upstream_unavailable"
 	ReasonUpstreamTimeout       Reason = "upstream_timeout"
 	ReasonShuttingDown          Reason = "shutting_down"
+	ReasonMethodNotAllowed      Reason = "method_not_allowed"
+	ReasonAuditUnavailable      Reason = "audit_unavailable"
+	ReasonResponseUnscannable   Reason = "response_unscannable"
+	ReasonDelegationInvalid     Reason = "delegation_invalid"
 	// ReasonAgentClosed is not a denial: an allowed response was cut short because the agent
 	// went away. It only appears in audit records and metrics.
 	ReasonAgentClosed Reason = "agent_closed"
@@ -35,6 +39,10 @@ const (
 // ReasonHeader carries the reason of a denial. escrow removes it from upstream responses, so an
 // upstream cannot forge an escrow denial.
 const ReasonHeader = "X-Escrow-Reason"
+
+// RequestIDHeader carries the audit record's request_id on every response escrow forwards or
+// makes, so an agent's log line can be matched to its record. An upstream's own is replaced.
+const RequestIDHeader = "X-Escrow-Request-Id"
 
 type denial struct {
 	status  int
@@ -57,6 +65,10 @@ var denials = map[Reason]denial{
 	ReasonUpstreamUnavailable:   {http.StatusBadGateway, "the upstream could not be reached"},
 	ReasonUpstreamTimeout:       {http.StatusGatewayTimeout, "the upstream did not answer in time"},
 	ReasonShuttingDown:          {http.StatusServiceUnavailable, "escrow is shutting down"},
+	ReasonMethodNotAllowed:      {http.StatusMethodNotAllowed, "this method is never sent with a credential"},
+	ReasonAuditUnavailable:      {http.StatusServiceUnavailable, "audit records cannot be written; escrow serves no request it cannot record"},
+	ReasonDelegationInvalid:     {http.StatusProxyAuthRequired, "the delegation token in Proxy-Authorization is missing or does not verify"},
+	ReasonResponseUnscannable:   {http.StatusBadGateway, "the upstream's response is compressed although escrow asked for none, so it cannot be checked for the credential"},
 }
 
 // Status returns the HTTP status escrow answers with for r.
@@ -74,10 +86,14 @@ type denialBody struct {
 }
 
 // writeDenial answers the agent with the reason's status, a JSON body and X-Escrow-Reason.
-func writeDenial(w http.ResponseWriter, reason Reason, requestID string) {
+// message replaces the reason's default message when set; it is always a fixed text.
+func writeDenial(w http.ResponseWriter, reason Reason, message, requestID string) int64 {
 	d, ok := denials[reason]
 	if !ok {
 		d = denial{http.StatusForbidden, "denied"}
+	}
+	if message != "" {
+		d.message = message
 	}
 	body, _ := json.Marshal(denialBody{Error: reason, Message: d.message, RequestID: requestID})
 	body = append(body, '\n')
@@ -86,6 +102,14 @@ func writeDenial(w http.ResponseWriter, reason Reason, requestID string) {
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	h.Set(ReasonHeader, string(reason))
 	h.Set("Cache-Control", "no-store")
+	if requestID != "" {
+		h.Set(RequestIDHeader, requestID)
+	}
+	if reason == ReasonDelegationInvalid {
+		// RFC 9110 §11.7.1: a 407 says how to authenticate to the proxy.
+		h.Set("Proxy-Authenticate", "Bearer")
+	}
 	w.WriteHeader(d.status)
 	_, _ = w.Write(body)
+	return int64(len(body))
 }

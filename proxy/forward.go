@@ -14,11 +14,13 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/escrowproxy/escrow/audit"
 	"github.com/escrowproxy/escrow/credential"
 	"github.com/escrowproxy/escrow/proxy/egress"
+	"github.com/escrowproxy/escrow/proxy/scrub"
 )
 
 // fwdKey carries the in-flight forward's state to the ReverseProxy callbacks.
@@ -30,8 +32,11 @@ type fwdState struct {
 	rec   *audit.Record
 	start time.Time
 	out   outbound
-	cr    countingReader
-	cw    countingWriter
+	// finished: upstreamError already denied and finished the record.
+	finished bool
+	redacted atomic.Int64 // occurrences of the injected value replaced in the response
+	cr       countingReader
+	cw       countingWriter
 }
 
 // outbound is what handle decided for the upstream request: where it goes and which credential
@@ -42,6 +47,11 @@ type outbound struct {
 	port         int
 	applier      credential.Applier // nil: no credential bound
 	token        credential.Token
+	// scrubber replaces the injected value in the response; nil: not scrubbed.
+	scrubber *scrub.Scrubber
+	// filter rewrites the response (an MCP tools/list answer); an error answers 502 so nothing
+	// unfiltered reaches the agent. nil: none.
+	filter func(*http.Response) error
 }
 
 // fixedLengthFlushInterval is how long bytes of a response with a Content-Length may wait in
@@ -68,13 +78,26 @@ func (p *Proxy) newReverseProxy(tr http.RoundTripper) *httputil.ReverseProxy {
 		ErrorLog:      zap.NewStdLog(p.log.Named("forward")),
 		ModifyResponse: func(resp *http.Response) error {
 			resp.Header.Del(ReasonHeader)
+			resp.Header.Del(RequestIDHeader)
+			st, _ := resp.Request.Context().Value(fwdKey{}).(*fwdState)
+			if st != nil && st.out.scrubber != nil {
+				if err := st.scrubResponse(resp, p.metrics.Redactions); err != nil {
+					return err
+				}
+			}
+			if st != nil && st.out.filter != nil {
+				if err := st.out.filter(resp); err != nil {
+					return err
+				}
+			}
 			if resp.Trailer != nil {
 				// Neither as an announced trailer nor as one that arrives after the body.
 				delete(resp.Trailer, ReasonHeader)
-				resp.Body = &trailerScrub{ReadCloser: resp.Body, resp: resp}
+				resp.Body = &trailerScrub{ReadCloser: resp.Body, resp: resp, st: st}
 			}
-			if st, ok := resp.Request.Context().Value(fwdKey{}).(*fwdState); ok {
-				st.rec.UpstreamStatus = resp.StatusCode
+			if st != nil {
+				resp.Header[RequestIDHeader] = []string{st.rec.RequestID}
+				st.rec.UpstreamStatus, st.rec.Status = resp.StatusCode, resp.StatusCode
 				st.rec.UpstreamDur = p.now().Sub(st.start)
 			}
 			return nil
@@ -94,18 +117,19 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *
 		out.Body = cr
 	}
 	cw := &st.cw
-	cw.ResponseWriter, cw.n, cw.p = w, &rec.BytesOut, p
+	cw.ResponseWriter, cw.n, cw.p, cw.st = w, &rec.BytesOut, p, st
 	defer func() {
 		if v := recover(); v != nil {
 			// The transport may still hold the body reader in another goroutine: read atomically.
 			// Only here: once finish has handed rec to the sink, rec is no longer ours to write.
 			rec.BytesIn = cr.n.Load()
-			if rec.Reason == "" {
+			rec.Redacted = int(st.redacted.Load())
+			if rec.Decision != audit.Deny && rec.Outcome == "" {
 				// The body copy broke after the upstream answered: either the agent left (its
 				// request context is done) or the upstream's stream broke.
-				rec.Reason = string(ReasonUpstreamUnavailable)
+				rec.Outcome = audit.OutcomeUpstreamUnavailable
 				if out.Context().Err() != nil {
-					rec.Reason = string(ReasonAgentClosed)
+					rec.Outcome = p.goneOutcome()
 				}
 			}
 			p.finish(rec)
@@ -116,10 +140,14 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rt *route, rec *
 		}
 	}()
 	rt.forward.ServeHTTP(cw, out)
+	if st.finished {
+		return // denied (and finished) by upstreamError
+	}
 	if rec.UpstreamDur == 0 {
 		rec.UpstreamDur = p.now().Sub(st.start)
 	}
 	rec.BytesIn = cr.n.Load()
+	rec.Redacted = int(st.redacted.Load())
 	if u := cw.upgraded; u != nil {
 		// An upgraded connection (WebSocket): count what crossed it after the 101.
 		rec.BytesIn += u.in.Load()
@@ -139,6 +167,15 @@ func rewrite(pr *httputil.ProxyRequest) {
 	// Proxy-Authorization is the agent's credential for escrow, never the upstream's
 	// (ReverseProxy drops it as hop-by-hop too; this does not rely on that).
 	out.Header.Del("Proxy-Authorization")
+	if st.out.applier == nil {
+		// A route without a credential passes no credential either: the agent's own
+		// Authorization stays with the agent (a route with one replaces it when applying).
+		out.Header.Del("Authorization")
+	}
+	if st.out.scrubber != nil {
+		// An answer escrow can scan: identity encoding, whole (no ranges to reassemble).
+		scrub.PrepareRequest(out.Header)
+	}
 }
 
 // applyingTransport puts the route's credential on the outbound request right before it is
@@ -166,45 +203,70 @@ func (t applyingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 }
 
 // upstreamError classifies a failed round trip. The agent gets a stable reason, never the error.
+// A credential that cannot be applied and a denied address are denials; the rest happened to a
+// request that was let through, and are its outcome.
 func (p *Proxy) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	st, _ := r.Context().Value(fwdKey{}).(*fwdState)
 	if st == nil {
-		writeDenial(w, ReasonUpstreamUnavailable, "")
+		writeDenial(w, ReasonUpstreamUnavailable, "", "")
 		return
 	}
 	rec := st.rec
-	reason := ReasonUpstreamUnavailable
+	rec.UpstreamDur = p.now().Sub(st.start)
 	var denied *egress.DeniedError
 	var ne net.Error
 	var ae *applyError
 	switch {
 	case errors.As(err, &ae):
-		reason = ReasonCredentialUnavailable
+		p.deny(w, rec, ReasonCredentialUnavailable, withoutURL(err))
+		st.finished = true
+		return
 	case errors.As(err, &denied):
-		reason = ReasonEgressDenied
-	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
-		reason = ReasonUpstreamTimeout
-	}
-	rec.UpstreamDur = p.now().Sub(st.start)
-	markDenied(rec, reason)
-	if r.Context().Err() != nil {
-		// The agent went away; there is nobody to answer.
-		p.log.Debug("agent canceled", zap.String("request_id", rec.RequestID))
+		p.deny(w, rec, ReasonEgressDenied, withoutURL(err))
+		st.finished = true
 		return
 	}
-	p.log.Info("upstream error", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(withoutURL(err)))
-	writeDenial(w, reason, rec.RequestID)
+	outcome := ReasonUpstreamUnavailable
+	switch {
+	case r.Context().Err() != nil:
+		// The agent went away (or the drain period ended); there is nobody to answer.
+		rec.Outcome = p.goneOutcome()
+		p.log.Debug("agent gone", zap.String("request_id", rec.RequestID))
+		return
+	case st.cr.err() != nil:
+		// The agent's body could not be read (a malformed chunk, a short body).
+		outcome = ReasonBadRequest
+	case errors.Is(err, errUnscannable):
+		outcome = ReasonResponseUnscannable
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		outcome = ReasonUpstreamTimeout
+	}
+	rec.Outcome, rec.Status = string(outcome), outcome.Status()
+	p.log.Info("upstream error", zap.String("request_id", rec.RequestID), zap.String("outcome", string(outcome)), zap.Error(withoutURL(err)))
+	writeDenial(w, outcome, "", rec.RequestID)
 }
 
 type countingReader struct {
 	io.ReadCloser
-	n atomic.Int64
+	n    atomic.Int64
+	rerr atomic.Pointer[error] // the first read error other than EOF
 }
 
 func (c *countingReader) Read(b []byte) (int, error) {
 	n, err := c.ReadCloser.Read(b)
 	c.n.Add(int64(n))
+	if err != nil && err != io.EOF {
+		c.rerr.CompareAndSwap(nil, &err)
+	}
 	return n, err
+}
+
+// err is the first error reading the agent's body, other than its end.
+func (c *countingReader) err() error {
+	if e := c.rerr.Load(); e != nil {
+		return *e
+	}
+	return nil
 }
 
 // countingWriter counts response bytes; Unwrap lets http.ResponseController reach Flush on the
@@ -215,6 +277,7 @@ type countingWriter struct {
 	n        *int64
 	p        *Proxy
 	upgraded *upgradedConn
+	st       *fwdState
 }
 
 func (c *countingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -271,24 +334,62 @@ func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter 
 // ReverseProxy relays as they arrive, before ModifyResponse sees the final one.
 func (c *countingWriter) WriteHeader(code int) {
 	if code < 200 {
+		// And the injected value from them (103 Early Hints carries Link headers).
 		c.Header().Del(ReasonHeader)
+		if s := c.st.out.scrubber; s != nil {
+			if n := s.Header(c.Header()); n > 0 {
+				c.st.redacted.Add(int64(n))
+				c.p.metrics.Redactions.Add(float64(n))
+			}
+		}
 	}
 	c.ResponseWriter.WriteHeader(code)
 }
 
-// trailerScrub removes X-Escrow-Reason from the trailers the transport fills in at the end of
-// the body, before ReverseProxy copies them to the agent.
+// trailerScrub removes X-Escrow-Reason, and the injected value when the route scrubs, from the
+// trailers the transport fills in at the end of the body, before ReverseProxy copies them.
 type trailerScrub struct {
 	io.ReadCloser
 	resp *http.Response
+	st   *fwdState // nil: not forwarded by escrow's pipeline
 }
 
 func (t *trailerScrub) Read(b []byte) (int, error) {
 	n, err := t.ReadCloser.Read(b)
 	if err != nil {
 		delete(t.resp.Trailer, ReasonHeader)
+		if t.st != nil && t.st.out.scrubber != nil {
+			t.st.redacted.Add(int64(t.st.out.scrubber.Header(t.resp.Trailer)))
+		}
 	}
 	return n, err
+}
+
+// errUnscannable is a scrubbed route's response whose body is compressed although escrow asked
+// for identity: it cannot be checked for the credential, so it is not passed on.
+var errUnscannable = errors.New("proxy: the upstream answered with a content coding that cannot be scanned")
+
+// scrubResponse replaces the injected value in the response's headers and, for text-like
+// bodies, in the body as it streams (bounded: scrub.DefaultLimit bytes).
+func (st *fwdState) scrubResponse(resp *http.Response, redactions prometheus.Counter) error {
+	s := st.out.scrubber
+	if n := s.Header(resp.Header); n > 0 {
+		st.redacted.Add(int64(n))
+		redactions.Add(float64(n))
+	}
+	switch plan := scrub.PlanBody(resp.Header); {
+	case plan.Reason == scrub.ReasonEncoded:
+		return errUnscannable
+	case plan.Scan && resp.Body != nil && resp.Body != http.NoBody && resp.StatusCode != http.StatusSwitchingProtocols:
+		// (A 101's body is the upgraded connection: a byte stream escrow does not read.)
+		resp.Body = s.Body(resp.Body, scrub.BodyOptions{OnDone: func(r scrub.BodyResult) {
+			if r.Redacted > 0 {
+				st.redacted.Add(int64(r.Redacted))
+				redactions.Add(float64(r.Redacted))
+			}
+		}})
+	}
+	return nil
 }
 
 // withoutURL drops the request URL from a transport error before it is logged: with a query

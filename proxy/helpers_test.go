@@ -159,6 +159,7 @@ type testProxy struct {
 	Client     *http.Client
 	Transport  *http.Transport
 	Roots      *x509.CertPool // the trust bundle the agent reads
+	BundleFile string         // the trust bundle's file (pod CA), for real clients
 	Proxy      *Proxy
 	Sidecar    *Sidecar
 	Metrics    *telemetry.Metrics
@@ -243,7 +244,8 @@ func newTestProxy(t testing.TB, yamlExtra string, opts ...option) *testProxy {
 	}
 	sc, err := Build(context.Background(), cfg, d)
 	must(t, err)
-	bundle, err := os.ReadFile(filepath.Join(cfg.CADir, config.TrustBundleFile))
+	tp.BundleFile = filepath.Join(cfg.CADir, config.TrustBundleFile)
+	bundle, err := os.ReadFile(tp.BundleFile)
 	must(t, err)
 	roots := x509.NewCertPool()
 	if !roots.AppendCertsFromPEM(bundle) {

@@ -110,6 +110,7 @@ upstreams:
     address: ` + up.Listener.Addr().String() + `
     credential: api
     unsafe_plaintext_credential: true
+    scrub_responses: false # the upstream echoes the credential for the test to check
 credentials:
   api: {static: {env: UNUSED}}
 egress: {allow_cidrs: [127.0.0.0/8]}

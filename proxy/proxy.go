@@ -33,6 +33,7 @@ import (
 	"github.com/escrowproxy/escrow/credential"
 	"github.com/escrowproxy/escrow/policy"
 	"github.com/escrowproxy/escrow/proxy/egress"
+	"github.com/escrowproxy/escrow/proxy/scrub"
 	"github.com/escrowproxy/escrow/telemetry"
 )
 
@@ -49,6 +50,18 @@ type Authorizer interface {
 // Credentials returns the current credential for a request (a name, the caller, a scope).
 type Credentials interface {
 	Get(ctx context.Context, r credential.Request) (credential.Token, error)
+}
+
+// DelegationVerifier verifies the delegation token an agent presents in Proxy-Authorization
+// (attest.DelegationVerifier): nil and no error when it presents none and none is required.
+type DelegationVerifier interface {
+	VerifyHeader(ctx context.Context, proxyAuthorization, workload string) (*attest.Delegation, error)
+}
+
+// CallerFinder finds the process at the other end of an accepted connection
+// (attest.ProcessFinder).
+type CallerFinder interface {
+	FromConn(ctx context.Context, c net.Conn) (*attest.Process, error)
 }
 
 // LeafSource mints (or returns cached) TLS leaf certificates for intercepted hosts.
@@ -77,12 +90,18 @@ type Options struct {
 	Now  func() time.Time
 	// Inspectors returns the inspector of an upstream entry, or nil for none (the default).
 	Inspectors func(config.Upstream) Inspector
+	// Delegation verifies delegation tokens (config delegation); nil: none are read.
+	Delegation DelegationVerifier
+	// Callers finds each connection's calling process (identity.process); nil: not looked up.
+	Callers CallerFinder
 }
 
 // Proxy is the request pipeline and the CONNECT handler. It is an http.Handler for the proxy
 // listener; Serve runs it.
 type Proxy struct {
 	id      Identifier
+	deleg   DelegationVerifier // nil: no delegation
+	callers CallerFinder       // nil: no process lookup
 	pol     Authorizer
 	creds   Credentials
 	ca      LeafSource
@@ -102,6 +121,9 @@ type Proxy struct {
 	icpt    interception // the inner server of intercepted TLS connections
 	conns   *conns       // tunnels and upgraded connections
 	buffers *bufferPool
+	// reserver is the audit sink's Reserve when it has one (audit.Queue): a request is served
+	// only once its record is sure to be written.
+	reserver interface{ Reserve(*audit.Record) bool }
 }
 
 // stateDeps are the fixed inputs of every state the proxy builds.
@@ -118,6 +140,7 @@ type interception struct {
 	srv  *http.Server // started by Serve
 	ln   *chanListener
 	info sync.Map // *tls.Conn → *connMeta, consumed by srv.ConnContext
+	live sync.Map // *tls.Conn → *connMeta, until the connection closes
 }
 
 // New checks the wiring and compiles the routes. It starts no goroutine: Serve does.
@@ -150,11 +173,12 @@ func New(o Options) (*Proxy, error) {
 	var pfx [4]byte
 	_, _ = rand.Read(pfx[:])
 	p := &Proxy{
-		id: o.Identity, pol: o.Policy, creds: o.Credentials, ca: o.CA, sink: o.Audit,
+		id: o.Identity, deleg: o.Delegation, callers: o.Callers, pol: o.Policy, creds: o.Credentials, ca: o.CA, sink: o.Audit,
 		metrics: o.Metrics, log: o.Logger, now: o.Now,
 		build:    stateDeps{resolver: o.Resolver, dial: o.Dial, self: slices.Clone(o.Self), inspect: o.Inspectors},
 		reqIDPfx: hex.EncodeToString(pfx[:]), conns: newConns(), buffers: newBufferPool(),
 	}
+	p.reserver, _ = o.Audit.(interface{ Reserve(*audit.Record) bool })
 	st, err := p.buildState(o.Config, nil)
 	if err != nil {
 		return nil, err
@@ -181,7 +205,54 @@ type peerKey struct{}
 
 // ConnContext records the agent's connection on the outer server; wire it into http.Server.
 func (p *Proxy) ConnContext(ctx context.Context, c net.Conn) context.Context {
+	if rc, ok := c.(*recordingConn); ok {
+		ctx = context.WithValue(ctx, recordingConnKey{}, rc)
+		c = rc.Conn
+	}
+	if p.callers != nil {
+		ctx = context.WithValue(ctx, callerKey{}, p.lookupCaller(c))
+	}
 	return context.WithValue(ctx, peerKey{}, peerOf(c))
+}
+
+// callerKey carries a connection's *callerLookup through request contexts.
+type callerKey struct{}
+
+// callerLookup is the calling process of one connection, looked up once, right after Accept
+// (while the client still holds its socket), in the background so that accepting goes on.
+type callerLookup struct {
+	done chan struct{}
+	proc *attest.Process // nil: not found
+}
+
+func (p *Proxy) lookupCaller(c net.Conn) *callerLookup {
+	cl := &callerLookup{done: make(chan struct{})}
+	go func() {
+		defer close(cl.done)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		proc, err := p.callers.FromConn(ctx, c)
+		if err != nil {
+			p.log.Debug("calling process not found", zap.Error(err))
+			return
+		}
+		cl.proc = proc
+	}()
+	return cl
+}
+
+// callerOf waits for the request's connection's caller lookup; nil when none was made or found.
+func callerOf(ctx context.Context) *attest.Process {
+	cl, _ := ctx.Value(callerKey{}).(*callerLookup)
+	if cl == nil {
+		return nil
+	}
+	select {
+	case <-cl.done:
+		return cl.proc
+	case <-ctx.Done():
+		return nil
+	}
 }
 
 func peerOf(c net.Conn) attest.Peer {
@@ -205,6 +276,7 @@ func (p *Proxy) nextRequestID() string {
 // ServeHTTP handles the proxy listener: CONNECT, or an absolute-form http:// request.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodConnect {
+		markRaw(r.Context())
 		p.serveConnect(w, r)
 		return
 	}
@@ -254,7 +326,10 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 	st := p.state.Load()
 	rec := p.newRecord(r, kindRequest, st.mode)
 	rec.Scheme, rec.Host, rec.Port, rec.Path = t.scheme, t.host, t.port, r.URL.Path
-	if p.conns.shuttingDown() {
+	if p.conns.shuttingDown() || r.ProtoMajor == 1 && len(r.TransferEncoding) > 0 {
+		// net/http drops a Content-Length sent with Transfer-Encoding before escrow sees the
+		// request, so escrow cannot tell that RFC 9112 §6.3 case from a plain chunked body:
+		// the connection is closed after any chunked request, as §6.3 requires for it.
 		w.Header().Set("Connection", "close")
 	}
 
@@ -270,18 +345,22 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		return
 	}
 	rec.Credential = rt.credential
-	if hasDotSegment(r.URL.Path) {
-		// The policy judges the path as sent; an upstream resolves "/public/../admin" to another
-		// one. Clients remove dot segments before sending (RFC 3986 5.2.4): refuse, don't guess.
+	// request: nothing that could mean something else upstream than to the policy.
+	upgrade, ref := checkRequest(r, rt)
+	rec.Method, rec.Upgrade = r.Method, upgrade
+	if upgrade != "" {
+		markRaw(ctx)
+	}
+	if ref != nil {
 		p.bestEffortIdentity(ctx, peer, rec)
-		p.deny(w, rec, ReasonBadRequest, errors.New("dot segment in the request path"))
+		p.refuse(w, rec, ref)
 		return
 	}
 
 	// attest + policy: who is calling, and may it, now.
 	in := policy.Input{
 		Action: r.Method, Scheme: t.scheme, Host: t.host, Port: t.port,
-		Path: r.URL.Path, Credential: rt.credential,
+		Path: r.URL.Path, Credential: rt.credential, Upgrade: upgrade, Caller: callerOf(ctx),
 	}
 	v := p.authorize(ctx, rec, peer, in, st.mode)
 	if v.Reason != ReasonAllowed {
@@ -298,6 +377,7 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		}
 		for _, extra := range more {
 			extra.Identity, extra.Time = v.Identity, p.now()
+			extra.Caller, extra.Delegation, extra.Upgrade = v.Input.Caller, v.Input.Delegation, v.Input.Upgrade
 			if reason := p.decide(ctx, rec, extra, st.mode); reason != ReasonAllowed {
 				p.deny(w, rec, reason, nil)
 				return
@@ -305,38 +385,63 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		}
 	}
 
+	// mcp: on an MCP server, each JSON-RPC call in the body is decided on its own, and a
+	// tools/list answer is filtered to what this workload may call.
+	var filter func(*http.Response) error
+	if rt.mcp != nil {
+		var ok bool
+		if filter, ok = p.inspectMCP(w, r, rt, rec, v.Input, st); !ok {
+			return
+		}
+	}
+
 	// credential: the real one, applied to the outbound copy (which strips what the agent sent).
-	ob := outbound{scheme: t.scheme, host: t.host, port: t.port, applier: rt.applier}
+	ob := outbound{scheme: t.scheme, host: t.host, port: t.port, applier: rt.applier, filter: filter}
 	if rt.applier != nil {
 		if t.scheme == "http" && !rt.plaintext {
 			p.deny(w, rec, ReasonPlaintextCredential, nil)
 			return
 		}
 		start := p.now()
+		if k, ok := p.creds.(interface{ Kind(name string) string }); ok {
+			rec.CredentialProvider = k.Kind(rt.credential)
+		}
 		tok, err := p.creds.Get(ctx, credential.Request{Name: rt.credential, Subject: v.Identity.SPIFFEID})
 		rec.CredentialDur = p.now().Sub(start)
 		if err != nil {
-			p.metrics.CredentialFetch.WithLabelValues("error").Inc()
+			p.metrics.CredentialLookups.WithLabelValues("error").Inc()
 			p.deny(w, rec, ReasonCredentialUnavailable, err)
 			return
 		}
-		p.metrics.CredentialFetch.WithLabelValues("ok").Inc()
+		p.metrics.CredentialLookups.WithLabelValues("ok").Inc()
 		rec.CredentialID, ob.token = tok.ID(), tok
+		if rt.scrub != nil {
+			ob.scrubber = scrubberFor(rt, tok)
+		}
+	}
+
+	// audit: nothing is served whose record could not be written.
+	if !p.reserveRecord(rec) {
+		p.deny(w, rec, ReasonAuditUnavailable, nil)
+		return
 	}
 
 	// upstream: egress-checked dial, verified TLS, streamed both ways.
 	p.forward(w, r, rt, rec, ob)
 }
 
-// hasDotSegment reports a "." or ".." path segment ("/" or "\\" separated), which an upstream
-// may resolve to a path the policy did not see.
-func hasDotSegment(path string) bool {
-	for seg := range strings.FieldsFuncSeq(path, func(r rune) bool { return r == '/' || r == '\\' }) {
-		if seg == "." || seg == ".." {
-			return true
-		}
+// scrubberFor is the route's Scrubber of what its applier puts on a request: the token's value,
+// and for Basic authentication the user:password pair too (its base64 form is the header's).
+// A multi-part credential (SigV4) sends no secret, only a signature made with it.
+func scrubberFor(rt *route, tok credential.Token) *scrub.Scrubber {
+	v := tok.Value()
+	if v == "" {
+		return nil
 	}
-	return false
+	if inj := rt.spec.Injection(); inj.Kind == config.InjectBasic {
+		return rt.scrub.For(v, scrub.BasicPair(inj.Username, v))
+	}
+	return rt.scrub.For(v)
 }
 
 func defaultPort(scheme string) int {
@@ -363,14 +468,29 @@ func (p *Proxy) newRecord(r *http.Request, kind string, mode config.PolicyMode) 
 	}
 }
 
+// reserveRecord makes sure rec will be written before what it records happens: false while the
+// audit output is stalled.
+func (p *Proxy) reserveRecord(rec *audit.Record) bool {
+	return p.reserver == nil || p.reserver.Reserve(rec)
+}
+
 // deny answers the agent, logs the internal cause (never sent to the agent) and finishes the
 // record.
 func (p *Proxy) deny(w http.ResponseWriter, rec *audit.Record, reason Reason, cause error) {
 	markDenied(rec, reason)
+	rec.Status = reason.Status()
 	if cause != nil {
 		p.log.Info("denied", zap.String("request_id", rec.RequestID), zap.String("reason", string(reason)), zap.Error(cause))
 	}
-	writeDenial(w, reason, rec.RequestID)
+	rec.BytesOut = writeDenial(w, reason, "", rec.RequestID)
+	p.finish(rec)
+}
+
+// refuse answers a request refused before the policy was asked, with its fixed message.
+func (p *Proxy) refuse(w http.ResponseWriter, rec *audit.Record, ref *refusal) {
+	markDenied(rec, ref.reason)
+	rec.Status = ref.reason.Status()
+	rec.BytesOut = writeDenial(w, ref.reason, ref.message, rec.RequestID)
 	p.finish(rec)
 }
 
@@ -380,7 +500,8 @@ func markDenied(rec *audit.Record, reason Reason) {
 }
 
 // finish is the one place an audit record is completed and written, with the request metrics:
-// every request, tunnel and refused CONNECT ends here exactly once.
+// every request, tunnel and refused CONNECT ends here exactly once. The metric's reason label is
+// the denial's reason, or for a request let through that did not complete, its outcome.
 func (p *Proxy) finish(rec *audit.Record) {
 	rec.TotalDur = p.now().Sub(rec.Time)
 	if rec.Decision == "" {
@@ -389,11 +510,39 @@ func (p *Proxy) finish(rec *audit.Record) {
 	if rec.Reason == "" {
 		rec.Reason = string(ReasonAllowed)
 	}
-	decision := rec.Decision
-	if rec.WouldDeny {
-		decision = "would_deny"
+	label := rec.Reason
+	if rec.Decision != audit.Deny {
+		if rec.WouldDeny {
+			rec.Decision = audit.WouldDeny
+		}
+		if rec.Outcome == "" {
+			rec.Outcome = audit.OutcomeOK
+		} else if rec.Outcome != audit.OutcomeOK {
+			label = rec.Outcome
+		}
 	}
-	p.metrics.Requests.WithLabelValues(decision, rec.Reason).Inc()
-	p.metrics.RequestDuration.WithLabelValues(decision).Observe(rec.TotalDur.Seconds())
+	p.metrics.Requests.WithLabelValues(rec.Decision, label).Inc()
+	p.metrics.RequestDuration.WithLabelValues(rec.Decision).Observe(rec.TotalDur.Seconds())
 	p.sink.Write(rec)
+}
+
+// fail answers a request that was let through but could not be completed (the upstream did not
+// answer, the agent's body was malformed) with outcome's status and reason, and finishes it.
+func (p *Proxy) fail(w http.ResponseWriter, rec *audit.Record, outcome Reason, cause error) {
+	rec.Outcome = string(outcome)
+	rec.Status = outcome.Status()
+	if cause != nil {
+		p.log.Info("request failed", zap.String("request_id", rec.RequestID), zap.String("outcome", string(outcome)), zap.Error(cause))
+	}
+	rec.BytesOut = writeDenial(w, outcome, "", rec.RequestID)
+	p.finish(rec)
+}
+
+// goneOutcome is the outcome of a request whose agent connection ended under it: the end of the
+// drain period at stop, or the agent leaving.
+func (p *Proxy) goneOutcome() string {
+	if p.conns.forced.Load() {
+		return audit.OutcomeShuttingDown
+	}
+	return audit.OutcomeAgentClosed
 }

@@ -16,6 +16,8 @@ import (
 
 	"github.com/escrowproxy/escrow/config"
 	"github.com/escrowproxy/escrow/credential"
+	"github.com/escrowproxy/escrow/proxy/mcp"
+	"github.com/escrowproxy/escrow/proxy/scrub"
 )
 
 // route is one compiled upstream entry. A route is immutable; an update builds new ones (or
@@ -31,6 +33,11 @@ type route struct {
 	plaintext  bool               // UnsafePlaintextCredential
 	address    string             // dial this host:port instead of resolving the host
 	inspector  Inspector          // nil: no inspection
+	// scrub keeps the Scrubber of the credential's current value; nil when the route has no
+	// credential or scrub_responses is false.
+	scrub *scrub.Memo
+	// mcp inspects the JSON-RPC calls to an MCP server (upstreams[].mcp); nil otherwise.
+	mcp *mcp.Inspector
 
 	transport *http.Transport // nil for tunnels
 	forward   *httputil.ReverseProxy
@@ -139,9 +146,19 @@ func buildRoute(u config.Upstream, dial dialFunc, newProxy func(http.RoundTrippe
 			return nil, err
 		}
 		r.applier = a
+		if u.ScrubResponses() {
+			r.scrub = new(scrub.Memo)
+		}
 	}
 	if u.Tunnel {
 		return r, nil
+	}
+	if u.MCP != nil {
+		insp, err := mcp.New(mcp.OptionsFrom(*u.MCP))
+		if err != nil {
+			return nil, fmt.Errorf("mcp: %w", err)
+		}
+		r.mcp = insp
 	}
 	// nil RootCAs is the system roots, which crypto/tls then loads at the first upstream
 	// handshake: parsing the system bundle leaves a few MB of startup garbage that a proxy with
@@ -166,7 +183,7 @@ func buildRoute(u config.Upstream, dial dialFunc, newProxy func(http.RoundTrippe
 		address := u.Address
 		d = func(ctx context.Context, network, _ string) (net.Conn, error) { return dial(ctx, network, address) }
 	}
-	r.transport = newTransport(roots, d)
+	r.transport = newTransport(roots, d, u.ResponseTimeout())
 	r.forward = newProxy(applyingTransport{r.transport})
 	return r, nil
 }
@@ -174,9 +191,10 @@ func buildRoute(u config.Upstream, dial dialFunc, newProxy func(http.RoundTrippe
 type dialFunc = func(ctx context.Context, network, addr string) (net.Conn, error)
 
 // newTransport is the pooled upstream transport of one route: TLS always verified (against roots,
-// or the system roots when roots is nil), HTTP/2 when the upstream offers it, and never the
-// environment's proxy settings (Proxy is nil).
-func newTransport(roots *x509.CertPool, dial dialFunc) *http.Transport {
+// or the system roots when roots is nil), HTTP/2 when the upstream offers it, never the
+// environment's proxy settings (Proxy is nil), and at most responseTimeout from the request
+// sent to the response headers (504 upstream_timeout after it).
+func newTransport(roots *x509.CertPool, dial dialFunc, responseTimeout time.Duration) *http.Transport {
 	return &http.Transport{
 		Proxy:                 nil,
 		DialContext:           dial,
@@ -187,6 +205,7 @@ func newTransport(roots *x509.CertPool, dial dialFunc) *http.Transport {
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   10 * time.Second,
 		ExpectContinueTimeout: 1 * time.Second,
+		ResponseHeaderTimeout: responseTimeout,
 		// Upstreams compress as they choose; the agent asked for what it asked for.
 		DisableCompression: true,
 	}

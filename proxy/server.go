@@ -50,7 +50,9 @@ func AdminHandler(metrics http.Handler, checks map[string]ReadyCheck) http.Handl
 
 // ServeOptions run the proxy and admin listeners.
 type ServeOptions struct {
-	Listener      net.Listener // the proxy listener (loopback)
+	Listener net.Listener // the proxy listener (loopback)
+	// UnixListener is a second proxy listener on a Unix socket (listen_unix); nil: none.
+	UnixListener  net.Listener
 	AdminListener net.Listener
 	AdminHandler  http.Handler
 	// DrainTimeout bounds graceful shutdown: in-flight requests and tunnels get this long to
@@ -75,8 +77,11 @@ func (p *Proxy) Serve(ctx context.Context, o ServeOptions) error {
 	}
 	admin := &http.Server{Handler: o.AdminHandler, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = p.icpt.srv.Serve(p.icpt.ln) }() // intercepted connections; stopped by p.Shutdown
-	errc := make(chan error, 2)
-	go func() { errc <- front.Serve(o.Listener) }()
+	errc := make(chan error, 3)
+	go func() { errc <- front.Serve(recordingListener{Listener: o.Listener, p: p}) }()
+	if o.UnixListener != nil {
+		go func() { errc <- front.Serve(recordingListener{Listener: o.UnixListener, p: p}) }()
+	}
 	if o.AdminListener != nil {
 		go func() { errc <- admin.Serve(o.AdminListener) }()
 	}

@@ -10,8 +10,8 @@ import (
 	"net/netip"
 	"os"
 	"reflect"
+	"sort"
 	"sync"
-	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -70,7 +70,13 @@ type Deps struct {
 	WrapLeaves func(LeafSource) LeafSource
 	// SystemRoots is the PEM put before the pod CA in the trust bundle (default: the system's).
 	SystemRoots func() ([]byte, error)
+	// AuditStallAfter is how long one write of the default audit sink may block before requests
+	// are refused with audit_unavailable (default 2s).
+	AuditStallAfter time.Duration
 }
+
+// auditStopTimeout bounds how long a stop waits for queued audit records to be written.
+const auditStopTimeout = 10 * time.Second
 
 // Sidecar is escrow's whole per-pod proxy built from one config: identity, policy engine,
 // credential cache, pod CA, metrics, audit sink, listeners and the proxy itself. Build makes it,
@@ -78,6 +84,8 @@ type Deps struct {
 type Sidecar struct {
 	// ProxyAddr and AdminAddr are where the listeners are bound (useful with port 0).
 	ProxyAddr, AdminAddr netip.AddrPort
+	// unixLn is the proxy listener on listen_unix; nil without it.
+	unixLn net.Listener
 	// CAPEM is the pod CA certificate the agent must trust.
 	CAPEM []byte
 	// Metrics are the sidecar's collectors (its /metrics).
@@ -109,10 +117,11 @@ type Sidecar struct {
 }
 
 // Build makes a Sidecar from a validated config. It opens the listeners (so a port conflict is
-// an error here, not later), loads the policy set, starts the identity source, makes the pod CA
-// and writes the trust bundle, and fetches every credential once (a failure is logged, not
-// fatal: requests needing it are denied until it works). It serves nothing until Serve. On error
-// everything it opened is closed again.
+// an error here, not later), loads the policy set, starts the identity source, makes the pod CA,
+// fetches every credential once (a failure is logged, not fatal: requests needing it are denied
+// until it works and /readyz says so), and only then, when nothing else can fail, writes the CA
+// files (ca_key_dir, and the trust bundle in ca_dir): a start that fails changes no file. It
+// serves nothing until Serve. On error everything it opened is closed again.
 func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err error) {
 	if !cfg.Validated() {
 		return nil, errors.New("proxy: the config was not validated (use config.Parse or config.Load)")
@@ -133,9 +142,21 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		}
 	}()
 
-	// attest: who this workload is.
-	id := d.Identity
+	// attest: who this workload is. The metrics exist first: the Workload API's first update can
+	// arrive while the source is being built. The SVID expiry gauge exists only for identities
+	// that expire (SPIFFE); it reads the source once it is there.
+	var expiring interface{ ExpiresAt() time.Time }
 	var svidExpiry func() time.Time
+	if _, ok := d.Identity.(interface{ ExpiresAt() time.Time }); ok || d.Identity == nil && cfg.Identity.SPIFFE != nil {
+		svidExpiry = func() time.Time {
+			if expiring == nil {
+				return time.Time{}
+			}
+			return expiring.ExpiresAt()
+		}
+	}
+	s.Metrics = telemetry.New(telemetry.Options{SVIDExpiry: svidExpiry, Version: d.Version})
+	id := d.Identity
 	if id == nil {
 		switch {
 		case cfg.Identity.Static != "":
@@ -146,7 +167,11 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 			id = st
 			log.Warn("using a static identity: requests are recorded as attested=false", zap.String("spiffe_id", cfg.Identity.Static))
 		default:
-			sp, err := attest.NewSPIFFE(ctx, attest.SPIFFEOptions{Addr: cfg.Identity.SPIFFE.Socket, Logger: log.Named("attest")})
+			updates := s.Metrics.IdentityUpdates
+			sp, err := attest.NewSPIFFE(ctx, attest.SPIFFEOptions{
+				Addr: cfg.Identity.SPIFFE.Socket, Logger: log.Named("attest"),
+				OnUpdateResult: func(r attest.UpdateResult) { updates.WithLabelValues(string(r)).Inc() },
+			})
 			if err != nil {
 				return nil, err
 			}
@@ -155,10 +180,7 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	}
 	s.ident = id
 	s.closers = append(s.closers, id.Close)
-	if e, ok := id.(interface{ ExpiresAt() time.Time }); ok {
-		svidExpiry = e.ExpiresAt
-	}
-	s.Metrics = telemetry.New(telemetry.Options{SVIDExpiry: svidExpiry, Version: d.Version})
+	expiring, _ = id.(interface{ ExpiresAt() time.Time })
 
 	// policy: the set in force, reloads counted.
 	s.engine = policy.NewEngine(policy.Options{
@@ -187,16 +209,29 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		}
 	}
 	s.closers = append(s.closers, ignoreClosed(s.adminLn.Close))
+	if cfg.ListenUnix != "" {
+		if s.unixLn, err = listenUnix(cfg.ListenUnix); err != nil {
+			return nil, err
+		}
+		s.closers = append(s.closers, ignoreClosed(s.unixLn.Close))
+	}
 	s.ProxyAddr = s.ln.Addr().(*net.TCPAddr).AddrPort()
 	s.AdminAddr = s.adminLn.Addr().(*net.TCPAddr).AddrPort()
-
-	// The pod CA (reused from ca_key_dir when it holds a valid one) and the trust bundle.
-	podCA, reused, err := ca.LoadOrNew(ca.Options{LeafTTL: cfg.LeafTTL.D(), Name: "escrow pod CA " + hostname(), Now: d.Now}, cfg.CAKeyDir)
-	if err != nil {
+	// The config checked the addresses as written; this checks what was bound (a name such as
+	// localhost can resolve to anything).
+	if err := boundLoopback("listen", s.ProxyAddr, cfg.UnsafeAllowNonLoopbackListen, "unsafe_allow_non_loopback_listen"); err != nil {
 		return nil, err
 	}
-	if reused {
-		log.Info("reusing the pod CA kept in ca_key_dir", zap.String("ca_key_dir", cfg.CAKeyDir))
+	if err := boundLoopback("admin", s.AdminAddr, cfg.UnsafeAllowNonLoopbackAdmin, "unsafe_allow_non_loopback_admin"); err != nil {
+		return nil, err
+	}
+
+	// The pod CA (reused from ca_key_dir when it holds a valid one). Its files (ca_key_dir, and
+	// the trust bundle in ca_dir) are written at the very end, once nothing can fail: a start
+	// that fails must not replace the CA of an escrow still running with the same directories.
+	podCA, reused, saveCA, err := ca.Prepare(ca.Options{LeafTTL: cfg.LeafTTL.D(), Name: "escrow pod CA " + hostname(), Now: d.Now}, cfg.CAKeyDir)
+	if err != nil {
+		return nil, err
 	}
 	systemRoots := d.SystemRoots
 	if systemRoots == nil {
@@ -205,9 +240,6 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	roots, err := systemRoots()
 	if err != nil {
 		log.Warn("system roots not found; the trust bundle holds only the pod CA", zap.Error(err))
-	}
-	if err := ca.WriteFiles(cfg.CADir, podCA.CertPEM(), roots); err != nil {
-		return nil, err
 	}
 	s.CAPEM = podCA.CertPEM()
 	var leaves LeafSource = podCA
@@ -246,30 +278,73 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	if co.Logger == nil {
 		co.Logger = log.Named("credential")
 	}
+	if co.Observer == nil {
+		co.Observer = telemetry.CredentialObserver{M: s.Metrics}
+	}
 	s.creds = credential.NewManager(providers, co)
+	s.Metrics.RegisterCredentialCache(s.creds.Len)
+	// On stop, tokens that can be revoked at their issuer (GitHub installation tokens, Vault
+	// leases) are; this closer runs before the providers' transport is closed.
+	s.closers = append(s.closers, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		return s.creds.Close(ctx)
+	})
 
-	// The audit sink, stopped (flushed) after the drain so no record is lost.
+	// The audit sink, stopped (flushed) after the drain so no record is lost. Records go through
+	// a bounded queue: a stalled output makes requests fail closed (audit_unavailable) and
+	// /readyz false, instead of freezing every request.
 	sink := d.Audit
+	var auditQ *audit.Queue
 	if sink == nil {
 		out := d.Stdout
 		if out == nil {
 			out = os.Stdout
 		}
 		bs := audit.NewBufferedZapSink(out, cfg.Audit.FlushEvery(), nil)
-		sink = bs
+		auditQ = audit.NewQueue(bs, audit.QueueOptions{StallAfter: d.AuditStallAfter})
+		sink = auditQ
+		s.Metrics.RegisterAuditQueue(auditQ)
 		s.closers = append(s.closers, func() error {
-			// Stop writes what is buffered, then syncs; a pipe or terminal cannot sync (EINVAL),
-			// which is no lost record. A failed write is logged, not fatal: it is too late to
-			// do anything else about it.
-			if err := bs.Stop(); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOTSUP) {
+			// The records of the drained requests are queued: write them, for a bounded time
+			// (the output may be the stalled one), then flush.
+			ctx, cancel := context.WithTimeout(context.Background(), auditStopTimeout)
+			defer cancel()
+			if err := auditQ.Close(ctx); err != nil {
+				log.Error("audit records could not be written", zap.Error(err))
+				return nil
+			}
+			// A failed write is logged, not fatal: it is too late to do anything else about it.
+			if err := bs.Stop(); err != nil {
 				log.Error("writing audit records failed", zap.Error(err))
 			}
 			return nil
 		})
 	}
 
+	// delegation: whom the caller acts for, from the token it presents (config delegation).
+	var deleg DelegationVerifier
+	if cfg.Delegation != nil {
+		do := attest.DelegationOptions{HTTPClient: s.credDep.HTTPClient, Now: now}
+		if sp, ok := id.(*attest.SPIFFE); ok {
+			do.JWTBundles = sp.JWTBundles()
+		}
+		v, err := attest.NewDelegationVerifier(*cfg.Delegation, do)
+		if err != nil {
+			return nil, err
+		}
+		deleg = v
+	}
+
+	// attest: the calling process of each connection, from the kernel (identity.process).
+	var callers CallerFinder
+	if cfg.Identity.Process {
+		callers = attest.NewProcessFinder(attest.ProcessFinderOptions{})
+	}
+
 	// proxy: the pipeline itself.
 	px, err = New(Options{
+		Delegation: deleg, Callers: callers,
 		Config: cfg, Identity: id, Policy: s.engine, Credentials: s.creds, CA: leaves,
 		Audit: sink, Metrics: s.Metrics, Logger: log.Named("proxy"),
 		Resolver: d.Resolver, Dial: d.Dial, Self: []netip.AddrPort{s.ProxyAddr, s.AdminAddr},
@@ -282,7 +357,7 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	if err := s.creds.Warm(ctx); err != nil {
 		log.Warn("some credentials are not available yet", zap.Error(err))
 	}
-	s.admin = AdminHandler(s.Metrics.Handler(), map[string]ReadyCheck{
+	checks := map[string]ReadyCheck{
 		"identity": func() error {
 			if !id.Ready() {
 				return errors.New("no valid SVID yet")
@@ -296,8 +371,51 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 			return nil
 		},
 		"ca": func() error { return nil }, // the CA exists before the listeners serve
-	})
+	}
+	if auditQ != nil {
+		checks["audit"] = auditQ.Healthy
+	}
+	checks["credentials"] = s.credentialsReady
+	s.admin = AdminHandler(s.Metrics.Handler(), checks)
+
+	// Last, the trust files: everything that can fail has succeeded.
+	if err := saveCA(); err != nil {
+		return nil, err
+	}
+	if reused {
+		log.Info("reusing the pod CA kept in ca_key_dir", zap.String("ca_key_dir", cfg.CAKeyDir))
+	}
+	if err := ca.WriteFiles(cfg.CADir, podCA.CertPEM(), roots); err != nil {
+		return nil, err
+	}
 	return s, nil
+}
+
+// credentialsReady reports the shared credentials (static secrets: one value for every caller)
+// that cannot be fetched, by name, with the credential package's error (which never carries a
+// secret). The cache answers at once for a working one; a failing one is retried no more often
+// than the cache's failure backoff allows. Per-caller credentials are minted for a caller's
+// identity and are not checked here: their failures show as credential_unavailable denials.
+func (s *Sidecar) credentialsReady() error {
+	s.mu.Lock()
+	var names []string
+	for n, p := range s.providers {
+		if sh, ok := p.(credential.Shared); ok && sh.Shared() {
+			names = append(names, n)
+		}
+	}
+	s.mu.Unlock()
+	sort.Strings(names)
+	var errs []error
+	for _, n := range names {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err := s.creds.Get(ctx, credential.Request{Name: n})
+		cancel()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: not available: %w", n, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // buildProviders makes the provider of every configured credential, reusing prev's for a name
@@ -345,7 +463,7 @@ func (s *Sidecar) Serve(ctx context.Context) error {
 		wg.Go(func() { s.engine.Watch(wctx, s.polDir, s.polPoll) })
 		defer func() { cancel(); wg.Wait() }()
 	}
-	err := s.proxy.Serve(ctx, ServeOptions{Listener: s.ln, AdminListener: s.adminLn, AdminHandler: s.admin,
+	err := s.proxy.Serve(ctx, ServeOptions{Listener: s.ln, UnixListener: s.unixLn, AdminListener: s.adminLn, AdminHandler: s.admin,
 		DrainTimeout: s.drain, Logger: s.log})
 	return errors.Join(err, s.Close())
 }
@@ -433,7 +551,9 @@ func restartOnly(cur, next *config.Config) error {
 		{"listen", cur.Listen, next.Listen},
 		{"admin", cur.Admin, next.Admin},
 		{"unsafe_allow_non_loopback_listen", cur.UnsafeAllowNonLoopbackListen, next.UnsafeAllowNonLoopbackListen},
+		{"unsafe_allow_non_loopback_admin", cur.UnsafeAllowNonLoopbackAdmin, next.UnsafeAllowNonLoopbackAdmin},
 		{"identity", cur.Identity, next.Identity},
+		{"delegation", cur.Delegation, next.Delegation},
 		{"ca_dir", cur.CADir, next.CADir},
 		{"ca_key_dir", cur.CAKeyDir, next.CAKeyDir},
 		{"leaf_ttl", cur.LeafTTL, next.LeafTTL},
@@ -449,6 +569,14 @@ func restartOnly(cur, next *config.Config) error {
 		return errs
 	}
 	return nil
+}
+
+// boundLoopback refuses a listener bound to a non-loopback address unless allowed.
+func boundLoopback(key string, a netip.AddrPort, allowed bool, unsafeKey string) error {
+	if allowed || a.Addr().Unmap().IsLoopback() {
+		return nil
+	}
+	return fmt.Errorf("proxy: %s is bound to %s, not a loopback address (set %s to allow it)", key, a, unsafeKey)
 }
 
 // ignoreClosed treats closing an already closed listener as success (Serve's shutdown closes
@@ -473,3 +601,32 @@ func hostname() string {
 // The SPIFFE source is the JWT-SVID source of credential providers (client assertions, token
 // exchange, STS web identity): credential declares the interface, attest satisfies it.
 var _ credential.JWTSource = (*attest.SPIFFE)(nil)
+
+// listenUnix listens on the Unix socket path of listen_unix. A socket file left by an escrow
+// that is gone is replaced; one that still answers is in use, and is left alone (a second
+// instance must not take a running one's socket away). The socket is world-writable: who may
+// reach it is decided by its directory (a pod-local volume), and each caller is identified by
+// SO_PEERCRED for policy.
+func listenUnix(path string) (net.Listener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("proxy: listen_unix: %s exists and is not a socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			_ = c.Close()
+			return nil, fmt.Errorf("proxy: listen_unix: %s is in use by a running process", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("proxy: listen_unix: remove the stale socket: %w", err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: listen_unix: %w", err)
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("proxy: listen_unix: %w", err)
+	}
+	return ln, nil
+}

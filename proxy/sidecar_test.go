@@ -6,6 +6,8 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"github.com/escrowproxy/escrow/credential"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -13,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -169,5 +172,171 @@ func TestBuild_TakesThePolicySetAsBytes(t *testing.T) {
 	// The directory allows everything; the bytes forbid: the bytes are in force.
 	if resp.StatusCode != http.StatusForbidden || resp.Header.Get(ReasonHeader) != string(ReasonPolicyDenied) {
 		t.Fatalf("status %d %s, want 403 policy_denied from the set given as bytes", resp.StatusCode, resp.Header.Get(ReasonHeader))
+	}
+}
+
+func TestBuild_AFailedStartLeavesTheTrustFilesOfTheRunningOne(t *testing.T) {
+	dir := t.TempDir()
+	keyDir := filepath.Join(dir, "ca-key")
+	caDir := filepath.Join(dir, "ca")
+	cfg := sidecarConfig(t, "ca_key_dir: "+keyDir+"\n")
+	cfg.CADir = caDir
+	running, err := Build(context.Background(), cfg, Deps{})
+	must(t, err)
+	defer running.Close()
+	files := func() map[string][]byte {
+		out := map[string][]byte{}
+		for _, p := range []string{filepath.Join(caDir, config.CACertFile), filepath.Join(caDir, config.TrustBundleFile)} {
+			b, err := os.ReadFile(p)
+			must(t, err)
+			out[p] = b
+		}
+		ents, err := os.ReadDir(keyDir)
+		must(t, err)
+		for _, e := range ents {
+			b, err := os.ReadFile(filepath.Join(keyDir, e.Name()))
+			must(t, err)
+			out[e.Name()] = b
+		}
+		return out
+	}
+	before := files()
+	// The kept CA is replaced by a new one only when it is unusable: make it so, so that a start
+	// would have to write a new one.
+	ents, err := os.ReadDir(keyDir)
+	must(t, err)
+	for _, e := range ents {
+		must(t, os.WriteFile(filepath.Join(keyDir, e.Name()), []byte("corrupt"), 0o600))
+	}
+	before = files()
+	if len(before) < 4 {
+		t.Fatalf("files: %d", len(before))
+	}
+
+	notPEM := filepath.Join(dir, "not-a-ca.pem")
+	must(t, os.WriteFile(notPEM, []byte("not a certificate"), 0o644))
+	for name, extra := range map[string]string{
+		// A port in use: the running sidecar's (set below).
+		"listen in use": "",
+		// Discovered late: an upstream's ca_file that holds no certificate.
+		"bad ca_file": "upstreams:\n  - host: api.example.com\n    ca_file: " + notPEM + "\n",
+	} {
+		second := sidecarConfig(t, "ca_key_dir: "+keyDir+"\n"+extra)
+		second.CADir = caDir
+		if extra == "" {
+			second.Listen = running.ProxyAddr.String()
+		}
+		if sc, err := Build(context.Background(), second, Deps{}); err == nil {
+			sc.Close()
+			t.Fatalf("%s: Build succeeded", name)
+		}
+		after := files()
+		for p, b := range before {
+			if !bytes.Equal(after[p], b) {
+				t.Errorf("%s: the failed start changed %s", name, p)
+			}
+		}
+	}
+}
+
+func TestBuild_AdminOnANonLoopbackAddressNeedsTheUnsafeSwitch(t *testing.T) {
+	cfg := sidecarConfig(t, "")
+	cfg.Admin = "0.0.0.0:0" // as if a name had resolved there: Build checks what it bound
+	if sc, err := Build(context.Background(), cfg, Deps{}); err == nil {
+		sc.Close()
+		t.Fatal("Build bound admin on 0.0.0.0 without unsafe_allow_non_loopback_admin")
+	} else if !strings.Contains(err.Error(), "unsafe_allow_non_loopback_admin") {
+		t.Errorf("error %q does not name the switch", err)
+	}
+	if _, err := os.Stat(filepath.Join(cfg.CADir, config.CACertFile)); !os.IsNotExist(err) {
+		t.Errorf("the refused start wrote ca_dir: %v", err)
+	}
+	cfg.UnsafeAllowNonLoopbackAdmin = true
+	sc, err := Build(context.Background(), cfg, Deps{})
+	must(t, err)
+	sc.Close()
+}
+
+func TestSidecar_ReadyzNamesTheCredentialThatCannotBeFetched(t *testing.T) {
+	dir := t.TempDir()
+	good, gone := filepath.Join(dir, "good"), filepath.Join(dir, "gone")
+	must(t, os.WriteFile(good, []byte(testSecret+"\n"), 0o600))
+	must(t, os.WriteFile(gone, []byte("sk-gone-"+testSecret+"\n"), 0o600))
+	cfg := sidecarConfig(t, "credentials:\n  good-key: {static: {file: "+good+"}}\n  gone-key: {static: {file: "+gone+"}}\n")
+	must(t, os.Remove(gone)) // after the config was checked: lost before the start
+	sc, err := Build(context.Background(), cfg, Deps{SystemRoots: func() ([]byte, error) { return nil, nil }})
+	must(t, err)
+	defer sc.Close()
+	rec := httptest.NewRecorder()
+	sc.Admin().ServeHTTP(rec, httptest.NewRequest("GET", "/readyz", nil))
+	body := rec.Body.String()
+	if rec.Code != http.StatusServiceUnavailable || !strings.Contains(body, "gone-key") || strings.Contains(body, "good-key:") {
+		t.Errorf("/readyz = %d %s; want 503 naming gone-key only", rec.Code, body)
+	}
+	if strings.Contains(body, testSecret) {
+		t.Error("/readyz shows a secret")
+	}
+}
+
+// A credential provider call is a fetch (counted with its provider kind and duration, and the
+// token's expiry exported); a cache hit is a lookup, not a fetch.
+func TestSidecar_CredentialMetricsCountProviderFetchesNotCacheHits(t *testing.T) {
+	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), false, "api.example.test")
+	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.test", "credential: api"))
+	for range 3 {
+		resp := tp.Get(t, "https://api.example.test/")
+		readBody(t, resp)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("status %d", resp.StatusCode)
+		}
+	}
+	fetches := testutil.ToFloat64(tp.Metrics.CredentialFetches.WithLabelValues("static", "success"))
+	lookups := testutil.ToFloat64(tp.Metrics.CredentialLookups.WithLabelValues("ok"))
+	if fetches < 1 || fetches >= lookups {
+		t.Errorf("fetches{static,success} = %v with %v lookups: want at least one fetch and fewer fetches than lookups", fetches, lookups)
+	}
+	if n := testutil.CollectAndCount(tp.Metrics.CredentialFetchDuration); n == 0 {
+		t.Error("escrow_credential_fetch_duration_seconds has no series")
+	}
+	resp, err := http.Get(tp.AdminURL + "/metrics")
+	must(t, err)
+	body := string(readBody(t, resp))
+	for _, want := range []string{"escrow_credential_cache_entries", `escrow_credential_expiry_timestamp_seconds{credential="api"}`} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+}
+
+// revokingProvider mints one token and counts the revocations the manager asks for.
+type revokingProvider struct{ revoked atomic.Int32 }
+
+func (p *revokingProvider) Fetch(_ context.Context, a credential.FetchArgs) (credential.Token, error) {
+	return credential.NewToken(a.Name, "revocable-token-value", time.Now().Add(time.Hour)), nil
+}
+
+func (p *revokingProvider) Revoke(context.Context, credential.Token) error {
+	p.revoked.Add(1)
+	return nil
+}
+
+// A stopping sidecar revokes the tokens it holds at their issuer (GitHub installation tokens,
+// Vault leases): a token nobody uses any more does not stay valid until it expires.
+func TestSidecar_StopRevokesTheTokensItHolds(t *testing.T) {
+	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), false, "api.example.test")
+	prov := &revokingProvider{}
+	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.test", "credential: api"), withProvider("api", prov))
+	resp := tp.Get(t, "https://api.example.test/")
+	readBody(t, resp)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	if n := prov.revoked.Load(); n != 0 {
+		t.Fatalf("%d revocations while running", n)
+	}
+	tp.Transport.CloseIdleConnections()
+	must(t, tp.Stop())
+	if n := prov.revoked.Load(); n == 0 {
+		t.Error("no token was revoked on stop")
 	}
 }

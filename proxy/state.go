@@ -17,12 +17,14 @@ type state struct {
 	dialer *egress.Dialer
 	routes *routeTable
 	mode   config.PolicyMode
+	// mcpArguments puts MCP calls' arguments on their records (audit.mcp_arguments).
+	mcpArguments bool
 }
 
 // buildState compiles cfg into a new state, reusing what prev built from the same values (the
 // dialer, and routes with their connection pools). It changes nothing: the caller swaps it in.
 func (p *Proxy) buildState(cfg *config.Config, prev *state) (*state, error) {
-	st := &state{egress: cfg.Egress, mode: cfg.Policy.Mode}
+	st := &state{egress: cfg.Egress, mode: cfg.Policy.Mode, mcpArguments: cfg.Audit.MCPArguments}
 	var prevRoutes *routeTable
 	if prev != nil && reflect.DeepEqual(prev.egress, cfg.Egress) {
 		st.dialer, prevRoutes = prev.dialer, prev.routes

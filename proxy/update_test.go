@@ -27,8 +27,9 @@ func twoUpstreams(t *testing.T) (toA, toB string) {
 	a := newTLSUpstream(t, h("A"), false, "api.example.com")
 	b := newTLSUpstream(t, h("B"), true, "api.example.com")
 	// The same credential, applied differently: the route and its applier move together.
-	toA = "upstreams:\n" + a.route("api.example.com", "credential: api")
-	toB = "upstreams:\n" + b.route("api.example.com", "credential: api", `inject: {header: Authorization, value: "Token {{.Token}}"}`)
+	// The upstreams echo the credential for the test to check: not scrubbed.
+	toA = "upstreams:\n" + a.route("api.example.com", "credential: api", "scrub_responses: false")
+	toB = "upstreams:\n" + b.route("api.example.com", "credential: api", `inject: {header: Authorization, value: "Token {{.Token}}"}`, "scrub_responses: false")
 	return toA, toB
 }
 
@@ -100,9 +101,8 @@ func TestSidecar_UpdateSwapsRoutesCredentialsAndPoliciesWhileRequestsFlow(t *tes
 func TestSidecar_UpdateChangesThePolicyModeAndNewRoutes(t *testing.T) {
 	tp := newTestProxy(t, "", withPolicy(`@id("deny-all") forbid (principal, action, resource);`))
 	up := newTLSUpstream(t, okHandler(nil), false, "new.example.com")
-	if resp, err := tp.Client.Get("https://new.example.com/"); err == nil {
-		resp.Body.Close()
-		t.Fatalf("before the update: %d, want the CONNECT refused (unknown destination)", resp.StatusCode)
+	if resp := tp.Get(t, "https://new.example.com/"); resp.StatusCode != http.StatusForbidden || resp.Header.Get(ReasonHeader) != string(ReasonUnknownDestination) {
+		t.Fatalf("before the update: %d %s, want unknown_destination", resp.StatusCode, resp.Header.Get(ReasonHeader))
 	}
 	cfg, err := config.Parse([]byte(strings.Replace(tp.baseConfig, "mode: enforce", "mode: report", 1) +
 		"upstreams:\n" + up.route("new.example.com")))
@@ -160,7 +160,7 @@ func TestSidecar_UpdateRebuildsChangedCredentialsAndKeepsTheRest(t *testing.T) {
 	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = w.Write([]byte(r.Header.Get("Authorization")))
 	}), false, "api.example.com")
-	routes := "upstreams:\n" + up.route("api.example.com", "credential: broken")
+	routes := "upstreams:\n" + up.route("api.example.com", "credential: broken", "scrub_responses: false")
 	tp := newTestProxy(t, routes)
 	if resp := tp.Get(t, "https://api.example.com/"); resp.StatusCode != http.StatusServiceUnavailable {
 		t.Fatalf("credential 'broken' (a missing file) answered %d, want 503", resp.StatusCode)

@@ -23,7 +23,22 @@ type Metrics struct {
 	PolicyEval      prometheus.Histogram
 	PolicyReloads   *prometheus.CounterVec // {result}
 	TunnelsActive   prometheus.Gauge
-	CredentialFetch *prometheus.CounterVec // {result}
+	// CredentialLookups counts the proxy's credential lookups (served from the cache or not).
+	CredentialLookups *prometheus.CounterVec // {result}
+	// CredentialFetches counts calls to credential providers (token endpoints, files), which
+	// the credential cache makes on a miss or a refresh; the credential manager reports them.
+	CredentialFetches *prometheus.CounterVec // {provider, result}
+	// CredentialExpiry is each credential's current token expiry (0: it does not expire).
+	CredentialExpiry *prometheus.GaugeVec // {credential}
+	Redactions       prometheus.Counter
+	// MCPCalls counts the JSON-RPC calls decided on MCP servers (tool names are not labels:
+	// an unbounded set).
+	MCPCalls *prometheus.CounterVec // {decision, method}
+	// IdentityUpdates counts the Workload API's X509-SVID updates by result: ok, error (the
+	// agent unreachable; the held SVID serves until it expires), revoked (no identity issued).
+	IdentityUpdates *prometheus.CounterVec // {result}
+	// CredentialFetchDuration times calls to credential providers.
+	CredentialFetchDuration *prometheus.HistogramVec // {provider}
 }
 
 // Options configure New.
@@ -66,13 +81,39 @@ func New(o Options) *Metrics {
 			Namespace: namespace, Name: "tunnels_active",
 			Help: "Connections currently relayed: CONNECT tunnels, intercepted TLS connections and upgraded (WebSocket) connections.",
 		}),
-		CredentialFetch: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: namespace, Name: "credential_fetches_total",
-			Help: "Credential lookups by the proxy, by result (ok, error).",
+		CredentialLookups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "credential_lookups_total",
+			Help: "Credential lookups by the proxy for requests (most are served from the cache), by result (ok, error).",
 		}, []string{"result"}),
+		CredentialFetches: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "credential_fetches_total",
+			Help: "Credential provider fetches (a token endpoint call, a file read), by provider kind and result (success, error); cache hits are not fetches.",
+		}, []string{"provider", "result"}),
+		CredentialExpiry: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "credential_expiry_timestamp_seconds",
+			Help: "Unix time at which the credential's last fetched token expires (0 for one that does not expire), by configured credential name.",
+		}, []string{"credential"}),
+		Redactions: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace, Name: "response_redactions_total",
+			Help: "Occurrences of an injected credential that escrow replaced in upstream responses (headers, trailers, scanned bodies).",
+		}),
+		MCPCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "mcp_calls_total",
+			Help: "JSON-RPC calls to MCP servers decided by escrow (tools/call, resources/read, prompts/get; invalid bodies as method \"invalid\"), by decision.",
+		}, []string{"decision", "method"}),
 	}
-	reg.MustRegister(m.Requests, m.RequestDuration, m.PolicyEval, m.PolicyReloads, m.TunnelsActive,
-		m.CredentialFetch,
+	m.IdentityUpdates = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "identity_updates_total",
+		Help: "X509-SVID updates from the Workload API by result: ok, error (agent unreachable), revoked (no identity issued).",
+	}, []string{"result"})
+	m.CredentialFetchDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: namespace, Name: "credential_fetch_duration_seconds",
+		Help:    "Time of each call to a credential provider (a token endpoint, a file read), by provider kind.",
+		Buckets: []float64{.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5, 10},
+	}, []string{"provider"})
+	reg.MustRegister(m.IdentityUpdates, m.CredentialFetchDuration)
+	reg.MustRegister(m.Redactions, m.MCPCalls, m.Requests, m.RequestDuration, m.PolicyEval, m.PolicyReloads, m.TunnelsActive,
+		m.CredentialLookups, m.CredentialFetches, m.CredentialExpiry,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if o.SVIDExpiry != nil {
@@ -100,7 +141,58 @@ func New(o Options) *Metrics {
 	return m
 }
 
+// CredentialObserver feeds the credential metrics; it is the credential manager's Observer.
+type CredentialObserver struct{ M *Metrics }
+
+// Fetched counts one provider fetch.
+func (o CredentialObserver) Fetched(provider string, ok bool, d time.Duration) {
+	result := "success"
+	if !ok {
+		result = "error"
+	}
+	o.M.CredentialFetches.WithLabelValues(provider, result).Inc()
+	o.M.CredentialFetchDuration.WithLabelValues(provider).Observe(d.Seconds())
+}
+
+// Expires records the expiry of a credential's newly fetched token.
+func (o CredentialObserver) Expires(credential string, at time.Time) {
+	v := 0.0
+	if !at.IsZero() {
+		v = float64(at.UnixNano()) / 1e9
+	}
+	o.M.CredentialExpiry.WithLabelValues(credential).Set(v)
+}
+
+// AuditQueue is what the audit metrics read (audit.Queue).
+type AuditQueue interface {
+	Backlog() int
+	Dropped() uint64
+}
+
+// RegisterAuditQueue exports the audit queue's backlog and losses: a growing backlog is an audit
+// output that does not keep up (requests are refused once it stalls).
+func (m *Metrics) RegisterAuditQueue(q AuditQueue) {
+	m.Registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "audit_backlog_records",
+			Help: "Audit records waiting to be written to the audit output.",
+		}, func() float64 { return float64(q.Backlog()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: namespace, Name: "audit_records_dropped_total",
+			Help: "Audit records of refused requests lost because the audit queue was full (a served request's record is never dropped).",
+		}, func() float64 { return float64(q.Dropped()) }),
+	)
+}
+
 // Handler serves the registry in the Prometheus text or OpenMetrics format.
 func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry, EnableOpenMetrics: true})
+}
+
+// RegisterCredentialCache exports the number of tokens the credential cache holds.
+func (m *Metrics) RegisterCredentialCache(entries func() int) {
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "credential_cache_entries",
+		Help: "Tokens the credential cache holds (one per credential, identity and scope).",
+	}, func() float64 { return float64(entries()) }))
 }

@@ -52,10 +52,11 @@ type WorkloadAPI struct {
 	caCert *x509.Certificate
 	jwtKey *ecdsa.PrivateKey
 	path   string
-	srv    *grpc.Server
-	served chan struct{}
 
-	closeOnce sync.Once
+	srvMu  sync.Mutex
+	srv    *grpc.Server  // nil while stopped
+	served chan struct{} // closed when srv's Serve returned
+	closed bool
 
 	mu          sync.Mutex
 	id          spiffeid.ID // current SVID's ID; zero before the first SetSVID
@@ -85,7 +86,6 @@ func NewWorkloadAPI(t testing.TB, td string) *WorkloadAPI {
 		changed: make(chan struct{}),
 		now:     time.Now,
 		jwtTTL:  DefaultJWTTTL,
-		served:  make(chan struct{}),
 	}
 	w.caKey = newKey(t)
 	w.jwtKey = newKey(t)
@@ -109,18 +109,59 @@ func NewWorkloadAPI(t testing.TB, td string) *WorkloadAPI {
 	}
 
 	w.path = socketPath(t)
-	ln, err := net.Listen("unix", w.path)
-	if err != nil {
-		t.Fatalf("attesttest: listen on %s: %v", w.path, err)
-	}
-	w.srv = grpc.NewServer()
-	workload.RegisterSpiffeWorkloadAPIServer(w.srv, &handler{w: w})
-	go func() {
-		defer close(w.served)
-		_ = w.srv.Serve(ln) // returns when Close stops the server
-	}()
+	w.Start()
 	t.Cleanup(w.Close)
 	return w
+}
+
+// Start serves on the socket again after Stop, as a restarted SPIRE agent does: same trust
+// domain, keys and current SVID. It does nothing if the server is running or closed.
+func (w *WorkloadAPI) Start() {
+	w.srvMu.Lock()
+	defer w.srvMu.Unlock()
+	if w.srv != nil || w.closed {
+		return
+	}
+	ln, err := net.Listen("unix", w.path)
+	if err != nil {
+		w.t.Fatalf("attesttest: listen on %s: %v", w.path, err)
+	}
+	srv, served := grpc.NewServer(), make(chan struct{})
+	workload.RegisterSpiffeWorkloadAPIServer(srv, &handler{w: w})
+	go func() {
+		defer close(served)
+		_ = srv.Serve(ln) // returns when Stop stops the server
+	}()
+	w.srv, w.served = srv, served
+}
+
+// Stop stops the server, ending every open stream and refusing new connections (the socket
+// file is removed), as when the SPIRE agent is stopped. Start brings it back.
+func (w *WorkloadAPI) Stop() {
+	w.srvMu.Lock()
+	defer w.srvMu.Unlock()
+	w.stopLocked()
+}
+
+func (w *WorkloadAPI) stopLocked() {
+	if w.srv == nil {
+		return
+	}
+	w.srv.Stop()
+	<-w.served
+	_ = os.Remove(w.path)
+	w.srv, w.served = nil, nil
+}
+
+// SendNoSVID pushes an X509-SVID response that carries no SVID to every open FetchX509SVID
+// stream (the Workload API no longer lists the workload's SVID), and makes new streams get
+// the same until the next SetSVID.
+func (w *WorkloadAPI) SendNoSVID() {
+	w.mu.Lock()
+	w.x509Resp = &workload.X509SVIDResponse{}
+	close(w.changed)
+	w.changed = make(chan struct{})
+	w.mu.Unlock()
 }
 
 // socketPath returns a path for the socket that fits in sun_path (108 bytes on Linux).
@@ -150,6 +191,28 @@ func (w *WorkloadAPI) X509Authorities() []*x509.Certificate { return []*x509.Cer
 // jwtsvid.ParseAndValidate.
 func (w *WorkloadAPI) JWTBundle() *jwtbundle.Bundle {
 	return jwtbundle.FromJWTAuthorities(w.td, map[string]crypto.PublicKey{JWTKeyID: w.jwtKey.Public()})
+}
+
+// MintJWTSVID signs a JWT-SVID for id (any SPIFFE ID of the server's trust domain, e.g. another
+// workload's) with the server's JWT key, as the SPIRE agent serving that workload would: sub
+// id, aud, exp, iat now, kid JWTKeyID. extra claims (e.g. an RFC 8693 "act") are added; they
+// may override the registered ones, so a test can also mint malformed tokens.
+func (w *WorkloadAPI) MintJWTSVID(id string, aud []string, exp time.Time, extra map[string]any) string {
+	w.t.Helper()
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: w.jwtKey},
+		(&jose.SignerOptions{}).WithType("JWT").WithHeader("kid", JWTKeyID))
+	if err != nil {
+		w.t.Fatalf("attesttest: signer: %v", err)
+	}
+	claims := map[string]any{"sub": id, "aud": aud, "exp": exp.Unix(), "iat": time.Now().Unix()}
+	for k, v := range extra {
+		claims[k] = v
+	}
+	token, err := jwt.Signed(signer).Claims(claims).Serialize()
+	if err != nil {
+		w.t.Fatalf("attesttest: sign: %v", err)
+	}
+	return token
 }
 
 // SetSVID issues a new X509-SVID for id (a SPIFFE ID with a path) expiring at notAfter, with a
@@ -270,15 +333,13 @@ func (w *WorkloadAPI) HoldJWTSVIDs() (release func()) {
 	}
 }
 
-// Close stops the server, ending every open stream and refusing new connections (the socket
-// file is removed), as when the SPIRE agent goes away. It is idempotent and also runs when the
-// test ends.
+// Close stops the server for good (see Stop). It is idempotent and also runs when the test
+// ends.
 func (w *WorkloadAPI) Close() {
-	w.closeOnce.Do(func() {
-		w.srv.Stop()
-		<-w.served
-		_ = os.Remove(w.path)
-	})
+	w.srvMu.Lock()
+	defer w.srvMu.Unlock()
+	w.closed = true
+	w.stopLocked()
 }
 
 type handler struct {

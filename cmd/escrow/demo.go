@@ -37,10 +37,11 @@ const (
 )
 
 func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("demo", "escrow demo [--keep-running] [--dir DIR]", stderr)
+	fs := newFlagSet("demo", "escrow demo [--keep-running] [--dir DIR]",
+		"Runs escrow, a local HTTPS API that needs a key, and an agent that calls it three times\n(allowed, denied by policy, unknown destination), printing each answer and audit record.", stdout, stderr)
 	keep := fs.Bool("keep-running", false, "after the three calls, keep the proxy and the API running (Ctrl-C stops them) so you can try curl")
 	dir := fs.String("dir", "", "working directory for the demo's config, policies, secret and CA files (default: a new temporary directory)")
-	if err := parseFlags(fs, args); err != nil {
+	if err := fs.parse(args); err != nil {
 		return err
 	}
 	if *dir == "" {
@@ -49,9 +50,9 @@ func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return err
 		}
 		*dir = d
-		if !*keep {
-			defer os.RemoveAll(d)
-		}
+		// Removed however the demo ends, --keep-running included (Ctrl-C ends the context
+		// and this function returns): it holds the demo's secret and CA key.
+		defer os.RemoveAll(d)
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

@@ -4,6 +4,7 @@
 //	escrow demo                          run a self-contained demonstration
 //	escrow policy validate --dir D       check a policy directory (for CI)
 //	escrow policy test FILE              run policy test cases (for CI)
+//	escrow policy schema                 print the Cedar schema
 //	escrow version
 package main
 
@@ -15,6 +16,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 )
 
@@ -32,8 +34,9 @@ Commands:
   proxy             run the egress proxy (the sidecar)
   demo              run a self-contained demo: proxy, a local HTTPS API, three agent calls
   webhook           run the Kubernetes admission webhook that adds escrow to pods
-  policy validate   check that a policy directory parses and validates
+  policy validate   check that a policy directory parses and validates against the schema
   policy test       run policy test cases from a file
+  policy schema     print escrow's Cedar schema (principals, actions, context)
   version           print the version
 
 Run "escrow <command> --help" for a command's flags.
@@ -41,6 +44,19 @@ Run "escrow <command> --help" for a command's flags.
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func cmdVersion(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("version", "escrow version", "Prints escrow's version.", stdout, stderr)
+	if err := fs.parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "escrow version: unexpected arguments %q\n", fs.Args())
+		return errUsage
+	}
+	fmt.Fprintf(stdout, "escrow %s\n", version)
+	return nil
 }
 
 // errUsage marks a usage mistake: exit code 2, as flag does.
@@ -68,7 +84,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "policy":
 		err = cmdPolicy(rest, stdout, stderr)
 	case "version", "--version":
-		fmt.Fprintf(stdout, "escrow %s\n", version)
+		err = cmdVersion(rest, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 	default:
@@ -88,24 +104,62 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-// newFlagSet makes a FlagSet that reports errors instead of exiting, with a usage header.
-func newFlagSet(name, synopsis string, stderr io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+// flagSet is a command's flags plus what its --help prints.
+type flagSet struct {
+	*flag.FlagSet
+	synopsis, about string
+	stdout, stderr  io.Writer
+}
+
+// newFlagSet makes a FlagSet that reports errors instead of exiting. --help prints the
+// synopsis, about (what the command does; may be empty) and the flags to stdout and exits 0;
+// a flag error prints them to stderr (exit 2).
+func newFlagSet(name, synopsis, about string, stdout, stderr io.Writer) *flagSet {
+	fs := &flagSet{FlagSet: flag.NewFlagSet(name, flag.ContinueOnError), synopsis: synopsis, about: about, stdout: stdout, stderr: stderr}
 	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: %s\n\nFlags:\n", synopsis)
-		fs.PrintDefaults()
-	}
+	fs.FlagSet.Usage = func() { fs.printUsage(stderr) }
 	return fs
 }
 
-// parseFlags parses and maps flag errors to errUsage (flag has already printed them).
-func parseFlags(fs *flag.FlagSet, args []string) error {
+// Usage prints the command's help to stderr (after a usage mistake).
+func (fs *flagSet) Usage() { fs.printUsage(fs.stderr) }
+
+func (fs *flagSet) printUsage(w io.Writer) {
+	fmt.Fprintf(w, "Usage: %s\n", fs.synopsis)
+	if fs.about != "" {
+		fmt.Fprintf(w, "\n%s\n", strings.TrimRight(fs.about, "\n"))
+	}
+	hasFlags := false
+	fs.VisitAll(func(*flag.Flag) { hasFlags = true })
+	if hasFlags {
+		fmt.Fprint(w, "\nFlags:\n")
+		fs.SetOutput(w)
+		fs.PrintDefaults()
+		fs.SetOutput(fs.stderr)
+	}
+}
+
+// parse parses args. --help (-h, -help, anywhere before "--") prints the help to stdout and
+// returns flag.ErrHelp (exit 0); a flag error returns errUsage (flag has printed it).
+func (fs *flagSet) parse(args []string) error {
+	if wantsHelp(args) {
+		fs.printUsage(fs.stdout)
+		return flag.ErrHelp
+	}
 	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
 		return errUsage
 	}
 	return nil
+}
+
+func wantsHelp(args []string) bool {
+	for _, a := range args {
+		switch a {
+		case "--":
+			return false
+		case "-h", "-help", "--help":
+			return true
+		}
+	}
+	return false
 }

@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
 	"runtime/debug"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -16,12 +18,13 @@ import (
 )
 
 func cmdProxy(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("proxy", "escrow proxy --config FILE [flags]", stderr)
+	fs := newFlagSet("proxy", "escrow proxy --config FILE [flags]",
+		"Runs the egress proxy (the sidecar). The config's keys are in docs/config.md.", stdout, stderr)
 	cfgPath := fs.String("config", "", "path to the config file (YAML); required")
-	drain := fs.Duration("drain-timeout", 15*time.Second, "on SIGTERM, how long in-flight requests and tunnels may take to finish")
+	drain := fs.Duration("drain-timeout", 15*time.Second, "on SIGTERM or SIGINT, how long in-flight requests and tunnels may take to finish (a second signal stops at once)")
 	logLevel := fs.String("log-level", "info", "log level for operational logs: debug, info, warn, error (audit records are always written)")
-	checkOnly := fs.Bool("check", false, "validate the config and policies, then exit")
-	if err := parseFlags(fs, args); err != nil {
+	checkOnly := fs.Bool("check", false, "run every check a start runs (config, the files and variables it names, --log-level, the policies) without binding a port; report every problem and exit")
+	if err := fs.parse(args); err != nil {
 		return err
 	}
 	if *cfgPath == "" {
@@ -29,15 +32,11 @@ func cmdProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fs.Usage()
 		return errUsage
 	}
-	cfg, err := config.Load(*cfgPath)
+	cfg, n, err := preflight(*cfgPath, *logLevel)
 	if err != nil {
 		return err
 	}
 	if *checkOnly {
-		n, err := policy.ValidateDir(cfg.Policy.Dir)
-		if err != nil {
-			return err
-		}
 		fmt.Fprintf(stdout, "config ok: %d upstream(s), %d credential(s), %d policies\n", len(cfg.Upstreams), len(cfg.Credentials), n)
 		return nil
 	}
@@ -60,10 +59,74 @@ func cmdProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return sc.Serve(ctx)
 }
 
-func newLogger(level string, w io.Writer) (*zap.Logger, error) {
+// preflightError is every problem preflight found, printed one after the other.
+type preflightError []error
+
+func (e preflightError) Error() string {
+	var b strings.Builder
+	if len(e) > 1 {
+		fmt.Fprintf(&b, "%d problems:\n", len(e))
+	}
+	for i, err := range e {
+		if i > 0 {
+			b.WriteString("\n")
+		}
+		b.WriteString(err.Error())
+	}
+	return b.String()
+}
+
+func (e preflightError) Unwrap() []error { return e }
+
+// preflight runs every check a start runs before it binds a port, and reports every problem at
+// once (escrow proxy --check is exactly this): the config file (its keys and values, and what
+// it names on this machine: files, environment variables, writable directories, addresses),
+// the --log-level, and the policy directory compiled as the proxy loads it (validated against
+// its schema, or escrow's built-in one).
+// It returns the config and the number of policies.
+func preflight(cfgPath, logLevel string) (*config.Config, int, error) {
+	var errs preflightError
+	if _, err := parseLevel(logLevel); err != nil {
+		errs = append(errs, err)
+	}
+	cfg, err := config.Load(cfgPath)
+	policyDir := ""
+	if err != nil {
+		errs = append(errs, err)
+		// A config whose only problems are on this machine (a missing secret file, an unset
+		// variable) still names its policy directory: check it too, so one run says it all.
+		if data, rerr := os.ReadFile(cfgPath); rerr == nil {
+			if pure, perr := config.Parse(data); perr == nil {
+				policyDir = pure.Policy.Dir
+			}
+		}
+	} else {
+		policyDir = cfg.Policy.Dir
+	}
+	n := 0
+	if policyDir != "" {
+		if n, err = policy.ValidateDir(policyDir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return nil, 0, errs
+	}
+	return cfg, n, nil
+}
+
+func parseLevel(level string) (zapcore.Level, error) {
 	var lvl zapcore.Level
 	if err := lvl.Set(level); err != nil {
-		return nil, fmt.Errorf("--log-level: %w", err)
+		return lvl, fmt.Errorf("--log-level: %q is not a level: want debug, info, warn or error", level)
+	}
+	return lvl, nil
+}
+
+func newLogger(level string, w io.Writer) (*zap.Logger, error) {
+	lvl, err := parseLevel(level)
+	if err != nil {
+		return nil, err
 	}
 	enc := zap.NewProductionEncoderConfig()
 	enc.TimeKey = "time"

@@ -15,15 +15,16 @@ import (
 // cmdWebhook runs the Kubernetes mutating admission webhook that injects escrow into pods. It
 // only parses flags; injector does the work.
 func cmdWebhook(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("webhook", "escrow webhook --tls-cert FILE --tls-key FILE [--listen ADDR] [--config FILE] [flags]", stderr)
+	fs := newFlagSet("webhook", "escrow webhook --tls-cert FILE --tls-key FILE [--listen ADDR] [--config FILE] [flags]",
+		"Runs the Kubernetes mutating admission webhook that adds the escrow sidecar to pods (docs/kubernetes.md).", stdout, stderr)
 	listen := fs.String("listen", ":8443", "address to serve /mutate, /healthz, /readyz and /metrics on (TLS)")
 	certFile := fs.String("tls-cert", "", "serving certificate chain (PEM), re-read when it changes; required")
 	keyFile := fs.String("tls-key", "", "serving private key (PEM), re-read when it changes; required")
 	cfgPath := fs.String("config", "", "injector config (YAML); without it every key has its default (docs/kubernetes.md)")
-	drain := fs.Duration("drain-timeout", injector.DefaultDrainTimeout, "on SIGTERM, how long in-flight admission requests may take to finish")
+	drain := fs.Duration("drain-timeout", injector.DefaultDrainTimeout, "on SIGTERM or SIGINT, how long in-flight admission requests may take to finish")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	checkOnly := fs.Bool("check", false, "validate the config and the certificate, then exit")
-	if err := parseFlags(fs, args); err != nil {
+	if err := fs.parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {

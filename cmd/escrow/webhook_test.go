@@ -237,8 +237,8 @@ func TestCmdWebhook_Flags(t *testing.T) {
 	}
 	// The whole binary's dispatch knows the command.
 	var out, errOut bytes.Buffer
-	if code := run([]string{"webhook", "--help"}, &out, &errOut); code != 0 || !strings.Contains(errOut.String(), "escrow webhook --tls-cert") {
-		t.Errorf("escrow webhook --help: exit %d, %s", code, errOut.String())
+	if code := run([]string{"webhook", "--help"}, &out, &errOut); code != 0 || !strings.Contains(out.String(), "escrow webhook --tls-cert") {
+		t.Errorf("escrow webhook --help: exit %d, %s", code, out.String())
 	}
 	if code := run([]string{"--help"}, &out, &errOut); code != 0 || !strings.Contains(out.String(), "webhook") {
 		t.Errorf("usage does not list webhook")

@@ -36,29 +36,42 @@ const (
 // in keyDir, then a rename), never with wider permissions than 0600; keyDir is created with mode
 // 0700 if missing. Errors never carry key material.
 func LoadOrNew(o Options, keyDir string) (c *CA, reused bool, err error) {
+	c, reused, save, err := Prepare(o, keyDir)
+	if err != nil {
+		return nil, false, err
+	}
+	if err := save(); err != nil {
+		return nil, false, err
+	}
+	return c, reused, nil
+}
+
+// Prepare is LoadOrNew without the write: it returns the CA (reused from keyDir or new) and save,
+// which keeps a new CA in keyDir (a no-op for a reused one or without keyDir). A start calls save
+// only once nothing else can fail, so a start that fails never replaces the CA kept for, and
+// trusted by the agents of, an escrow that is still running.
+func Prepare(o Options, keyDir string) (c *CA, reused bool, save func() error, err error) {
+	none := func() error { return nil }
 	if keyDir == "" {
 		c, err = New(o)
-		return c, false, err
+		return c, false, none, err
 	}
 	c, err = newShell(o)
 	if err != nil {
-		return nil, false, err
+		return nil, false, nil, err
 	}
 	key, cert, err := loadKeyPair(keyDir)
 	if err != nil {
-		return nil, false, err
+		return nil, false, nil, err
 	}
 	if key != nil && usable(cert, c.now()) {
 		c.setKeyPair(key, cert)
-		return c, true, nil
+		return c, true, none, nil
 	}
 	if err := c.generate(o); err != nil {
-		return nil, false, err
+		return nil, false, nil, err
 	}
-	if err := saveKeyPair(keyDir, c.key, c.cert); err != nil {
-		return nil, false, err
-	}
-	return c, false, nil
+	return c, false, func() error { return saveKeyPair(keyDir, c.key, c.cert) }, nil
 }
 
 // usable reports whether a kept CA certificate may be reused at now: at least half its lifetime

@@ -13,7 +13,8 @@
 //     for the request's id (code CodeDenied, -32050), as JSON or as an SSE event when the client
 //     accepts only SSE. A batch is refused whole, with one error per request id.
 //   - Call.ResponseFilter rewrites the response to a tools/list request (JSON, or SSE streamed
-//     event by event; each page of a paginated list) to drop the tools an allow callback refuses.
+//     event by event; each page of a paginated list) to drop the tools an allow callback refuses;
+//     Inspector.StreamFilter does the same for lists replayed on the GET stream.
 //
 // # Strict parsing
 //
@@ -37,7 +38,7 @@
 //
 // Build one Inspector per upstream with an mcp block (config upstreams[].mcp):
 //
-//	insp, err := mcp.New(mcp.Options{Path: u.MCP.Path, MaxMessageBytes: u.MCP.MaxMessageBytes})
+//	insp, err := mcp.New(mcp.OptionsFrom(*u.MCP))
 //
 // In Proxy.handle, after the request's own decision allowed it and before the credential:
 //
@@ -74,5 +75,10 @@
 //
 // ResponseFilter returns nil when the body held no tools/list request, so only those responses
 // pay for filtering. Requests on the host that Applies rejects (the GET stream, DELETE of a
-// session, other paths) go through the pipeline as plain HTTP.
+// session, other paths) go through the pipeline as plain HTTP; for a GET, also set
+//
+//	ob.filter = rt.mcp.StreamFilter(r, allow) // nil unless a GET of the endpoint
+//
+// so that a tools/list response the server replays on its stream (a client resuming with
+// Last-Event-ID) is filtered too.
 package mcp

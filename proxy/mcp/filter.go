@@ -21,15 +21,17 @@ var ErrResponse = errors.New("mcp: the tools/list response cannot be filtered")
 
 // ResponseFilter returns the hook that filters the upstream's response to this body's
 // tools/list request(s), for ReverseProxy.ModifyResponse; nil when the body held none. The
-// hook removes every tool for which allow(name) is false (and any tool without a string name)
-// from the result of each response whose id is one of those requests, keeping every other
+// hook removes every tool for which allow(name) is false (and any tool without exactly one
+// string name: with two, or one in another case, clients would disagree on which it is) from
+// the result of each response whose id is one of those requests, keeping every other
 // byte: other results and fields (nextCursor: each page of a paginated list is filtered on its
 // own), other messages of the stream (notifications pass, notifications/tools/list_changed
 // included, so clients list again, and that list is filtered too), and error responses.
 //
 // A JSON response is read whole (bounded) and replaced; an SSE response is rewritten as it
 // streams, one event at a time (each bounded), so other events are not held back. Responses
-// other than 200 pass untouched. A response the hook cannot filter (see ErrResponse) fails:
+// other than 200 pass untouched. A response the hook cannot filter (see ErrResponse; also a
+// message with two ids or results, or a result with two tools lists) fails:
 // the hook returns an error, or the SSE body's Read does, and nothing unfiltered reaches the
 // agent. The hook must run once, on this call's response only.
 func (c *Call) ResponseFilter(allow func(tool string) bool) func(*http.Response) error {
@@ -40,7 +42,23 @@ func (c *Call) ResponseFilter(allow func(tool string) bool) func(*http.Response)
 	return f.apply
 }
 
+// StreamFilter returns the hook that filters the response to a GET of the endpoint (the
+// server's SSE stream) for ReverseProxy.ModifyResponse, nil for any other request. A server
+// replays responses on that stream when a client resumes a broken one (Last-Event-ID); escrow
+// no longer knows which ids were tools/list requests, so every response there whose result has
+// a tools list is filtered (and every other event passes as it comes). It drops r's
+// Accept-Encoding, as Inspect does for a list.
+func (i *Inspector) StreamFilter(r *http.Request, allow func(tool string) bool) func(*http.Response) error {
+	if r.Method != http.MethodGet || strings.TrimSuffix(r.URL.Path, "/") != i.path {
+		return nil
+	}
+	r.Header.Del("Accept-Encoding")
+	f := &listFilter{anyID: true, allow: allow, max: i.maxList}
+	return f.apply
+}
+
 type listFilter struct {
+	anyID bool     // every response with a tools list is filtered (StreamFilter)
 	ids   [][]byte // canonical ids of the tools/list requests
 	allow func(string) bool
 	max   int64
@@ -93,24 +111,36 @@ func (f *listFilter) filterPayload(body []byte) ([]byte, error) {
 	start := wsAt(body, 0)
 	switch body[start] {
 	case '{':
-		if m := f.filterMessage(body, start, len(body)); !bytes.Equal(m, body[start:]) {
+		m, err := f.filterMessage(body, start, len(body))
+		if err != nil {
+			return nil, err
+		}
+		if !bytes.Equal(m, body[start:]) {
 			return m, nil
 		}
 		return body, nil
 	case '[':
 		var out []byte
+		var err error
 		last := 0
 		eachElement(body[start:], func(v []byte, s, e int) bool {
 			if v[0] != '{' {
 				return true
 			}
 			s, e = s+start, e+start
-			if m := f.filterMessage(body, s, e); len(m) != e-s || !bytes.Equal(m, body[s:e]) {
+			var m []byte
+			if m, err = f.filterMessage(body, s, e); err != nil {
+				return false
+			}
+			if !bytes.Equal(m, body[s:e]) {
 				out = append(append(out, body[last:s]...), m...)
 				last = e
 			}
 			return true
 		})
+		if err != nil {
+			return nil, err
+		}
 		if out == nil {
 			return body, nil
 		}
@@ -121,32 +151,23 @@ func (f *listFilter) filterPayload(body []byte) ([]byte, error) {
 
 // filterMessage returns body with the message body[s:e] filtered (or body[s:e] alone, as
 // is, when it is not a response to one of the tools/list requests).
-func (f *listFilter) filterMessage(body []byte, s, e int) []byte {
+func (f *listFilter) filterMessage(body []byte, s, e int) ([]byte, error) {
 	obj := body[s:e]
-	var id, result []byte
-	var rs int
-	eachMember(obj, func(m member) bool {
-		switch string(m.key) {
-		case "id":
-			id = m.value
-		case "result":
-			result, rs = m.value, m.start
-		}
-		return true
-	})
-	if id == nil || result == nil || result[0] != '{' || !f.isListID(id) {
-		return obj
+	id, _, dupID := member1(obj, "id")
+	result, rs, dupResult := member1(obj, "result")
+	if dupID || dupResult {
+		// Parsers disagree on which of two ids or results counts: do not guess.
+		return nil, fmt.Errorf("%w: a response with two ids or results", ErrResponse)
 	}
-	var tools []byte
-	var ts int
-	eachMember(result, func(m member) bool {
-		if string(m.key) == "tools" {
-			tools, ts = m.value, m.start
-		}
-		return true
-	})
+	if id == nil || result == nil || result[0] != '{' || !f.isListID(id) {
+		return obj, nil
+	}
+	tools, ts, dup := member1(result, "tools")
+	if dup {
+		return nil, fmt.Errorf("%w: a result with two tools lists", ErrResponse)
+	}
 	if tools == nil || tools[0] != '[' {
-		return obj
+		return obj, nil
 	}
 	kept := make([]byte, 0, len(tools))
 	kept = append(kept, '[')
@@ -166,10 +187,30 @@ func (f *listFilter) filterMessage(body []byte, s, e int) []byte {
 	out := make([]byte, 0, len(obj)-len(tools)+len(kept))
 	out = append(out, obj[:at]...)
 	out = append(out, kept...)
-	return append(out, obj[at+len(tools):]...)
+	return append(out, obj[at+len(tools):]...), nil
+}
+
+// member1 returns the value of the member key of the validated object obj and where it starts;
+// dup reports a second member of that name, or one that differs only in case (which decoders
+// read differently: first or last wins, or case is ignored).
+func member1(obj []byte, key string) (value []byte, start int, dup bool) {
+	seen := 0
+	eachMember(obj, func(m member) bool {
+		if bytes.EqualFold(m.key, []byte(key)) {
+			seen++
+			if string(m.key) == key {
+				value, start = m.value, m.start
+			}
+		}
+		return true
+	})
+	return value, start, seen > 1 || (seen == 1 && value == nil)
 }
 
 func (f *listFilter) isListID(raw []byte) bool {
+	if f.anyID {
+		return true
+	}
 	c := canonicalID(raw)
 	for _, id := range f.ids {
 		if bytes.Equal(id, c) {
@@ -179,58 +220,53 @@ func (f *listFilter) isListID(raw []byte) bool {
 	return false
 }
 
-// keep reports whether a tool (one element of result.tools) stays listed.
+// keep reports whether a tool (one element of result.tools) stays listed: it has exactly one
+// name (a second one, or one in another case, could be the one a client reads) and allow
+// says yes.
 func (f *listFilter) keep(tool []byte) bool {
 	if tool[0] != '{' {
 		return false
 	}
-	var name []byte
-	eachMember(tool, func(m member) bool {
-		if string(m.key) == "name" {
-			name = m.value
-			return false
-		}
-		return true
-	})
+	name, _, dup := member1(tool, "name")
 	n, ok := stringValue(name)
-	return ok && n != "" && f.allow(n)
+	return !dup && ok && n != "" && f.allow(n)
 }
 
 // sseFilter rewrites an SSE stream event by event: an event whose data is a response to a
 // tools/list request is re-emitted filtered; every other event passes byte for byte, as soon
 // as it is complete.
 type sseFilter struct {
-	src io.ReadCloser
-	f   *listFilter
-	in  []byte // read from src, not yet processed
-	out []byte // processed, not yet returned
-	err error
+	src    io.ReadCloser
+	f      *listFilter
+	in     []byte // read from src, not yet processed
+	out    []byte // processed, not yet returned
+	srcErr error  // src's error (io.EOF at the end), returned once in is drained
+	failed error  // the stream cannot be filtered: returned at once, nothing more is passed
 }
 
 func (s *sseFilter) Close() error { return s.src.Close() }
 
 func (s *sseFilter) Read(p []byte) (int, error) {
 	for len(s.out) == 0 {
-		if s.err != nil {
-			return 0, s.err
+		if s.failed != nil {
+			return 0, s.failed
 		}
 		end := eventEnd(s.in)
 		if int64(end) > s.f.max || (end < 0 && int64(len(s.in)) > s.f.max) {
-			s.err = fmt.Errorf("%w: an event of more than %d bytes", ErrResponse, s.f.max)
+			s.failed = fmt.Errorf("%w: an event of more than %d bytes", ErrResponse, s.f.max)
 			continue
 		}
 		if end >= 0 {
 			ev := s.in[:end]
 			s.in = s.in[end:]
-			out, err := s.f.filterEvent(ev)
-			if err != nil {
-				s.err = err
-				continue
-			}
-			s.out = out
+			s.out, s.failed = s.f.filterEvent(ev)
 			continue
 		}
-		// Nothing is pending in out, so the buffer may be compacted.
+		if s.srcErr != nil {
+			// An incomplete last event is dropped, as an SSE client would.
+			return 0, s.srcErr
+		}
+		// Nothing is pending in out, so the buffer may be moved.
 		if cap(s.in)-len(s.in) < 4<<10 {
 			buf := make([]byte, len(s.in), max(2*cap(s.in), 32<<10))
 			copy(buf, s.in)
@@ -238,10 +274,7 @@ func (s *sseFilter) Read(p []byte) (int, error) {
 		}
 		n, err := s.src.Read(s.in[len(s.in):cap(s.in)])
 		s.in = s.in[:len(s.in)+n]
-		if err != nil {
-			// An incomplete last event is dropped, as an SSE client would.
-			s.err = err
-		}
+		s.srcErr = err
 	}
 	n := copy(p, s.out)
 	s.out = s.out[n:]
@@ -280,7 +313,7 @@ func eventEnd(b []byte) int {
 func (f *listFilter) filterEvent(ev []byte) ([]byte, error) {
 	var data []byte
 	var other [][]byte
-	hasData := false
+	hasData, n := false, 0
 	for rest := ev; len(rest) > 0; {
 		line, next := cutLine(rest)
 		rest = next
@@ -296,10 +329,15 @@ func (f *listFilter) filterEvent(ev []byte) ([]byte, error) {
 		if found && len(value) > 0 && value[0] == ' ' {
 			value = value[1:]
 		}
-		if hasData {
-			data = append(data, '\n')
+		switch {
+		case !hasData:
+			data, hasData = value, true // one data line (the usual case): no copy
+		case n == 1:
+			data = append(append(append(make([]byte, 0, 2*len(data)+len(value)), data...), '\n'), value...)
+		default:
+			data = append(append(data, '\n'), value...)
 		}
-		data, hasData = append(data, value...), true
+		n++
 	}
 	if !hasData {
 		return ev, nil

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
@@ -79,6 +80,20 @@ func TestResponseFilter_RemovesRefusedToolsFromAJSONList(t *testing.T) {
 	}
 }
 
+func TestResponseFilter_DropsAToolWithTwoNames(t *testing.T) {
+	// JavaScript's JSON.parse takes the last "name", Go's encoding/json any "Name".
+	for _, tool := range []string{`{"name":"search","name":"delete_repo"}`, `{"name":"search","Name":"delete_repo"}`, `{"NAME":"search"}`} {
+		resp := jsonResponse(`{"jsonrpc":"2.0","id":2,"result":{"tools":[` + tool + `,{"name":"read_file"}]}}`)
+		if err := listCall(t, listReq).ResponseFilter(allowReadOnly)(resp); err != nil {
+			t.Fatal(err)
+		}
+		out, _ := io.ReadAll(resp.Body)
+		if want := `{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"read_file"}]}}`; string(out) != want {
+			t.Errorf("%s: got %s, want %s", tool, out, want)
+		}
+	}
+}
+
 func TestResponseFilter_LeavesOtherResponsesAlone(t *testing.T) {
 	for name, body := range map[string]string{
 		"another id":     `{"jsonrpc":"2.0","id":3,"result":` + toolsResult + `}`,
@@ -134,7 +149,12 @@ func TestResponseFilter_FailsClosedOnWhatItCannotFilter(t *testing.T) {
 	plain.Header.Set("Content-Type", "text/plain")
 	big := jsonResponse(`{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"` + strings.Repeat("x", 5<<10) + `"}]}}`)
 	broken := jsonResponse(`{"jsonrpc":"2.0","id":2,"result":{"tools":[`)
-	for name, resp := range map[string]*http.Response{"gzip": gz, "text/plain": plain, "over the bound": big, "broken JSON": broken} {
+	twoIDs := jsonResponse(`{"jsonrpc":"2.0","id":3,"id":2,"result":{"tools":[{"name":"delete_repo"}]}}`)
+	twoLists := jsonResponse(`{"jsonrpc":"2.0","id":2,"result":{"tools":[],"Tools":[{"name":"delete_repo"}]}}`)
+	for name, resp := range map[string]*http.Response{
+		"gzip": gz, "text/plain": plain, "over the bound": big, "broken JSON": broken,
+		"two ids": twoIDs, "two tools lists": twoLists,
+	} {
 		if err := filter(resp); !errors.Is(err, ErrResponse) {
 			t.Errorf("%s: err = %v, want ErrResponse", name, err)
 		}
@@ -155,7 +175,17 @@ func TestResponseFilter_RewritesTheListEventOfAnSSEStreamAndPassesTheRest(t *tes
 	// The response split over two data lines, as SSE allows.
 	list := "event: message\nid: 2\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,\n" + "data: \"result\":" + toolsResult + "}\n\n"
 	stream := priming + progress + list + changed
-	resp := sseResponse(iotest.OneByteReader(strings.NewReader(stream)))
+	for name, r := range map[string]io.Reader{
+		"one byte a read": iotest.OneByteReader(strings.NewReader(stream)),
+		// The last data comes with io.EOF, as net/http's body reader returns it.
+		"EOF with the data": iotest.DataErrReader(strings.NewReader(stream)),
+	} {
+		t.Run(name, func(t *testing.T) { testSSEList(t, r, priming+progress, changed) })
+	}
+}
+
+func testSSEList(t *testing.T, r io.Reader, priming, changed string) {
+	resp := sseResponse(r)
 	if err := listCall(t, listReq).ResponseFilter(allowReadOnly)(resp); err != nil {
 		t.Fatal(err)
 	}
@@ -167,10 +197,10 @@ func TestResponseFilter_RewritesTheListEventOfAnSSEStreamAndPassesTheRest(t *tes
 		t.Fatal(err)
 	}
 	s := string(out)
-	if !strings.HasPrefix(s, priming+progress) || !strings.HasSuffix(s, changed) {
+	if !strings.HasPrefix(s, priming) || !strings.HasSuffix(s, changed) {
 		t.Fatalf("other events were not passed byte for byte:\n%q", s)
 	}
-	ev := strings.TrimSuffix(strings.TrimPrefix(s, priming+progress), changed)
+	ev := strings.TrimSuffix(strings.TrimPrefix(s, priming), changed)
 	if !strings.HasPrefix(ev, "event: message\nid: 2\ndata: ") || !strings.HasSuffix(ev, "\n\n") {
 		t.Fatalf("list event = %q", ev)
 	}
@@ -241,6 +271,38 @@ func TestEventEnd_KnowsEveryLineEnding(t *testing.T) {
 	} {
 		if got := eventEnd([]byte(in)); got != want {
 			t.Errorf("eventEnd(%q) = %d, want %d", in, got, want)
+		}
+	}
+}
+
+func TestStreamFilter_FiltersListsReplayedOnTheGETStream(t *testing.T) {
+	i := newTestInspector(t, Options{})
+	get := httptest.NewRequest(http.MethodGet, "https://"+testHost+"/mcp", nil)
+	get.Header.Set("Last-Event-ID", "7")
+	get.Header.Set("Accept-Encoding", "gzip")
+	filter := i.StreamFilter(get, allowReadOnly)
+	if filter == nil || get.Header.Get("Accept-Encoding") != "" {
+		t.Fatalf("filter %v, Accept-Encoding %q", filter != nil, get.Header.Get("Accept-Encoding"))
+	}
+	sampling := "id: 8\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"sampling/createMessage\",\"params\":{}}\n\n"
+	replayed := "id: 9\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"any\",\"result\":" + toolsResult + "}\n\n"
+	resp := sseResponse(strings.NewReader(sampling + replayed))
+	if err := filter(resp); err != nil {
+		t.Fatal(err)
+	}
+	out, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(string(out), sampling) || bytes.Contains(out, []byte("delete_repo")) || !bytes.Contains(out, []byte("read_file")) {
+		t.Errorf("stream = %q", out)
+	}
+	for _, r := range []*http.Request{
+		httptest.NewRequest(http.MethodPost, "https://"+testHost+"/mcp", nil),
+		httptest.NewRequest(http.MethodGet, "https://"+testHost+"/other", nil),
+	} {
+		if i.StreamFilter(r, allowReadOnly) != nil {
+			t.Errorf("a stream filter for %s %s", r.Method, r.URL.Path)
 		}
 	}
 }

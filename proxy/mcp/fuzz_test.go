@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 )
 
@@ -91,6 +92,68 @@ func FuzzParse(f *testing.F) {
 			b, _ := json.Marshal(std.Params.Arguments)
 			if m.Method != "resources/read" && !bytes.Equal(a, b) {
 				t.Fatalf("arguments %s, encoding/json reads %s in %s", a, b, raw)
+			}
+		}
+	})
+}
+
+// FuzzResponseFilter checks the tools/list filter on arbitrary responses, JSON or SSE: it never
+// panics, and what it lets through never lists a refused tool in the answer to the list.
+func FuzzResponseFilter(f *testing.F) {
+	list := `{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"search"},{"name":"delete_repo"}],"nextCursor":"x"}}`
+	f.Add([]byte(list), false)
+	f.Add([]byte("event: message\nid: 1\ndata: "+list+"\n\n"), true)
+	f.Add([]byte("data: {\"jsonrpc\":\"2.0\",\r\ndata: \"id\":2,\"result\":{\"tools\":[{\"name\":\"delete_repo\"}]}}\r\n\r\n"), true)
+	f.Add([]byte(`[`+list+`,{"jsonrpc":"2.0","id":3,"result":{}}]`), false)
+	c, err := newTestInspector(f, Options{MaxListBytes: 1 << 16}).Inspect(postMCP(listReq), baseInput())
+	if err != nil {
+		f.Fatal(err)
+	}
+	filter := c.ResponseFilter(func(name string) bool { return name != "delete_repo" })
+	f.Fuzz(func(t *testing.T, body []byte, sse bool) {
+		ct := "application/json"
+		if sse {
+			ct = "text/event-stream"
+		}
+		resp := &http.Response{StatusCode: 200, Header: http.Header{"Content-Type": {ct}}, Body: io.NopCloser(bytes.NewReader(body))}
+		if err := filter(resp); err != nil {
+			return
+		}
+		out, err := io.ReadAll(resp.Body)
+		if err != nil && !errors.Is(err, ErrResponse) {
+			t.Fatalf("read error %v", err)
+		}
+		var payloads [][]byte
+		if !sse {
+			payloads = [][]byte{out}
+		} else {
+			// The data of each complete event, as an SSE client assembles it.
+			for ev := range strings.SplitSeq(strings.ReplaceAll(strings.ReplaceAll(string(out), "\r\n", "\n"), "\r", "\n"), "\n\n") {
+				var data []string
+				for l := range strings.SplitSeq(ev, "\n") {
+					if v, ok := strings.CutPrefix(l, "data:"); ok {
+						data = append(data, strings.TrimPrefix(v, " "))
+					} else if l == "data" {
+						data = append(data, "")
+					}
+				}
+				payloads = append(payloads, []byte(strings.Join(data, "\n")))
+			}
+		}
+		for _, p := range payloads {
+			var msg map[string]json.RawMessage
+			if json.Unmarshal(p, &msg) != nil || string(msg["id"]) != "2" {
+				continue
+			}
+			var res map[string]json.RawMessage
+			var tools []map[string]json.RawMessage
+			if json.Unmarshal(msg["result"], &res) != nil || json.Unmarshal(res["tools"], &tools) != nil {
+				continue
+			}
+			for _, tl := range tools {
+				if string(tl["name"]) == `"delete_repo"` {
+					t.Fatalf("a refused tool was listed: %s", p)
+				}
 			}
 		}
 	})

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/escrowproxy/escrow/config"
 	"github.com/escrowproxy/escrow/policy"
 )
 
@@ -39,6 +40,17 @@ type Options struct {
 	// MaxListBytes bounds a tools/list response the filter reads: a JSON body, or one SSE
 	// event; 0 means DefaultMaxListBytes. A larger one fails the response (closed).
 	MaxListBytes int64
+}
+
+// OptionsFrom returns the options of an upstream's mcp block (config upstreams[].mcp): its
+// path (config.DefaultMCPPath when empty) and max_message_bytes; the other limits keep their
+// defaults.
+func OptionsFrom(m config.MCP) Options {
+	o := Options{Path: m.Path, MaxMessageBytes: m.MaxMessageBytes}
+	if o.Path == "" {
+		o.Path = config.DefaultMCPPath
+	}
+	return o
 }
 
 // Inspector parses the JSON-RPC messages POSTed to one MCP upstream's endpoint. It is
@@ -142,7 +154,8 @@ func (c *Call) ListsTools() bool { return len(c.toolsList) > 0 }
 type Audit struct {
 	Method string `json:"method,omitempty"`
 	// Tool is the tool or prompt name or the resource URI of a decided call.
-	Tool      string `json:"tool,omitempty"`
+	Tool string `json:"tool,omitempty"`
+	// JSONRPCID is the id as sent, in JSON: a number, or a string with its quotes.
 	JSONRPCID string `json:"jsonrpc_id,omitempty"`
 	Session   string `json:"session,omitempty"`
 	// ArgumentsSHA256 is the hex SHA-256 of the arguments' bytes exactly as sent, so a record
@@ -361,12 +374,9 @@ func (c *Call) add(obj []byte, host string) error {
 			return err
 		}
 		call := &policy.MCPCall{Method: msg.Method, Name: msg.Name}
-		if msg.Arguments != nil && msg.Arguments[0] == '{' {
-			dec := json.NewDecoder(bytes.NewReader(msg.Arguments))
-			dec.UseNumber()
-			if err := dec.Decode(&call.Arguments); err != nil {
-				return &Error{Kind: ErrMalformed, Detail: "arguments: " + err.Error(), ID: msg.ID}
-			}
+		if msg.Arguments != nil {
+			args, _ := decodeValue(msg.Arguments, 0) // an object: callParams checked
+			call.Arguments = args.(map[string]any)
 		}
 		in = policy.Input{Action: msg.Method, MCP: call}
 		switch msg.Method {

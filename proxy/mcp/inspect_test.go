@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/escrowproxy/escrow/config"
 	"github.com/escrowproxy/escrow/policy"
 )
 
@@ -442,5 +443,16 @@ func TestWriteError_NamesTheKindAndNeverTheDetail(t *testing.T) {
 	WriteError(w, &Error{Kind: ErrTooLarge}, "bad_request", "")
 	if w.Code != http.StatusRequestEntityTooLarge || !strings.Contains(w.Body.String(), `"id":null`) {
 		t.Errorf("too large: %d %s", w.Code, w.Body)
+	}
+}
+
+func TestOptionsFrom_TakesTheUpstreamsMCPBlock(t *testing.T) {
+	o := OptionsFrom(config.MCP{MaxMessageBytes: 4096})
+	if o.Path != config.DefaultMCPPath || o.MaxMessageBytes != 4096 {
+		t.Errorf("options = %+v", o)
+	}
+	i, err := New(OptionsFrom(config.MCP{Path: "/v1/mcp"}))
+	if err != nil || !i.Applies(httptest.NewRequest(http.MethodPost, "https://h/v1/mcp", nil)) || i.maxBytes != DefaultMaxMessageBytes {
+		t.Errorf("inspector = %+v, %v", i, err)
 	}
 }

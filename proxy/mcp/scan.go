@@ -2,6 +2,7 @@ package mcp
 
 import (
 	"bytes"
+	"encoding/json"
 	"unicode"
 	"unicode/utf8"
 )
@@ -490,4 +491,65 @@ func eachElement(arr []byte, fn func(v []byte, start, end int) bool) {
 			i = wsAt(arr, i+1)
 		}
 	}
+}
+
+// decodeValue decodes the validated JSON value at d[i:] as encoding/json would into an any
+// with UseNumber (map[string]any, []any, string, json.Number, bool, nil), in one pass, and
+// returns the index after it.
+func decodeValue(d []byte, i int) (any, int) {
+	switch d[i] {
+	case '{':
+		m := map[string]any{}
+		i = wsAt(d, i+1)
+		if d[i] == '}' {
+			return m, i + 1
+		}
+		for {
+			end := skipString(d, i)
+			k := decodeString(d[i+1 : end-1])
+			i = wsAt(d, wsAt(d, end)+1) // past ':'
+			var v any
+			v, i = decodeValue(d, i)
+			m[k] = v
+			i = wsAt(d, i)
+			if d[i] == '}' {
+				return m, i + 1
+			}
+			i = wsAt(d, i+1) // past ','
+		}
+	case '[':
+		a := []any{}
+		i = wsAt(d, i+1)
+		if d[i] == ']' {
+			return a, i + 1
+		}
+		for {
+			var v any
+			v, i = decodeValue(d, i)
+			a = append(a, v)
+			i = wsAt(d, i)
+			if d[i] == ']' {
+				return a, i + 1
+			}
+			i = wsAt(d, i+1)
+		}
+	case '"':
+		end := skipString(d, i)
+		return decodeString(d[i+1 : end-1]), end
+	case 't':
+		return true, i + 4
+	case 'f':
+		return false, i + 5
+	case 'n':
+		return nil, i + 4
+	}
+	end := skip(d, i)
+	return json.Number(d[i:end]), end
+}
+
+func decodeString(raw []byte) string {
+	if bytes.IndexByte(raw, '\\') < 0 {
+		return string(raw)
+	}
+	return string(appendUnescaped(make([]byte, 0, len(raw)), raw))
 }

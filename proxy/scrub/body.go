@@ -2,7 +2,9 @@ package scrub
 
 import (
 	"io"
+	"math"
 	"mime"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -49,7 +51,7 @@ const minRead = 512
 // Scan only bodies whose type is Scrubbable and that are not compressed (Content-Encoding
 // absent or identity). With a nil or inactive s, Body returns rc itself.
 func (s *Scrubber) Body(rc io.ReadCloser, o BodyOptions) io.ReadCloser {
-	if !s.Active() || rc == nil {
+	if !s.Active() || rc == nil || rc == http.NoBody {
 		return rc
 	}
 	limit := o.Limit
@@ -57,7 +59,7 @@ func (s *Scrubber) Body(rc io.ReadCloser, o BodyOptions) io.ReadCloser {
 		limit = DefaultLimit
 	}
 	b := &body{s: s, rc: rc, onDone: o.OnDone, scanTo: -1}
-	if limit > 0 {
+	if limit > 0 && limit <= math.MaxInt64-int64(s.m.maxLen) {
 		b.scanTo = limit + int64(s.m.maxLen) - 1
 	}
 	return b
@@ -246,4 +248,47 @@ func Scrubbable(contentType string) bool {
 		return true
 	}
 	return false
+}
+
+// Plan says whether a response body will be scanned and, when not, why.
+type Plan struct {
+	Scan bool
+	// Reason is empty when Scan is true, else one of ReasonEncoded or ReasonType.
+	Reason string
+}
+
+// Stable reasons for a body that is not scanned.
+const (
+	// ReasonEncoded: the body has a Content-Encoding other than identity (gzip, br, ...);
+	// its bytes cannot be searched. The caller should have asked for identity (see
+	// PrepareRequest) and should refuse such a response rather than pass it unscanned.
+	ReasonEncoded = "content_encoded"
+	// ReasonType: the Content-Type is not text-like (see Scrubbable).
+	ReasonType = "content_type"
+)
+
+// PlanBody decides, from a response's headers, whether its body is scanned.
+func PlanBody(h http.Header) Plan {
+	for _, v := range h.Values("Content-Encoding") {
+		for _, c := range strings.Split(v, ",") {
+			if c = strings.TrimSpace(c); c != "" && !strings.EqualFold(c, "identity") {
+				return Plan{Reason: ReasonEncoded}
+			}
+		}
+	}
+	if !Scrubbable(h.Get("Content-Type")) {
+		return Plan{Reason: ReasonType}
+	}
+	return Plan{Scan: true}
+}
+
+// PrepareRequest makes the upstream's answer to an outgoing request scannable: it asks for
+// identity encoding (an absent Accept-Encoding would mean any coding is acceptable) and removes
+// Range and If-Range, so the answer is the whole representation and a secret cannot be
+// fetched in pieces that are each too short to be recognised (a server may always answer a
+// ranged request in full, so clients handle that).
+func PrepareRequest(h http.Header) {
+	h.Set("Accept-Encoding", "identity")
+	h.Del("Range")
+	h.Del("If-Range")
 }

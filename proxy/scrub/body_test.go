@@ -4,10 +4,15 @@ import (
 	"bytes"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
+	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // chunkReader returns data in the given chunk sizes (then the rest), one chunk per Read at
@@ -142,12 +147,14 @@ func TestBody_LimitBoundsTheScanExactly(t *testing.T) {
 	}
 }
 
-func TestBody_NegativeLimitScansEverything(t *testing.T) {
+func TestBody_NegativeOrHugeLimitScansEverything(t *testing.T) {
 	s := New(secret)
 	in := strings.Repeat("x", 3*DefaultLimit) + secret
-	got, err := readAll(t, s.Body(io.NopCloser(strings.NewReader(in)), BodyOptions{Limit: -1}))
-	if err != nil || strings.Contains(string(got), secret) || len(got) != len(in) {
-		t.Fatalf("err %v, secret left %v", err, strings.Contains(string(got), secret))
+	for _, limit := range []int64{-1, math.MaxInt64} {
+		got, err := readAll(t, s.Body(io.NopCloser(strings.NewReader(in)), BodyOptions{Limit: limit}))
+		if err != nil || strings.Contains(string(got), secret) || len(got) != len(in) {
+			t.Fatalf("limit %d: err %v, secret left %v", limit, err, strings.Contains(string(got), secret))
+		}
 	}
 }
 
@@ -197,6 +204,9 @@ func TestBody_InactiveScrubberReturnsTheBodyItself(t *testing.T) {
 	if New("short").Body(rc, BodyOptions{}) != rc {
 		t.Fatal("want rc itself")
 	}
+	if New(secret).Body(http.NoBody, BodyOptions{}) != http.NoBody {
+		t.Fatal("want http.NoBody itself")
+	}
 }
 
 func TestScrubbable(t *testing.T) {
@@ -225,5 +235,72 @@ func TestScrubbable(t *testing.T) {
 		if got := Scrubbable(ct); got != want {
 			t.Errorf("Scrubbable(%q) = %v, want %v", ct, got, want)
 		}
+	}
+}
+
+func TestPlanBody_RefusesEncodedBodiesAndSkipsBinaryTypes(t *testing.T) {
+	for _, tc := range []struct {
+		h    http.Header
+		want Plan
+	}{
+		{http.Header{"Content-Type": {"application/json"}}, Plan{Scan: true}},
+		{http.Header{"Content-Type": {"text/html"}, "Content-Encoding": {"identity"}}, Plan{Scan: true}},
+		{http.Header{"Content-Type": {"application/json"}, "Content-Encoding": {"gzip"}}, Plan{Reason: ReasonEncoded}},
+		{http.Header{"Content-Type": {"text/plain"}, "Content-Encoding": {"identity, br"}}, Plan{Reason: ReasonEncoded}},
+		{http.Header{"Content-Type": {"image/png"}}, Plan{Reason: ReasonType}},
+		{http.Header{"Content-Encoding": {"zstd"}, "Content-Type": {"image/png"}}, Plan{Reason: ReasonEncoded}},
+		{http.Header{}, Plan{Scan: true}},
+	} {
+		if got := PlanBody(tc.h); got != tc.want {
+			t.Errorf("PlanBody(%v) = %+v, want %+v", tc.h, got, tc.want)
+		}
+	}
+}
+
+func TestPrepareRequest_AsksForIdentityAndTheWholeBody(t *testing.T) {
+	h := http.Header{"Accept-Encoding": {"gzip, br"}, "Range": {"bytes=0-9"}, "If-Range": {`"e1"`}, "Accept": {"*/*"}}
+	PrepareRequest(h)
+	want := http.Header{"Accept-Encoding": {"identity"}, "Accept": {"*/*"}}
+	if fmt.Sprint(h) != fmt.Sprint(want) {
+		t.Fatalf("got %v, want %v", h, want)
+	}
+}
+
+func TestBody_ReplacesEveryFormInAStreamedBody(t *testing.T) {
+	s := New(secret)
+	for _, f := range forms(secret) {
+		in := `{"echo":"` + strings.ToUpper(f[:1]) + f[1:] + `"}` + "\n"
+		var res BodyResult
+		got, err := readAll(t, s.Body(&chunkReader{data: []byte(in), sizes: []int{5, 3, 11}}, BodyOptions{OnDone: func(r BodyResult) { res = r }}), 600)
+		if err != nil || len(got) != len(in) || res.Redacted != 1 {
+			t.Fatalf("form %q: err %v, %q, %+v", f, err, got, res)
+		}
+		assertClean(t, string(got), secret)
+	}
+}
+
+// TestBody_CloseWhileAReadWaitsReportsOnce: the agent leaves while the upstream is silent; the
+// proxy closes the body from another goroutine. The blocked Read ends, OnDone runs once, and
+// the race detector has nothing to say.
+func TestBody_CloseWhileAReadWaitsReportsOnce(t *testing.T) {
+	s := New(secret)
+	pr, pw := io.Pipe()
+	var calls atomic.Int32
+	b := s.Body(pr, BodyOptions{OnDone: func(BodyResult) { calls.Add(1) }})
+	go pw.Write([]byte("data: " + secret[:10])) // a held prefix, then silence
+	readDone := make(chan error)
+	go func() {
+		_, err := readAll(t, b)
+		readDone <- err
+	}()
+	time.Sleep(10 * time.Millisecond) // let the Read block; the outcome does not depend on it
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-readDone; !errors.Is(err, io.ErrClosedPipe) {
+		t.Fatalf("Read: %v, want the closed pipe's error", err)
+	}
+	if calls.Load() != 1 {
+		t.Fatalf("OnDone ran %d times", calls.Load())
 	}
 }

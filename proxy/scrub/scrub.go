@@ -25,6 +25,12 @@ const Marker = "[escrow:redacted]"
 // can protect by scrubbing anyway.
 const MinLen = 8
 
+// PrefixLen is how much of the start of a searched form is enough to be replaced: a value cut
+// short (a truncated echo, a log line that shortens long strings) is replaced as far as it
+// goes once at least PrefixLen bytes of a form are present. A form shorter than that is
+// replaced only whole.
+const PrefixLen = 32
+
 const markerText = "escrow:redacted" // Marker between its brackets
 
 // Scrubber finds the secrets it was built with, in their common encodings, and replaces each
@@ -34,8 +40,8 @@ type Scrubber struct {
 	open, close byte   // first and last byte of every replacement; in no pattern
 	text        string // the replacement's interior, then fill
 	fill        byte
-	// Weak is set when no delimiter byte is free of the secrets' bytes: the output may then
-	// still contain a secret formed across a replacement's edge (see New).
+	// weak: no delimiter byte is free of the secrets' bytes, so the output may still contain
+	// a form made of a replacement's edge and its neighbours (see New).
 	weak    bool
 	ignored int
 }
@@ -57,6 +63,7 @@ func BasicPair(user, pass string) string { return user + ":" + pass }
 //   - hexadecimal;
 //   - as a JSON string body (Go's escaping, and with "\/") and HTML-escaped, where they differ.
 //
+// A form cut short is replaced as far as it goes once its first PrefixLen bytes are present.
 // Shorter values are ignored (see MinLen and Ignored). The replacement of each occurrence
 // starts and ends with a byte that occurs in no searched form (normally '[' and ']'), and its
 // interior contains none, so an output can never contain a searched form made of a replacement
@@ -81,7 +88,7 @@ func New(values ...string) *Scrubber {
 			}
 		}
 	}
-	s.m = newMatcher(patterns)
+	s.m = newMatcher(patterns, PrefixLen)
 	if s.m == nil {
 		return s
 	}
@@ -95,7 +102,7 @@ func New(values ...string) *Scrubber {
 	s.text, s.fill = markerText, '*'
 	interior := foldString(markerText + strings.Repeat("*", s.m.maxLen))
 	for _, p := range patterns {
-		if strings.Contains(interior, p) {
+		if strings.Contains(interior, p[:min(len(p), PrefixLen)]) {
 			// A value that is part of the marker: fill with the delimiter instead.
 			s.text, s.fill = "", s.open
 			break

@@ -32,12 +32,13 @@ func formsOf(t testing.TB, values ...string) []string {
 	return out
 }
 
-// assertClean fails if out contains any form of values, compared case-insensitively.
+// assertClean fails if out contains any form of values, or the first PrefixLen bytes of one,
+// compared case-insensitively.
 func assertClean(t testing.TB, out string, values ...string) {
 	t.Helper()
 	fo := foldString(out)
 	for _, f := range formsOf(t, values...) {
-		if strings.Contains(fo, f) {
+		if f = f[:min(len(f), PrefixLen)]; strings.Contains(fo, f) {
 			t.Fatalf("output still contains form %q:\n%q", f, out)
 		}
 	}
@@ -233,4 +234,54 @@ func TestHeader_ScrubsEveryHeaderThatCarriesTheSecret(t *testing.T) {
 			assertClean(t, name+": "+v, token, pass, BasicPair(user, pass))
 		}
 	}
+}
+
+func TestString_ReplacesAValueCutShortOncePrefixLenBytesOfAFormArePresent(t *testing.T) {
+	v := "tok_" + strings.Repeat("a1B2c3D4e5", 4) // 44 bytes
+	s := New(v)
+	cut := v[:PrefixLen+3]
+	out, n := s.String("echo " + cut + "... (truncated)")
+	if n != 1 || out != "echo "+s.markerFor(len(cut))+"... (truncated)" {
+		t.Fatalf("cut to %d bytes: got %q %d", len(cut), out, n)
+	}
+	short := v[:PrefixLen-1]
+	if out, n := s.String("echo " + short + "..."); n != 0 || out != "echo "+short+"..." {
+		t.Fatalf("a piece shorter than PrefixLen is not a match: got %q", out)
+	}
+}
+
+func TestString_ALongTokenIsReplacedWholeWhereverItAppears(t *testing.T) {
+	// A JWT-sized value: its forms run to kilobytes; deep states are sparse.
+	r := rand.New(rand.NewPCG(7, 8))
+	raw := make([]byte, 1500)
+	for i := range raw {
+		raw[i] = byte(r.IntN(256))
+	}
+	v := base64.RawURLEncoding.EncodeToString(raw)
+	s := New(v)
+	for _, f := range forms(v) {
+		in := `{"echo":"` + f + `","n":1}`
+		out, n := s.String(in)
+		if n != 1 || len(out) != len(in) || !strings.HasPrefix(out, `{"echo":"[escrow:redacted**`) || !strings.HasSuffix(out, `*]","n":1}`) {
+			t.Fatalf("form of %d bytes: %d replacements, %q...", len(f), n, out[:min(len(out), 60)])
+		}
+	}
+	var sizes []int
+	for range 200 {
+		sizes = append(sizes, 1+r.IntN(300))
+	}
+	in := "a " + v + " b " + url.QueryEscape(v) + " c " + base64.StdEncoding.EncodeToString([]byte(v)) + " d"
+	want, n := s.String(in)
+	got, err := readAll(t, s.Body(&chunkReader{data: []byte(in), sizes: sizes}, BodyOptions{}), 700, 3, 5000)
+	if n != 3 || err != nil || string(got) != want {
+		t.Fatalf("streamed: %d replacements, err %v, equal %v", n, err, string(got) == want)
+	}
+	assertClean(t, string(got), v)
+}
+
+// markerFor is the replacement of a whole n-byte span.
+func (s *Scrubber) markerFor(n int) string {
+	b := make([]byte, n)
+	s.redact(b, 0, []run{{0, int64(n)}})
+	return string(b)
 }

@@ -61,6 +61,10 @@ type auditRecord struct {
 	Path           string   `json:"path"`
 	Decision       string   `json:"decision"`
 	Reason         string   `json:"reason"`
+	Outcome        string   `json:"outcome"`
+	Status         int      `json:"status"`
+	Upgrade        string   `json:"upgrade"`
+	SNI            string   `json:"sni"`
 	PolicyIDs      []string `json:"policy_ids"`
 	Mode           string   `json:"mode"`
 	WouldDeny      bool     `json:"would_deny"`
@@ -465,11 +469,11 @@ var knownReasons = map[string]bool{
 	"egress_denied": true, "plaintext_credential_refused": true, "host_mismatch": true,
 	"bad_request": true, "identity_unavailable": true, "policy_unavailable": true,
 	"credential_unavailable": true, "upstream_unavailable": true, "upstream_timeout": true,
-	"shutting_down": true, "agent_closed": true,
+	"shutting_down": true, "agent_closed": true, "method_not_allowed": true, "audit_unavailable": true,
 }
 
 // checkAuditInvariants holds for every record of every group: a unique request_id, a decision
-// of allow or deny, a reason from the closed set, and no denial that says "allowed".
+// of allow, deny or would_deny, a reason from the closed set, and no denial that says "allowed".
 func checkAuditInvariants(t *testing.T, recs []auditRecord) {
 	t.Helper()
 	ids := map[string]bool{}
@@ -477,7 +481,7 @@ func checkAuditInvariants(t *testing.T, recs []auditRecord) {
 		switch {
 		case r.RequestID == "" || ids[r.RequestID]:
 			t.Errorf("audit record without a unique request_id: %s", r.Raw)
-		case r.Decision != "allow" && r.Decision != "deny":
+		case r.Decision != "allow" && r.Decision != "deny" && r.Decision != "would_deny":
 			t.Errorf("audit record with decision %q: %s", r.Decision, r.Raw)
 		case !knownReasons[r.Reason]:
 			t.Errorf("audit record with reason %q outside the documented set: %s", r.Reason, r.Raw)

@@ -38,8 +38,8 @@ egress:
 			}
 			checkUpstreamSawOnlyTheRealKey(t, api, path)
 			rec := e.auditFor(t, path)
-			if rec.Decision != "allow" || !rec.WouldDeny || rec.Mode != "report" || rec.UpstreamStatus != 200 {
-				t.Errorf("record %s, want decision allow, would_deny true, mode report, upstream_status 200", rec.Raw)
+			if rec.Decision != "would_deny" || !rec.WouldDeny || rec.Mode != "report" || rec.UpstreamStatus != 200 {
+				t.Errorf("record %s, want decision would_deny, would_deny true, mode report, upstream_status 200", rec.Raw)
 			}
 			if !slices.Equal(rec.PolicyIDs, []string{"forbid-deletes"}) {
 				t.Errorf("policy_ids %v, want [forbid-deletes] (the policy that would deny)", rec.PolicyIDs)
@@ -63,8 +63,8 @@ egress:
 	t.Run("unknown_destination_is_still_denied_in_report_mode", func(t *testing.T) {
 		eachClient(t, []agentClient{curlFlags, goClient}, func(t *testing.T, cl agentClient) {
 			r := cl.do(t, e, call{URL: "https://unknown.example.test/", Headers: agentHeaders})
-			if r.ConnectStatus != http.StatusForbidden || r.ConnectReason != "unknown_destination" {
-				t.Errorf("CONNECT %d %q err %q, want 403 unknown_destination", r.ConnectStatus, r.ConnectReason, r.Err)
+			if r.Status != http.StatusForbidden || r.Header.Get("X-Escrow-Reason") != "unknown_destination" {
+				t.Errorf("%d %q err %q, want 403 unknown_destination", r.Status, r.Header.Get("X-Escrow-Reason"), r.Err)
 			}
 		})
 	})

@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"net/http"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -14,6 +15,9 @@ import (
 func TestStaticFileCredential(t *testing.T) {
 	requireClient(t, "curl")
 	secretFile := filepath.Join(t.TempDir(), "rotating-key")
+	// The start checks that the file exists (a missing secret is reported by --check and at
+	// start); that it can disappear and come back afterwards is what this test is about.
+	writeAtomic(t, secretFile, newSecret("rotating secret at start")+"\n")
 	api := newUpstream(t, true, nil)
 	e := startEscrow(t, fmt.Sprintf(`
 identity:
@@ -38,7 +42,15 @@ egress:
 	}
 
 	t.Run("missing_secret_file_is_503_credential_unavailable_and_nothing_is_sent", func(t *testing.T) {
-		r, path := get(t)
+		if err := os.Remove(secretFile); err != nil {
+			t.Fatal(err)
+		}
+		var r response
+		var path string
+		waitFor(t, 10*time.Second, "escrow to notice the secret file is gone", func() bool {
+			r, path = get(t)
+			return r.Status == http.StatusServiceUnavailable
+		})
 		d := checkDenial(t, r, http.StatusServiceUnavailable, "credential_unavailable")
 		if rec := e.auditByID(t, d.RequestID); rec.Reason != "credential_unavailable" || rec.CredentialID != "" {
 			t.Errorf("record %s, want credential_unavailable without a credential_id", rec.Raw)

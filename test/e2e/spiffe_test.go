@@ -94,6 +94,11 @@ egress:
 		if got := e.metrics(t).get("escrow_svid_expiry_timestamp_seconds"); got != 0 {
 			t.Errorf("escrow_svid_expiry_timestamp_seconds = %v after revocation, want 0", got)
 		}
+		m := e.metrics(t)
+		if m.get("escrow_identity_updates_total", "result", "ok") < 1 || m.get("escrow_identity_updates_total", "result", "revoked") < 1 {
+			t.Errorf("escrow_identity_updates_total: ok=%v revoked=%v, want both counted",
+				m.get("escrow_identity_updates_total", "result", "ok"), m.get("escrow_identity_updates_total", "result", "revoked"))
+		}
 		// The entry comes back: so does the traffic.
 		wl.SetSVID(svidID, notAfter)
 		e.waitReady(t, 10*time.Second)
