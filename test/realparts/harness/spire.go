@@ -168,6 +168,9 @@ plugins {
   WorkloadAttestor "unix" { plugin_data { discover_workload_path = true } }
 }
 `, s.agentDataDir, s.logLevel, s.serverPort, s.AgentSocket, s.TrustDomain, s.BundleFile, filepath.Join(s.dir, "agent-keys")))
+	if err := os.MkdirAll(filepath.Join(s.dir, "agent-keys"), 0o700); err != nil {
+		t.Fatalf("harness: %v", err)
+	}
 	out := s.ServerCLI(t, "token", "generate", "-spiffeID", s.AgentID, "-ttl", "600")
 	token := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(out), "Token:"))
 	if token == "" || strings.ContainsAny(token, " \n") {
