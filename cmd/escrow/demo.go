@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -32,14 +33,17 @@ import (
 var demoPolicies []byte
 
 const (
-	demoHost     = "api.example.com"
+	demoHost = "api.example.com"
+	// demoLLMHost takes a short-lived OAuth2 access token that escrow mints from the demo's
+	// token endpoint (client credentials, RFC 6749 section 4.4) and refreshes before it expires.
+	demoLLMHost  = "llm.example.com"
 	demoIdentity = "spiffe://demo.escrow.dev/ns/agents/sa/coder"
 )
 
 func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("demo", "escrow demo [--keep-running] [--dir DIR]",
-		"Runs escrow, a local HTTPS API that needs a key, and an agent that calls it three times\n(allowed, denied by policy, unknown destination), printing each answer and audit record.", stdout, stderr)
-	keep := fs.Bool("keep-running", false, "after the three calls, keep the proxy and the API running (Ctrl-C stops them) so you can try curl")
+		"Runs escrow, a local HTTPS API that needs a key, and an agent that calls it four times\n(allowed, denied by policy, unknown destination, allowed with a short-lived token escrow mints), printing each answer and audit record.", stdout, stderr)
+	keep := fs.Bool("keep-running", false, "after the four calls, keep the proxy and the API running (Ctrl-C stops them) so you can try curl")
 	dir := fs.String("dir", "", "working directory for the demo's config, policies, secret and CA files (default: a new temporary directory)")
 	if err := fs.parse(args); err != nil {
 		return err
@@ -60,7 +64,8 @@ func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	// 1. A local HTTPS "API" that requires a bearer token. Its certificate comes from a CA of its
 	//    own, which only escrow trusts (ca_file): the agent never talks to it directly.
 	secret := randomHex(24)
-	api, apiCAFile, err := startDemoAPI(*dir, secret)
+	clientSecret := randomHex(24)
+	api, apiCAFile, err := startDemoAPI(*dir, secret, clientSecret)
 	if err != nil {
 		return err
 	}
@@ -69,6 +74,10 @@ func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	// 2. The secret lives in a file only escrow reads; the config names the file, never the value.
 	secretFile := filepath.Join(*dir, "secrets", "example-api-key")
 	if err := writeFile(secretFile, []byte(secret+"\n"), 0o600); err != nil {
+		return err
+	}
+	clientSecretFile := filepath.Join(*dir, "secrets", "token-client-secret")
+	if err := writeFile(clientSecretFile, []byte(clientSecret+"\n"), 0o600); err != nil {
 		return err
 	}
 	if err := writeFile(filepath.Join(*dir, "policies", "demo.cedar"), demoPolicies, 0o644); err != nil {
@@ -86,13 +95,24 @@ upstreams:
   - host: %s
     credential: example-api
     address: %s            # the demo API runs on loopback; pin the name there
-    ca_file: %s
+    ca_file: %[6]s
+  - host: %[9]s
+    credential: llm-token      # minted per workload, short-lived, refreshed ahead of expiry
+    address: %[5]s
+    ca_file: %[6]s
 credentials:
   example-api:
-    static: {file: %s}
+    static: {file: %[7]s}
+  llm-token:
+    oauth2:                    # client credentials: escrow trades its client secret for a 5-minute token
+      token_url: %[10]s
+      client_id: escrow-demo
+      client_secret_file: %[8]s
+      scopes: [models.read]
 egress:
   allow_cidrs: [127.0.0.0/8]  # the demo API is on loopback, which is denied by default
-`, demoIdentity, filepath.Join(*dir, "ca"), filepath.Join(*dir, "policies"), demoHost, api.Addr, apiCAFile, secretFile)
+`, demoIdentity, filepath.Join(*dir, "ca"), filepath.Join(*dir, "policies"), demoHost, api.Addr, apiCAFile, secretFile,
+		clientSecretFile, demoLLMHost, api.TokenURL)
 	cfgPath := filepath.Join(*dir, "escrow.yaml")
 	if err := writeFile(cfgPath, []byte(cfgText), 0o644); err != nil {
 		return err
@@ -133,6 +153,7 @@ egress:
 		{"allowed: read the API; escrow injects the real key", http.MethodGet, "https://" + demoHost + "/v1/models", 200, "allowed"},
 		{"denied by policy: DELETE is forbidden", http.MethodDelete, "https://" + demoHost + "/v1/models/gpt-x", 403, "policy_denied"},
 		{"denied: a host escrow does not know", http.MethodGet, "https://unknown.example.net/", 403, "unknown_destination"},
+		{"allowed with a short-lived token: escrow minted it from the token endpoint for this workload", http.MethodGet, "https://" + demoLLMHost + "/v1/models", 200, "allowed"},
 	}
 	failed := 0
 	for i, c := range calls {
@@ -229,15 +250,22 @@ func doDemoCall(ctx context.Context, c *http.Client, lastConnect func() string, 
 }
 
 type demoAPI struct {
-	Addr string
-	srv  *http.Server
+	Addr     string
+	TokenURL string // the token endpoint, plain HTTP on loopback
+	srv      *http.Server
+	tokSrv   *http.Server
 }
 
-func (a *demoAPI) Close() { _ = a.srv.Close() }
+func (a *demoAPI) Close() { _ = a.srv.Close(); _ = a.tokSrv.Close() }
 
-// startDemoAPI serves https://api.example.com on loopback; it answers 200 only to the right
-// bearer token and says so, without ever echoing the token.
-func startDemoAPI(dir, secret string) (*demoAPI, string, error) {
+// demoTokenTTL is the lifetime of the access tokens the demo's token endpoint mints.
+const demoTokenTTL = 5 * time.Minute
+
+// startDemoAPI serves https://api.example.com and https://llm.example.com on loopback, plus an
+// OAuth2 token endpoint (client credentials, RFC 6749 section 4.4, with client_secret_basic).
+// api.example.com answers 200 only to the static key; llm.example.com only to an access token
+// the endpoint minted and that has not expired. Neither ever echoes a token.
+func startDemoAPI(dir, secret, clientSecret string) (*demoAPI, string, error) {
 	apiCA, err := ca.New(ca.Options{Name: "escrow demo API CA"})
 	if err != nil {
 		return nil, "", err
@@ -246,31 +274,87 @@ func startDemoAPI(dir, secret string) (*demoAPI, string, error) {
 	if err := writeFile(caFile, apiCA.CertPEM(), 0o644); err != nil {
 		return nil, "", err
 	}
-	leaf, err := apiCA.Leaf(demoHost)
-	if err != nil {
-		return nil, "", err
+	leaves := map[string]*tls.Certificate{}
+	for _, h := range []string{demoHost, demoLLMHost} {
+		if leaves[h], err = apiCA.Leaf(h); err != nil {
+			return nil, "", err
+		}
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, "", err
 	}
+	tokLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		_ = ln.Close()
+		return nil, "", err
+	}
+	var mu sync.Mutex
+	minted := map[string]time.Time{} // access token -> expiry
+	tokSrv := &http.Server{
+		ReadHeaderTimeout: 5 * time.Second,
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set("Cache-Control", "no-store")
+			id, pw, ok := r.BasicAuth()
+			if r.Method != http.MethodPost || r.URL.Path != "/token" {
+				w.WriteHeader(http.StatusNotFound)
+				return
+			}
+			if err := r.ParseForm(); err != nil || r.PostForm.Get("grant_type") != "client_credentials" {
+				w.WriteHeader(http.StatusBadRequest)
+				_ = json.NewEncoder(w).Encode(map[string]string{"error": "unsupported_grant_type"})
+				return
+			}
+			if !ok || id != "escrow-demo" || subtle.ConstantTimeCompare([]byte(pw), []byte(clientSecret)) != 1 {
+				w.Header().Set("WWW-Authenticate", `Basic realm="token"`)
+				w.WriteHeader(http.StatusUnauthorized)
+				_ = json.NewEncoder(w).Encode(map[string]string{"error": "invalid_client"})
+				return
+			}
+			tok := randomHex(20)
+			mu.Lock()
+			minted[tok] = time.Now().Add(demoTokenTTL)
+			mu.Unlock()
+			_ = json.NewEncoder(w).Encode(map[string]any{"access_token": tok, "token_type": "Bearer",
+				"expires_in": int(demoTokenTTL.Seconds()), "scope": r.PostForm.Get("scope")})
+		}),
+	}
 	want := []byte("Bearer " + secret)
 	srv := &http.Server{
 		ReadHeaderTimeout: 5 * time.Second,
-		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{*leaf}},
+		TLSConfig: &tls.Config{GetCertificate: func(hi *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			if c := leaves[hi.ServerName]; c != nil {
+				return c, nil
+			}
+			return leaves[demoHost], nil
+		}},
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "application/json")
-			if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
+			auth := r.Header.Get("Authorization")
+			var ok bool
+			var note string
+			if r.TLS != nil && r.TLS.ServerName == demoLLMHost {
+				mu.Lock()
+				exp, found := minted[strings.TrimPrefix(auth, "Bearer ")]
+				mu.Unlock()
+				ok = strings.HasPrefix(auth, "Bearer ") && found && time.Now().Before(exp)
+				note = "the API saw a short-lived token escrow minted for this workload; the agent never had it"
+			} else {
+				ok = subtle.ConstantTimeCompare([]byte(auth), want) == 1
+				note = "the API saw escrow's key; the agent never had it"
+			}
+			if !ok {
 				w.WriteHeader(http.StatusUnauthorized)
 				_ = json.NewEncoder(w).Encode(map[string]any{"error": "missing or wrong API key"})
 				return
 			}
-			_ = json.NewEncoder(w).Encode(map[string]any{"object": "list", "data": []string{"gpt-x"},
-				"note": "the API saw escrow's key; the agent never had it"})
+			_ = json.NewEncoder(w).Encode(map[string]any{"object": "list", "data": []string{"gpt-x"}, "note": note})
 		}),
 	}
 	go func() { _ = srv.ServeTLS(ln, "", "") }()
-	return &demoAPI{Addr: ln.Addr().String(), srv: srv}, caFile, nil
+	go func() { _ = tokSrv.Serve(tokLn) }()
+	return &demoAPI{Addr: ln.Addr().String(), TokenURL: "http://" + tokLn.Addr().String() + "/token", srv: srv, tokSrv: tokSrv}, caFile, nil
 }
 
 func randomHex(n int) string {

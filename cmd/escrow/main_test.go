@@ -228,7 +228,8 @@ func TestRun_DemoSucceeds(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("demo failed: code=%d\n%s\n%s", code, stdout, stderr)
 	}
-	for _, want := range []string{"200 allowed", "403 policy_denied", `"policy_ids":["forbid-deletes"]`, "403 unknown_destination"} {
+	for _, want := range []string{"200 allowed", "403 policy_denied", `"policy_ids":["forbid-deletes"]`, "403 unknown_destination",
+		`"credential":"llm-token","credential_provider":"oauth2"`, "a short-lived token escrow minted"} {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("demo output lacks %q", want)
 		}
