@@ -7,8 +7,11 @@ VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo de
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 
 # Fuzz targets: package:Target (each runs for FUZZTIME in `make fuzz`).
-FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy/egress:FuzzRulesCheck \
-                ./policy:FuzzLoad ./credential:FuzzApplier ./injector:FuzzMutate ./injector:FuzzReview
+FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy:FuzzCheckPath ./proxy:FuzzReadClientHello \
+                ./proxy/egress:FuzzRulesCheck ./proxy/scrub:FuzzScrub ./proxy/mcp:FuzzParse \
+                ./proxy/mcp:FuzzResponseFilter ./policy:FuzzLoad ./policy:FuzzArgumentsRecord \
+                ./policy:FuzzTestFile ./attest:FuzzDelegation ./credential:FuzzApplier \
+                ./injector:FuzzMutate ./injector:FuzzReview
 
 .PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro bench-compare clean test-k8s test-realparts
 
