@@ -3,12 +3,16 @@ package k8s_test
 import (
 	"encoding/base64"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/yaml"
 )
 
 // processAnnotation turns on escrow's lookup of the calling process for one pod.
@@ -136,6 +140,35 @@ func TestProcessIdentityAgainstAPIServer(t *testing.T) {
 		}
 		if !reflect.DeepEqual(p.Spec.Containers[0].SecurityContext, sent.Spec.Containers[0].SecurityContext) {
 			t.Errorf("the agent container's security context changed: %+v", p.Spec.Containers[0].SecurityContext)
+		}
+	})
+
+	t.Run("the_example_pod_of_docs_kubernetes_md_is_accepted", func(t *testing.T) {
+		b, err := os.ReadFile(filepath.Join(repoRoot, "docs", "kubernetes.md"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		doc := string(b)
+		i := strings.Index(doc, "\n## Process identity\n")
+		if i < 0 {
+			t.Fatal(`docs/kubernetes.md has no "## Process identity" section`)
+		}
+		m := regexp.MustCompile("(?s)```yaml\n(.*?)```").FindStringSubmatch(doc[i:])
+		if m == nil {
+			t.Fatal("the Process identity section has no yaml example")
+		}
+		c.kubectl(t, []byte(m[1]), "create", "-n", "agents", "-f", "-")
+		var meta struct {
+			Metadata struct {
+				Name string `json:"name"`
+			} `json:"metadata"`
+		}
+		if err := yaml.Unmarshal([]byte(m[1]), &meta); err != nil {
+			t.Fatal(err)
+		}
+		p := c.readPod(t, "agents", meta.Metadata.Name)
+		if p.Spec.ShareProcessNamespace == nil || !*p.Spec.ShareProcessNamespace || configVolume(p) != "escrow-config-process" {
+			t.Errorf("the documented pod did not get process identity: shareProcessNamespace %v, config %q", p.Spec.ShareProcessNamespace, configVolume(p))
 		}
 	})
 
