@@ -56,7 +56,8 @@ type Config struct {
 	// address (/readyz, /metrics), which the probes use.
 	ProxyPort int `json:"proxy_port,omitempty"`
 	AdminPort int `json:"admin_port,omitempty"`
-	// RunAsUser is escrow's uid (and gid); never 0.
+	// RunAsUser is escrow's uid (and gid); never 0. With process identity it is only the gid:
+	// escrow then runs as uid 0 (see securityContext).
 	RunAsUser int64 `json:"run_as_user,omitempty"`
 	// ConfigMap and PolicyConfigMap are the default ConfigMaps (in the pod's namespace) of the
 	// escrow config (key config.yaml) and of the policies.

@@ -477,20 +477,22 @@ func sidecar(p *params) corev1.Container {
 	}
 }
 
-// ProcessCapabilities are the capabilities escrow's lookup of the calling process needs, and
-// all it gets besides the default of none (docs/security.md, "The calling process"):
+// processCapabilities returns the capabilities escrow's lookup of the calling process needs,
+// and all it gets besides the default of none (docs/security.md, "The calling process"):
 // CAP_SYS_PTRACE passes the kernel's ptrace access check (PTRACE_MODE_READ_FSCREDS) that
 // guards reading /proc/<pid>/fd/<n> and /proc/<pid>/exe of another uid's process;
 // CAP_DAC_OVERRIDE lets escrow list /proc/<pid>/fd, a directory of mode 0500 owned by that
 // process's uid. CAP_DAC_READ_SEARCH would also do for the listing but is not used: the
 // runtimes' default seccomp profiles then allow open_by_handle_at, which reads any file of a
 // filesystem the container has a mount of.
-var ProcessCapabilities = []corev1.Capability{"SYS_PTRACE", "DAC_OVERRIDE"}
+func processCapabilities() []corev1.Capability {
+	return []corev1.Capability{"SYS_PTRACE", "DAC_OVERRIDE"}
+}
 
 // securityContext is escrow's container security context. By default: its own non-root uid,
 // no capability, no privilege escalation, a read-only root filesystem, RuntimeDefault seccomp
 // (the restricted Pod Security profile). With process identity: uid 0 with only
-// ProcessCapabilities, because Kubernetes cannot give a capability to a non-root container
+// processCapabilities, because Kubernetes cannot give a capability to a non-root container
 // (the runtimes put added capabilities in the bounding set, not the ambient one, and the
 // kernel clears them when a non-root uid executes escrow); its group stays run_as_user.
 func securityContext(p *params) *corev1.SecurityContext {
@@ -506,7 +508,7 @@ func securityContext(p *params) *corev1.SecurityContext {
 	if p.ProcessIdentity {
 		sc.RunAsNonRoot = ptr(false)
 		sc.RunAsUser = ptr(int64(0))
-		sc.Capabilities.Add = append([]corev1.Capability(nil), ProcessCapabilities...)
+		sc.Capabilities.Add = processCapabilities()
 	}
 	return sc
 }
