@@ -31,8 +31,8 @@ type SPIFFEOptions struct {
 	// (e.g. to set an expiry gauge). It runs on the watch goroutine and must not block.
 	OnUpdate func(expiresAt time.Time)
 	// OnUpdateResult, if set, is called with the outcome of every message or failure of the
-	// Workload API's X509-SVID stream (e.g. to count escrow_identity_updates_total{result}).
-	// It runs on the watch goroutine and must not block.
+	// Workload API's X509-SVID stream (e.g. to count escrow_identity_updates_total{result}),
+	// before OnUpdate for the same event. It runs on the watch goroutine and must not block.
 	OnUpdateResult func(UpdateResult)
 }
 
@@ -202,10 +202,12 @@ func (w x509Watcher) OnX509ContextUpdate(c *workloadapi.X509Context) {
 	default:
 		s.log.Debug("X509-SVID rotated", fields...)
 	}
+	// The result is reported before OnUpdate so that whoever waits on OnUpdate (a readiness
+	// gate, a test) already sees it counted.
+	s.result(UpdateOK)
 	if s.onUpdate != nil {
 		s.onUpdate(st.notAfter)
 	}
-	s.result(UpdateOK)
 }
 
 func (s *SPIFFE) result(r UpdateResult) {

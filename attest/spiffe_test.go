@@ -466,3 +466,42 @@ func TestSPIFFE_UpdateWithoutSVIDDropsIdentityAtOnce(t *testing.T) {
 	h.waitUpdate(t, exp2)
 	mustIdentify(t, h.src, id1, exp2)
 }
+
+// Whoever waits on OnUpdate (a readiness gate, the metric tests) must find the same event
+// already counted by OnUpdateResult; CI once saw the count lag behind.
+func TestSPIFFE_ReportsUpdateResultBeforeOnUpdate(t *testing.T) {
+	w := attesttest.NewWorkloadAPI(t, td)
+	var (
+		mu       sync.Mutex
+		okCount  int
+		seenAtUp = make(chan int, 8)
+	)
+	src, err := attest.NewSPIFFE(context.Background(), attest.SPIFFEOptions{
+		Addr: w.Addr(),
+		OnUpdate: func(time.Time) {
+			mu.Lock()
+			seenAtUp <- okCount
+			mu.Unlock()
+		},
+		OnUpdateResult: func(r attest.UpdateResult) {
+			mu.Lock()
+			if r == attest.UpdateOK {
+				okCount++
+			}
+			mu.Unlock()
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = src.Close() })
+	w.SetSVID(id1, time.Now().Add(time.Hour))
+	select {
+	case n := <-seenAtUp:
+		if n != 1 {
+			t.Fatalf("OnUpdate ran with %d ok results counted, want 1 (the result must be reported first)", n)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no update within 10s")
+	}
+}

@@ -70,11 +70,20 @@ type JWTSVID struct {
 }
 
 // TokenSource is a token escrow presents to an endpoint on the workload's behalf (a client
-// assertion, a subject token, a web identity token). Exactly one source is set; today the only
-// one is JWTSVID: {jwt_svid: {audience: ...}}.
+// assertion, a subject token, a web identity token). Exactly one source is set: JWTSVID
+// ({jwt_svid: {audience: ...}}, the pod's JWT-SVID), or, for token_exchange.subject_token only,
+// Delegation ({delegation: {}}, the verified delegation token the agent presented).
 type TokenSource struct {
-	JWTSVID *JWTSVID `json:"jwt_svid,omitempty"`
+	JWTSVID    *JWTSVID          `json:"jwt_svid,omitempty"`
+	Delegation *PresentedSubject `json:"delegation,omitempty"`
 }
+
+// PresentedSubject has no settings; its presence selects the delegation token the agent
+// presented in Proxy-Authorization, after the delegation block has verified it.
+type PresentedSubject struct{}
+
+// IsDelegation reports whether s is the presented delegation token.
+func (s *TokenSource) IsDelegation() bool { return s != nil && s.Delegation != nil }
 
 // AuthStyle says where an OAuth2 client secret goes (RFC 6749 §2.3.1).
 type AuthStyle string
@@ -94,6 +103,7 @@ const (
 	TokenTypeIDToken     = "urn:ietf:params:oauth:token-type:id_token"
 
 	DefaultSubjectTokenType   = TokenTypeJWT
+	DefaultActorTokenType     = TokenTypeJWT
 	DefaultRequestedTokenType = TokenTypeAccessToken
 )
 
@@ -115,8 +125,10 @@ type OAuth2 struct {
 	CAFile string `json:"ca_file,omitempty"`
 }
 
-// TokenExchange is OAuth 2.0 token exchange (RFC 8693): SubjectToken (the pod's JWT-SVID) is
-// traded for a token. Client authentication is at most one of ClientSecretFile or
+// TokenExchange is OAuth 2.0 token exchange (RFC 8693): SubjectToken (the pod's JWT-SVID, or the
+// delegation token the agent presented) is traded for a token. With ActorToken (the pod's
+// JWT-SVID) the exchange says the workload acts for the presented subject (RFC 8693 §2.1,
+// delegation semantics). Client authentication is at most one of ClientSecretFile or
 // ClientAssertion (RFC 8693 makes it optional: some endpoints take public clients).
 type TokenExchange struct {
 	TokenURL         string       `json:"token_url"`
@@ -126,9 +138,13 @@ type TokenExchange struct {
 	// AuthStyle applies to ClientSecretFile; Validate sets AuthStyleBasic when one is set.
 	AuthStyle    AuthStyle    `json:"auth_style,omitempty"`
 	SubjectToken *TokenSource `json:"subject_token"`
-	// SubjectTokenType and RequestedTokenType are filled by Validate with
-	// DefaultSubjectTokenType and DefaultRequestedTokenType when empty.
+	// ActorToken, only with subject_token: {delegation: {}}, is {jwt_svid: {audience: ...}}.
+	ActorToken *TokenSource `json:"actor_token,omitempty"`
+	// SubjectTokenType, RequestedTokenType and (with ActorToken) ActorTokenType are filled by
+	// Validate with DefaultSubjectTokenType, DefaultRequestedTokenType and
+	// DefaultActorTokenType when empty.
 	SubjectTokenType   string   `json:"subject_token_type,omitempty"`
+	ActorTokenType     string   `json:"actor_token_type,omitempty"`
 	RequestedTokenType string   `json:"requested_token_type,omitempty"`
 	Audience           string   `json:"audience,omitempty"`
 	Resource           string   `json:"resource,omitempty"`
@@ -302,6 +318,9 @@ func (c *Credential) applyDefaults() {
 		if x.SubjectTokenType == "" {
 			x.SubjectTokenType = DefaultSubjectTokenType
 		}
+		if x.ActorTokenType == "" && x.ActorToken != nil {
+			x.ActorTokenType = DefaultActorTokenType
+		}
 		if x.RequestedTokenType == "" {
 			x.RequestedTokenType = DefaultRequestedTokenType
 		}
@@ -396,18 +415,35 @@ func (c *Config) validateCredential(p string, cr Credential, add func(path, form
 			add(at, "needs identity.spiffe: a JWT-SVID comes from the Workload API")
 		}
 	}
-	source := func(at string, s *TokenSource, required bool) {
+	// source checks a TokenSource; presented says it may be the presented delegation token.
+	source := func(at string, s *TokenSource, required, presented bool) {
 		if s == nil {
 			if required {
 				add(at, "required: {jwt_svid: {audience: ...}}")
 			}
 			return
 		}
-		if s.JWTSVID == nil {
-			add(at, "set jwt_svid: {audience: ...}")
-			return
+		switch {
+		case s.JWTSVID != nil && s.Delegation != nil:
+			add(at, "set exactly one of jwt_svid or delegation, not both")
+		case s.Delegation != nil && !presented:
+			add(at+".delegation", "the presented delegation token can only be token_exchange.subject_token")
+		case s.Delegation != nil && c.Delegation == nil:
+			add(at+".delegation", "needs the top-level delegation block: the presented token is verified there before it is passed on")
+		case s.Delegation != nil:
+		case presented:
+			if s.JWTSVID == nil {
+				add(at, "set one of jwt_svid: {audience: ...} or delegation: {}")
+				return
+			}
+			svid(at+".jwt_svid", s.JWTSVID)
+		default:
+			if s.JWTSVID == nil {
+				add(at, "set jwt_svid: {audience: ...}")
+				return
+			}
+			svid(at+".jwt_svid", s.JWTSVID)
 		}
-		svid(at+".jwt_svid", s.JWTSVID)
 	}
 	endpoint := func(at, u string, required bool) {
 		if u == "" {
@@ -434,7 +470,7 @@ func (c *Config) validateCredential(p string, cr Credential, add func(path, form
 		case secretFile == "" && assertion == nil && exactlyOne:
 			add(at, "set one of client_secret_file or client_assertion (the pod's JWT-SVID: no secret needed)")
 		}
-		source(at+".client_assertion", assertion, false)
+		source(at+".client_assertion", assertion, false, false)
 		switch {
 		case style != "" && secretFile == "":
 			add(at+".auth_style", "applies to client_secret_file only")
@@ -477,9 +513,21 @@ func (c *Config) validateCredential(p string, cr Credential, add func(path, form
 			add(at+".client_id", "required with client_secret_file or client_assertion")
 		}
 		clientAuth(at, x.ClientSecretFile, x.ClientAssertion, x.AuthStyle, false)
-		source(at+".subject_token", x.SubjectToken, true)
-		for k, v := range map[string]string{"subject_token_type": x.SubjectTokenType, "requested_token_type": x.RequestedTokenType} {
-			if !strings.HasPrefix(v, "urn:") {
+		source(at+".subject_token", x.SubjectToken, true, true)
+		if x.ActorToken != nil {
+			if !x.SubjectToken.IsDelegation() {
+				add(at+".actor_token", "applies with subject_token: {delegation: {}} only (the workload acts for the presented subject)")
+			}
+			source(at+".actor_token", x.ActorToken, false, false)
+		} else if x.ActorTokenType != "" {
+			add(at+".actor_token_type", "applies to actor_token only")
+		}
+		types := map[string]string{"subject_token_type": x.SubjectTokenType, "requested_token_type": x.RequestedTokenType}
+		if x.ActorToken != nil {
+			types["actor_token_type"] = x.ActorTokenType
+		}
+		for _, k := range sortedKeys(types) {
+			if v := types[k]; !strings.HasPrefix(v, "urn:") || strings.ContainsFunc(v, isCTL) {
 				add(at+"."+k, "want a token type URN such as %s, got %q", TokenTypeJWT, v)
 			}
 		}
@@ -505,7 +553,7 @@ func (c *Config) validateCredential(p string, cr Credential, add func(path, form
 		} else if parts := strings.SplitN(a.RoleARN, ":", 6); len(parts) != 6 || parts[0] != "arn" || !strings.HasPrefix(parts[5], "role/") {
 			add(at+".role_arn", "want arn:PARTITION:iam::ACCOUNT:role/NAME, got %q", a.RoleARN)
 		}
-		source(at+".web_identity", a.WebIdentity, true)
+		source(at+".web_identity", a.WebIdentity, true, false)
 		if a.Region == "" {
 			add(at+".region", "required (SigV4 signs for a region), e.g. us-east-1")
 		} else if !awsRegion.MatchString(a.Region) {
@@ -596,7 +644,7 @@ func (c *Config) validateCredential(p string, cr Credential, add func(path, form
 		} else if !strings.HasPrefix(g.Audience, "//iam.googleapis.com/") {
 			add(at+".audience", "want //iam.googleapis.com/projects/N/locations/global/workloadIdentityPools/P/providers/X, got %q", g.Audience)
 		}
-		source(at+".subject_token", g.SubjectToken, true)
+		source(at+".subject_token", g.SubjectToken, true, false)
 		if g.ServiceAccount != "" && !emailish.MatchString(g.ServiceAccount) {
 			add(at+".service_account", "want a service account e-mail address, got %q", g.ServiceAccount)
 		}

@@ -287,3 +287,67 @@ upstreams:
 		t.Errorf("kind names: %v %v", InjectSigV4, InjectBasicPair)
 	}
 }
+
+func TestParse_TokenExchangeCanTradeThePresentedDelegationToken(t *testing.T) {
+	c, err := Parse([]byte(spiffeIdentity + `
+delegation: {audience: spiffe://example.org/escrow, issuers: [{spiffe: {}}]}
+credentials:
+  onbehalf:
+    token_exchange:
+      token_url: https://sts.example.com/token
+      subject_token: {delegation: {}}
+      actor_token: {jwt_svid: {audience: https://sts.example.com}}
+  plain:
+    token_exchange:
+      token_url: https://sts.example.com/token
+      subject_token: {delegation: {}}
+      subject_token_type: urn:ietf:params:oauth:token-type:access_token
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := c.Credentials["onbehalf"].TokenExchange
+	if !x.SubjectToken.IsDelegation() || x.ActorToken == nil || x.ActorToken.JWTSVID.Audience != "https://sts.example.com" {
+		t.Fatalf("decoded %+v", x)
+	}
+	if x.SubjectTokenType != TokenTypeJWT || x.ActorTokenType != DefaultActorTokenType {
+		t.Errorf("defaults: subject %q actor %q", x.SubjectTokenType, x.ActorTokenType)
+	}
+	if p := c.Credentials["plain"].TokenExchange; p.ActorTokenType != "" || p.SubjectTokenType != TokenTypeAccessToken {
+		t.Errorf("without actor_token: %+v", p)
+	}
+}
+
+func TestParse_PresentedDelegationTokenMistakesNameTheirKeyPath(t *testing.T) {
+	// No top-level delegation block: nothing would have verified the token.
+	wantAll(t, parseErr(t, minimal+`
+credentials:
+  x: {token_exchange: {token_url: "https://sts.example.com/t", subject_token: {delegation: {}}}}
+`), "credentials.x.token_exchange.subject_token.delegation: needs the top-level delegation block")
+
+	got := parseErr(t, spiffeIdentity+`
+delegation: {audience: escrow, issuers: [{spiffe: {}}]}
+credentials:
+  both: {token_exchange: {token_url: "https://s.example/t", subject_token: {delegation: {}, jwt_svid: {audience: a}}}}
+  empty: {token_exchange: {token_url: "https://s.example/t", subject_token: {}}}
+  actor1: {token_exchange: {token_url: "https://s.example/t", subject_token: {jwt_svid: {audience: a}}, actor_token: {jwt_svid: {audience: a}}}}
+  actor2: {token_exchange: {token_url: "https://s.example/t", subject_token: {delegation: {}}, actor_token: {delegation: {}}, actor_token_type: jwt}}
+  actor3: {token_exchange: {token_url: "https://s.example/t", subject_token: {delegation: {}}, actor_token: {jwt_svid: {}}}}
+  ttype: {token_exchange: {token_url: "https://s.example/t", subject_token: {delegation: {}}, actor_token_type: "urn:x"}}
+  aws: {aws: {web_identity: {delegation: {}}, region: us-east-1, sts_endpoint: "https://sts.example"}}
+  gcp: {gcp: {audience: "//iam.googleapis.com/p", subject_token: {delegation: {}}}}
+  o: {oauth2: {token_url: "https://s.example/t", client_id: c, client_assertion: {delegation: {}}}}
+`)
+	wantAll(t, got,
+		"credentials.both.token_exchange.subject_token: set exactly one of jwt_svid or delegation, not both",
+		"credentials.empty.token_exchange.subject_token: set one of jwt_svid: {audience: ...} or delegation: {}",
+		"credentials.actor1.token_exchange.actor_token: applies with subject_token: {delegation: {}} only",
+		"credentials.actor2.token_exchange.actor_token.delegation: the presented delegation token can only be token_exchange.subject_token",
+		`credentials.actor2.token_exchange.actor_token_type: want a token type URN such as urn:ietf:params:oauth:token-type:jwt, got "jwt"`,
+		"credentials.actor3.token_exchange.actor_token.jwt_svid.audience: required",
+		"credentials.ttype.token_exchange.actor_token_type: applies to actor_token only",
+		"credentials.aws.aws.web_identity.delegation: the presented delegation token can only be token_exchange.subject_token",
+		"credentials.gcp.gcp.subject_token.delegation: the presented delegation token can only be token_exchange.subject_token",
+		"credentials.o.oauth2.client_assertion.delegation: the presented delegation token can only be token_exchange.subject_token",
+	)
+}

@@ -114,7 +114,8 @@ func KindOf(p Provider) string {
 // cached token is missing, expiring, expired or stale. It is safe for concurrent use.
 //
 // The cache key is (Name, Subject, Scope) of the Request, or Name alone for a Shared provider
-// (a static secret keeps one entry per name). Keys other than (Name, "", "") are bounded
+// (a static secret keeps one entry per name). For a Delegated provider it is (Name, Subject,
+// Scope, SHA-256 of the presented delegation token), and a Request without one is refused. Keys other than (Name, "", "") are bounded
 // per name by MaxKeysPerName, least recently used dropped first.
 //
 // Caching rules, per key:
@@ -164,6 +165,7 @@ type entry struct {
 	rev    Revoker // p as a Revoker, or nil
 	staler Staler  // p as a Staler, or nil
 	shared bool    // p is Shared: every caller gets the one slot below
+	deleg  bool    // p is Delegated: keys carry the presented token's digest
 
 	one slot // the key (Name, "", ""), and the only one of a Shared provider
 
@@ -172,7 +174,9 @@ type entry struct {
 	hot  atomic.Pointer[slot]             // the key used last, while it is in keys
 }
 
-type subKey struct{ subject, scope string }
+// subKey is a cache key below the name. presented is the SHA-256 of the presented delegation
+// token (Delegated providers only), so tokens minted for two presented tokens never mix.
+type subKey struct{ subject, scope, presented string }
 
 // lruResolution is how stale a key's last-use time may be (for eviction).
 const lruResolution = int64(100 * time.Millisecond)
@@ -270,6 +274,9 @@ func (m *Manager) newEntry(name string, p Provider) *entry {
 	if sh, ok := p.(Shared); ok {
 		e.shared = sh.Shared()
 	}
+	if dl, ok := p.(Delegated); ok && !e.shared {
+		e.deleg = dl.Delegated()
+	}
 	keys := map[subKey]*slot{}
 	e.keys.Store(&keys)
 	return e
@@ -348,8 +355,18 @@ func (m *Manager) Get(ctx context.Context, r Request) (Token, error) {
 	}
 	now := m.now()
 	sl := &e.one
-	if !e.shared && (r.Subject != "" || r.Scope != "") {
-		sl = m.slotFor(e, subKey{r.Subject, r.Scope}, now)
+	switch {
+	case e.deleg:
+		if r.Delegation == "" {
+			return Token{}, unavailable(r.Name, errNoDelegation)
+		}
+		sl = m.slotFor(e, subKey{r.Subject, r.Scope, r.Delegation.key()}, now)
+	case !e.shared && (r.Subject != "" || r.Scope != ""):
+		sl = m.slotFor(e, subKey{r.Subject, r.Scope, ""}, now)
+	}
+	pres := r.Delegation
+	if !e.deleg {
+		pres = "" // a provider sees exactly the key its token is cached under
 	}
 	s := sl.state.Load()
 	if s != nil && s.has {
@@ -360,10 +377,10 @@ func (m *Manager) Get(ctx context.Context, r Request) (Token, error) {
 			}
 			m.log.Info("credential changed at its source; fetching it again",
 				zap.String("credential", e.name), zap.String("id", s.tok.id))
-			return m.fetchWait(ctx, e, sl, s)
+			return m.fetchWait(ctx, e, sl, s, pres)
 		}
 		if now.Before(exp) {
-			m.refreshInBackground(ctx, e, sl, s, now)
+			m.refreshInBackground(ctx, e, sl, s, now, pres)
 			return s.tok, nil
 		}
 		// Expired: never served. Fall through to a fetch.
@@ -371,7 +388,7 @@ func (m *Manager) Get(ctx context.Context, r Request) (Token, error) {
 	if s != nil && s.failErr != nil && now.Before(s.failUntil) {
 		return Token{}, s.failErr
 	}
-	return m.fetchWait(ctx, e, sl, s)
+	return m.fetchWait(ctx, e, sl, s, pres)
 }
 
 // slotFor returns the slot of key, adding it (and dropping the least recently used key when the
@@ -439,8 +456,10 @@ func (m *Manager) recheckDue(sl *slot, now time.Time) bool {
 
 // fetchWait joins (or starts) the fetch for sl and waits for it or for ctx. seen is the state
 // the caller found wanting.
-func (m *Manager) fetchWait(ctx context.Context, e *entry, sl *slot, seen *state) (Token, error) {
-	ch := sl.sf.DoChan("", func() (any, error) { return m.fetch(ctx, e, sl, seen) })
+// pres is the presented token of a Delegated provider's key ("" otherwise): every caller that
+// reaches sl's singleflight presented the same one, since its digest is in the key.
+func (m *Manager) fetchWait(ctx context.Context, e *entry, sl *slot, seen *state, pres Presented) (Token, error) {
+	ch := sl.sf.DoChan("", func() (any, error) { return m.fetch(ctx, e, sl, seen, pres) })
 	select {
 	case r := <-ch:
 		if r.Err != nil {
@@ -454,7 +473,7 @@ func (m *Manager) fetchWait(ctx context.Context, e *entry, sl *slot, seen *state
 
 // refreshInBackground starts one background fetch for sl unless one is running or the last
 // attempt failed less than FailureBackoff ago.
-func (m *Manager) refreshInBackground(ctx context.Context, e *entry, sl *slot, s *state, now time.Time) {
+func (m *Manager) refreshInBackground(ctx context.Context, e *entry, sl *slot, s *state, now time.Time, pres Presented) {
 	if s.failErr != nil && now.Before(s.failUntil) {
 		return
 	}
@@ -466,7 +485,7 @@ func (m *Manager) refreshInBackground(ctx context.Context, e *entry, sl *slot, s
 	go func() {
 		defer m.bg.Done()
 		defer sl.refreshing.Store(false)
-		_, _, _ = sl.sf.Do("", func() (any, error) { return m.fetch(ctx, e, sl, s) })
+		_, _, _ = sl.sf.Do("", func() (any, error) { return m.fetch(ctx, e, sl, s, pres) })
 	}()
 }
 
@@ -476,7 +495,7 @@ func (m *Manager) refreshInBackground(ctx context.Context, e *entry, sl *slot, s
 // seen is the state the caller found wanting. If another fetch has published since (the caller
 // missed, and reached the singleflight just after that fetch finished), its fresh token or its
 // failure within the backoff is the answer: one provider call per key, not two.
-func (m *Manager) fetch(ctx context.Context, e *entry, sl *slot, seen *state) (tok Token, err error) {
+func (m *Manager) fetch(ctx context.Context, e *entry, sl *slot, seen *state, pres Presented) (tok Token, err error) {
 	if cur := sl.state.Load(); cur != seen && cur != nil {
 		now := m.now()
 		if cur.has && (cur.tok.expiresAt.IsZero() || now.Before(cur.refreshAt)) {
@@ -493,7 +512,7 @@ func (m *Manager) fetch(ctx context.Context, e *entry, sl *slot, seen *state) (t
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.fetchTimeout)
 	defer cancel()
 	start := time.Now()
-	tok, err = m.callProvider(fctx, e, sl)
+	tok, err = m.callProvider(fctx, e, sl, pres)
 	m.obs.Fetched(e.kind, err == nil, time.Since(start))
 	now := m.now()
 	if err == nil {
@@ -542,13 +561,13 @@ func (m *Manager) fetch(ctx context.Context, e *entry, sl *slot, seen *state) (t
 // callProvider calls the provider, turning a panic into an error. Singleflight would otherwise
 // re-panic on a fresh goroutine and take the process down. The panic value is not included: it
 // could hold anything, the secret too.
-func (m *Manager) callProvider(ctx context.Context, e *entry, sl *slot) (tok Token, err error) {
+func (m *Manager) callProvider(ctx context.Context, e *entry, sl *slot, pres Presented) (tok Token, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			tok, err = Token{}, fmt.Errorf("provider panicked (%T)", r)
 		}
 	}()
-	return e.p.Fetch(ctx, FetchArgs{Name: e.name, Subject: sl.key.subject, Scope: sl.key.scope})
+	return e.p.Fetch(ctx, FetchArgs{Name: e.name, Subject: sl.key.subject, Scope: sl.key.scope, Delegation: pres})
 }
 
 // check validates what a provider returned.
@@ -761,9 +780,12 @@ func (m *Manager) ForgetKey(r Request) {
 	if e == nil {
 		return
 	}
-	k := subKey{r.Subject, r.Scope}
-	if e.shared {
+	k := subKey{r.Subject, r.Scope, ""}
+	switch {
+	case e.shared:
 		k = subKey{}
+	case e.deleg:
+		k.presented = r.Delegation.key()
 	}
 	m.revoke(e, e.killWhere(func(x subKey) bool { return x == k }))
 }
@@ -817,14 +839,19 @@ func (m *Manager) Kind(name string) string {
 }
 
 // Warm fetches every credential once, concurrently, for Request{Name: name} (no subject: a
-// static secret's one entry; a per-caller provider is warmed for the empty subject), and returns
+// static secret's one entry; a per-caller provider is warmed for the empty subject; a Delegated
+// one, minted only for a presented token, is skipped), and returns
 // the failures joined, sorted by name; each names its credential and cause, never a secret. Use
 // it at start-up so a broken credential is reported before the first request.
 func (m *Manager) Warm(ctx context.Context) error {
+	entries := *m.entries.Load()
 	names := m.Names()
 	errs := make([]error, len(names))
 	var wg sync.WaitGroup
 	for i, n := range names {
+		if e := entries[n]; e != nil && e.deleg {
+			continue // minted only for a presented delegation token: nothing to warm
+		}
 		wg.Go(func() {
 			_, errs[i] = m.Get(ctx, Request{Name: n})
 		})
@@ -836,6 +863,9 @@ func (m *Manager) Warm(ctx context.Context) error {
 var (
 	errClosed  = errors.New("the credential manager is closed")
 	errDropped = errors.New("the credential was dropped while it was being fetched")
+	// errNoDelegation: the credential trades the delegation token the caller presents, and
+	// this request presented none.
+	errNoDelegation = errors.New("no delegation token was presented, and this credential exchanges it")
 )
 
 // waitBackground waits for background refreshes and revocations; for tests.

@@ -275,23 +275,28 @@ func TestManager_ChecksStalerAtMostEveryRecheckEvery(t *testing.T) {
 
 func TestManager_RefreshesBeforeExpiry(t *testing.T) {
 	clock := newFakeClock()
-	p, calls := counting(clock, 100*time.Second)
-	m := NewManager(map[string]Provider{"gh": p}, Options{Now: clock.Now}) // RefreshBefore 0.2: at 80s
+	// A 1000s token: a fifth of its lifetime (200s) remains at 800s, before the 60s rule (at
+	// 940s) would apply. (With a 100s token the 60s rule refreshes at 50s, in the background,
+	// so a check at 79s raced with it.)
+	p, calls := counting(clock, 1000*time.Second)
+	m := NewManager(map[string]Provider{"gh": p}, Options{Now: clock.Now}) // RefreshBefore 0.2: at 800s
 	t0 := mustGet(t, m, "gh")
-	if t0.Value() != "v1" || !t0.ExpiresAt().Equal(clock.Now().Add(100*time.Second)) {
+	if t0.Value() != "v1" || !t0.ExpiresAt().Equal(clock.Now().Add(1000*time.Second)) {
 		t.Fatalf("first token %v %q", t0, t0.Value())
 	}
-	clock.Advance(79 * time.Second)
-	if got := mustGet(t, m, "gh"); got.Value() != "v1" || calls.Load() != 1 {
-		t.Fatalf("at 79s: %q after %d fetches; want v1 and no refresh yet", got.Value(), calls.Load())
+	clock.Advance(799 * time.Second)
+	got0 := mustGet(t, m, "gh")
+	m.waitBackground()
+	if got0.Value() != "v1" || calls.Load() != 1 {
+		t.Fatalf("at 799s: %q after %d fetches; want v1 and no refresh yet", got0.Value(), calls.Load())
 	}
-	clock.Advance(2 * time.Second) // 81s: 19% of the lifetime remains
+	clock.Advance(2 * time.Second) // 801s: 19.9% of the lifetime remains
 	if got := mustGet(t, m, "gh"); got.Value() != "v1" {
-		t.Errorf("at 81s: %q; want the still-valid v1 while the refresh runs", got.Value())
+		t.Errorf("at 801s: %q; want the still-valid v1 while the refresh runs", got.Value())
 	}
 	m.waitBackground()
 	if calls.Load() != 2 {
-		t.Fatalf("at 81s: %d fetches; want a refresh ahead of expiry", calls.Load())
+		t.Fatalf("at 801s: %d fetches; want a refresh ahead of expiry", calls.Load())
 	}
 	got := mustGet(t, m, "gh")
 	if got.Value() != "v2" || got.ID() == t0.ID() {

@@ -42,19 +42,24 @@ type OAuth2Options struct {
 	CAFile   string // optional private CA of the token endpoint
 }
 
-// TokenExchangeOptions configures the RFC 8693 token exchange provider: the pod's JWT-SVID for
-// SubjectTokenAudience is the subject_token.
+// TokenExchangeOptions configures the RFC 8693 token exchange provider. The subject_token is
+// the pod's JWT-SVID for SubjectTokenAudience or, with SubjectTokenPresented, the delegation
+// token the caller presented (FetchArgs.Delegation). ActorTokenAudience, when set, sends the
+// pod's JWT-SVID for it as the actor_token (RFC 8693 §2.1: the workload acts for the subject).
 type TokenExchangeOptions struct {
 	TokenURL string
 	ClientAuth
-	SubjectTokenAudience string
-	SubjectTokenType     string // default TokenTypeJWT
-	RequestedTokenType   string // default TokenTypeAccessToken
-	Audience             string
-	Resource             string
-	Scopes               []string
-	Extra                map[string]string // extra form fields (dex: connector_id)
-	CAFile               string
+	SubjectTokenAudience  string
+	SubjectTokenPresented bool
+	ActorTokenAudience    string
+	ActorTokenType        string // default TokenTypeJWT, with ActorTokenAudience
+	SubjectTokenType      string // default TokenTypeJWT
+	RequestedTokenType    string // default TokenTypeAccessToken
+	Audience              string
+	Resource              string
+	Scopes                []string
+	Extra                 map[string]string // extra form fields (dex: connector_id)
+	CAFile                string
 }
 
 // NewOAuth2 returns the OAuth2 client credentials provider. Tokens are cached per caller: with
@@ -83,11 +88,16 @@ func NewTokenExchange(o TokenExchangeOptions, d Deps) (Provider, error) {
 	if err := checkTokenURL(o.TokenURL); err != nil {
 		return nil, fmt.Errorf("credential: token_exchange: %w", err)
 	}
-	if d.JWT == nil {
-		return nil, errors.New("credential: token_exchange: the subject token is a JWT-SVID: needs a SPIFFE identity")
-	}
-	if o.SubjectTokenAudience == "" {
+	switch {
+	case o.SubjectTokenPresented && o.SubjectTokenAudience != "":
+		return nil, errors.New("credential: token_exchange: the subject token is either the presented delegation token or a JWT-SVID, not both")
+	case !o.SubjectTokenPresented && o.SubjectTokenAudience == "":
 		return nil, errors.New("credential: token_exchange: subject_token.jwt_svid.audience is required")
+	case !o.SubjectTokenPresented && o.ActorTokenAudience != "":
+		return nil, errors.New("credential: token_exchange: actor_token applies with the presented delegation token as subject_token only")
+	}
+	if d.JWT == nil && (o.SubjectTokenAudience != "" || o.ActorTokenAudience != "" || o.AssertionAudience != "") {
+		return nil, errors.New("credential: token_exchange: a JWT-SVID is sent: needs a SPIFFE identity")
 	}
 	stt, rtt := o.SubjectTokenType, o.RequestedTokenType
 	if stt == "" {
@@ -106,8 +116,16 @@ func NewTokenExchange(o TokenExchangeOptions, d Deps) (Provider, error) {
 	params.Set("grant_type", GrantTokenExchange)
 	params.Set("subject_token_type", stt)
 	params.Set("requested_token_type", rtt)
+	if o.ActorTokenAudience != "" {
+		att := o.ActorTokenType
+		if att == "" {
+			att = TokenTypeJWT
+		}
+		params.Set("actor_token_type", att)
+	}
 	return &oauthProvider{kind: "token_exchange", url: o.TokenURL, auth: o.ClientAuth, scopes: o.Scopes,
-		params: params, subjectAud: o.SubjectTokenAudience, client: c, d: d}, nil
+		params: params, subjectAud: o.SubjectTokenAudience, presented: o.SubjectTokenPresented,
+		actorAud: o.ActorTokenAudience, client: c, d: d}, nil
 }
 
 func checkTokenURL(s string) error {
@@ -138,11 +156,16 @@ type oauthProvider struct {
 	scopes     []string
 	params     url.Values // fixed form fields
 	subjectAud string     // token_exchange: audience of the JWT-SVID sent as subject_token
+	presented  bool       // token_exchange: the presented delegation token is the subject_token
+	actorAud   string     // token_exchange: audience of the JWT-SVID sent as actor_token
 	client     *http.Client
 	d          Deps
 }
 
 func (p *oauthProvider) Kind() string { return p.kind }
+
+// Delegated reports whether the subject_token is the presented delegation token.
+func (p *oauthProvider) Delegated() bool { return p.presented }
 
 func (p *oauthProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error) {
 	params := make(url.Values, len(p.params)+3)
@@ -150,6 +173,13 @@ func (p *oauthProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error
 		params[k] = v
 	}
 	var secrets []string
+	if p.presented {
+		if args.Delegation == "" {
+			// Never an exchange without it: the subject would be nobody, or the workload.
+			return Token{}, errors.New("no delegation token was presented, and this credential exchanges it")
+		}
+		secrets = append(secrets, string(args.Delegation))
+	}
 	cfg := clientcredentials.Config{ClientID: p.auth.ClientID, TokenURL: p.url, Scopes: p.scopes,
 		AuthStyle: oauth2.AuthStyleInHeader}
 	if p.auth.AuthStyle == "post" {
@@ -182,6 +212,17 @@ func (p *oauthProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error
 		}
 		params.Set("subject_token", st)
 		secrets = append(secrets, st)
+	}
+	if p.presented {
+		params.Set("subject_token", string(args.Delegation))
+	}
+	if p.actorAud != "" {
+		at, err := jwtSVID(ctx, p.d, p.actorAud, args.Subject)
+		if err != nil {
+			return Token{}, err
+		}
+		params.Set("actor_token", at)
+		secrets = append(secrets, at)
 	}
 	cfg.EndpointParams = params
 	tok, err := cfg.Token(withClient(ctx, p.client))

@@ -2,10 +2,13 @@ package credential
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"net/http"
 	"os"
 	"strings"
@@ -27,6 +30,10 @@ type Request struct {
 	// Scope holds provider-specific scope parameters (a down-scope, an audience) in canonical
 	// form, so equal scopes are equal strings; "" for none.
 	Scope string
+	// Delegation is the delegation token the caller presented, already verified (the proxy's
+	// delegation block); "" when it presented none. Only providers that trade it (Delegated)
+	// see it, and for them the Manager keys tokens by it too. It prints as a fingerprint.
+	Delegation Presented
 }
 
 // Provider fetches a fresh credential. Implementations must be safe for concurrent use, must
@@ -48,6 +55,55 @@ type FetchArgs struct {
 	// Scope is the canonical scope parameters the token is for ("" for a Shared provider, or
 	// for none).
 	Scope string
+	// Delegation is the presented delegation token the token is for: set only for a Delegated
+	// provider, and then never "".
+	Delegation Presented
+}
+
+// Delegated is implemented by providers that trade the delegation token the caller presented
+// (token_exchange with subject_token: {delegation: {}}). When Delegated reports true (asked
+// once, when the Manager takes the provider), the Manager keys every token by the presented
+// token too, so tokens minted for two presented tokens (two subjects) are never shared; passes
+// it in FetchArgs.Delegation; and answers a Request without one with ErrUnavailable, never
+// calling the provider.
+type Delegated interface {
+	Delegated() bool
+}
+
+// Presented is a token a caller presented to escrow (a delegation token). It is a credential of
+// its holder: every way of printing or encoding it (String, GoString, Format for every verb,
+// MarshalText and so JSON, slog's LogValue) shows only a fingerprint,
+// "presented-token(sha256:<16 hex digits>)". Convert it to a string only to send it on.
+type Presented string
+
+// String returns the fingerprint, never the token.
+func (t Presented) String() string {
+	if t == "" {
+		return "presented-token(none)"
+	}
+	sum := sha256.Sum256([]byte(t))
+	return "presented-token(sha256:" + hex.EncodeToString(sum[:8]) + ")"
+}
+
+// GoString is String.
+func (t Presented) GoString() string { return t.String() }
+
+// Format writes String for every verb and flag.
+func (t Presented) Format(f fmt.State, _ rune) { _, _ = f.Write([]byte(t.String())) }
+
+// MarshalText returns String (encoding/json uses it too).
+func (t Presented) MarshalText() ([]byte, error) { return []byte(t.String()), nil }
+
+// LogValue makes log/slog log String.
+func (t Presented) LogValue() slog.Value { return slog.StringValue(t.String()) }
+
+// key is what the Manager keys tokens by: the token's full SHA-256, never the token itself.
+func (t Presented) key() string {
+	if t == "" {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(t))
+	return string(sum[:])
 }
 
 // Shared is implemented by providers whose token does not depend on the caller (a static
@@ -114,8 +170,9 @@ func NewProvider(name string, c config.Credential, d Deps) (Provider, error) {
 		return named(name)(NewTokenExchange(TokenExchangeOptions{
 			TokenURL:             x.TokenURL,
 			ClientAuth:           clientAuth(x.ClientID, x.ClientSecretFile, x.ClientAssertion, x.AuthStyle),
-			SubjectTokenAudience: audienceOf(x.SubjectToken),
-			SubjectTokenType:     x.SubjectTokenType, RequestedTokenType: x.RequestedTokenType,
+			SubjectTokenAudience: audienceOf(x.SubjectToken), SubjectTokenPresented: x.SubjectToken.IsDelegation(),
+			ActorTokenAudience: audienceOf(x.ActorToken), ActorTokenType: x.ActorTokenType,
+			SubjectTokenType: x.SubjectTokenType, RequestedTokenType: x.RequestedTokenType,
 			Audience: x.Audience, Resource: x.Resource, Scopes: x.Scopes, Extra: x.Extra, CAFile: x.CAFile,
 		}, d))
 	case c.AWS != nil:

@@ -8,6 +8,7 @@ import (
 	"github.com/escrowproxy/escrow/attest"
 	"github.com/escrowproxy/escrow/audit"
 	"github.com/escrowproxy/escrow/config"
+	"github.com/escrowproxy/escrow/credential"
 	"github.com/escrowproxy/escrow/policy"
 )
 
@@ -41,6 +42,9 @@ func policyReason(r policy.Reason) Reason {
 // the internal error behind it (logged, never sent to the agent).
 type verdict struct {
 	Identity attest.Identity
+	// Presented is the delegation token the caller presented, once it verified ("" without
+	// one): credential providers that exchange it (RFC 8693) pass it on.
+	Presented credential.Presented
 	// Input is the decided input as the policy saw it (identity, time, caller, delegation
 	// filled in): the base of any further decision about the same request.
 	Input  policy.Input
@@ -57,6 +61,7 @@ func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Pe
 		return verdict{Reason: ReasonIdentityUnavailable, Cause: err}
 	}
 	setIdentity(rec, id)
+	var presented credential.Presented
 	if p.deleg != nil {
 		// Whom the caller acts for: a token that does not verify is a denial, never ignored.
 		d, err := p.deleg.VerifyHeader(ctx, peer.ProxyAuthorization, id.SPIFFEID)
@@ -64,6 +69,12 @@ func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Pe
 			return verdict{Identity: id, Reason: ReasonDelegationInvalid, Cause: err}
 		}
 		if d != nil {
+			// VerifyHeader parsed the same header: this cannot fail for a token that verified.
+			raw, err := attest.ParseProxyAuthorization(peer.ProxyAuthorization)
+			if err != nil {
+				return verdict{Identity: id, Reason: ReasonDelegationInvalid, Cause: err}
+			}
+			presented = credential.Presented(raw)
 			in.Delegation = d
 			rec.DelegationSubject, rec.DelegationActors, rec.DelegationTokenID = d.Subject, d.Actors, d.TokenID
 		}
@@ -72,7 +83,7 @@ func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Pe
 		rec.CallerPID, rec.CallerUID, rec.CallerExe = c.PID, c.UID, c.Exe
 	}
 	in.Identity, in.Time = id, p.now()
-	return verdict{Identity: id, Input: in, Reason: p.decide(ctx, rec, in, mode)}
+	return verdict{Identity: id, Presented: presented, Input: in, Reason: p.decide(ctx, rec, in, mode)}
 }
 
 // decide asks the policy about in, records the outcome on rec, and returns ReasonAllowed or the

@@ -87,7 +87,8 @@ func (p *Proxy) newReverseProxy(tr http.RoundTripper) *httputil.ReverseProxy {
 			}
 			if st != nil && st.out.filter != nil {
 				if err := st.out.filter(resp); err != nil {
-					return err
+					// Not delivered unfiltered: recorded as a response escrow could not check.
+					return fmt.Errorf("%w: %w", errUnscannable, err)
 				}
 			}
 			if resp.Trailer != nil {

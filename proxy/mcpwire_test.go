@@ -198,3 +198,26 @@ func TestProxy_MCPTypeScriptSDKClientThroughEscrow(t *testing.T) {
 		}
 	}
 }
+
+// A tools/list answer escrow cannot filter (here compressed, which it did not ask for) is never
+// delivered: 502 response_unscannable, recorded as such, not as an unavailable upstream.
+func TestProxy_MCPRefusesAToolListItCannotFilter(t *testing.T) {
+	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Encoding", "gzip")
+		_, _ = w.Write([]byte("\x1f\x8b not really gzip, and not filterable"))
+	}), false, "mcp.example.test")
+	tp := newTestProxy(t, "upstreams:\n"+up.route("mcp.example.test", "mcp: {path: /mcp}"), withPolicy(mcpPolicy))
+	req, _ := http.NewRequest(http.MethodPost, "https://mcp.example.test/mcp",
+		strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	resp := tp.Do(t, req)
+	body := string(readBody(t, resp))
+	if resp.StatusCode != http.StatusBadGateway || strings.Contains(body, "not filterable") {
+		t.Errorf("unfilterable tools/list: %d %q, want 502 and nothing of the upstream's body", resp.StatusCode, body)
+	}
+	if rec := tp.Record(t, 1); rec.Outcome != string(ReasonResponseUnscannable) {
+		t.Errorf("record outcome %q, want %s", rec.Outcome, ReasonResponseUnscannable)
+	}
+}

@@ -406,7 +406,8 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		if k, ok := p.creds.(interface{ Kind(name string) string }); ok {
 			rec.CredentialProvider = k.Kind(rt.credential)
 		}
-		tok, err := p.creds.Get(ctx, credential.Request{Name: rt.credential, Subject: v.Identity.SPIFFEID})
+		// A verified delegation token goes along: a provider that exchanges it keys by it.
+		tok, err := p.creds.Get(ctx, credential.Request{Name: rt.credential, Subject: v.Identity.SPIFFEID, Delegation: v.Presented})
 		rec.CredentialDur = p.now().Sub(start)
 		if err != nil {
 			p.metrics.CredentialLookups.WithLabelValues("error").Inc()

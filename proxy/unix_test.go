@@ -2,11 +2,14 @@ package proxy
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -98,4 +101,61 @@ func mustURL(t testing.TB, s string) *url.URL {
 	u, err := url.Parse(s)
 	must(t, err)
 	return u
+}
+
+// Two different programs on the same loopback listener: a policy that permits only curl's
+// executable (by its sha256, from the kernel's view of the connection) lets curl through and
+// denies this Go test binary.
+func TestSidecar_PolicyOnTheCallersExecutableLetsOneProgramThroughAndNotAnother(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the calling process is found from /proc")
+	}
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Skip("curl is not installed")
+	}
+	curl, _ = filepath.EvalSymlinks(curl)
+	b, err := os.ReadFile(curl)
+	must(t, err)
+	sum := sha256.Sum256(b)
+	plain := newPlainUpstream(t, okHandler(nil))
+	cfg := sidecarConfig(t, "egress: {allow_cidrs: [127.0.0.0/8]}\nupstreams:\n"+plain.route("plain.example.com"))
+	cfg.Identity.Process = true
+	must(t, os.WriteFile(filepath.Join(cfg.Policy.Dir, "p.cedar"), []byte(fmt.Sprintf(
+		"@id(\"curl-only\")\npermit (principal, action, resource) when { context has caller && context.caller.sha256 == %q };\n", hex.EncodeToString(sum[:]))), 0o644))
+	recs := make(chan *audit.Record, 4)
+	sc, err := Build(context.Background(), cfg, Deps{Audit: audit.SinkFunc(func(r *audit.Record) { recs <- r }),
+		SystemRoots: func() ([]byte, error) { return nil, nil }})
+	must(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- sc.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+	proxyURL := "http://" + sc.ProxyAddr.String()
+
+	out, err := exec.Command(curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--proxy", proxyURL, "http://plain.example.com/from-curl").Output()
+	if err != nil || string(out) != "200" {
+		t.Errorf("curl: %q %v, want 200", out, err)
+	}
+	tr := &http.Transport{Proxy: http.ProxyURL(mustURL(t, proxyURL))}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get("http://plain.example.com/from-go")
+	must(t, err)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden {
+		t.Errorf("the Go client: %d, want 403 (not curl's executable)", resp.StatusCode)
+	}
+	for range 2 {
+		select {
+		case rec := <-recs:
+			if rec.Path == "/from-curl" && (rec.Decision != audit.Allow || rec.CallerExe != curl) {
+				t.Errorf("curl's record: decision %s exe %q, want allow %s", rec.Decision, rec.CallerExe, curl)
+			}
+			if rec.Path == "/from-go" && rec.Decision != audit.Deny {
+				t.Errorf("the Go client's record: decision %s, want deny", rec.Decision)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("missing record")
+		}
+	}
 }

@@ -470,6 +470,7 @@ var knownReasons = map[string]bool{
 	"bad_request": true, "identity_unavailable": true, "policy_unavailable": true,
 	"credential_unavailable": true, "upstream_unavailable": true, "upstream_timeout": true,
 	"shutting_down": true, "agent_closed": true, "method_not_allowed": true, "audit_unavailable": true,
+	"delegation_invalid": true, "response_unscannable": true,
 }
 
 // checkAuditInvariants holds for every record of every group: a unique request_id, a decision

@@ -305,11 +305,12 @@ func TestSPIRE_AgentOutage(t *testing.T) {
 	t.Logf("agent stopped; escrow holds an SVID expiring in %v", time.Until(held).Round(time.Millisecond))
 
 	t.Run("serves_on_the_held_SVID_until_it_expires", func(t *testing.T) {
-		if time.Until(held) < 2*time.Second {
+		// A request must be handled before the SVID's NotAfter: keep a margin for a busy machine.
+		if time.Until(held) < 4*time.Second {
 			t.Skipf("the held SVID expires in %v: too close to tell", time.Until(held))
 		}
 		n := 0
-		for time.Until(held) > time.Second {
+		for time.Until(held) > 2*time.Second {
 			f.mustAllow(t, fmt.Sprintf("/v1/outage/held/%d", n))
 			if ok, check := f.readyz(t); !ok {
 				t.Fatalf("/readyz not ready (identity %q) %v before the held SVID expires", check, time.Until(held))
