@@ -59,6 +59,8 @@ type ProcessOptions struct {
 	Stdout io.Writer
 	// LogLimit bounds the output kept in memory (the newest bytes are kept); default 4 MiB.
 	LogLimit int
+	// Credential, if set, runs the child as that user (PostgreSQL refuses to run as root).
+	Credential *syscall.Credential
 }
 
 // Process is a started child. Its stdout and stderr are kept together (newest LogLimit bytes).
@@ -98,6 +100,12 @@ func StartProcess(t testing.TB, o ProcessOptions) *Process {
 	}
 	p.cmd.Stderr = p
 	p.cmd.SysProcAttr = dieWithParent()
+	if o.Credential != nil {
+		if p.cmd.SysProcAttr == nil {
+			p.cmd.SysProcAttr = &syscall.SysProcAttr{}
+		}
+		p.cmd.SysProcAttr.Credential = o.Credential
+	}
 	if err := p.cmd.Start(); err != nil {
 		t.Fatalf("harness: start %s: %v", o.Name, err)
 	}
