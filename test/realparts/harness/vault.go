@@ -64,20 +64,21 @@ func StartVault(t testing.TB, o VaultOptions) *Vault {
 		"server", "-dev", "-dev-tls", "-dev-tls-cert-dir=" + certDir,
 		"-dev-listen-address=" + v.Addr, "-dev-root-token-id=" + v.RootToken, "-log-level=info",
 	}})
-	var c *http.Client
 	Eventually(t, 60*time.Second, "Vault /v1/sys/health", func() error {
 		if v.proc.Exited() {
 			t.Fatalf("harness: vault exited (%v):\n%s", v.proc.Err(), tailBytes(v.proc.Output(), 8<<10))
 		}
-		if c == nil {
-			pem, err := os.ReadFile(v.CAFile)
-			if err != nil {
-				return err
-			}
-			roots := x509.NewCertPool()
-			roots.AppendCertsFromPEM(pem)
-			c = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
+		// Read the CA each time: Vault may not have finished writing it on an earlier try.
+		pem, err := os.ReadFile(v.CAFile)
+		if err != nil {
+			return err
 		}
+		roots := x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("no certificate in %s yet", v.CAFile)
+		}
+		c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
+		defer c.CloseIdleConnections()
 		// 200 only when initialized, unsealed and active.
 		res, err := c.Get(v.URL + "/v1/sys/health")
 		if err != nil {
