@@ -11,7 +11,8 @@ FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy:FuzzCheckPa
                 ./proxy/egress:FuzzRulesCheck ./proxy/scrub:FuzzScrub ./proxy/mcp:FuzzParse \
                 ./proxy/mcp:FuzzResponseFilter ./policy:FuzzLoad ./policy:FuzzArgumentsRecord \
                 ./policy:FuzzTestFile ./attest:FuzzDelegation ./credential:FuzzApplier \
-                ./injector:FuzzMutate ./injector:FuzzReview ./controlplane/bundle:FuzzDecode
+                ./injector:FuzzMutate ./injector:FuzzReview ./controlplane/bundle:FuzzDecode \
+                ./internal/strictyaml:FuzzDecode
 
 .PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro bench-compare clean test-k8s test-realparts
 
