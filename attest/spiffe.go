@@ -3,6 +3,7 @@ package attest
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -13,6 +14,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -34,7 +37,109 @@ type SPIFFEOptions struct {
 	// Workload API's X509-SVID stream (e.g. to count escrow_identity_updates_total{result}),
 	// before OnUpdate for the same event. It runs on the watch goroutine and must not block.
 	OnUpdateResult func(UpdateResult)
+	// Reconnect bounds the waits between attempts to reach the Workload API again after it
+	// went away (a SPIRE agent restart, a socket not there yet). Zero fields take the defaults
+	// (DefaultReconnectInitial, DefaultReconnectMax).
+	Reconnect ReconnectBackoff
 }
+
+// ReconnectBackoff is an exponential backoff with jitter for reaching the Workload API again:
+// the first wait is about Initial, each further failure multiplies it by 1.6 up to Max, and
+// every wait is spread by ±20% so that the sidecars of a node do not all reach a restarted
+// agent in the same instant (gRPC's connection-backoff multiplier and jitter). It governs both
+// layers that wait: the gRPC channel's reconnects to the socket and the watches' retries
+// after a stream failed. A success starts over at Initial.
+type ReconnectBackoff struct {
+	// Initial is the wait after the first failure. Zero means DefaultReconnectInitial.
+	Initial time.Duration
+	// Max caps the wait (before jitter). Zero means DefaultReconnectMax.
+	Max time.Duration
+}
+
+// Defaults for ReconnectBackoff. go-spiffe's own backoff grows by a second per failure up to
+// 30 s and gRPC's connection backoff to 120 s, so after an agent restart a sidecar could go on
+// denying requests (once its SVID expired) and stay not ready for tens of seconds after the
+// agent was back. The agent is node-local: a failed attempt is a refused connect on a unix
+// socket, microseconds of work on both sides, so retrying about once a second during an
+// outage costs nothing measurable even for every pod on a node, while each second of wait
+// after the agent is back can be a second of denied requests.
+//
+// The two layers add up: while the channel waits out its backoff, go-spiffe's retries fail
+// without trying the socket, and once the channel is connected the watch still waits out its
+// own. So a restarted agent is seen after one channel wait plus at most one watch wait: about
+// 1 s typically, at most 2×1.2 s with the defaults. A 1 s cap per layer keeps that worst case
+// within a couple of seconds.
+const (
+	DefaultReconnectInitial = 200 * time.Millisecond
+	DefaultReconnectMax     = time.Second
+)
+
+const (
+	reconnectMultiplier = 1.6
+	reconnectJitter     = 0.2
+	// reconnectConnectTimeout is how long one connection attempt may take (gRPC's
+	// MinConnectTimeout; its documented default).
+	reconnectConnectTimeout = 20 * time.Second
+)
+
+func (b ReconnectBackoff) withDefaults() (ReconnectBackoff, error) {
+	if b.Initial < 0 || b.Max < 0 {
+		return b, fmt.Errorf("attest: reconnect backoff: initial (%s) and max (%s) must not be negative", b.Initial, b.Max)
+	}
+	// A field left zero gives way to the one set: Max 100ms alone means Initial 100ms, and
+	// Initial 5s alone means Max 5s.
+	switch {
+	case b.Initial == 0 && b.Max == 0:
+		b.Initial, b.Max = DefaultReconnectInitial, DefaultReconnectMax
+	case b.Initial == 0:
+		b.Initial = min(DefaultReconnectInitial, b.Max)
+	case b.Max == 0:
+		b.Max = max(DefaultReconnectMax, b.Initial)
+	}
+	if b.Initial > b.Max {
+		return b, fmt.Errorf("attest: reconnect backoff: initial (%s) is greater than max (%s)", b.Initial, b.Max)
+	}
+	return b, nil
+}
+
+// reconnectStrategy is a validated ReconnectBackoff as go-spiffe's workloadapi.BackoffStrategy
+// (it asks for one backoff per watch).
+type reconnectStrategy struct{ cfg ReconnectBackoff }
+
+func (s reconnectStrategy) NewBackoff() workloadapi.Backoff { return &reconnectBackoff{cfg: s.cfg} }
+
+// grpc is the same backoff for the gRPC channel's reconnects.
+func (s reconnectStrategy) grpc() grpc.ConnectParams {
+	b := s.cfg
+	return grpc.ConnectParams{
+		Backoff: backoff.Config{
+			BaseDelay:  b.Initial,
+			Multiplier: reconnectMultiplier,
+			Jitter:     reconnectJitter,
+			MaxDelay:   b.Max,
+		},
+		MinConnectTimeout: reconnectConnectTimeout,
+	}
+}
+
+// reconnectBackoff is one sequence of waits. It implements workloadapi.Backoff; like
+// go-spiffe's own, it is used by one goroutine at a time.
+type reconnectBackoff struct {
+	cfg  ReconnectBackoff
+	next time.Duration // the next wait before jitter; 0 means Initial
+}
+
+func (b *reconnectBackoff) Next() time.Duration {
+	d := b.next
+	if d == 0 {
+		d = b.cfg.Initial
+	}
+	b.next = min(time.Duration(float64(d)*reconnectMultiplier), b.cfg.Max)
+	// ±jitter, uniformly.
+	return time.Duration(float64(d) * (1 + reconnectJitter*(2*rand.Float64()-1)))
+}
+
+func (b *reconnectBackoff) Reset() { b.next = 0 }
 
 // UpdateResult is the outcome of one event on the Workload API's X509-SVID stream. Its values
 // are stable: they are metric label values.
@@ -56,12 +161,13 @@ const (
 // the Workload API streams, so rotation is followed. It also fetches JWT-SVIDs (JWTSVID).
 //
 // If the Workload API goes away, the last SVID keeps serving until its NotAfter and no longer;
-// the watch keeps reconnecting with backoff in the meantime.
+// the watch keeps reconnecting in the meantime, with a short backoff (SPIFFEOptions.Reconnect).
 type SPIFFE struct {
 	now      func() time.Time
 	log      *zap.Logger
 	onUpdate func(time.Time)
 	onResult func(UpdateResult)
+	retry    reconnectStrategy
 
 	client *workloadapi.Client
 	ctx    context.Context // lives until Close (or the ctx given to NewSPIFFE ends)
@@ -73,6 +179,11 @@ type SPIFFE struct {
 	closeOnce sync.Once
 	closeErr  error
 
+	// Touched only by the X509-SVID watch goroutine (go-spiffe calls the watcher on it).
+	x509Updates  uint64    // X509-SVID updates received, ever
+	x509Failures int       // stream failures since the last update
+	x509Since    time.Time // when the first of those failures happened
+
 	jwtMu    sync.Mutex
 	jwtCache map[string]jwtEntry // by audience
 	jwtGroup singleflight.Group
@@ -80,6 +191,9 @@ type SPIFFE struct {
 	bundleMu   sync.Mutex
 	bundleDone chan struct{} // nil until JWTBundles starts the bundle watch; closed when it ends
 	bundles    atomic.Pointer[jwtbundle.Set]
+	// Touched only by the bundle watch goroutine.
+	bundleUpdates  uint64
+	bundleFailures int
 }
 
 var _ Source = (*SPIFFE)(nil)
@@ -100,10 +214,6 @@ var (
 	errClosed = fmt.Errorf("%w: identity source closed", ErrUnavailable)
 )
 
-// watchRetry is how long to wait before starting a new watch after go-spiffe's watch loop
-// gave up (it does so only on codes.InvalidArgument; other errors it retries with backoff).
-const watchRetry = 5 * time.Second
-
 // NewSPIFFE connects to the Workload API and starts watching X509-SVIDs in the background. It
 // does not wait for the first SVID: until it arrives Ready is false and Identify fails with
 // ErrUnavailable. It fails only when the address is missing or malformed.
@@ -122,11 +232,16 @@ func NewSPIFFE(ctx context.Context, opts SPIFFEOptions) (*SPIFFE, error) {
 	if err := workloadapi.ValidateAddress(addr); err != nil {
 		return nil, fmt.Errorf("attest: SPIFFE Workload API address %q: %w", addr, err)
 	}
+	retry, err := opts.Reconnect.withDefaults()
+	if err != nil {
+		return nil, err
+	}
 	s := &SPIFFE{
 		now:      opts.Now,
 		log:      opts.Logger,
 		onUpdate: opts.OnUpdate,
 		onResult: opts.OnUpdateResult,
+		retry:    reconnectStrategy{retry},
 		done:     make(chan struct{}),
 		jwtCache: make(map[string]jwtEntry),
 	}
@@ -140,9 +255,14 @@ func NewSPIFFE(ctx context.Context, opts SPIFFEOptions) (*SPIFFE, error) {
 
 	s.ctx, s.cancel = context.WithCancel(ctx)
 	// workloadapi.New does not block: gRPC connects lazily, and the watch below reconnects.
+	// Both layers that wait for a lost agent use the same short backoff (see
+	// ReconnectBackoff): go-spiffe's watch retries, and the gRPC channel's reconnects, during
+	// whose backoff go-spiffe's retries fail at once without trying the socket.
 	client, err := workloadapi.New(s.ctx,
 		workloadapi.WithAddr(addr),
-		workloadapi.WithLogger(spiffeLogger{s.log.Sugar()}))
+		workloadapi.WithLogger(spiffeLogger{s.log.Sugar()}),
+		workloadapi.WithBackoffStrategy(s.retry),
+		workloadapi.WithDialOptions(grpc.WithConnectParams(s.retry.grpc())))
 	if err != nil {
 		s.cancel()
 		return nil, fmt.Errorf("attest: SPIFFE Workload API client: %w", err)
@@ -155,22 +275,36 @@ func NewSPIFFE(ctx context.Context, opts SPIFFEOptions) (*SPIFFE, error) {
 func (s *SPIFFE) watch() {
 	defer close(s.done)
 	w := x509Watcher{s}
+	retry := s.retry.NewBackoff()
 	for {
+		updates := s.x509Updates
 		err := s.client.WatchX509Context(s.ctx, w)
 		if s.ctx.Err() != nil {
 			return
 		}
 		// go-spiffe stops watching for good on InvalidArgument; keep trying, since an
-		// identity source that gave up would fail every request until a restart.
-		s.log.Error("SPIFFE Workload API watch stopped; restarting", zap.Error(err),
-			zap.Duration("retry_in", watchRetry))
-		t := time.NewTimer(watchRetry)
-		select {
-		case <-s.ctx.Done():
-			t.Stop()
-			return
-		case <-t.C:
+		// identity source that gave up would fail every request until a restart. With the
+		// same backoff as every other retry: a fixed long wait here would be the slowest
+		// path back after an agent restart.
+		if s.x509Updates != updates {
+			retry.Reset()
 		}
+		if !s.sleep(retry.Next(), "SPIFFE Workload API watch stopped; restarting", err) {
+			return
+		}
+	}
+}
+
+// sleep logs why a watch restarts and waits d, or until the source closes (then false).
+func (s *SPIFFE) sleep(d time.Duration, msg string, err error) bool {
+	s.log.Error(msg, zap.Error(err), zap.Duration("retry_in", d))
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-s.ctx.Done():
+		return false
+	case <-t.C:
+		return true
 	}
 }
 
@@ -194,6 +328,12 @@ func (w x509Watcher) OnX509ContextUpdate(c *workloadapi.X509Context) {
 	}
 	prev := s.cur.Swap(st)
 	fields := []zap.Field{zap.String("spiffe_id", st.id), zap.Time("expires_at", st.notAfter)}
+	s.x509Updates++
+	if s.x509Failures > 0 {
+		s.log.Info("SPIFFE Workload API watch recovered", zap.Int("failed_attempts", s.x509Failures),
+			zap.Duration("outage", s.now().Sub(s.x509Since)))
+		s.x509Failures = 0
+	}
 	switch {
 	case !s.now().Before(st.notAfter):
 		s.log.Warn("received an X509-SVID that has already expired", fields...)
@@ -248,7 +388,16 @@ func (w x509Watcher) OnX509ContextWatchError(err error) {
 		return
 	}
 	s.result(UpdateError)
-	s.log.Warn("SPIFFE Workload API watch failed; retrying", fields...)
+	// Retries come every few seconds while the agent is away: the first failure of an outage
+	// is a warning, the rest are debug lines, and the recovery is logged with their count.
+	s.x509Failures++
+	if s.x509Failures == 1 {
+		s.x509Since = s.now()
+		s.log.Warn("SPIFFE Workload API watch failed; retrying", fields...)
+		return
+	}
+	s.log.Debug("SPIFFE Workload API watch failed; retrying",
+		append(fields, zap.Int("failed_attempts", s.x509Failures))...)
 }
 
 // Identify returns the identity of the current X509-SVID. It fails with an error wrapping
@@ -331,19 +480,18 @@ func (s *SPIFFE) JWTBundles() jwtbundle.Source {
 
 func (s *SPIFFE) watchBundles() {
 	defer close(s.bundleDone)
+	retry := s.retry.NewBackoff()
 	for {
+		updates := s.bundleUpdates
 		err := s.client.WatchJWTBundles(s.ctx, jwtBundleWatcher{s})
 		if s.ctx.Err() != nil {
 			return
 		}
-		s.log.Error("SPIFFE Workload API JWT bundle watch stopped; restarting", zap.Error(err),
-			zap.Duration("retry_in", watchRetry))
-		t := time.NewTimer(watchRetry)
-		select {
-		case <-s.ctx.Done():
-			t.Stop()
+		if s.bundleUpdates != updates {
+			retry.Reset()
+		}
+		if !s.sleep(retry.Next(), "SPIFFE Workload API JWT bundle watch stopped; restarting", err) {
 			return
-		case <-t.C:
 		}
 	}
 }
@@ -355,6 +503,8 @@ func (w jwtBundleWatcher) OnJWTBundlesUpdate(set *jwtbundle.Set) {
 		return
 	}
 	w.s.bundles.Store(set)
+	w.s.bundleUpdates++
+	w.s.bundleFailures = 0
 	w.s.log.Debug("JWT bundles received", zap.Int("trust_domains", set.Len()))
 }
 
@@ -363,8 +513,14 @@ func (w jwtBundleWatcher) OnJWTBundlesWatchError(err error) {
 		return
 	}
 	// The bundles held stay in use: keys are public and rotate slowly, and the JWT-SVIDs they
-	// verify carry their own expiry.
-	w.s.log.Warn("SPIFFE Workload API JWT bundle watch failed; retrying", zap.Error(err))
+	// verify carry their own expiry. One warning per outage, as for the X509-SVID watch.
+	w.s.bundleFailures++
+	if w.s.bundleFailures == 1 {
+		w.s.log.Warn("SPIFFE Workload API JWT bundle watch failed; retrying", zap.Error(err))
+		return
+	}
+	w.s.log.Debug("SPIFFE Workload API JWT bundle watch failed; retrying", zap.Error(err),
+		zap.Int("failed_attempts", w.s.bundleFailures))
 }
 
 type spiffeJWTBundles struct{ s *SPIFFE }

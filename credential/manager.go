@@ -838,22 +838,42 @@ func (m *Manager) Kind(name string) string {
 	return ""
 }
 
-// Warm fetches every credential once, concurrently, for Request{Name: name} (no subject: a
-// static secret's one entry; a per-caller provider is warmed for the empty subject; a Delegated
-// one, minted only for a presented token, is skipped), and returns
-// the failures joined, sorted by name; each names its credential and cause, never a secret. Use
-// it at start-up so a broken credential is reported before the first request.
-func (m *Manager) Warm(ctx context.Context) error {
+// WarmOptions says for whom Warm fetches. It is a struct so it can grow.
+type WarmOptions struct {
+	// Subject is the SPIFFE ID the coming requests will carry: in a sidecar, its own
+	// workload's, which every request is made as. Per-caller credentials are fetched for it;
+	// "" (not known yet) skips them.
+	Subject string
+}
+
+// Warm fetches, concurrently, exactly the tokens the first requests will reuse, and returns the
+// failures joined, sorted by name; each names its credential and cause, never a secret. Use it
+// at start-up so a broken credential is reported before the first request.
+//
+//   - A Shared credential (a static secret) is fetched once: every caller gets that entry.
+//   - A per-caller credential is fetched for o.Subject, the key a request carrying that subject
+//     uses. Without a subject it is skipped: a token minted for no subject would be cached
+//     under a key no request uses (and may be refused upstream for want of one).
+//   - A Delegated credential, minted only for a token the caller presents, is skipped.
+func (m *Manager) Warm(ctx context.Context, o WarmOptions) error {
 	entries := *m.entries.Load()
 	names := m.Names()
 	errs := make([]error, len(names))
 	var wg sync.WaitGroup
 	for i, n := range names {
-		if e := entries[n]; e != nil && e.deleg {
-			continue // minted only for a presented delegation token: nothing to warm
+		e := entries[n]
+		r := Request{Name: n}
+		switch {
+		case e == nil || e.deleg:
+			continue
+		case !e.shared:
+			if o.Subject == "" {
+				continue
+			}
+			r.Subject = o.Subject
 		}
 		wg.Go(func() {
-			_, errs[i] = m.Get(ctx, Request{Name: n})
+			_, errs[i] = m.Get(ctx, r)
 		})
 	}
 	wg.Wait()

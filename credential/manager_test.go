@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -511,7 +512,7 @@ func TestManager_WarmReportsEveryFailingCredential(t *testing.T) {
 		"zfile": StaticFile(filepath.Join(t.TempDir(), "missing")),
 		"aenv":  StaticEnvFrom("UNSET_VAR", func(string) (string, bool) { return "", false }),
 	}, Options{})
-	err := m.Warm(context.Background())
+	err := m.Warm(context.Background(), WarmOptions{Subject: subjA})
 	if err == nil {
 		t.Fatal("Warm: no error")
 	}
@@ -523,13 +524,91 @@ func TestManager_WarmReportsEveryFailingCredential(t *testing.T) {
 	if !errors.Is(err, ErrUnavailable) {
 		t.Errorf("Warm error does not match ErrUnavailable")
 	}
-	mustGet(t, m, "good")
+	get(t, m, Request{Name: "good", Subject: subjA})
 	if okCalls.Load() != 1 {
 		t.Errorf("Warm did not fill the cache: %d calls", okCalls.Load())
 	}
-	if err := NewManager(map[string]Provider{"good": ok}, Options{}).Warm(context.Background()); err != nil {
+	if err := NewManager(map[string]Provider{"good": ok}, Options{}).Warm(context.Background(), WarmOptions{Subject: subjA}); err != nil {
 		t.Errorf("Warm with good credentials: %v", err)
 	}
+}
+
+// recorder is a provider that records what it was asked to mint; shared makes it Shared.
+type recorder struct {
+	shared bool
+	mu     sync.Mutex
+	asked  []FetchArgs
+}
+
+func (p *recorder) Fetch(_ context.Context, a FetchArgs) (Token, error) {
+	p.mu.Lock()
+	p.asked = append(p.asked, a)
+	n := len(p.asked)
+	p.mu.Unlock()
+	return NewToken(a.Name, fmt.Sprintf("%s-token-%d", a.Name, n), time.Now().Add(time.Hour)), nil
+}
+
+func (p *recorder) Shared() bool { return p.shared }
+
+func (p *recorder) fetches() []FetchArgs {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.asked)
+}
+
+// Warm fetches what the first request will reuse and nothing else. A per-caller credential is
+// cached per subject, so a fetch for no subject (what Warm used to do) minted a token that no
+// request ever used, and that an issuer may refuse for want of a subject.
+func TestManager_WarmFetchesExactlyWhatTheFirstRequestReuses(t *testing.T) {
+	t.Run("without a subject", func(t *testing.T) {
+		shared, perCaller := &recorder{shared: true}, &recorder{}
+		var delegCalls atomic.Int32
+		deleg := delegatedFunc(func(_ context.Context, a FetchArgs) (Token, error) {
+			delegCalls.Add(1)
+			return NewToken(a.Name, "exchanged", time.Now().Add(time.Hour)), nil
+		})
+		m := NewManager(map[string]Provider{"static": shared, "idp": perCaller, "onbehalf": deleg}, Options{})
+		if err := m.Warm(context.Background(), WarmOptions{}); err != nil {
+			t.Fatalf("Warm: %v", err)
+		}
+		if got := shared.fetches(); len(got) != 1 || got[0] != (FetchArgs{Name: "static"}) {
+			t.Fatalf("shared credential fetched %+v by Warm; want once, for no subject", got)
+		}
+		if got := perCaller.fetches(); len(got) != 0 {
+			t.Fatalf("per-caller credential fetched %+v by Warm without a subject; want no fetch", got)
+		}
+		if delegCalls.Load() != 0 {
+			t.Fatal("a delegated credential was fetched by Warm")
+		}
+		// The first request reuses the shared token and fetches its own per-caller one.
+		get(t, m, Request{Name: "static", Subject: subjA})
+		get(t, m, Request{Name: "idp", Subject: subjA})
+		if n := len(shared.fetches()); n != 1 {
+			t.Errorf("shared credential fetched %d times after the first request; want 1 (Warm's, reused)", n)
+		}
+		if got := perCaller.fetches(); len(got) != 1 || got[0].Subject != subjA {
+			t.Errorf("per-caller fetches %+v; want one, for the request's subject", got)
+		}
+	})
+	t.Run("for the workload's own subject", func(t *testing.T) {
+		shared, perCaller := &recorder{shared: true}, &recorder{}
+		m := NewManager(map[string]Provider{"static": shared, "idp": perCaller}, Options{})
+		if err := m.Warm(context.Background(), WarmOptions{Subject: subjA}); err != nil {
+			t.Fatalf("Warm: %v", err)
+		}
+		if got := perCaller.fetches(); len(got) != 1 || got[0] != (FetchArgs{Name: "idp", Subject: subjA}) {
+			t.Fatalf("per-caller credential fetched %+v by Warm; want once, for %s", got, subjA)
+		}
+		// What the proxy asks for a request made as that subject: the warmed tokens, no fetch.
+		warmed := get(t, m, Request{Name: "idp", Subject: subjA})
+		get(t, m, Request{Name: "static", Subject: subjA})
+		if n, ns := len(perCaller.fetches()), len(shared.fetches()); n != 1 || ns != 1 {
+			t.Errorf("after the first request: %d per-caller and %d shared fetches; want 1 and 1 (Warm's, reused)", n, ns)
+		}
+		if warmed.Value() != "idp-token-1" {
+			t.Errorf("the first request got %q; want Warm's token", warmed.Value())
+		}
+	})
 }
 
 func TestManager_GetHitDoesNotAllocate(t *testing.T) {

@@ -28,6 +28,7 @@ const (
 	DefaultImageRepo       = "escrowproxy/escrow"
 	DefaultPullPolicy      = corev1.PullIfNotPresent
 	DefaultConfigMap       = "escrow-config"
+	DefaultProcessConfig   = "escrow-config-process"
 	DefaultPolicyConfigMap = "escrow-policies"
 	DefaultNamespace       = "escrow-system"
 	DefaultCAKeyDir        = "/var/run/escrow-ca-key"
@@ -55,7 +56,8 @@ type Config struct {
 	// address (/readyz, /metrics), which the probes use.
 	ProxyPort int `json:"proxy_port,omitempty"`
 	AdminPort int `json:"admin_port,omitempty"`
-	// RunAsUser is escrow's uid (and gid); never 0.
+	// RunAsUser is escrow's uid (and gid); never 0. With process identity it is only the gid:
+	// escrow then runs as uid 0 (see securityContext).
 	RunAsUser int64 `json:"run_as_user,omitempty"`
 	// ConfigMap and PolicyConfigMap are the default ConfigMaps (in the pod's namespace) of the
 	// escrow config (key config.yaml) and of the policies.
@@ -74,6 +76,21 @@ type Config struct {
 	SPIFFE SPIFFE `json:"spiffe,omitempty"`
 	// TrustEnv sets the CA trust variables on the agent's containers (default true).
 	TrustEnv *bool `json:"trust_env,omitempty"`
+	// ProcessIdentity lets escrow find the calling process (its identity.process).
+	ProcessIdentity ProcessIdentity `json:"process_identity,omitempty"`
+}
+
+// ProcessIdentity is escrow's lookup of the calling process in injected pods: a shared process
+// namespace, and escrow running with the two capabilities the lookup needs (docs/kubernetes.md,
+// docs/security.md). Off by default.
+type ProcessIdentity struct {
+	// Enabled turns it on for every injected pod; the escrow.dev/process-identity annotation
+	// overrides it for one pod, either way.
+	Enabled bool `json:"enabled,omitempty"`
+	// ConfigMap is the escrow config's ConfigMap mounted when process identity is on, in place
+	// of config_map: its config must say identity.process: true (the chart renders one). A pod's
+	// escrow.dev/config annotation wins over both.
+	ConfigMap string `json:"config_map,omitempty"`
 }
 
 // Resources are quantities by resource name (cpu, memory, ephemeral-storage).
@@ -189,6 +206,9 @@ func (c *Config) applyDefaults(d Defaults) {
 	if c.PolicyConfigMap == "" {
 		c.PolicyConfigMap = DefaultPolicyConfigMap
 	}
+	if c.ProcessIdentity.ConfigMap == "" {
+		c.ProcessIdentity.ConfigMap = DefaultProcessConfig
+	}
 	if c.CADir == "" {
 		c.CADir = config.DefaultCADir
 	}
@@ -255,7 +275,8 @@ func (c *Config) validate() config.Errors {
 	if c.RunAsUser < 1 {
 		add("run_as_user", "want a non-root uid (1 or more), got %d", c.RunAsUser)
 	}
-	for key, name := range map[string]string{"config_map": c.ConfigMap, "policy_config_map": c.PolicyConfigMap, "namespace": c.Namespace} {
+	for key, name := range map[string]string{"config_map": c.ConfigMap, "policy_config_map": c.PolicyConfigMap, "namespace": c.Namespace,
+		"process_identity.config_map": c.ProcessIdentity.ConfigMap} {
 		if msgs := validation.IsDNS1123Subdomain(name); len(msgs) > 0 {
 			add(key, "%q is not a valid name: %s", name, strings.Join(msgs, "; "))
 		}

@@ -31,6 +31,7 @@ func TestParseConfig_Defaults(t *testing.T) {
 			TrustEnv:        c.TrustEnv,
 			NoProxy:         nil,
 			PolicyConfigMap: "escrow-policies",
+			ProcessIdentity: ProcessIdentity{Enabled: false, ConfigMap: "escrow-config-process"},
 		}
 		if c.TrustEnv == nil || !*c.TrustEnv {
 			t.Error("trust_env does not default to true")
@@ -158,6 +159,10 @@ trust_env: false
 	if *c.TrustEnv {
 		t.Error("trust_env: false ignored")
 	}
+	c, err = ParseConfig([]byte("process_identity: {enabled: true, config_map: agents-process}\n"), Defaults{})
+	if err != nil || !c.ProcessIdentity.Enabled || c.ProcessIdentity.ConfigMap != "agents-process" {
+		t.Errorf("process_identity = %+v, %v", c.ProcessIdentity, err)
+	}
 	for data, want := range map[string]string{
 		"spiffe: {source: hostPath}":                        "spiffe.host_path: required",
 		"spiffe: {host_path: /x}":                           "spiffe.host_path: only with source: hostPath",
@@ -165,6 +170,9 @@ trust_env: false
 		"spiffe: {socket_name: a/b}":                        "spiffe.socket_name: want a file name",
 		"resources: {requests: {cpu: 2}, limits: {cpu: 1}}": "resources: the cpu request 2 is above its limit 1",
 		"admin_port: 15480":                                 "admin_port: must differ from proxy_port",
+		"process_identity: {config_map: Not_A_Name}":        "process_identity.config_map: \"Not_A_Name\" is not a valid name",
+		"process_identity: {enabled: \"on\"}":               "process_identity.enabled: want true or false",
+		"process_identity: {enable: true}":                  "process_identity.enable: unknown key",
 		"- a list":                                          "(root): want a mapping",
 	} {
 		_, err := ParseConfig([]byte(data), Defaults{})

@@ -30,6 +30,7 @@ func FuzzMutate(f *testing.F) {
 	f.Add([]byte(`{"spec":{"containers":[{"name":"a","env":[{"name":"HTTP_PROXY"}],"volumeMounts":[{"name":"x","mountPath":"/var/run/escrow"}]}]}}`), "agents")
 	f.Add([]byte(`{"metadata":{"annotations":{"escrow.dev/no-proxy":",,a,,"}},"spec":{"initContainers":[{"name":"i"}]}}`), "ns")
 	f.Add([]byte(`{"spec":{"hostNetwork":true}}`), "ns")
+	f.Add([]byte(`{"metadata":{"annotations":{"escrow.dev/process-identity":"true"}},"spec":{"shareProcessNamespace":true,"securityContext":{"runAsUser":1},"containers":[{"name":"a","securityContext":{"allowPrivilegeEscalation":false,"capabilities":{"add":["cap_sys_ptrace"]}}}]}}`), "ns")
 	f.Add([]byte(`null`), "")
 	in := testInjector(f, "testdata/config.yaml")
 

@@ -29,16 +29,17 @@ const (
 
 // Annotations a pod may set (all optional), and the one the injector sets.
 const (
-	AnnotationConfig        = "escrow.dev/config"         // ConfigMap of the escrow config
-	AnnotationPolicy        = "escrow.dev/policy"         // ConfigMap of the policies
-	AnnotationImage         = "escrow.dev/image"          // escrow's image
-	AnnotationCPURequest    = "escrow.dev/cpu-request"    // escrow's CPU request
-	AnnotationMemoryRequest = "escrow.dev/memory-request" // escrow's memory request
-	AnnotationCPULimit      = "escrow.dev/cpu-limit"      // escrow's CPU limit
-	AnnotationMemoryLimit   = "escrow.dev/memory-limit"   // escrow's memory limit
-	AnnotationTrustEnv      = "escrow.dev/trust-env"      // "false": no CA trust variables
-	AnnotationNoProxy       = "escrow.dev/no-proxy"       // extra NO_PROXY entries, comma-separated
-	AnnotationInjected      = "escrow.dev/injected"       // set by the injector: version and inputs hash
+	AnnotationConfig        = "escrow.dev/config"           // ConfigMap of the escrow config
+	AnnotationPolicy        = "escrow.dev/policy"           // ConfigMap of the policies
+	AnnotationImage         = "escrow.dev/image"            // escrow's image
+	AnnotationCPURequest    = "escrow.dev/cpu-request"      // escrow's CPU request
+	AnnotationMemoryRequest = "escrow.dev/memory-request"   // escrow's memory request
+	AnnotationCPULimit      = "escrow.dev/cpu-limit"        // escrow's CPU limit
+	AnnotationMemoryLimit   = "escrow.dev/memory-limit"     // escrow's memory limit
+	AnnotationTrustEnv      = "escrow.dev/trust-env"        // "false": no CA trust variables
+	AnnotationNoProxy       = "escrow.dev/no-proxy"         // extra NO_PROXY entries, comma-separated
+	AnnotationProcess       = "escrow.dev/process-identity" // "true": escrow finds the calling process
+	AnnotationInjected      = "escrow.dev/injected"         // set by the injector: version and inputs hash
 )
 
 // Names and paths of what the injector adds.
@@ -122,6 +123,11 @@ func (in *Injector) Mutate(pod *corev1.Pod, namespace string) Decision {
 	}
 	if err := conflicts(pod); err != nil {
 		return Decision{Result: ResultDenied, Reason: err.Error()}
+	}
+	if p.ProcessIdentity {
+		if err := processConflicts(pod); err != nil {
+			return Decision{Result: ResultDenied, Reason: err.Error()}
+		}
 	}
 	out := pod.DeepCopy()
 	inject(out, p)
@@ -255,6 +261,8 @@ type params struct {
 	CADir           string            `json:"ca_dir"`
 	CAKeyDir        string            `json:"ca_key_dir"`
 	SPIFFE          SPIFFE            `json:"spiffe"`
+	// omitempty: pods without it keep the inputs hash they had before the feature existed.
+	ProcessIdentity bool `json:"process_identity,omitempty"`
 
 	resources corev1.ResourceRequirements
 }
@@ -281,6 +289,7 @@ func (in *Injector) params(ann map[string]string) (*params, error) {
 		CADir:           c.CADir,
 		CAKeyDir:        c.CAKeyDir,
 		SPIFFE:          c.SPIFFE,
+		ProcessIdentity: c.ProcessIdentity.Enabled,
 	}
 	for k, v := range c.Resources.Requests {
 		p.Requests[k] = string(v)
@@ -291,6 +300,20 @@ func (in *Injector) params(ann map[string]string) (*params, error) {
 	var errs []string
 	bad := func(key, format string, a ...any) {
 		errs = append(errs, fmt.Sprintf("annotation %s: ", key)+fmt.Sprintf(format, a...))
+	}
+	if v, ok := ann[AnnotationProcess]; ok {
+		switch v {
+		case "true":
+			p.ProcessIdentity = true
+		case "false":
+			p.ProcessIdentity = false
+		default:
+			bad(AnnotationProcess, "want \"true\" or \"false\", got %q", v)
+		}
+	}
+	if p.ProcessIdentity {
+		// The default config with identity.process: true; a pod's own config (below) wins.
+		p.ConfigMap = c.ProcessIdentity.ConfigMap
 	}
 	if v, ok := ann[AnnotationConfig]; ok {
 		if msgs := validation.IsDNS1123Subdomain(v); len(msgs) > 0 {
@@ -408,6 +431,9 @@ func inject(pod *corev1.Pod, p *params) {
 	}
 	spec.InitContainers = append([]corev1.Container{sidecar(p)}, spec.InitContainers...)
 	spec.Volumes = append(spec.Volumes, volumes(p)...)
+	if p.ProcessIdentity {
+		spec.ShareProcessNamespace = ptr(true)
+	}
 }
 
 func sidecar(p *params) corev1.Container {
@@ -440,15 +466,7 @@ func sidecar(p *params) corev1.Container {
 		ReadinessProbe:           probe("/readyz", 5, 3),
 		LivenessProbe:            probe("/healthz", 10, 3),
 		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
-		SecurityContext: &corev1.SecurityContext{
-			RunAsNonRoot:             ptr(true),
-			RunAsUser:                ptr(p.RunAsUser),
-			RunAsGroup:               ptr(p.RunAsUser),
-			ReadOnlyRootFilesystem:   ptr(true),
-			AllowPrivilegeEscalation: ptr(false),
-			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
-			SeccompProfile:           &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
-		},
+		SecurityContext:          securityContext(p),
 		VolumeMounts: []corev1.VolumeMount{
 			{Name: VolumeConfig, MountPath: ConfigDir, ReadOnly: true},
 			{Name: VolumePolicies, MountPath: PoliciesDir, ReadOnly: true},
@@ -457,6 +475,114 @@ func sidecar(p *params) corev1.Container {
 			{Name: VolumeSPIFFE, MountPath: SPIFFEDir, ReadOnly: true},
 		},
 	}
+}
+
+// processCapabilities returns the capabilities escrow's lookup of the calling process needs,
+// and all it gets besides the default of none (docs/security.md, "The calling process"):
+// CAP_SYS_PTRACE passes the kernel's ptrace access check (PTRACE_MODE_READ_FSCREDS) that
+// guards reading /proc/<pid>/fd/<n> and /proc/<pid>/exe of another uid's process;
+// CAP_DAC_OVERRIDE lets escrow list /proc/<pid>/fd, a directory of mode 0500 owned by that
+// process's uid. CAP_DAC_READ_SEARCH would also do for the listing but is not used: the
+// runtimes' default seccomp profiles then allow open_by_handle_at, which reads any file of a
+// filesystem the container has a mount of.
+func processCapabilities() []corev1.Capability {
+	return []corev1.Capability{"SYS_PTRACE", "DAC_OVERRIDE"}
+}
+
+// securityContext is escrow's container security context. By default: its own non-root uid,
+// no capability, no privilege escalation, a read-only root filesystem, RuntimeDefault seccomp
+// (the restricted Pod Security profile). With process identity: uid 0 with only
+// processCapabilities, because Kubernetes cannot give a capability to a non-root container
+// (the runtimes put added capabilities in the bounding set, not the ambient one, and the
+// kernel clears them when a non-root uid executes escrow); its group stays run_as_user.
+func securityContext(p *params) *corev1.SecurityContext {
+	sc := &corev1.SecurityContext{
+		RunAsNonRoot:             ptr(true),
+		RunAsUser:                ptr(p.RunAsUser),
+		RunAsGroup:               ptr(p.RunAsUser),
+		ReadOnlyRootFilesystem:   ptr(true),
+		AllowPrivilegeEscalation: ptr(false),
+		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+		SeccompProfile:           &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
+	}
+	if p.ProcessIdentity {
+		sc.RunAsNonRoot = ptr(false)
+		sc.RunAsUser = ptr(int64(0))
+		sc.Capabilities.Add = processCapabilities()
+	}
+	return sc
+}
+
+// processConflicts refuses a pod in which process identity would not work, or in which another
+// container could read escrow's memory once they share a process namespace. The kernel lets a
+// process read another's memory, environment, file descriptors and root directory
+// (/proc/<pid>/mem, environ, fd, root: PTRACE_MODE_READ or ATTACH) if it has CAP_SYS_PTRACE or
+// the same uids and gids. Escrow runs as uid 0 here, so every other container must be unable
+// to become root or to gain CAP_SYS_PTRACE: not privileged, no added SYS_PTRACE, SETUID,
+// SETGID or ALL, provably non-root (the webhook cannot see an image's USER), and no privilege
+// escalation (a set-user-ID-root binary would give it uid 0).
+func processConflicts(pod *corev1.Pod) error {
+	var errs []string
+	spec := &pod.Spec
+	if spec.ShareProcessNamespace != nil && !*spec.ShareProcessNamespace {
+		errs = append(errs, "the pod sets shareProcessNamespace: false, and escrow can find the calling process only in a shared process namespace: remove the field")
+	}
+	if spec.HostPID {
+		errs = append(errs, "the pod sets hostPID: true: escrow would run with its capabilities among the node's processes")
+	}
+	var psc corev1.PodSecurityContext
+	if spec.SecurityContext != nil {
+		psc = *spec.SecurityContext
+	}
+	check := func(kind string, c *corev1.Container) {
+		var why []string
+		sc := c.SecurityContext
+		if sc == nil {
+			sc = &corev1.SecurityContext{}
+		}
+		if sc.Privileged != nil && *sc.Privileged {
+			why = append(why, "is privileged")
+		}
+		if sc.Capabilities != nil {
+			for _, cp := range sc.Capabilities.Add {
+				switch strings.TrimPrefix(strings.ToUpper(string(cp)), "CAP_") {
+				case "ALL", "SYS_PTRACE", "SETUID", "SETGID":
+					why = append(why, fmt.Sprintf("adds the capability %s", cp))
+				}
+			}
+		}
+		uid, nonRoot := psc.RunAsUser, psc.RunAsNonRoot
+		if sc.RunAsUser != nil {
+			uid = sc.RunAsUser
+		}
+		if sc.RunAsNonRoot != nil {
+			nonRoot = sc.RunAsNonRoot
+		}
+		switch {
+		case uid != nil && *uid == 0:
+			why = append(why, "runs as root (runAsUser: 0)")
+		case uid == nil && (nonRoot == nil || !*nonRoot):
+			why = append(why, "may run as root (set runAsNonRoot: true or a runAsUser other than 0; the webhook cannot see the image's user)")
+		}
+		if sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation {
+			why = append(why, "allows privilege escalation (set allowPrivilegeEscalation: false)")
+		}
+		if len(why) > 0 {
+			errs = append(errs, fmt.Sprintf("%s %q %s", kind, c.Name, strings.Join(why, ", ")))
+		}
+	}
+	for i := range spec.InitContainers {
+		check("init container", &spec.InitContainers[i])
+	}
+	for i := range spec.Containers {
+		check("container", &spec.Containers[i])
+	}
+	if len(errs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("injector: process identity (%s) refused: %s. Escrow would share the pod's process namespace "+
+		"and run as uid 0 with CAP_SYS_PTRACE, so no other container may be able to become root or trace processes "+
+		"(docs/kubernetes.md). Fix the pod, or set %s: \"false\"", AnnotationProcess, strings.Join(errs, "; "), AnnotationProcess)
 }
 
 func volumes(p *params) []corev1.Volume {

@@ -333,6 +333,8 @@ func TestMutate_Denials(t *testing.T) {
 		{map[string]string{AnnotationCPULimit: "-1"}, "annotation escrow.dev/cpu-limit"},
 		{map[string]string{AnnotationTrustEnv: "yes"}, "annotation escrow.dev/trust-env"},
 		{map[string]string{AnnotationNoProxy: "a=b"}, "annotation escrow.dev/no-proxy"},
+		{map[string]string{AnnotationProcess: "yes"}, `annotation escrow.dev/process-identity: want "true" or "false", got "yes"`},
+		{map[string]string{AnnotationProcess: "True"}, "annotation escrow.dev/process-identity"},
 		{map[string]string{AnnotationCPURequest: "2", AnnotationCPULimit: "1"}, "the cpu request 2 is above its limit 1"},
 	} {
 		d := in.Mutate(&corev1.Pod{ObjectMeta: metaWith(tc.ann)}, "agents")

@@ -745,6 +745,9 @@ func TestProxy_PassesProxyAuthorizationToIdentity(t *testing.T) {
 	rec := &peerRecorder{inner: st}
 	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), false, "api.example.com")
 	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.com", "credential: api"), withIdentity(rec))
+	rec.mu.Lock()
+	rec.peers = nil // start-up asked who the workload is (to warm its credentials): no peer then
+	rec.mu.Unlock()
 
 	// On a CONNECT: the token comes with the CONNECT request and applies to its inner requests.
 	tp.Transport.ProxyConnectHeader = http.Header{"Proxy-Authorization": {"Bearer delegation-on-connect"}}

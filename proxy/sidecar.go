@@ -355,7 +355,14 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		return nil, err
 	}
 	s.proxy = px
-	if err := s.creds.Warm(ctx); err != nil {
+	// Warm what the first requests will reuse: the shared credentials, and the per-caller ones
+	// for this workload's identity, which every request is made as (if it is known already;
+	// otherwise the first request fetches them).
+	var warm credential.WarmOptions
+	if who, err := id.Identify(ctx, attest.Peer{}); err == nil {
+		warm.Subject = who.SPIFFEID
+	}
+	if err := s.creds.Warm(ctx, warm); err != nil {
 		log.Warn("some credentials are not available yet", zap.Error(err))
 	}
 	checks := map[string]ReadyCheck{

@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -338,5 +339,44 @@ func TestSidecar_StopRevokesTheTokensItHolds(t *testing.T) {
 	must(t, tp.Stop())
 	if n := prov.revoked.Load(); n == 0 {
 		t.Error("no token was revoked on stop")
+	}
+}
+
+// subjectRecorder is a per-caller provider (not Shared) that records what it is asked to mint.
+type subjectRecorder struct {
+	mu    sync.Mutex
+	asked []credential.FetchArgs
+}
+
+func (p *subjectRecorder) Fetch(_ context.Context, a credential.FetchArgs) (credential.Token, error) {
+	p.mu.Lock()
+	p.asked = append(p.asked, a)
+	p.mu.Unlock()
+	return credential.NewToken(a.Name, "per-caller-token-value", time.Now().Add(time.Hour)), nil
+}
+
+func (p *subjectRecorder) fetches() []credential.FetchArgs {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]credential.FetchArgs(nil), p.asked...)
+}
+
+// Start-up warms a per-caller credential for the sidecar's own identity, the subject every
+// request is made as, so the first request reuses that token: one fetch in all. (It used to be
+// warmed for no subject, a token no request used, and the first request fetched again.)
+func TestSidecar_WarmsPerCallerCredentialsForItsOwnIdentityAndTheFirstRequestReusesThem(t *testing.T) {
+	up := newTLSUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), false, "api.example.test")
+	prov := &subjectRecorder{}
+	tp := newTestProxy(t, "upstreams:\n"+up.route("api.example.test", "credential: api"), withProvider("api", prov))
+	if got := prov.fetches(); len(got) != 1 || got[0].Subject != testSPIFFEID {
+		t.Fatalf("fetches at start-up: %+v; want one, for %s", got, testSPIFFEID)
+	}
+	resp := tp.Get(t, "https://api.example.test/")
+	readBody(t, resp)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	if got := prov.fetches(); len(got) != 1 {
+		t.Errorf("fetches after the first request: %+v; want only the warm one, reused", got)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -20,6 +21,7 @@ func TestHelmLint(t *testing.T) {
 		nil,
 		{"--set", "tls.certManager.enabled=true"},
 		{"--set", "metrics.podMonitor.enabled=true,metrics.serviceMonitor.enabled=true"},
+		{"--set", "sidecar.processIdentity.enabled=true"},
 	} {
 		mustRun(t, nil, helm, append([]string{"lint", "--strict", chartDir, "--namespace", releaseNS}, args...)...)
 	}
@@ -427,6 +429,41 @@ func TestChartValues(t *testing.T) {
 			}
 		}
 	})
+	t.Run("process_identity_config_in_every_agent_namespace_and_named_to_the_webhook", func(t *testing.T) {
+		for _, args := range [][]string{
+			{"--set", "agentNamespaces={agents}"},
+			{"--set", "agentNamespaces={agents},sidecar.processIdentity.enabled=true", "--set", "config.identity.process=false"},
+		} {
+			objs := render(t, args...)
+			var inj struct {
+				ProcessIdentity struct {
+					Enabled   bool   `json:"enabled"`
+					ConfigMap string `json:"config_map"`
+				} `json:"process_identity"`
+			}
+			if err := yaml.Unmarshal([]byte(injectorConfig(t, objs)), &inj); err != nil {
+				t.Fatal(err)
+			}
+			if want := strings.Contains(strings.Join(args, " "), "enabled=true"); inj.ProcessIdentity.Enabled != want {
+				t.Errorf("%v: injector process_identity.enabled = %v, want %v", args, inj.ProcessIdentity.Enabled, want)
+			}
+			for _, ns := range []string{releaseNS, "agents"} {
+				base, proc := configYAML(t, objs, ns, "escrow-config"), configYAML(t, objs, ns, inj.ProcessIdentity.ConfigMap)
+				if proc == nil {
+					t.Fatalf("%v: no ConfigMap %q (the webhook's process_identity.config_map) in %s", args, inj.ProcessIdentity.ConfigMap, ns)
+				}
+				if id, _ := proc["identity"].(map[string]any); id["process"] != true {
+					t.Errorf("%v: %s/%s identity = %v, want process: true", args, ns, inj.ProcessIdentity.ConfigMap, proc["identity"])
+				}
+				// Otherwise the same config: identity.process is the only difference.
+				delete(base["identity"].(map[string]any), "process")
+				delete(proc["identity"].(map[string]any), "process")
+				if !reflect.DeepEqual(base, proc) {
+					t.Errorf("%v: %s: the process config differs from the base config beyond identity.process:\n%v\n%v", args, ns, base, proc)
+				}
+			}
+		}
+	})
 	t.Run("pdb_and_dashboard_can_be_turned_off", func(t *testing.T) {
 		objs := render(t, "--set", "webhook.podDisruptionBudget.enabled=false,dashboard.enabled=false")
 		if len(find(objs, "PodDisruptionBudget")) != 0 {
@@ -467,6 +504,8 @@ func TestChartSchemaRejectsBadValues(t *testing.T) {
 		"tls.certManager.issuerRef.kind=Secret",
 		"sidecar.spiffe.source=magic",
 		"sidecar.runAsUser=0",
+		"sidecar.processIdentity.enabled=yes",
+		"sidecar.processIdentity.enable=true",
 		"agentNamespaces={Agents}",
 		"sidecar.serviceCIDRs={everything}",
 		"metrics.podMonitor.interval=often",
@@ -483,8 +522,9 @@ func TestChartSchemaRejectsBadValues(t *testing.T) {
 	}
 }
 
-// TestChartDefaultConfigIsValid: the sidecar's default config and policies from the chart pass
-// escrow's own validation (`escrow proxy --check`).
+// TestChartDefaultConfigIsValid: the sidecar's default configs (the base one and the one with
+// identity.process) and policies from the chart pass escrow's own validation (`escrow proxy
+// --check`).
 func TestChartDefaultConfigIsValid(t *testing.T) {
 	objs := render(t)
 	bin := escrow(t)
@@ -493,8 +533,11 @@ func TestChartDefaultConfigIsValid(t *testing.T) {
 	if err := os.Mkdir(pdir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	var cfgText string
+	configs := map[string]string{} // ConfigMap name → config.yaml
 	for _, cm := range find(objs, "ConfigMap") {
+		if cm.Metadata.Namespace != releaseNS {
+			continue
+		}
 		var c struct {
 			Data map[string]string `json:"data"`
 		}
@@ -502,7 +545,7 @@ func TestChartDefaultConfigIsValid(t *testing.T) {
 		for k, v := range c.Data {
 			switch {
 			case k == "config.yaml":
-				cfgText = v
+				configs[cm.Metadata.Name] = v
 			case strings.HasSuffix(k, ".cedar"):
 				if err := os.WriteFile(filepath.Join(pdir, k), []byte(v), 0o644); err != nil {
 					t.Fatal(err)
@@ -510,29 +553,51 @@ func TestChartDefaultConfigIsValid(t *testing.T) {
 			}
 		}
 	}
-	if cfgText == "" {
-		t.Fatal("no config.yaml in the chart's ConfigMaps")
+	if len(configs) != 2 || configs["escrow-config"] == "" || configs["escrow-config-process"] == "" {
+		t.Fatalf("want config.yaml in escrow-config and escrow-config-process, got %d: %v", len(configs), configs)
 	}
-	var cfg map[string]any
-	if err := yaml.Unmarshal([]byte(cfgText), &cfg); err != nil {
-		t.Fatal(err)
-	}
-	// The paths are where the injector mounts them in a pod; here they are a temp dir.
-	cfg["policy"].(map[string]any)["dir"] = pdir
-	cfg["ca_dir"] = filepath.Join(dir, "ca")
-	cfg["ca_key_dir"] = filepath.Join(dir, "ca-key")
-	b, _ := yaml.Marshal(cfg)
-	cfgFile := filepath.Join(dir, "escrow.yaml")
-	if err := os.WriteFile(cfgFile, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	// The injector sets SPIFFE_ENDPOINT_SOCKET in the pod; the config leaves the socket to it.
-	check := exec.Command(bin, "proxy", "--config", cfgFile, "--check")
-	check.Env = append(os.Environ(), "SPIFFE_ENDPOINT_SOCKET=unix:///spiffe-workload-api/spire-agent.sock")
-	if out, err := check.CombinedOutput(); err != nil {
-		t.Fatalf("escrow proxy --check of the chart's default config: %v\n%s\n%s", err, out, b)
+	for name, cfgText := range configs {
+		var cfg map[string]any
+		if err := yaml.Unmarshal([]byte(cfgText), &cfg); err != nil {
+			t.Fatal(err)
+		}
+		// The paths are where the injector mounts them in a pod; here they are a temp dir.
+		cfg["policy"].(map[string]any)["dir"] = pdir
+		cfg["ca_dir"] = filepath.Join(dir, "ca")
+		cfg["ca_key_dir"] = filepath.Join(dir, "ca-key")
+		b, _ := yaml.Marshal(cfg)
+		cfgFile := filepath.Join(dir, name+".yaml")
+		if err := os.WriteFile(cfgFile, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		// The injector sets SPIFFE_ENDPOINT_SOCKET in the pod; the config leaves the socket to it.
+		check := exec.Command(bin, "proxy", "--config", cfgFile, "--check")
+		check.Env = append(os.Environ(), "SPIFFE_ENDPOINT_SOCKET=unix:///spiffe-workload-api/spire-agent.sock")
+		if out, err := check.CombinedOutput(); err != nil {
+			t.Errorf("escrow proxy --check of the chart's %s: %v\n%s\n%s", name, err, out, b)
+		}
 	}
 	mustRun(t, nil, bin, "policy", "validate", "--dir", pdir)
+}
+
+// configYAML returns the parsed config.yaml of ConfigMap name in namespace ns, or nil.
+func configYAML(t *testing.T, objs []object, ns, name string) map[string]any {
+	t.Helper()
+	for _, cm := range find(objs, "ConfigMap") {
+		if cm.Metadata.Namespace != ns || cm.Metadata.Name != name {
+			continue
+		}
+		var c struct {
+			Data map[string]string `json:"data"`
+		}
+		cm.into(t, &c)
+		var cfg map[string]any
+		if err := yaml.Unmarshal([]byte(c.Data["config.yaml"]), &cfg); err != nil || cfg == nil {
+			t.Fatalf("%s/%s: config.yaml: %v", ns, name, err)
+		}
+		return cfg
+	}
+	return nil
 }
 
 // TestChartInjectorConfigIsValid: the injector config the chart renders, for default and varied
@@ -547,6 +612,7 @@ func TestChartInjectorConfigIsValid(t *testing.T) {
 		{"--set", "sidecar.spiffe.source=hostPath,sidecar.spiffe.hostPath=/run/spire/sockets"},
 		{"--set", "sidecar.trustEnv=false,sidecar.noProxy={internal.example.com,.corp}"},
 		{"--set", "sidecar.serviceCIDRs={10.0.0.0/16,fd00:10:96::/112}", "--set", "sidecar.resources.limits.cpu=500m"},
+		{"--set", "sidecar.processIdentity.enabled=true"},
 	} {
 		cfg := filepath.Join(dir, fmt.Sprintf("injector-%d.yaml", i))
 		if err := os.WriteFile(cfg, []byte(injectorConfig(t, render(t, args...))), 0o644); err != nil {

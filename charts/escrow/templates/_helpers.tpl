@@ -50,6 +50,9 @@ app.kubernetes.io/component: webhook
 {{- define "escrow.configMapName" -}}
 {{- printf "%s-config" (include "escrow.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+{{- define "escrow.processConfigMapName" -}}
+{{- printf "%s-config-process" (include "escrow.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
 {{- define "escrow.policiesConfigMapName" -}}
 {{- printf "%s-policies" (include "escrow.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
