@@ -11,7 +11,8 @@ FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy:FuzzCheckPa
                 ./proxy/egress:FuzzRulesCheck ./proxy/scrub:FuzzScrub ./proxy/mcp:FuzzParse \
                 ./proxy/mcp:FuzzResponseFilter ./policy:FuzzLoad ./policy:FuzzArgumentsRecord \
                 ./policy:FuzzTestFile ./attest:FuzzDelegation ./credential:FuzzApplier \
-                ./injector:FuzzMutate ./injector:FuzzReview ./controlplane/bundle:FuzzDecode
+                ./injector:FuzzMutate ./injector:FuzzReview ./controlplane/bundle:FuzzDecode \
+                ./internal/strictyaml:FuzzDecode
 
 .PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro bench-compare clean test-k8s test-realparts
 
@@ -45,9 +46,10 @@ test-k8s:
 	  ESCROW_K8S_TOOLS=$$tools $(GO) test -count=1 -timeout 15m -v ./test/k8s/...
 
 ## test-realparts: the real `escrow proxy` against a real SPIRE (server, agent, OIDC discovery
-## provider), dex and MinIO on loopback. test/tools/realparts.sh builds them once into
-## ESCROW_TOOLS_BIN (default ~/.cache/escrow-tools/bin); without ESCROW_REALPARTS_BIN these tests
-## skip, so `make test` needs none of them.
+## provider), dex, MinIO and Vault (with PostgreSQL behind its database engine) on loopback.
+## test/tools/realparts.sh builds them once into ESCROW_TOOLS_BIN (default
+## ~/.cache/escrow-tools/bin); without ESCROW_REALPARTS_BIN these tests skip, so `make test`
+## needs none of them.
 test-realparts:
 	@bin=$$(test/tools/realparts.sh) && \
 	  ESCROW_REALPARTS_BIN=$$bin ESCROW_REALPARTS_REQUIRE=1 $(GO) test -count=1 -v -timeout 20m ./test/realparts/...

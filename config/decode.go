@@ -10,12 +10,13 @@ import (
 	"strconv"
 	"strings"
 
-	"sigs.k8s.io/yaml"
+	"github.com/escrowproxy/escrow/internal/strictyaml"
 )
 
 // This file is the strict reader every escrow config file goes through (the proxy's and the
-// injector's): YAML to JSON, a walk of the document against the Go type that names every unknown
-// key and wrong kind with its key path, then a best-effort decode so value checks still run.
+// injector's): YAML to values (strictyaml), a walk of the document against the Go type that
+// names every unknown key and wrong kind with its key path, then a best-effort decode so value
+// checks still run.
 
 // FieldError is one problem at one key path.
 type FieldError struct {
@@ -52,21 +53,18 @@ type Shaper interface {
 // is for input that is not YAML at all. Every escrow config file (the proxy's, the injector's)
 // is read through it.
 func Decode(data []byte, out any) (shape Errors, err error) {
-	js, err := yaml.YAMLToJSON(data)
+	doc, err := strictyaml.Decode(data, strictyaml.Options{})
 	if err != nil {
-		return nil, fmt.Errorf("config: not valid YAML: %w", err)
-	}
-	var raw any
-	if err := json.Unmarshal(js, &raw); err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	if raw == nil {
+	if doc.Value == nil {
 		return nil, nil // an empty document: every key at its default
 	}
-	raw, ok := checkShape(&shape, "", raw, reflect.TypeOf(out).Elem())
+	raw, ok := checkShape(&shape, "", doc.Value, reflect.TypeOf(out).Elem())
 	if !ok {
 		return shape, nil // the document itself has the wrong shape: nothing to decode
 	}
+	js := doc.JSON
 	if len(shape) > 0 {
 		// Decode what is left once every wrong value and unknown key is cut out: encoding/json
 		// stops at the first error a custom UnmarshalJSON returns, and every key after it would
@@ -165,26 +163,25 @@ func checkShape(errs *Errors, path string, v any, t reflect.Type) (any, bool) {
 			return bad("want a mapping, got " + kindOf(v))
 		}
 		fields := map[string]reflect.Type{}
+		var names []string
 		for i := 0; i < t.NumField(); i++ {
 			f := t.Field(i)
 			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
 			if name != "" && name != "-" {
 				fields[name] = f.Type
+				names = append(names, name)
 			}
 		}
-		keys := make([]string, 0, len(m))
-		for k := range m {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		for _, k := range keys {
-			ft, ok := fields[k]
-			if !ok {
-				*errs = append(*errs, FieldError{join(path, k), "unknown key" + suggest(k, fields)})
-				delete(m, k)
-				continue
+		for _, u := range strictyaml.UnknownKeys(m, names) {
+			msg := "unknown key"
+			if u.Meant != "" {
+				msg += fmt.Sprintf(" (did you mean %q?)", u.Meant)
 			}
-			if nv, ok := checkShape(errs, join(path, k), m[k], ft); ok {
+			*errs = append(*errs, FieldError{join(path, u.Key), msg})
+			delete(m, u.Key)
+		}
+		for _, k := range sortedKeys(m) {
+			if nv, ok := checkShape(errs, join(path, k), m[k], fields[k]); ok {
 				m[k] = nv
 			} else {
 				delete(m, k)
@@ -195,12 +192,7 @@ func checkShape(errs *Errors, path string, v any, t reflect.Type) (any, bool) {
 		if !ok {
 			return bad("want a mapping, got " + kindOf(v))
 		}
-		keys := make([]string, 0, len(m))
-		for k := range m {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		for _, k := range keys {
+		for _, k := range sortedKeys(m) {
 			if nv, ok := checkShape(errs, join(path, k), m[k], t.Elem()); ok {
 				m[k] = nv
 			} else {
@@ -265,38 +257,4 @@ func kindOf(v any) string {
 	default:
 		return fmt.Sprintf("%T", v)
 	}
-}
-
-// suggest names a known key that is one small edit away, the common typo case.
-func suggest(k string, known map[string]reflect.Type) string {
-	best, bestD := "", 3
-	for name := range known {
-		if d := editDistance(k, name); d < bestD || (d == bestD && name < best) {
-			best, bestD = name, d
-		}
-	}
-	if best == "" {
-		return ""
-	}
-	return fmt.Sprintf(" (did you mean %q?)", best)
-}
-
-func editDistance(a, b string) int {
-	prev := make([]int, len(b)+1)
-	cur := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev, cur = cur, prev
-	}
-	return prev[len(b)]
 }

@@ -23,6 +23,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/escrowproxy/escrow/internal/strictyaml"
 )
 
 // Duration is a time.Duration written as a Go duration string ("2s", "1h30m").
@@ -813,16 +815,10 @@ func (c *Config) checkCredentialOnUpstream(p string, u Upstream, cr Credential, 
 
 // suggestName is " (did you mean "x"?)" for the known name one small edit away from k, or "".
 func suggestName(k string, known []string) string {
-	best, bestD := "", 3
-	for _, name := range known {
-		if d := editDistance(k, name); d < bestD || (d == bestD && name < best) {
-			best, bestD = name, d
-		}
+	if best := strictyaml.Nearest(k, known); best != "" {
+		return fmt.Sprintf(" (did you mean %q?)", best)
 	}
-	if best == "" {
-		return ""
-	}
-	return fmt.Sprintf(" (did you mean %q?)", best)
+	return ""
 }
 
 // hasPEMCertificate reports whether b holds at least one PEM CERTIFICATE block that parses.

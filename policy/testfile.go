@@ -14,8 +14,8 @@ import (
 	"github.com/escrowproxy/escrow/attest"
 )
 
-// The `escrow policy test FILE` format (YAML, or JSON which is YAML too; unknown keys are
-// errors):
+// The `escrow policy test FILE` format (YAML, or JSON which is YAML too; one document;
+// unknown and duplicate keys are errors):
 //
 //	policies: ../policies        # policy directory, relative to this file
 //	time: 2026-01-01T12:00:00Z   # optional default request time (RFC 3339); default: now

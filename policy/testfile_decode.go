@@ -1,17 +1,14 @@
 package policy
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
-	"maps"
-	"slices"
+	"math"
 	"strings"
 	"time"
 
-	"sigs.k8s.io/yaml"
-
 	"github.com/escrowproxy/escrow/attest"
+	"github.com/escrowproxy/escrow/internal/strictyaml"
 )
 
 // parseTestFile reads a test file strictly and reports every mistake at once, in the file's
@@ -19,18 +16,13 @@ import (
 // It does not check values against their sets (that is testFile.check).
 // When the file is not YAML at all, that is the only problem and ok is false.
 func parseTestFile(raw []byte) (tf testFile, problems []fileProblem, ok bool) {
-	js, err := yaml.YAMLToJSON(raw)
+	// Numbers as written, so that a whole number is told from 1.5 or 1e99 exactly.
+	doc, err := strictyaml.Decode(raw, strictyaml.Options{UseNumber: true, Strict: true})
 	if err != nil {
-		return tf, []fileProblem{{msg: "not valid YAML: " + strings.TrimPrefix(err.Error(), "error converting YAML to JSON: ")}}, false
-	}
-	dec := json.NewDecoder(bytes.NewReader(js))
-	dec.UseNumber()
-	var doc any
-	if err := dec.Decode(&doc); err != nil {
-		return tf, []fileProblem{{msg: "not valid YAML: " + err.Error()}}, false
+		return tf, []fileProblem{{msg: err.Error()}}, false
 	}
 	d := &fileDecoder{}
-	top := d.mapping("", "", doc, "policies", "time", "cases")
+	top := d.mapping("", "", doc.Value, "policies", "time", "cases")
 	tf.Policies = d.str("", "policies", top["policies"])
 	tf.Time = d.time("", "time", top["time"])
 	if v, ok := top["cases"]; ok && v != nil {
@@ -42,7 +34,24 @@ func parseTestFile(raw []byte) (tf testFile, problems []fileProblem, ok bool) {
 			tf.Cases = append(tf.Cases, d.testCase(i, item))
 		}
 	}
+	for _, dup := range doc.Duplicates {
+		// A key written twice in a case is named like every other problem of that case.
+		p := fileProblem{key: dup.Path.String(), msg: dup.Msg()}
+		if i, ok := caseIndex(dup.Path); ok && i < len(tf.Cases) {
+			p.where, p.key = caseLabel(i, tf.Cases[i].Name), dup.Path[2:].String()
+		}
+		d.errs = append(d.errs, p)
+	}
 	return tf, d.errs, true
+}
+
+// caseIndex is the index of the case p is within (cases[i]...).
+func caseIndex(p strictyaml.Path) (int, bool) {
+	if len(p) < 3 || p[0] != "cases" {
+		return 0, false
+	}
+	i, ok := p[1].(int)
+	return i, ok
 }
 
 // fileProblem is one mistake in a test file: where is the case label ("" outside cases), key
@@ -129,19 +138,27 @@ func (d *fileDecoder) testCase(i int, v any) testCase {
 	if v, ok := m["caller"]; ok && v != nil {
 		cm := d.mapping(where, "caller", v, "uid", "gid", "pid", "exe", "sha256")
 		p := &attest.Process{Exe: d.str(where, "caller.exe", cm["exe"]), SHA256: d.str(where, "caller.sha256", cm["sha256"])}
-		for key, dst := range map[string]*int64{"uid": new(int64), "gid": new(int64), "pid": new(int64)} {
-			if v, ok := cm[key]; ok && v != nil {
-				if n, ok := d.integer(where, "caller."+key, v); ok {
-					*dst = n
-				}
+		// In a fixed order (the problems are), each within the kernel's range: a value outside
+		// would silently wrap around.
+		for _, f := range []struct {
+			key   string
+			limit int64
+			set   func(int64)
+		}{
+			{"uid", math.MaxUint32, func(n int64) { p.UID = uint32(n) }},
+			{"gid", math.MaxUint32, func(n int64) { p.GID = uint32(n) }},
+			{"pid", math.MaxInt32, func(n int64) { p.PID = int(n) }},
+		} {
+			v, ok := cm[f.key]
+			if !ok || v == nil {
+				continue
 			}
-			switch key {
-			case "uid":
-				p.UID = uint32(*dst)
-			case "gid":
-				p.GID = uint32(*dst)
-			case "pid":
-				p.PID = int(*dst)
+			if n, ok := d.integer(where, "caller."+f.key, v); ok {
+				if n < 0 || n > f.limit {
+					d.errf(where, "caller."+f.key, "must be a whole number from 0 to %d, not %d", f.limit, n)
+				} else {
+					f.set(n)
+				}
 			}
 		}
 		c.Caller = p
@@ -191,21 +208,17 @@ func (d *fileDecoder) mapping(where, key string, v any, keys ...string) map[stri
 		d.errf(where, key, "must be a mapping (key: value), not %s", describe(v))
 		return map[string]any{}
 	}
-	for _, k := range slices.Sorted(maps.Keys(m)) {
-		if slices.Contains(keys, k) {
-			continue
+	within := func(k string) string {
+		if key == "" {
+			return k
 		}
-		path := k
-		if key != "" {
-			path = key + "." + k
-		}
-		p := fileProblem{where: where, key: path, msg: "unknown key"}
-		if near := nearest(k, keys); near != "" {
-			p.msg += " (did you mean " + near + "?)"
-			p.meant = near
-			if key != "" {
-				p.meant = key + "." + near
-			}
+		return key + "." + k
+	}
+	for _, u := range strictyaml.UnknownKeys(m, keys) {
+		p := fileProblem{where: where, key: within(u.Key), msg: "unknown key"}
+		if u.Meant != "" {
+			p.msg += " (did you mean " + u.Meant + "?)"
+			p.meant = within(u.Meant)
 		} else {
 			p.msg += " (known keys: " + strings.Join(keys, ", ") + ")"
 		}
@@ -282,35 +295,4 @@ func describe(v any) string {
 		return "a mapping"
 	}
 	return fmt.Sprintf("%v", v)
-}
-
-// nearest returns the candidate within edit distance 2 of s (the closest), or "".
-func nearest(s string, candidates []string) string {
-	best, bestD := "", 3
-	for _, c := range candidates {
-		if d := editDistance(strings.ToLower(s), c); d < bestD {
-			best, bestD = c, d
-		}
-	}
-	return best
-}
-
-func editDistance(a, b string) int {
-	prev := make([]int, len(b)+1)
-	cur := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev, cur = cur, prev
-	}
-	return prev[len(b)]
 }

@@ -181,3 +181,72 @@ cases:
 		t.Log(msg)
 	}
 }
+
+// A key written twice keeps only its last value in YAML: a case would test something other
+// than what its author reads. Each is reported like every other mistake, with both places.
+func TestRunTests_DuplicateKeysAreReportedWithCaseKeyAndPositions(t *testing.T) {
+	msg := runTestFileErr(t, `policies: `+absTestdata(t)+`
+cases:
+  - name: delete is allowed
+    principal: spiffe://example.org/ns/agents/sa/coder
+    request: {method: DELETE, host: api.github.com, method: GET}
+    expect: deny
+    expect: allow
+policies: elsewhere
+`)
+	for _, want := range []string{
+		"3 problems:",
+		"\n\tpolicies: duplicate key at line 8, column 1 (first at line 1, column 1)",
+		"\n\tcase 1 (\"delete is allowed\"): request.method: duplicate key at line 5, column 53 (first at line 5, column 15)",
+		"\n\tcase 1 (\"delete is allowed\"): expect: duplicate key at line 7, column 5 (first at line 6, column 5)",
+	} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error lacks %q:\n%s", want, msg)
+		}
+	}
+}
+
+func TestRunTests_ASecondDocumentIsRefusedNotIgnored(t *testing.T) {
+	one := "policies: " + absTestdata(t) + "\ncases:\n  - {name: a, principal: spiffe://example.org/ns/agents/sa/coder, request: {method: GET, host: api.github.com, credential: github}, expect: allow}\n"
+	if msg := runTestFileErr(t, one+"---\n"+strings.ReplaceAll(one, "expect: allow", "expect: deny")); !strings.Contains(msg, "not valid YAML: yaml: line 4: a second document") {
+		t.Fatalf("err = %v", msg)
+	}
+}
+
+// uid and gid are 32-bit and unsigned, pid a positive int: a value outside used to wrap
+// around silently (uid -1 tested as 4294967295).
+func TestRunTests_CallerIDsOutsideTheirRangeAreRefused(t *testing.T) {
+	msg := runTestFileErr(t, `policies: `+absTestdata(t)+`
+cases:
+  - name: a
+    principal: spiffe://example.org/ns/agents/sa/coder
+    caller: {uid: -1, gid: 4294967296, pid: 2147483648}
+    request: {method: GET, host: api.github.com}
+    expect: deny
+`)
+	for _, want := range []string{
+		"3 problems:\n\tcase 1 (\"a\"): caller.uid: must be a whole number from 0 to 4294967295, not -1",
+		"\n\tcase 1 (\"a\"): caller.gid: must be a whole number from 0 to 4294967295, not 4294967296",
+		"\n\tcase 1 (\"a\"): caller.pid: must be a whole number from 0 to 2147483647, not 2147483648",
+	} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error lacks %q:\n%s", want, msg)
+		}
+	}
+	tf, problems, ok := parseTestFile([]byte("cases:\n  - caller: {uid: 4294967295, gid: 0, pid: 2147483647}\n"))
+	if c := tf.Cases[0].Caller; !ok || len(problems) != 0 || c.UID != 4294967295 || c.GID != 0 || c.PID != 2147483647 {
+		t.Errorf("the bounds themselves: %+v %v", c, problems)
+	}
+}
+
+// runTestFileErr runs a test file with this body and returns its error, which it must have.
+func runTestFileErr(t *testing.T, body string) string {
+	t.Helper()
+	dir := t.TempDir()
+	writeFiles(t, dir, map[string]string{"t.yaml": body})
+	_, err := RunTests(filepath.Join(dir, "t.yaml"))
+	if err == nil {
+		t.Fatalf("a bad test file ran:\n%s", body)
+	}
+	return err.Error()
+}

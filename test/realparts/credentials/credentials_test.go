@@ -1,7 +1,8 @@
 // Package credentials_test runs the real `escrow proxy` with ephemeral credentials minted from a
 // real SPIRE JWT-SVID by real issuers: dex (RFC 8693 token exchange, and OAuth2 client
-// credentials) and MinIO (STS AssumeRoleWithWebIdentity, then SigV4 on every request). The agent
-// is curl (and the AWS CLI when installed) holding no credential at all.
+// credentials), MinIO (STS AssumeRoleWithWebIdentity, then SigV4 on every request) and Vault (JWT
+// auth login, then a KV v2 secret). The agent is curl (and the AWS CLI when installed) holding no
+// credential at all.
 //
 // The binaries come from ESCROW_REALPARTS_BIN (test/tools/realparts.sh builds them); without it
 // every test here skips, unless ESCROW_REALPARTS_REQUIRE=1. `make test-realparts` runs them.

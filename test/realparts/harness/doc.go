@@ -1,5 +1,5 @@
 // Package harness runs the real parts escrow is tested against (a SPIRE server, agent and OIDC
-// discovery provider, dex, MinIO) and the real `escrow proxy` binary, all on loopback, for the
+// discovery provider, dex, MinIO, Vault) and the real `escrow proxy` binary, all on loopback, for the
 // tests under test/realparts.
 //
 // The real parts are built once into a cache by test/tools/realparts.sh, which prints the

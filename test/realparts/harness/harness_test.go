@@ -134,3 +134,18 @@ func TestMinIO_AssumeRoleWithWebIdentityTakesAJWTSVID(t *testing.T) {
 		t.Errorf("AssumeRoleWithWebIdentity accepted a JWT-SVID for another audience: %s", body)
 	}
 }
+
+// TestPostgres_AcceptsOnlyPasswordLogins: the cluster StartPostgres brings up is reachable on
+// loopback TCP and checks passwords (Vault's database engine and the tests rely on both).
+func TestPostgres_AcceptsOnlyPasswordLogins(t *testing.T) {
+	pg := harness.StartPostgres(t)
+	if out, err := pg.Query(pg.Superuser, pg.SuperPassword, "select 40+2"); err != nil || out != "42" {
+		t.Fatalf("superuser query: %q, %v", out, err)
+	}
+	if _, err := pg.Query(pg.Superuser, "wrong", "select 1"); err == nil {
+		t.Fatal("a wrong password logged in")
+	}
+	if got := pg.Roles(t); len(got) != 0 {
+		t.Fatalf("roles of a new cluster: %v; want none", got)
+	}
+}

@@ -24,14 +24,14 @@ const (
 )
 
 // Bin returns the path of the real part name (spire-server, spire-agent,
-// oidc-discovery-provider, dex, minio) in the ESCROW_REALPARTS_BIN directory. With the variable
+// oidc-discovery-provider, dex, minio, vault) in the ESCROW_REALPARTS_BIN directory. With the variable
 // unset it skips the test (fails it when ESCROW_REALPARTS_REQUIRE=1); a part missing from the
 // directory is a failure.
 func Bin(t testing.TB, name string) string {
 	t.Helper()
 	dir := os.Getenv(BinEnv)
 	if dir == "" {
-		msg := fmt.Sprintf("%s is not set: run `make test-realparts` (test/tools/realparts.sh builds SPIRE, dex and MinIO once and prints the directory to export)", BinEnv)
+		msg := fmt.Sprintf("%s is not set: run `make test-realparts` (test/tools/realparts.sh builds SPIRE, dex, MinIO and Vault once and prints the directory to export)", BinEnv)
 		if os.Getenv(RequireEnv) == "1" {
 			t.Fatalf("%s=1 but %s", RequireEnv, msg)
 		}
@@ -59,6 +59,8 @@ type ProcessOptions struct {
 	Stdout io.Writer
 	// LogLimit bounds the output kept in memory (the newest bytes are kept); default 4 MiB.
 	LogLimit int
+	// Credential, if set, runs the child as that user (PostgreSQL refuses to run as root).
+	Credential *syscall.Credential
 }
 
 // Process is a started child. Its stdout and stderr are kept together (newest LogLimit bytes).
@@ -98,6 +100,12 @@ func StartProcess(t testing.TB, o ProcessOptions) *Process {
 	}
 	p.cmd.Stderr = p
 	p.cmd.SysProcAttr = dieWithParent()
+	if o.Credential != nil {
+		if p.cmd.SysProcAttr == nil {
+			p.cmd.SysProcAttr = &syscall.SysProcAttr{}
+		}
+		p.cmd.SysProcAttr.Credential = o.Credential
+	}
 	if err := p.cmd.Start(); err != nil {
 		t.Fatalf("harness: start %s: %v", o.Name, err)
 	}

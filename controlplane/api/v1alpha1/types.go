@@ -1,0 +1,266 @@
+// Package v1alpha1 holds the Go types of escrow's Kubernetes resources (group escrow.dev,
+// version v1alpha1): Policy, Upstream, Credential and Revocation, all namespaced.
+//
+// The types are plain structs with JSON tags. The controller reads them from the API server as
+// unstructured objects and converts them with [Decode] (strict: a field this version does not
+// know is an error, not silently dropped), so no generated deepcopy or clientset is needed. The
+// CustomResourceDefinitions in the Helm chart are generated from these types
+// ([CustomResourceDefinitions]), so the OpenAPI schema and the Go types cannot drift apart.
+//
+// The spec of an Upstream is an upstreams[] entry of escrow's config file, key for key, and the
+// spec of a Credential is a credentials.<name> entry, except that secrets are references to
+// Kubernetes Secrets ([SecretKeyRef]) instead of file paths (see [CredentialSpec]). One
+// reference page (docs/config.md) thus describes both.
+package v1alpha1
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"path"
+	"regexp"
+	"strings"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+
+	"github.com/escrowproxy/escrow/config"
+)
+
+// Group and Version of escrow's resources.
+const (
+	Group   = "escrow.dev"
+	Version = "v1alpha1"
+)
+
+// Kinds.
+const (
+	KindPolicy     = "Policy"
+	KindUpstream   = "Upstream"
+	KindCredential = "Credential"
+	KindRevocation = "Revocation"
+)
+
+// GroupVersion is escrow.dev/v1alpha1.
+var GroupVersion = schema.GroupVersion{Group: Group, Version: Version}
+
+// Resources, for the dynamic client and informers.
+var (
+	PolicyResource     = GroupVersion.WithResource("policies")
+	UpstreamResource   = GroupVersion.WithResource("upstreams")
+	CredentialResource = GroupVersion.WithResource("credentials")
+	RevocationResource = GroupVersion.WithResource("revocations")
+)
+
+// Policy is Cedar text the controller validates against escrow's built-in schema before it
+// serves it. Its status says whether it was accepted, and why not (with line and column).
+type Policy struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+	Spec              PolicySpec   `json:"spec"`
+	Status            PolicyStatus `json:"status,omitempty"`
+}
+
+// PolicySpec holds the Cedar text: one or more policies, each with an @id.
+type PolicySpec struct {
+	Cedar string `json:"cedar"`
+}
+
+// PolicyStatus is written by the controller.
+type PolicyStatus struct {
+	// ObservedGeneration is the generation the conditions describe.
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+	// Conditions holds ConditionAccepted.
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// ConditionAccepted is the Policy condition that says whether the controller serves it.
+const ConditionAccepted = "Accepted"
+
+// Reasons of ConditionAccepted.
+const (
+	// ReasonValid: the Cedar text parses and validates against escrow's schema; it is served.
+	ReasonValid = "Valid"
+	// ReasonInvalid: the text does not parse, lacks an @id, or does not match the schema.
+	ReasonInvalid = "Invalid"
+	// ReasonDuplicateID: a policy @id is already used by another Policy that a sidecar would
+	// receive together with this one (the one that keeps it is named in the message).
+	ReasonDuplicateID = "DuplicateID"
+)
+
+// Upstream is one upstreams[] entry of escrow's config, served to the sidecars that receive
+// its namespace. Its CA file, if any, is a path in the sidecar's container.
+type Upstream struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+	Spec              config.Upstream `json:"spec"`
+}
+
+// Credential is one credentials.<name> entry of escrow's config; the entry's name is the
+// object's name. Secrets are references to Kubernetes Secrets of the object's namespace.
+type Credential struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+	Spec              CredentialSpec `json:"spec"`
+}
+
+// CredentialSpec mirrors config.Credential (exactly one provider), with every secret a
+// reference to a key of a Secret in the Credential's namespace instead of a file:
+//
+//	static:         {secret_ref: {name, key}}         (instead of file/env)
+//	oauth2:         client_secret_ref: {name, key}    (instead of client_secret_file)
+//	token_exchange: client_secret_ref: {name, key}    (instead of client_secret_file)
+//	github_app:     private_key_ref: {name, key}      (instead of private_key_file)
+//
+// How a reference reaches the sidecar: [SecretFile] (the Secret is mounted into the escrow
+// container alone, never the agent's). Providers without a root secret (JWT-SVID based ones)
+// are the config's blocks unchanged.
+type CredentialSpec struct {
+	Static        *StaticSpec        `json:"static,omitempty"`
+	OAuth2        *OAuth2Spec        `json:"oauth2,omitempty"`
+	TokenExchange *TokenExchangeSpec `json:"token_exchange,omitempty"`
+	AWS           *config.AWS        `json:"aws,omitempty"`
+	GitHubApp     *GitHubAppSpec     `json:"github_app,omitempty"`
+	Vault         *config.Vault      `json:"vault,omitempty"`
+	GCP           *config.GCP        `json:"gcp,omitempty"`
+	Azure         *config.Azure      `json:"azure,omitempty"`
+}
+
+// SecretKeyRef names one key of a Secret in the referring object's namespace.
+type SecretKeyRef struct {
+	Name string `json:"name"`
+	Key  string `json:"key"`
+}
+
+// StaticSpec is a long-lived secret held in a Secret.
+type StaticSpec struct {
+	SecretRef SecretKeyRef `json:"secret_ref"`
+}
+
+// OAuth2Spec is config.OAuth2 with the client secret as a reference.
+type OAuth2Spec struct {
+	config.OAuth2   `json:",inline"`
+	ClientSecretRef *SecretKeyRef `json:"client_secret_ref,omitempty"`
+}
+
+// TokenExchangeSpec is config.TokenExchange with the client secret as a reference.
+type TokenExchangeSpec struct {
+	config.TokenExchange `json:",inline"`
+	ClientSecretRef      *SecretKeyRef `json:"client_secret_ref,omitempty"`
+}
+
+// GitHubAppSpec is config.GitHubApp with the private key as a reference.
+type GitHubAppSpec struct {
+	config.GitHubApp `json:",inline"`
+	PrivateKeyRef    SecretKeyRef `json:"private_key_ref"`
+}
+
+// Revocation denies identities and drops credentials while it exists. At least one of
+// SPIFFEIDs, SPIFFEIDPrefixes and Credentials is set (the CRD's schema enforces it).
+type Revocation struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+	Spec              RevocationSpec `json:"spec"`
+}
+
+// RevocationSpec mirrors bundle.Revocation.
+type RevocationSpec struct {
+	SPIFFEIDs        []string `json:"spiffe_ids,omitempty"`
+	SPIFFEIDPrefixes []string `json:"spiffe_id_prefixes,omitempty"`
+	Credentials      []string `json:"credentials,omitempty"`
+	Reason           string   `json:"reason,omitempty"`
+}
+
+// SecretsDir is where the sidecar finds referenced Secrets: key K of Secret S is the file
+// SecretsDir/S/K, a volume of the Secret mounted read-only into the escrow container only. It
+// is deliberately not below the CA directory, which the agent's containers mount.
+const SecretsDir = "/var/run/escrow-secrets"
+
+// SecretFile is the path in the sidecar's container where ref's value is read.
+func SecretFile(ref SecretKeyRef) string { return path.Join(SecretsDir, ref.Name, ref.Key) }
+
+// Secret names are DNS subdomains; keys are what Kubernetes allows in a Secret's data.
+var (
+	secretNameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`)
+	secretKeyRE  = regexp.MustCompile(`^[-._a-zA-Z0-9]+$`)
+)
+
+// Check reports why ref cannot name a Secret's key (which also keeps SecretFile inside
+// SecretsDir: no "/", no "." or ".." key).
+func (ref SecretKeyRef) Check() error {
+	switch {
+	case len(ref.Name) > 253 || !secretNameRE.MatchString(ref.Name):
+		return fmt.Errorf("name %q is not a Secret name", ref.Name)
+	case len(ref.Key) > 253 || !secretKeyRE.MatchString(ref.Key) || ref.Key == "." || strings.HasPrefix(ref.Key, ".."):
+		return fmt.Errorf("key %q is not a Secret key", ref.Key)
+	}
+	return nil
+}
+
+// Config is the credentials.<name> entry this spec stands for, each secret reference turned
+// into the file where the sidecar reads it (SecretFile). A file key that the CRD does not
+// allow (a path instead of a reference) is an error, as is a bad reference.
+func (s CredentialSpec) Config() (config.Credential, error) {
+	var c config.Credential
+	var errs []string
+	ref := func(at string, r *SecretKeyRef) string {
+		if r == nil {
+			return ""
+		}
+		if err := r.Check(); err != nil {
+			errs = append(errs, at+": "+err.Error())
+			return ""
+		}
+		return SecretFile(*r)
+	}
+	noFile := func(at, v, instead string) {
+		if v != "" {
+			errs = append(errs, fmt.Sprintf("%s: not allowed in a Credential object; use %s (a Secret reference)", at, instead))
+		}
+	}
+	if s.Static != nil {
+		c.Static = &config.Static{File: ref("static.secret_ref", &s.Static.SecretRef)}
+	}
+	if s.OAuth2 != nil {
+		o := s.OAuth2.OAuth2
+		noFile("oauth2.client_secret_file", o.ClientSecretFile, "client_secret_ref")
+		o.ClientSecretFile = ref("oauth2.client_secret_ref", s.OAuth2.ClientSecretRef)
+		c.OAuth2 = &o
+	}
+	if s.TokenExchange != nil {
+		t := s.TokenExchange.TokenExchange
+		noFile("token_exchange.client_secret_file", t.ClientSecretFile, "client_secret_ref")
+		t.ClientSecretFile = ref("token_exchange.client_secret_ref", s.TokenExchange.ClientSecretRef)
+		c.TokenExchange = &t
+	}
+	if s.GitHubApp != nil {
+		g := s.GitHubApp.GitHubApp
+		noFile("github_app.private_key_file", g.PrivateKeyFile, "private_key_ref")
+		g.PrivateKeyFile = ref("github_app.private_key_ref", &s.GitHubApp.PrivateKeyRef)
+		c.GitHubApp = &g
+	}
+	c.AWS, c.Vault, c.GCP, c.Azure = s.AWS, s.Vault, s.GCP, s.Azure
+	if len(errs) > 0 {
+		return config.Credential{}, fmt.Errorf("v1alpha1: %s", strings.Join(errs, "; "))
+	}
+	return c, nil
+}
+
+// Decode converts an object read from the API server (an unstructured object's content) into
+// T, one of Policy, Upstream, Credential, Revocation. It is strict: a field T does not have is
+// an error, so a newer CRD's intent is never half applied. (It goes through JSON rather than
+// runtime.DefaultUnstructuredConverter, which cannot fill types with unexported fields, as
+// config.Upstream has, and would bypass config.Duration's own decoding.)
+func Decode[T any](obj map[string]any) (*T, error) {
+	raw, err := json.Marshal(obj)
+	if err != nil {
+		return nil, fmt.Errorf("v1alpha1: %w", err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	out := new(T)
+	if err := dec.Decode(out); err != nil {
+		return nil, fmt.Errorf("v1alpha1: %w", err)
+	}
+	return out, nil
+}

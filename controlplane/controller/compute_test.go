@@ -1,0 +1,344 @@
+package controller
+
+import (
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/escrowproxy/escrow/config"
+	"github.com/escrowproxy/escrow/controlplane/api/v1alpha1"
+	"github.com/escrowproxy/escrow/controlplane/bundle"
+	"github.com/escrowproxy/escrow/policy"
+)
+
+const sys = "escrow-system"
+
+func meta(ns, name string) metav1.ObjectMeta {
+	return metav1.ObjectMeta{Namespace: ns, Name: name, Generation: 1}
+}
+
+func pol(ns, name, text string) v1alpha1.Policy {
+	return v1alpha1.Policy{ObjectMeta: meta(ns, name), Spec: v1alpha1.PolicySpec{Cedar: text}}
+}
+
+func up(ns, name, host string, port int) v1alpha1.Upstream {
+	return v1alpha1.Upstream{ObjectMeta: meta(ns, name), Spec: config.Upstream{Host: host, Port: port}}
+}
+
+func static(ns, name, secret string) v1alpha1.Credential {
+	return v1alpha1.Credential{ObjectMeta: meta(ns, name), Spec: v1alpha1.CredentialSpec{
+		Static: &v1alpha1.StaticSpec{SecretRef: v1alpha1.SecretKeyRef{Name: secret, Key: "token"}}}}
+}
+
+func revoke(ns, name string, ids ...string) v1alpha1.Revocation {
+	return v1alpha1.Revocation{ObjectMeta: meta(ns, name), Spec: v1alpha1.RevocationSpec{SPIFFEIDs: ids, Reason: "test"}}
+}
+
+const (
+	allowGitHub = `@id("allow-github")
+permit(principal, action == Action::"GET", resource == Host::"api.github.com");`
+	allowAgentsRead = `@id("agents-read")
+permit(principal in Namespace::"agents", action in Action::"read", resource);`
+	// A typo'd context attribute on line 3, column 8: the schema has no "methd".
+	typo = `@id("typo")
+permit(principal, action, resource)
+when { context.methd == "GET" };`
+	agentsID = "spiffe://example.org/ns/agents/sa/coder"
+	otherID  = "spiffe://example.org/ns/other/sa/coder"
+)
+
+func TestNamespace_FromKubernetesShapedIDsOnly(t *testing.T) {
+	for id, want := range map[string]string{
+		"spiffe://td/ns/agents/sa/coder": "agents",
+		"spiffe://td/ns/a/sa/b":          "a",
+		"spiffe://td/ns/agents/sa/":      "",
+		"spiffe://td/ns//sa/x":           "",
+		"spiffe://td/ns/agents":          "",
+		"spiffe://td/ns/agents/sa/x/y":   "",
+		"spiffe://td/workload/x":         "",
+		"spiffe://td":                    "",
+		"https://td/ns/agents/sa/coder":  "",
+		"":                               "",
+	} {
+		got, ok := Namespace(id)
+		if got != want || ok != (want != "") {
+			t.Errorf("Namespace(%q) = %q, %v; want %q", id, got, ok, want)
+		}
+	}
+}
+
+func TestCompute_SidecarGetsItsNamespaceAndTheClusterWideObjects(t *testing.T) {
+	v := Compute(Objects{
+		Policies:    []v1alpha1.Policy{pol(sys, "base", allowGitHub), pol("agents", "read", allowAgentsRead)},
+		Upstreams:   []v1alpha1.Upstream{up(sys, "github", "api.github.com", 0), up("agents", "openai", "api.openai.com", 0), up("other", "x", "x.example", 0)},
+		Credentials: []v1alpha1.Credential{static(sys, "gh", "gh-token"), static("agents", "openai", "openai-key"), static("other", "x", "x")},
+		Revocations: []v1alpha1.Revocation{revoke(sys, "all", "spiffe://example.org/ns/bad/sa/x"), revoke("agents", "mine", agentsID), revoke("other", "theirs", otherID)},
+	}, sys)
+
+	b := v.BundleFor(agentsID)
+	if got := hosts(b); !slices.Equal(got, []string{"api.github.com", "api.openai.com"}) {
+		t.Errorf("upstreams = %v", got)
+	}
+	if got := keys(b.Credentials); !slices.Equal(got, []string{"gh", "openai"}) {
+		t.Errorf("credentials = %v", got)
+	}
+	if b.Credentials["openai"].Static.File != "/var/run/escrow-secrets/openai-key/token" {
+		t.Errorf("openai = %+v", b.Credentials["openai"].Static)
+	}
+	if got := keys(b.Policies); !slices.Equal(got, []string{"agents/read.cedar", "escrow-system/base.cedar"}) {
+		t.Errorf("policies = %v", got)
+	}
+	if b.Policies["escrow-system/base.cedar"] != allowGitHub {
+		t.Errorf("policy text changed: %q", b.Policies["escrow-system/base.cedar"])
+	}
+	if got := revNames(b); !slices.Equal(got, []string{"escrow-system/all", "agents/mine"}) {
+		t.Errorf("revocations = %v", got)
+	}
+	if err := b.Check(); err != nil {
+		t.Fatal(err)
+	}
+	// It encodes and decodes as the sidecar reads it.
+	tec, err := bundle.Encode(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = tec
+
+	// An ID without the Kubernetes shape, and the cluster's own namespace: only cluster-wide.
+	for _, id := range []string{"spiffe://example.org/vm/builder", "spiffe://example.org/ns/" + sys + "/sa/escrow"} {
+		b := v.BundleFor(id)
+		if got := hosts(b); !slices.Equal(got, []string{"api.github.com"}) {
+			t.Errorf("%s: upstreams = %v", id, got)
+		}
+		if got := revNames(b); !slices.Equal(got, []string{"escrow-system/all"}) {
+			t.Errorf("%s: revocations = %v", id, got)
+		}
+	}
+	// A namespace with nothing of its own.
+	if got := keys(v.BundleFor("spiffe://example.org/ns/empty/sa/x").Policies); !slices.Equal(got, []string{"escrow-system/base.cedar"}) {
+		t.Errorf("empty namespace: policies = %v", got)
+	}
+}
+
+func TestCompute_TheSidecarCompilesWhatTheControllerServes(t *testing.T) {
+	v := Compute(Objects{Policies: []v1alpha1.Policy{pol(sys, "base", allowGitHub), pol("agents", "read", allowAgentsRead)}}, sys)
+	b := v.BundleFor(agentsID)
+	src := policy.Source{Origin: "xds", Policies: map[string][]byte{}}
+	for name, text := range b.Policies {
+		src.Policies[name] = []byte(text)
+	}
+	set, err := policy.Compile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if set.Len() != 2 {
+		t.Errorf("%d policies", set.Len())
+	}
+}
+
+func TestCompute_InvalidPolicyIsLeftOutWithLineAndColumn(t *testing.T) {
+	v := Compute(Objects{Policies: []v1alpha1.Policy{pol("agents", "typo", typo), pol("agents", "ok", allowAgentsRead),
+		pol("agents", "garbage", "permit(principal,\n  action resource);")}}, sys)
+	b := v.BundleFor(agentsID)
+	if got := keys(b.Policies); !slices.Equal(got, []string{"agents/ok.cedar"}) {
+		t.Fatalf("policies = %v", got)
+	}
+	vd := v.Verdicts()[ObjectKey{"agents", "typo"}]
+	if vd.Accepted || vd.Reason != v1alpha1.ReasonInvalid || vd.Generation != 1 {
+		t.Errorf("verdict = %+v", vd)
+	}
+	if !regexp.MustCompile(`^agents/typo\.cedar:3:\d+: policy "typo": .*methd`).MatchString(vd.Message) {
+		t.Errorf("message = %q, want agents/typo.cedar:3:<col> naming methd", vd.Message)
+	}
+	vd = v.Verdicts()[ObjectKey{"agents", "garbage"}]
+	if vd.Accepted || !strings.HasPrefix(vd.Message, "agents/garbage.cedar:2:") || !strings.Contains(vd.Message, "parse error") {
+		t.Errorf("garbage verdict = %+v", vd)
+	}
+	vd = v.Verdicts()[ObjectKey{"agents", "ok"}]
+	if !vd.Accepted || vd.Reason != v1alpha1.ReasonValid || vd.Message != "1 policy served as agents/ok.cedar" {
+		t.Errorf("ok verdict = %+v", vd)
+	}
+	if len(v.Problems()) != 2 {
+		t.Errorf("problems = %+v", v.Problems())
+	}
+}
+
+func TestCompute_PolicyWithoutIDIsInvalid(t *testing.T) {
+	v := Compute(Objects{Policies: []v1alpha1.Policy{pol("agents", "noid", `permit(principal, action, resource);`)}}, sys)
+	if vd := v.Verdicts()[ObjectKey{"agents", "noid"}]; vd.Accepted || !strings.Contains(vd.Message, "@id") {
+		t.Errorf("verdict = %+v", vd)
+	}
+}
+
+func TestCompute_DuplicateIDsKeepTheClusterWideOrFirstNamedPolicy(t *testing.T) {
+	same := func(id string) string {
+		return "@id(\"" + id + "\")\npermit(principal, action, resource == Host::\"a.example\");"
+	}
+	v := Compute(Objects{Policies: []v1alpha1.Policy{
+		pol("agents", "a", same("shared")),     // collides with the cluster's: loses
+		pol(sys, "z", same("shared")),          // cluster-wide: wins although it sorts last
+		pol("agents", "b", same("mine")),       // first in its namespace: wins
+		pol("agents", "c", same("mine")),       // loses to agents/b
+		pol("other", "c", same("mine")),        // another namespace: no collision
+		pol(sys, "y", "\n\n"+same("sys-dup")),  // cluster-internal: y wins over zz
+		pol(sys, "zz", "\n\n"+same("sys-dup")), // ...
+	}}, sys)
+	check := func(ns, name string, accepted bool, msg string) {
+		t.Helper()
+		vd := v.Verdicts()[ObjectKey{ns, name}]
+		if vd.Accepted != accepted || (!accepted && (vd.Reason != v1alpha1.ReasonDuplicateID || !strings.Contains(vd.Message, msg))) {
+			t.Errorf("%s/%s: %+v", ns, name, vd)
+		}
+	}
+	check("agents", "a", false, `agents/a.cedar:1:1: policy "shared": duplicate policy @id: also in escrow-system/z.cedar`)
+	check(sys, "z", true, "")
+	check("agents", "b", true, "")
+	check("agents", "c", false, "also in agents/b.cedar")
+	check("other", "c", true, "")
+	check(sys, "y", true, "")
+	check(sys, "zz", false, `escrow-system/zz.cedar:3:1: policy "sys-dup"`)
+	if got := keys(v.BundleFor(agentsID).Policies); !slices.Equal(got, []string{"agents/b.cedar", "escrow-system/y.cedar", "escrow-system/z.cedar"}) {
+		t.Errorf("agents policies = %v", got)
+	}
+}
+
+func TestCompute_ClusterWideUpstreamsAndCredentialsWinCollisions(t *testing.T) {
+	v := Compute(Objects{
+		Upstreams: []v1alpha1.Upstream{up("agents", "evil", "API.github.com", 0), up(sys, "gh", "api.github.com", 0),
+			up("agents", "gh443", "api.github.com", 443), up("agents", "b", "x.example", 0), up("agents", "c", "x.example", 0)},
+		Credentials: []v1alpha1.Credential{static("agents", "gh", "tenant-secret"), static(sys, "gh", "operator-secret")},
+	}, sys)
+	b := v.BundleFor(agentsID)
+	if got := hosts(b); !slices.Equal(got, []string{"api.github.com", "x.example", "api.github.com:443"}) {
+		t.Errorf("upstreams = %v", got)
+	}
+	if got := b.Credentials["gh"].Static.File; got != "/var/run/escrow-secrets/operator-secret/token" {
+		t.Errorf("gh = %s", got)
+	}
+	var left []string
+	for _, p := range v.Problems() {
+		left = append(left, p.Kind+" "+p.Key.String())
+	}
+	slices.Sort(left)
+	if want := []string{"Credential agents/gh", "Upstream agents/c", "Upstream agents/evil"}; !slices.Equal(left, want) {
+		t.Errorf("problems = %v, want %v", left, want)
+	}
+}
+
+func TestCompute_BadSecretReferenceIsLeftOut(t *testing.T) {
+	v := Compute(Objects{Credentials: []v1alpha1.Credential{static("agents", "bad", "../etc"), static("agents", "ok", "s")}}, sys)
+	if got := keys(v.BundleFor(agentsID).Credentials); !slices.Equal(got, []string{"ok"}) {
+		t.Errorf("credentials = %v", got)
+	}
+	if p := v.Problems(); len(p) != 1 || p[0].Key.Name != "bad" || !strings.Contains(p[0].Err, "Secret name") {
+		t.Errorf("problems = %+v", p)
+	}
+}
+
+func TestCompute_EmptyRevocationIsLeftOut(t *testing.T) {
+	v := Compute(Objects{Revocations: []v1alpha1.Revocation{{ObjectMeta: meta("agents", "none")}, revoke("agents", "one", agentsID)}}, sys)
+	if got := revNames(v.BundleFor(agentsID)); !slices.Equal(got, []string{"agents/one"}) {
+		t.Errorf("revocations = %v", got)
+	}
+}
+
+func TestCompute_VersionIsTheContentHash(t *testing.T) {
+	objs := Objects{
+		Policies:    []v1alpha1.Policy{pol(sys, "base", allowGitHub), pol("agents", "read", allowAgentsRead)},
+		Upstreams:   []v1alpha1.Upstream{up(sys, "github", "api.github.com", 0), up("agents", "openai", "api.openai.com", 0)},
+		Credentials: []v1alpha1.Credential{static(sys, "gh", "gh"), static("agents", "openai", "o")},
+		Revocations: []v1alpha1.Revocation{revoke("agents", "r", agentsID)},
+	}
+	v1 := Compute(objs, sys).BundleFor(agentsID).Version
+
+	// The same objects in another order, with other generations: the same version.
+	shuffled := Objects{
+		Policies:    []v1alpha1.Policy{objs.Policies[1], objs.Policies[0]},
+		Upstreams:   []v1alpha1.Upstream{objs.Upstreams[1], objs.Upstreams[0]},
+		Credentials: []v1alpha1.Credential{objs.Credentials[1], objs.Credentials[0]},
+		Revocations: objs.Revocations,
+	}
+	shuffled.Policies[0].Generation = 7
+	if v2 := Compute(shuffled, sys).BundleFor(agentsID).Version; v2 != v1 {
+		t.Errorf("same content, versions %s and %s", v1, v2)
+	}
+	// Another namespace's change does not touch this sidecar's version.
+	other := objs
+	other.Upstreams = append(slices.Clone(objs.Upstreams), up("other", "x", "x.example", 0))
+	if v2 := Compute(other, sys).BundleFor(agentsID).Version; v2 != v1 {
+		t.Errorf("another namespace changed the version: %s -> %s", v1, v2)
+	}
+	// Any change of content changes it.
+	changed := objs
+	changed.Policies = slices.Clone(objs.Policies)
+	changed.Policies[1].Spec.Cedar += "\n"
+	if v2 := Compute(changed, sys).BundleFor(agentsID).Version; v2 == v1 {
+		t.Error("changed policy text kept the version")
+	}
+	if !regexp.MustCompile(`^[0-9a-f]{16}$`).MatchString(v1) {
+		t.Errorf("version %q", v1)
+	}
+	// The version in the bundle is the one Version computes.
+	b := Compute(objs, sys).BundleFor(agentsID)
+	if Version(b) != b.Version {
+		t.Error("Version(b) != b.Version")
+	}
+}
+
+func TestCompute_NothingServedIsAnEmptyBundle(t *testing.T) {
+	b := Compute(Objects{}, sys).BundleFor(agentsID)
+	if len(b.Upstreams)+len(b.Credentials)+len(b.Policies)+len(b.Revocations) != 0 || b.Version == "" {
+		t.Errorf("bundle = %+v", b)
+	}
+}
+
+func TestTruncate_KeepsUTF8Whole(t *testing.T) {
+	s := strings.Repeat("é", 100)
+	got := truncate(s, 51)
+	if !strings.HasSuffix(got, " …") || len(got) > 51 || !utf8Valid(got) {
+		t.Errorf("truncate = %q (%d bytes)", got, len(got))
+	}
+}
+
+func utf8Valid(s string) bool { return strings.ToValidUTF8(s, "\uFFFD") == s }
+
+func hosts(b bundle.Bundle) []string {
+	var out []string
+	for _, u := range b.Upstreams {
+		h := u.Host
+		if u.Port != 0 {
+			h += ":" + itoa(u.Port)
+		}
+		out = append(out, h)
+	}
+	return out
+}
+
+func itoa(n int) string {
+	var b []byte
+	for n > 0 {
+		b = append([]byte{byte('0' + n%10)}, b...)
+		n /= 10
+	}
+	return string(b)
+}
+
+func keys[V any](m map[string]V) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func revNames(b bundle.Bundle) []string {
+	var out []string
+	for _, r := range b.Revocations {
+		out = append(out, r.Name)
+	}
+	return out
+}

@@ -1,0 +1,7 @@
+//go:build !linux
+
+package kubeharness
+
+import "syscall"
+
+func dieWithParent() *syscall.SysProcAttr { return nil }
