@@ -93,13 +93,13 @@ func TestSidecar_RevokedIdentityIsDeniedWith403RevokedAndItsCachedCredentialsDro
 	tp := newTestProxy(t, revocationRoutes(t), withProvider("api", prov),
 		withAuditJSON(writerFunc(func(b []byte) (int, error) { recMu.Lock(); defer recMu.Unlock(); return records.Write(b) })))
 
-	warm := tp.Sidecar.creds.Len() // Build's warm-up token, minted for no identity
 	resp := tp.Get(t, "https://api.example.com/v1")
 	if resp.StatusCode != 200 {
 		t.Fatalf("before the revocation: %d %s", resp.StatusCode, readBody(t, resp))
 	}
 	minted := tp.Record(t, 1).CredentialID
-	if tp.Sidecar.creds.Len() != warm+1 {
+	cached := tp.Sidecar.creds.Len()
+	if cached == 0 || prov.count(testSPIFFEID) != 1 {
 		t.Fatal("the credential was not cached for the identity")
 	}
 
@@ -108,8 +108,8 @@ func TestSidecar_RevokedIdentityIsDeniedWith403RevokedAndItsCachedCredentialsDro
 	})))
 	// Dropped at once, and revoked at the issuer, before any request.
 	prov.waitRevoked(t, minted)
-	if n := tp.Sidecar.creds.Len(); n != warm {
-		t.Fatalf("cache holds %d token(s) after the revocation, want %d (the identity's dropped)", n, warm)
+	if n := tp.Sidecar.creds.Len(); n != cached-1 {
+		t.Fatalf("cache holds %d token(s) after the revocation, want %d (the identity's dropped)", n, cached-1)
 	}
 
 	for _, u := range []string{"https://api.example.com/v1", "https://open.example.com/"} {
@@ -197,6 +197,7 @@ func TestSidecar_RevokedCredentialIsNeitherServedNorMinted(t *testing.T) {
 		t.Fatalf("%d", resp.StatusCode)
 	}
 	minted := tp.Record(t, 1).CredentialID
+	fetched := prov.count(testSPIFFEID) + prov.count("")
 
 	must(t, tp.Sidecar.Update(context.Background(), revokeUpdate(Revocation{Name: "ops/leaked-key", Credentials: []string{"api"}})))
 	prov.waitRevoked(t, minted)
@@ -213,8 +214,8 @@ func TestSidecar_RevokedCredentialIsNeitherServedNorMinted(t *testing.T) {
 	if resp, err := direct.Get(tp.AdminURL + "/readyz"); err == nil {
 		resp.Body.Close()
 	}
-	if n := prov.count(testSPIFFEID) + prov.count(""); n != 2 {
-		t.Errorf("the revoked credential was minted: %d fetches, want 2 (warm-up and the first request)", n)
+	if n := prov.count(testSPIFFEID) + prov.count(""); n != fetched {
+		t.Errorf("the revoked credential was minted: %d fetches, want %d", n, fetched)
 	}
 
 	// A config update while the revocation is in force keeps it.
@@ -234,10 +235,11 @@ func TestSidecar_RevokedCredentialIsNeitherServedNorMinted(t *testing.T) {
 func TestSidecar_RevocationDuringACredentialFetchDeniesTheRequest(t *testing.T) {
 	prov := newMintingProvider()
 	tp := newTestProxy(t, revocationRoutes(t), withProvider("api", prov))
-	warm := tp.Sidecar.creds.Len()
-	prov.mu.Lock() // after Build's warm-up fetch: from now on fetches wait
+	prov.mu.Lock() // after Build's warm-up fetches: from now on fetches wait
 	prov.gate, prov.entered = make(chan struct{}), make(chan struct{}, 1)
 	prov.mu.Unlock()
+	tp.Sidecar.creds.ForgetSubject(testSPIFFEID) // the request must fetch
+	warm := tp.Sidecar.creds.Len()
 	done := make(chan *http.Response, 1)
 	go func() {
 		resp, err := tp.Client.Get("https://api.example.com/v1")
@@ -248,7 +250,11 @@ func TestSidecar_RevocationDuringACredentialFetchDeniesTheRequest(t *testing.T) 
 		}
 		done <- resp
 	}()
-	<-prov.entered // the request's fetch is running
+	select { // the request's fetch is running
+	case <-prov.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the request did not fetch its credential")
+	}
 	must(t, tp.Sidecar.Update(context.Background(), revokeUpdate(Revocation{Name: "a/b", SPIFFEIDs: []string{testSPIFFEID}})))
 	close(prov.gate)
 	resp := <-done
