@@ -73,6 +73,9 @@ type Deps struct {
 	// AuditStallAfter is how long one write of the default audit sink may block before requests
 	// are refused with audit_unavailable (default 2s).
 	AuditStallAfter time.Duration
+	// ReadyChecks are more /readyz checks by name (the control-plane subscriber's "xds": not
+	// ready until the first config was applied). They cannot replace the built-in ones.
+	ReadyChecks map[string]ReadyCheck
 }
 
 // auditStopTimeout bounds how long a stop waits for queued audit records to be written.
@@ -188,9 +191,14 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		Logger: log.Named("policy"), Now: now,
 		OnReload: func(result string, _ error) { s.Metrics.PolicyReloads.WithLabelValues(result).Inc() },
 	})
-	if d.Policies != nil {
+	switch {
+	case d.Policies != nil:
 		err = s.engine.Load(*d.Policies)
-	} else {
+	case cfg.XDS != nil:
+		// The control plane sends the policy set (policy.dir, if any, is its base, read by the
+		// subscriber): until the first update arrives there is none, so every request is denied
+		// (policy_unavailable) and /readyz says not ready.
+	default:
 		err, s.watch = s.engine.LoadDir(cfg.Policy.Dir), true
 	}
 	if err != nil {
@@ -384,6 +392,12 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		checks["audit"] = auditQ.Healthy
 	}
 	checks["credentials"] = s.credentialsReady
+	for name, c := range d.ReadyChecks {
+		if _, builtin := checks[name]; builtin {
+			return nil, fmt.Errorf("proxy: ready check %q is built in", name)
+		}
+		checks[name] = c
+	}
 	s.admin = AdminHandler(s.Metrics.Handler(), checks)
 
 	// Last, the trust files: everything that can fail has succeeded.
@@ -623,6 +637,7 @@ func restartOnly(cur, next *config.Config) error {
 		{"unsafe_allow_non_loopback_admin", cur.UnsafeAllowNonLoopbackAdmin, next.UnsafeAllowNonLoopbackAdmin},
 		{"identity", cur.Identity, next.Identity},
 		{"delegation", cur.Delegation, next.Delegation},
+		{"xds", cur.XDS, next.XDS},
 		{"ca_dir", cur.CADir, next.CADir},
 		{"ca_key_dir", cur.CAKeyDir, next.CAKeyDir},
 		{"leaf_ttl", cur.LeafTTL, next.LeafTTL},
