@@ -308,7 +308,9 @@ xds: {address: controller.test:15490}
 	unknown := good
 	unknown.Upstreams = []config.Upstream{route, {Host: "other.example.test", Credential: "nope"}}
 	cur.Load().push(t, "v3", unknown)
-	r = waitFor(t, reqs, func(r *discovery.DiscoveryRequest) bool { return nack(r) && strings.Contains(r.GetErrorDetail().GetMessage(), "nope") })
+	r = waitFor(t, reqs, func(r *discovery.DiscoveryRequest) bool {
+		return nack(r) && strings.Contains(r.GetErrorDetail().GetMessage(), "nope")
+	})
 	if msg := r.GetErrorDetail().GetMessage(); r.GetVersionInfo() != "v1" || !strings.Contains(msg, `upstreams[1].credential: no credential named "nope"`) {
 		t.Fatalf("NACK of v3 = version %q, %q", r.GetVersionInfo(), msg)
 	}
