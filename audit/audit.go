@@ -75,6 +75,8 @@ type Record struct {
 	PolicyIDs []string
 	Mode      string // enforce | report
 	WouldDeny bool   // report mode allowed what enforce would deny
+	// Revocation names the revocation that denied the request (reason revoked), or "".
+	Revocation string
 
 	Credential   string // configured name
 	CredentialID string // instance id (short hash), never the value
@@ -137,6 +139,9 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	}
 	if r.WouldDeny {
 		enc.AddBool("would_deny", true)
+	}
+	if r.Revocation != "" {
+		enc.AddString("revocation", r.Revocation)
 	}
 	if r.Credential != "" {
 		enc.AddString("credential", r.Credential)

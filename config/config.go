@@ -41,7 +41,16 @@ const (
 	DefaultAuditFlush = 100 * time.Millisecond
 	// MaxAuditFlush bounds audit.flush_interval: it is also the window of records a crash loses.
 	MaxAuditFlush = time.Second
+	// DefaultXDSMaxBackoff caps the wait between reconnections to the control plane;
+	// MinXDSMaxBackoff and MaxXDSMaxBackoff bound xds.max_backoff.
+	DefaultXDSMaxBackoff = 30 * time.Second
+	MinXDSMaxBackoff     = time.Second
+	MaxXDSMaxBackoff     = 10 * time.Minute
 )
+
+// XDSNodeIDFromSVID: the sidecar's node identity is its X509-SVID's SPIFFE ID, which the control
+// plane reads from the mTLS connection (the one accepted value of xds.node_id_from).
+const XDSNodeIDFromSVID = "svid"
 
 // PolicyMode says whether policy decisions are enforced. It is the one mode type of the program:
 // config validates it once, the proxy applies it, audit records and metrics print it.
@@ -96,6 +105,9 @@ type Config struct {
 	// Delegation, when set, verifies the delegation token an agent presents
 	// (Proxy-Authorization: Bearer <JWT>) and gives policy its chain.
 	Delegation *Delegation `json:"delegation,omitempty"`
+	// XDS, when set, subscribes to escrow controller for upstreams, credentials, policies and
+	// revocations, added to those of this file.
+	XDS *XDS `json:"xds,omitempty"`
 
 	// validated is set by Validate: the compiled values below exist only then.
 	validated bool
@@ -126,6 +138,23 @@ func (a Audit) FlushEvery() time.Duration {
 	return a.FlushInterval.D()
 }
 
+// XDS configures the subscription to the control plane (escrow controller) over ADS, on an
+// mTLS connection made with the sidecar's own X509-SVID (so it needs identity.spiffe).
+type XDS struct {
+	// Address is the controller's host:port (in Kubernetes, its Service).
+	Address string `json:"address"`
+	// NodeIDFrom is where the node identity comes from: XDSNodeIDFromSVID (the default and
+	// the only value): the controller derives it from the SVID, never from what the sidecar
+	// claims.
+	NodeIDFrom string `json:"node_id_from,omitempty"`
+	// ServerID is the SPIFFE ID the controller's certificate must carry. Empty: any workload
+	// of the sidecar's own trust domain.
+	ServerID string `json:"server_id,omitempty"`
+	// MaxBackoff caps the wait between reconnections (DefaultXDSMaxBackoff), which starts
+	// small and doubles, with jitter, while the controller is unreachable.
+	MaxBackoff Duration `json:"max_backoff,omitempty"`
+}
+
 // Identity says where the workload identity comes from. Exactly one of SPIFFE or Static.
 type Identity struct {
 	SPIFFE *SPIFFE `json:"spiffe,omitempty"`
@@ -145,8 +174,9 @@ type SPIFFE struct {
 
 // Policy configures the Cedar policy set.
 type Policy struct {
-	// Dir holds *.cedar files and optionally schema.cedarschema.
-	Dir string `json:"dir"`
+	// Dir holds *.cedar files and optionally schema.cedarschema. Required unless xds is set
+	// (then every policy may come from the control plane).
+	Dir string `json:"dir,omitempty"`
 	// Mode is enforce (default) or report (log the would-be deny, allow).
 	Mode PolicyMode `json:"mode,omitempty"`
 	// ReloadInterval is how often Dir is checked for changes.

@@ -12,9 +12,12 @@ import (
 	"time"
 )
 
-const minimal = `
+const minimal = identityOnly + "policy: {dir: policies}\n"
+
+// identityOnly is minimal without its policy key, for tests that write their own (a key written
+// twice is an error).
+const identityOnly = `
 identity: {static: spiffe://example.org/ns/agents/sa/coder}
-policy: {dir: policies}
 `
 
 func TestParse_FillsDefaults(t *testing.T) {
@@ -165,7 +168,7 @@ upstreams:
 }
 
 func TestParse_CompilesTypedValuesOnce(t *testing.T) {
-	c, err := Parse([]byte(minimal + `
+	c, err := Parse([]byte(identityOnly + `
 upstreams:
   - {host: a.example, credential: k}
   - {host: b.example, credential: k, inject: {header: x-api-key, value: "key {{ .Token }}!"}}
@@ -234,7 +237,7 @@ func TestParse_UpstreamChecks(t *testing.T) {
 	if err := os.WriteFile(ca, []byte("x"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	c, err := Parse([]byte(minimal + `
+	c, err := Parse([]byte(identityOnly + `
 upstreams:
   - host: API.Example.com.
     credential: k

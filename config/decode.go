@@ -53,19 +53,26 @@ type Shaper interface {
 // is for input that is not YAML at all. Every escrow config file (the proxy's, the injector's)
 // is read through it.
 func Decode(data []byte, out any) (shape Errors, err error) {
-	doc, err := strictyaml.Decode(data, strictyaml.Options{})
+	// Strict: a key written twice is an error, not "the last one wins" (a second credential:
+	// or allow_cidrs: under the same upstream would otherwise silently replace the first), and
+	// so is a second document or text after the first one's end.
+	doc, err := strictyaml.Decode(data, strictyaml.Options{Strict: true})
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	if doc.Value == nil {
-		return nil, nil // an empty document: every key at its default
+	for _, d := range doc.Duplicates {
+		shape = append(shape, FieldError{Path: d.Path.String(), Msg: d.Msg()})
 	}
+	if doc.Value == nil {
+		return shape, nil // an empty document: every key at its default
+	}
+	dups := len(shape)
 	raw, ok := checkShape(&shape, "", doc.Value, reflect.TypeOf(out).Elem())
 	if !ok {
 		return shape, nil // the document itself has the wrong shape: nothing to decode
 	}
 	js := doc.JSON
-	if len(shape) > 0 {
+	if len(shape) > dups {
 		// Decode what is left once every wrong value and unknown key is cut out: encoding/json
 		// stops at the first error a custom UnmarshalJSON returns, and every key after it would
 		// look missing (false "required" errors, real mistakes unreported).
@@ -75,7 +82,7 @@ func Decode(data []byte, out any) (shape Errors, err error) {
 	}
 	dec := json.NewDecoder(bytes.NewReader(js))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(out); err != nil && len(shape) == 0 {
+	if err := dec.Decode(out); err != nil && len(shape) == dups {
 		// checkShape catches everything with a path; this is the backstop.
 		return Errors{{Path: "(root)", Msg: err.Error()}}, nil
 	}

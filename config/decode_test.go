@@ -31,17 +31,19 @@ upstreams:
 
 func TestParse_EveryTypeErrorIsReportedAndTheRestStillValidated(t *testing.T) {
 	for _, doc := range []string{
-		"leaf_ttl: 1d\n",
+		"leaf_ttl: 1d\npolicy: {dir: policies}\n",
 		"policy: {dir: policies, reload_interval: 5}\n",
-		"audit: {flush_interval: [1]}\n",
-		"upstreams: [{host: a.example, response_timeout: 30}]\n",
-		"credentials: {s3: {aws: {region: us-east-1, duration: 3600}}}\n",
+		"audit: {flush_interval: [1]}\npolicy: {dir: policies}\n",
+		"policy: {dir: policies}\nupstreams: [{host: a.example, response_timeout: 30}, {host: b.example, credential: nope}]\n",
+		"policy: {dir: policies}\ncredentials: {s3: {aws: {region: us-east-1, duration: 3600}}}\n",
 	} {
+		rest := "upstreams: [{host: b.example, credential: nope}]\n"
+		if strings.Contains(doc, "upstreams:") {
+			rest = ""
+		}
 		got := parseErr(t, doc+`
 identity: {static: spiffe://example.org/a}
-policy: {dir: policies}
-upstreams: [{host: b.example, credential: nope}]
-`)
+`+rest)
 		wantAll(t, got, `upstreams[`, `credential: no credential named "nope"`)
 		if strings.Contains(got, "policy.dir: required") {
 			t.Errorf("%s: false policy.dir error:\n%s", doc, got)
@@ -126,7 +128,7 @@ func TestParse_PortErrorsStateTheRealRange(t *testing.T) {
 }
 
 func TestParse_MinimumsAreStatedInTheErrors(t *testing.T) {
-	got := parseErr(t, minimal+"leaf_ttl: 30s\npolicy: {dir: p, reload_interval: 10ms}\n")
+	got := parseErr(t, identityOnly+"leaf_ttl: 30s\npolicy: {dir: p, reload_interval: 10ms}\n")
 	wantAll(t, got, "leaf_ttl: must be at least 1m", "policy.reload_interval: must be at least 100ms")
 }
 
@@ -141,4 +143,23 @@ upstreams:
 	if strings.Contains(got, `"something-else" in credentials (did you mean`) {
 		t.Errorf("a far name got a suggestion:\n%s", got)
 	}
+}
+
+// A key written twice used to be decided silently by the last value (a second credential: under
+// an upstream replaced the first); it is an error naming both places, and the rest of the file
+// is still checked.
+func TestParse_AKeyWrittenTwiceIsAnErrorNamingBothPlaces(t *testing.T) {
+	got := parseErr(t, identityOnly+`policy: {dir: policies}
+upstreams:
+  - host: a.example
+    credential: k
+    credential: other
+  - {host: b.example, credential: nope}
+credentials:
+  k: {static: {env: K}}
+`)
+	wantAll(t, got,
+		"upstreams[0].credential: duplicate key at line 7, column 5 (first at line 6, column 5)",
+		`upstreams[1].credential: no credential named "nope"`,
+	)
 }

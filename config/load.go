@@ -344,6 +344,14 @@ func (c *Config) applyDefaults() {
 	if c.Egress.ResponseTimeout == 0 {
 		c.Egress.ResponseTimeout = Duration(DefaultResponseTimeout)
 	}
+	if x := c.XDS; x != nil {
+		if x.NodeIDFrom == "" {
+			x.NodeIDFrom = XDSNodeIDFromSVID
+		}
+		if x.MaxBackoff == 0 {
+			x.MaxBackoff = Duration(DefaultXDSMaxBackoff)
+		}
+	}
 	if d := c.Delegation; d != nil && d.MaxDepth == nil {
 		n := DefaultDelegationDepth
 		d.MaxDepth = &n
@@ -494,9 +502,10 @@ func (c *Config) validate() Errors {
 		}
 	}
 
-	if c.Policy.Dir == "" {
-		add("policy.dir", "required: a directory of *.cedar files")
+	if c.Policy.Dir == "" && c.XDS == nil {
+		add("policy.dir", "required: a directory of *.cedar files (or xds, to receive the policies from escrow controller)")
 	}
+	c.validateXDS(add)
 	if !c.Policy.Mode.Valid() {
 		add("policy.mode", "want enforce or report, got %q", c.Policy.Mode)
 	}
@@ -698,6 +707,35 @@ func checkSPIFFEID(s string) error {
 		return fmt.Errorf("want a SPIFFE ID (spiffe://trust-domain/path), got %q: %v", s, err)
 	}
 	return nil
+}
+
+// validateXDS checks the xds block.
+func (c *Config) validateXDS(add func(path, format string, a ...any)) {
+	x := c.XDS
+	if x == nil {
+		return
+	}
+	if c.Identity.SPIFFE == nil {
+		add("xds", "needs identity.spiffe: the sidecar connects to the controller with its X509-SVID, and its node identity is the SVID's")
+	}
+	if x.Address == "" {
+		add("xds.address", "required: the controller's host:port")
+	} else if host, port, err := net.SplitHostPort(x.Address); err != nil || host == "" {
+		add("xds.address", "want host:port, got %q", x.Address)
+	} else if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		add("xds.address", "invalid port %q: want 1-65535", port)
+	}
+	if x.NodeIDFrom != XDSNodeIDFromSVID {
+		add("xds.node_id_from", "want %s (the node identity is the sidecar's SVID), got %q", XDSNodeIDFromSVID, x.NodeIDFrom)
+	}
+	if x.ServerID != "" {
+		if err := checkSPIFFEID(x.ServerID); err != nil {
+			add("xds.server_id", "%v", err)
+		}
+	}
+	if b := x.MaxBackoff.D(); b < MinXDSMaxBackoff || b > MaxXDSMaxBackoff {
+		add("xds.max_backoff", "must be between %v and %v", fmtDuration(MinXDSMaxBackoff), fmtDuration(MaxXDSMaxBackoff))
+	}
 }
 
 // validateDelegation checks the delegation block.

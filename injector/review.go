@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 
 	admissionv1 "k8s.io/api/admission/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -84,14 +85,20 @@ func (in *Injector) respond(req *admissionv1.AdmissionRequest) (*admissionv1.Adm
 		if errors.As(err, &se) || errors.As(err, &te) {
 			code = http.StatusBadRequest
 		}
-		return deny(int32(code), "escrow injector: "+err.Error()), d
+		return deny(int32(code), forUser(err.Error())), d
 	case d.Result == ResultDenied:
-		return deny(http.StatusBadRequest, "escrow injector: "+d.Reason), d
+		return deny(http.StatusBadRequest, forUser(d.Reason)), d
 	case patch == nil:
 		return &admissionv1.AdmissionResponse{Allowed: true}, d
 	}
 	pt := admissionv1.PatchTypeJSONPatch
 	return &admissionv1.AdmissionResponse{Allowed: true, Patch: patch, PatchType: &pt}, d
+}
+
+// forUser is the text kubectl shows for a refusal: one "escrow injector: " prefix, whether or
+// not the reason carries the package's own "injector: " prefix.
+func forUser(reason string) string {
+	return "escrow injector: " + strings.TrimPrefix(reason, "injector: ")
 }
 
 func deny(code int32, msg string) *admissionv1.AdmissionResponse {

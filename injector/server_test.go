@@ -344,6 +344,10 @@ func TestServer_Answers(t *testing.T) {
 			if resp.Allowed || resp.Result == nil || resp.Result.Code != 400 || !strings.Contains(resp.Result.Message, tc.msg) {
 				t.Errorf("response = %+v, want a 400 denial naming %q", resp, tc.msg)
 			}
+			// kubectl shows this text: one prefix, not "escrow injector: injector: ...".
+			if resp.Result != nil && (!strings.HasPrefix(resp.Result.Message, "escrow injector: ") || strings.Contains(resp.Result.Message, "injector: injector:")) {
+				t.Errorf("message %q: want exactly one \"escrow injector: \" prefix", resp.Result.Message)
+			}
 		})
 	}
 

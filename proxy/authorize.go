@@ -55,12 +55,19 @@ type verdict struct {
 // authorize is the attest → policy step shared by requests and tunnels: it establishes the
 // caller's identity and asks the policy about in (whose Identity and Time it fills in), and
 // records both on rec. Each failure is a denial: no identity, no policy, an evaluation error.
-func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Peer, in policy.Input, mode config.PolicyMode) verdict {
+//
+// A revocation in force (st.revoked) that covers the identity or the route's credential is a
+// denial before the policy is asked, in every mode: it is the operator's kill switch.
+func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Peer, in policy.Input, st *state) verdict {
 	id, err := p.id.Identify(ctx, peer)
 	if err != nil {
 		return verdict{Reason: ReasonIdentityUnavailable, Cause: err}
 	}
 	setIdentity(rec, id)
+	if name, ok := st.revoked.covers(id.SPIFFEID, in.Credential); ok {
+		rec.Revocation = name
+		return verdict{Identity: id, Reason: ReasonRevoked}
+	}
 	var presented credential.Presented
 	if p.deleg != nil {
 		// Whom the caller acts for: a token that does not verify is a denial, never ignored.
@@ -83,7 +90,7 @@ func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Pe
 		rec.CallerPID, rec.CallerUID, rec.CallerExe = c.PID, c.UID, c.Exe
 	}
 	in.Identity, in.Time = id, p.now()
-	return verdict{Identity: id, Presented: presented, Input: in, Reason: p.decide(ctx, rec, in, mode)}
+	return verdict{Identity: id, Presented: presented, Input: in, Reason: p.decide(ctx, rec, in, st.mode)}
 }
 
 // decide asks the policy about in, records the outcome on rec, and returns ReasonAllowed or the

@@ -101,7 +101,7 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 	rec := p.newRecord(r, kindTunnel, st.mode)
 	rec.Scheme, rec.Host, rec.Port = "https", host, port
 
-	v := p.authorize(ctx, rec, peer, policy.Input{Action: actionConnect, Scheme: "https", Host: host, Port: port, Caller: callerOf(ctx)}, st.mode)
+	v := p.authorize(ctx, rec, peer, policy.Input{Action: actionConnect, Scheme: "https", Host: host, Port: port, Caller: callerOf(ctx)}, st)
 	if v.Reason != ReasonAllowed {
 		// A plain 403 (not an intercepted denial): a tunnel route's clients keep end-to-end TLS
 		// and are not expected to trust the pod CA.

@@ -72,8 +72,10 @@ func TestProxy_ExchangesThePresentedDelegationTokenPerSubject(t *testing.T) {
 
 	var seen seenRequests
 	api := newPlainUpstream(t, http.HandlerFunc(seen.handler))
-	tp := newTestProxy(t, "delegation:\n  audience: escrow\n  issuers:\n  - oidc: {issuer: https://idp.example.com, jwks_file: "+jwksFile+"}\n"+
-		"credentials:\n  onbehalf:\n    token_exchange: {token_url: "+sts.URL+"/token, subject_token: {delegation: {}}}\n"+
+	// The first lines continue the base config's credentials: map (a key written twice is an
+	// error).
+	tp := newTestProxy(t, "  onbehalf:\n    token_exchange: {token_url: "+sts.URL+"/token, subject_token: {delegation: {}}}\n"+
+		"delegation:\n  audience: escrow\n  issuers:\n  - oidc: {issuer: https://idp.example.com, jwks_file: "+jwksFile+"}\n"+
 		"upstreams:\n"+api.route("api.example.com", "credential: onbehalf", "unsafe_plaintext_credential: true"))
 
 	get := func(auth string) (*http.Response, []byte) {

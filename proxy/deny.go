@@ -31,6 +31,9 @@ const (
 	ReasonAuditUnavailable      Reason = "audit_unavailable"
 	ReasonResponseUnscannable   Reason = "response_unscannable"
 	ReasonDelegationInvalid     Reason = "delegation_invalid"
+	// ReasonRevoked: the caller's identity, or the route's credential, is revoked (the control
+	// plane's kill switch). A decision, not an outage: 403, and retrying does not help.
+	ReasonRevoked Reason = "revoked"
 	// ReasonAgentClosed is not a denial: an allowed response was cut short because the agent
 	// went away. It only appears in audit records and metrics.
 	ReasonAgentClosed Reason = "agent_closed"
@@ -68,6 +71,7 @@ var denials = map[Reason]denial{
 	ReasonMethodNotAllowed:      {http.StatusMethodNotAllowed, "this method is never sent with a credential"},
 	ReasonAuditUnavailable:      {http.StatusServiceUnavailable, "audit records cannot be written; escrow serves no request it cannot record"},
 	ReasonDelegationInvalid:     {http.StatusProxyAuthRequired, "the delegation token in Proxy-Authorization is missing or does not verify"},
+	ReasonRevoked:               {http.StatusForbidden, "access has been revoked for this workload or this destination's credential"},
 	ReasonResponseUnscannable:   {http.StatusBadGateway, "the upstream's response is compressed although escrow asked for none, so it cannot be checked for the credential"},
 }
 

@@ -118,6 +118,9 @@ type Proxy struct {
 	reqIDPfx string
 	reqSeq   atomic.Uint64
 
+	// subjects are the identities credentials were requested for (revocations by prefix).
+	subjects subjects
+
 	icpt    interception // the inner server of intercepted TLS connections
 	conns   *conns       // tunnels and upgraded connections
 	buffers *bufferPool
@@ -362,7 +365,7 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 		Action: r.Method, Scheme: t.scheme, Host: t.host, Port: t.port,
 		Path: r.URL.Path, Credential: rt.credential, Upgrade: upgrade, Caller: callerOf(ctx),
 	}
-	v := p.authorize(ctx, rec, peer, in, st.mode)
+	v := p.authorize(ctx, rec, peer, in, st)
 	if v.Reason != ReasonAllowed {
 		p.deny(w, rec, v.Reason, v.Cause)
 		return
@@ -407,8 +410,16 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 			rec.CredentialProvider = k.Kind(rt.credential)
 		}
 		// A verified delegation token goes along: a provider that exchanges it keys by it.
+		p.subjects.add(v.Identity.SPIFFEID)
 		tok, err := p.creds.Get(ctx, credential.Request{Name: rt.credential, Subject: v.Identity.SPIFFEID, Delegation: v.Presented})
 		rec.CredentialDur = p.now().Sub(start)
+		if name, ok := p.revokedSince(st, v.Identity.SPIFFEID, rt.credential); ok {
+			// A revocation arrived while the credential was fetched: the token is not used,
+			// and one minted for the revoked identity is not kept.
+			rec.Revocation = name
+			p.deny(w, rec, ReasonRevoked, nil)
+			return
+		}
 		if err != nil {
 			p.metrics.CredentialLookups.WithLabelValues("error").Inc()
 			p.deny(w, rec, ReasonCredentialUnavailable, err)
@@ -429,6 +440,22 @@ func (p *Proxy) handle(w http.ResponseWriter, r *http.Request, t target, peer at
 
 	// upstream: egress-checked dial, verified TLS, streamed both ways.
 	p.forward(w, r, rt, rec, ob)
+}
+
+// revokedSince reports a revocation of id or cred that came into force after the request loaded
+// st. When it covers id, the tokens cached for id (one may just have been minted) are dropped.
+func (p *Proxy) revokedSince(st *state, id, cred string) (string, bool) {
+	cur := p.state.Load()
+	if cur == st {
+		return "", false
+	}
+	if name, ok := cur.revoked.identity(id); ok {
+		if f, ok := p.creds.(interface{ ForgetSubject(string) int }); ok {
+			f.ForgetSubject(id)
+		}
+		return name, true
+	}
+	return cur.revoked.credential(cred)
 }
 
 // scrubberFor is the route's Scrubber of what its applier puts on a request: the token's value,

@@ -73,6 +73,9 @@ type Deps struct {
 	// AuditStallAfter is how long one write of the default audit sink may block before requests
 	// are refused with audit_unavailable (default 2s).
 	AuditStallAfter time.Duration
+	// ReadyChecks are more /readyz checks by name (the control-plane subscriber's "xds": not
+	// ready until the first config was applied). They cannot replace the built-in ones.
+	ReadyChecks map[string]ReadyCheck
 }
 
 // auditStopTimeout bounds how long a stop waits for queued audit records to be written.
@@ -110,6 +113,7 @@ type Sidecar struct {
 	providers map[string]credential.Provider // by name, with the config each was made from
 	provCfg   map[string]config.Credential
 	override  map[string]credential.Provider
+	revoked   *revocations // the revocations in force, as in the proxy's state
 
 	closers   []func() error // run in reverse order by Serve (or Close), once
 	closeOnce sync.Once
@@ -187,9 +191,14 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		Logger: log.Named("policy"), Now: now,
 		OnReload: func(result string, _ error) { s.Metrics.PolicyReloads.WithLabelValues(result).Inc() },
 	})
-	if d.Policies != nil {
+	switch {
+	case d.Policies != nil:
 		err = s.engine.Load(*d.Policies)
-	} else {
+	case cfg.XDS != nil:
+		// The control plane sends the policy set (policy.dir, if any, is its base, read by the
+		// subscriber): until the first update arrives there is none, so every request is denied
+		// (policy_unavailable) and /readyz says not ready.
+	default:
 		err, s.watch = s.engine.LoadDir(cfg.Policy.Dir), true
 	}
 	if err != nil {
@@ -383,6 +392,12 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		checks["audit"] = auditQ.Healthy
 	}
 	checks["credentials"] = s.credentialsReady
+	for name, c := range d.ReadyChecks {
+		if _, builtin := checks[name]; builtin {
+			return nil, fmt.Errorf("proxy: ready check %q is built in", name)
+		}
+		checks[name] = c
+	}
 	s.admin = AdminHandler(s.Metrics.Handler(), checks)
 
 	// Last, the trust files: everything that can fail has succeeded.
@@ -407,6 +422,9 @@ func (s *Sidecar) credentialsReady() error {
 	s.mu.Lock()
 	var names []string
 	for n, p := range s.providers {
+		if _, revoked := s.revoked.credential(n); revoked {
+			continue // not served while revoked: nothing to check (and a Get must not mint it)
+		}
 		if sh, ok := p.(credential.Shared); ok && sh.Shared() {
 			names = append(names, n)
 		}
@@ -495,24 +513,42 @@ type Update struct {
 	Config *config.Config
 	// Policies, when set, replaces the policy set.
 	Policies *policy.Source
+	// PolicySet, when set, replaces the policy set with one already compiled (the control-plane
+	// subscriber compiles a set to validate it before it acknowledges it). At most one of
+	// Policies and PolicySet.
+	PolicySet *policy.Set
+	// Revocations, when set, replaces the revocations in force (an empty list lifts them all).
+	// From then on the identities they cover are denied (403 revoked) and the credentials they
+	// name are neither served nor minted; the tokens cached for either are dropped at once and
+	// revoked at their issuer where the provider can.
+	Revocations *[]Revocation
 }
 
 // Update is the one path by which a running sidecar changes: file reloads and the control
 // plane both use it. Everything is built and checked first; only when all of it is good are
-// the credentials, the routes and the policy set swapped in (each atomically), so a request
-// never sees half of an update and a bad update changes nothing.
+// the credentials, the routes, the revocations and the policy set swapped in (each
+// atomically), so a request never sees half of an update and a bad update changes nothing.
 func (s *Sidecar) Update(ctx context.Context, u Update) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var (
-		set       *policy.Set
+		set       = u.PolicySet
 		st        *state
-		providers map[string]credential.Provider
-		provCfg   map[string]config.Credential
+		providers = s.providers
+		provCfg   = s.provCfg
+		revoked   = s.revoked
 		err       error
 	)
+	if u.Policies != nil && u.PolicySet != nil {
+		return errors.New("proxy: update: set at most one of Policies and PolicySet")
+	}
 	if u.Policies != nil {
 		if set, err = policy.Compile(*u.Policies); err != nil {
+			return err
+		}
+	}
+	if u.Revocations != nil {
+		if revoked, err = compileRevocations(*u.Revocations); err != nil {
 			return err
 		}
 	}
@@ -527,24 +563,64 @@ func (s *Sidecar) Update(ctx context.Context, u Update) error {
 		if err != nil {
 			return err
 		}
+	}
+	if u.Config != nil || u.Revocations != nil {
 		s.proxy.updateMu.Lock()
 		defer s.proxy.updateMu.Unlock()
-		if st, err = s.proxy.buildState(u.Config, s.proxy.state.Load()); err != nil {
-			return err
+		prev := s.proxy.state.Load()
+		if u.Config != nil {
+			if st, err = s.proxy.buildState(u.Config, prev); err != nil {
+				return err
+			}
+		} else {
+			next := *prev
+			st = &next
 		}
+		st.revoked = revoked
 	}
 	// Everything is built: swap. Credentials first, so a new route never looks up a name the
-	// manager does not know yet.
-	if u.Config != nil {
-		s.creds.Update(providers)
+	// manager does not know yet. A revoked credential is left out of the manager: its cached
+	// tokens are dropped (and revoked upstream) and nothing can mint it until the revocation
+	// is lifted, when it starts again empty.
+	if st != nil {
+		s.creds.Update(withoutRevoked(providers, revoked))
 		prev := s.proxy.state.Swap(st)
 		prev.routes.closeIdle(st.routes)
-		s.cfg, s.providers, s.provCfg = u.Config, providers, provCfg
+		s.cfg, s.providers, s.provCfg, s.revoked = cfgOr(u.Config, s.cfg), providers, provCfg, revoked
+		// Tokens minted for a revoked identity, of every credential, are dropped now. The state
+		// is swapped first: a request that fetches after this sees the revocation and drops
+		// what it fetched (Proxy.revokedSince).
+		for _, id := range s.proxy.subjects.covered(revoked) {
+			if n := s.creds.ForgetSubject(id); n > 0 {
+				s.log.Info("dropped the cached credentials of a revoked identity", zap.String("spiffe_id", id), zap.Int("tokens", n))
+			}
+		}
 	}
 	if set != nil {
 		s.engine.Install(set)
 	}
 	return nil
+}
+
+func cfgOr(c, def *config.Config) *config.Config {
+	if c != nil {
+		return c
+	}
+	return def
+}
+
+// withoutRevoked is providers without the credentials r revokes.
+func withoutRevoked(providers map[string]credential.Provider, r *revocations) map[string]credential.Provider {
+	if r == nil || len(r.creds) == 0 {
+		return providers
+	}
+	out := make(map[string]credential.Provider, len(providers))
+	for n, p := range providers {
+		if _, revoked := r.creds[n]; !revoked {
+			out[n] = p
+		}
+	}
+	return out
 }
 
 // restartOnly reports the keys that differ between the running config and next but cannot
@@ -561,6 +637,7 @@ func restartOnly(cur, next *config.Config) error {
 		{"unsafe_allow_non_loopback_admin", cur.UnsafeAllowNonLoopbackAdmin, next.UnsafeAllowNonLoopbackAdmin},
 		{"identity", cur.Identity, next.Identity},
 		{"delegation", cur.Delegation, next.Delegation},
+		{"xds", cur.XDS, next.XDS},
 		{"ca_dir", cur.CADir, next.CADir},
 		{"ca_key_dir", cur.CAKeyDir, next.CAKeyDir},
 		{"leaf_ttl", cur.LeafTTL, next.LeafTTL},

@@ -19,12 +19,18 @@ type state struct {
 	mode   config.PolicyMode
 	// mcpArguments puts MCP calls' arguments on their records (audit.mcp_arguments).
 	mcpArguments bool
+	// revoked are the revocations in force (nil: none). A config update keeps them; only
+	// Sidecar.Update's Revocations replaces them.
+	revoked *revocations
 }
 
 // buildState compiles cfg into a new state, reusing what prev built from the same values (the
 // dialer, and routes with their connection pools). It changes nothing: the caller swaps it in.
 func (p *Proxy) buildState(cfg *config.Config, prev *state) (*state, error) {
 	st := &state{egress: cfg.Egress, mode: cfg.Policy.Mode, mcpArguments: cfg.Audit.MCPArguments}
+	if prev != nil {
+		st.revoked = prev.revoked
+	}
 	var prevRoutes *routeTable
 	if prev != nil && reflect.DeepEqual(prev.egress, cfg.Egress) {
 		st.dialer, prevRoutes = prev.dialer, prev.routes

@@ -45,6 +45,10 @@ func cmdProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer func() { _ = log.Sync() }()
+	// Before any secret is read (Build reads the credentials and the CA key).
+	if err := lockMemory(); err != nil {
+		log.Warn("could not make the process non-dumpable; a process of the same user could read its memory", zap.Error(err))
+	}
 
 	sc, err := proxy.Build(ctx, cfg, proxy.Deps{Logger: log, Stdout: stdout, Version: version, DrainTimeout: *drain})
 	if err != nil {

@@ -61,6 +61,10 @@ func cmdWebhook(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	log := webhookLogger(lvl, stderr)
 	defer func() { _ = log.Sync() }()
+	// Before the serving key is read.
+	if err := lockMemory(); err != nil {
+		log.Warn("could not make the process non-dumpable; a process of the same user could read its memory", zap.Error(err))
+	}
 	addr := *listen
 	if *checkOnly {
 		addr = "127.0.0.1:0" // load the certificate without taking the real port
