@@ -27,8 +27,8 @@ type ProcessFinderOptions struct {
 
 // ProcessFinder finds the process at the other end of a connection accepted by escrow, from
 // the kernel: for loopback TCP, the client socket's inode (netlink sock_diag, or
-// /proc/net/tcp{,6}) and the process whose file descriptors hold it; for a Unix socket, SO_PEERCRED (and SO_PEERPIDFD where the kernel
-// has it). It then reads the process's uid, gid, executable and start time, and hashes the
+// /proc/net/tcp{,6}) and the process whose file descriptors hold it; for a Unix socket,
+// SO_PEERCRED (and SO_PEERPIDFD where the kernel has it). It then reads the process's uid, gid, executable and start time, and hashes the
 // executable (cached). It works on Linux; elsewhere every lookup fails with ErrProcessNotFound.
 //
 // A lookup reads the whole socket table and, when the likely processes (those seen recently)
@@ -37,9 +37,10 @@ type ProcessFinderOptions struct {
 //
 // What escrow needs to see the agent's processes: the same network namespace (a pod's
 // containers share one), the same PID namespace (in Kubernetes, shareProcessNamespace: true,
-// or escrow in the agent's container), and permission to read other processes' fd tables and
-// executables (the same uid as the agent, or CAP_SYS_PTRACE). Without them lookups fail with
-// ErrProcessNotFound; they never guess.
+// or escrow in the agent's container), and permission to read other processes' descriptors
+// and executables: the same uid as the agent, or CAP_SYS_PTRACE, with which it reads
+// /proc/<pid>/fdinfo (Linux 5.14+) where /proc/<pid>/fd is closed to it. Without them lookups
+// fail with ErrProcessNotFound; they never guess.
 //
 // Its methods are safe for concurrent use.
 type ProcessFinder struct {
@@ -55,6 +56,11 @@ type ProcessFinder struct {
 
 	recentMu sync.Mutex
 	recent   []int // pids that held a peer socket recently, most recent first
+
+	// sockfs is the mount id of the kernel's socket filesystem, once known (sockfsMount).
+	sockfsMu    sync.Mutex
+	sockfs      uint32
+	sockfsKnown bool
 
 	// afterDescribe, if set (tests only), runs after a process was described and before its
 	// start time is read again.

@@ -17,7 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -41,7 +40,11 @@ func (f *ProcessFinder) FromTCP(ctx context.Context, local, remote netip.AddrPor
 	if err != nil {
 		return nil, err
 	}
-	target := "socket:[" + inode + "]"
+	ino, err := strconv.ParseUint(inode, 10, 64)
+	if err != nil {
+		return nil, fmt.Errorf("%w: socket inode %q: %w", ErrProcessNotFound, inode, err)
+	}
+	target := socket{link: "socket:[" + inode + "]", ino: ino}
 
 	self := os.Getpid()
 	tried := make(map[int]bool, recentMax)
@@ -81,9 +84,16 @@ func (f *ProcessFinder) FromTCP(ctx context.Context, local, remote netip.AddrPor
 	return nil, fmt.Errorf("%w: no readable process holds socket inode %s", ErrProcessNotFound, inode)
 }
 
+// socket is the client's socket as /proc shows it: the target of a /proc/<pid>/fd link, and
+// the inode number in /proc/<pid>/fdinfo.
+type socket struct {
+	link string
+	ino  uint64
+}
+
 // probe returns the process pid if it holds target, (nil, nil) if it does not, and an error if
 // it does but changed while it was being described.
-func (f *ProcessFinder) probe(pid int, target string) (*Process, error) {
+func (f *ProcessFinder) probe(pid int, target socket) (*Process, error) {
 	start, err := f.startTime(pid)
 	if err != nil || !f.holds(pid, target) {
 		return nil, nil
@@ -210,26 +220,18 @@ func procAddr6(ap netip.AddrPort) string {
 		binary.NativeEndian.Uint32(b[8:12]), binary.NativeEndian.Uint32(b[12:16]), ap.Port())
 }
 
-// holds reports whether one of pid's file descriptors is target ("socket:[inode]").
-func (f *ProcessFinder) holds(pid int, target string) bool {
-	dir := filepath.Join(f.root, strconv.Itoa(pid), "fd")
-	d, err := os.Open(dir)
-	if err != nil {
-		return false // gone, or not ours to read
-	}
-	names, err := d.Readdirnames(-1)
-	d.Close()
-	if err != nil {
+// holds reports whether one of pid's file descriptors is target. It reads the links in
+// /proc/<pid>/fd where it may (the same uid, or CAP_DAC_OVERRIDE with CAP_SYS_PTRACE), and
+// otherwise the inode numbers in /proc/<pid>/fdinfo, which CAP_SYS_PTRACE alone may read
+// (Linux 5.14+; see process_fdinfo_linux.go).
+func (f *ProcessFinder) holds(pid int, target socket) bool {
+	switch f.holdsByLink(pid, target.link) {
+	case fdHeld:
+		return true
+	case fdNotHeld:
 		return false
 	}
-	var buf [64]byte
-	for _, name := range names {
-		n, err := syscall.Readlink(dir+"/"+name, buf[:])
-		if err == nil && string(buf[:n]) == target {
-			return true
-		}
-	}
-	return false
+	return f.holdsByFDInfo(pid, target.ino) == fdHeld
 }
 
 // startTime returns field 22 of /proc/<pid>/stat: the start time in clock ticks since boot.

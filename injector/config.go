@@ -81,8 +81,8 @@ type Config struct {
 }
 
 // ProcessIdentity is escrow's lookup of the calling process in injected pods: a shared process
-// namespace, and escrow running with the two capabilities the lookup needs (docs/kubernetes.md,
-// docs/security.md). Off by default.
+// namespace, and escrow running with the one capability the lookup needs, SYS_PTRACE
+// (docs/kubernetes.md, docs/security.md). Off by default.
 type ProcessIdentity struct {
 	// Enabled turns it on for every injected pod; the escrow.dev/process-identity annotation
 	// overrides it for one pod, either way.

@@ -478,15 +478,14 @@ func sidecar(p *params) corev1.Container {
 }
 
 // processCapabilities returns the capabilities escrow's lookup of the calling process needs,
-// and all it gets besides the default of none (docs/security.md, "The calling process"):
+// and all it gets besides the default of none (docs/kubernetes.md, "Process identity"):
 // CAP_SYS_PTRACE passes the kernel's ptrace access check (PTRACE_MODE_READ_FSCREDS) that
-// guards reading /proc/<pid>/fd/<n> and /proc/<pid>/exe of another uid's process;
-// CAP_DAC_OVERRIDE lets escrow list /proc/<pid>/fd, a directory of mode 0500 owned by that
-// process's uid. CAP_DAC_READ_SEARCH would also do for the listing but is not used: the
-// runtimes' default seccomp profiles then allow open_by_handle_at, which reads any file of a
-// filesystem the container has a mount of.
+// guards /proc/<pid>/fdinfo and /proc/<pid>/exe of another uid's process. That is all the
+// lookup reads on Linux 5.14 and later: it finds the socket's inode in fdinfo, so it does not
+// need to list /proc/<pid>/fd (mode 0500, owned by the process's uid), which would take
+// CAP_DAC_OVERRIDE as well.
 func processCapabilities() []corev1.Capability {
-	return []corev1.Capability{"SYS_PTRACE", "DAC_OVERRIDE"}
+	return []corev1.Capability{"SYS_PTRACE"}
 }
 
 // securityContext is escrow's container security context. By default: its own non-root uid,
@@ -494,7 +493,9 @@ func processCapabilities() []corev1.Capability {
 // (the restricted Pod Security profile). With process identity: uid 0 with only
 // processCapabilities, because Kubernetes cannot give a capability to a non-root container
 // (the runtimes put added capabilities in the bounding set, not the ambient one, and the
-// kernel clears them when a non-root uid executes escrow); its group stays run_as_user.
+// kernel clears them when a non-root uid executes escrow: kubernetes/kubernetes#56374; file
+// capabilities on escrow's binary would need allowPrivilegeEscalation, as no_new_privs ignores
+// them); its group stays run_as_user.
 func securityContext(p *params) *corev1.SecurityContext {
 	sc := &corev1.SecurityContext{
 		RunAsNonRoot:             ptr(true),

@@ -35,8 +35,8 @@ func TestMutate_ProcessIdentitySharesPIDNamespaceAndAddsOnlyTheLookupsCapabiliti
 		t.Errorf("shareProcessNamespace = %v, want true", out.Spec.ShareProcessNamespace)
 	}
 	s := out.Spec.InitContainers[0].SecurityContext
-	if got := s.Capabilities.Add; !reflect.DeepEqual(got, []corev1.Capability{"SYS_PTRACE", "DAC_OVERRIDE"}) {
-		t.Errorf("escrow adds %v, want exactly SYS_PTRACE and DAC_OVERRIDE", got)
+	if got := s.Capabilities.Add; !reflect.DeepEqual(got, []corev1.Capability{"SYS_PTRACE"}) {
+		t.Errorf("escrow adds %v, want exactly SYS_PTRACE", got)
 	}
 	if !reflect.DeepEqual(s.Capabilities.Drop, []corev1.Capability{"ALL"}) {
 		t.Errorf("escrow drops %v, want ALL", s.Capabilities.Drop)

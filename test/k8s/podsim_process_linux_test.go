@@ -180,6 +180,11 @@ if (exec 3</proc/$E/mem) 2>/dev/null; then echo "mem ok"; else echo "mem denied"
 if ls /proc/$E/fd >/dev/null 2>&1; then echo "fd ok"; else echo "fd denied"; fi
 if ls /proc/$E/root/ >/dev/null 2>&1; then echo "root ok"; else echo "root denied"; fi
 if kill -0 $E 2>/dev/null; then echo "signal ok"; else echo "signal denied"; fi`
+	// What escrow, as its container runs, may read of an agent process: fdinfo (the lookup's
+	// way in) but not the fd directory (which would take CAP_DAC_OVERRIDE).
+	escrowChecks := `if ls /proc/$A/fd >/dev/null 2>&1; then echo "fd ok"; else echo "fd denied"; fi
+if cat /proc/$A/fdinfo/0 >/dev/null 2>&1; then echo "fdinfo ok"; else echo "fdinfo denied"; fi
+if readlink /proc/$A/exe >/dev/null 2>&1; then echo "exe ok"; else echo "exe denied"; fi`
 	script := fmt.Sprintf(`set -eu
 pids=""
 trap 'st=$?; kill $pids 2>/dev/null || true; wait 2>/dev/null || true; exit $st' EXIT
@@ -197,8 +202,14 @@ echo "agent: $(%[12]s env -i %[13]s %[14]s -sS https://api.example.com/v1/models
 echo "other: $(%[15]s env -i %[13]s %[14]s -sS -o /dev/null -w '%%{http_code}' https://api.example.com/v1/models)"
 %[12]s env E=$E sh -c '%[16]s' | sed 's/^/agent-reads /'
 E=$E sh -c '%[16]s' | sed 's/^/node-reads /'
+%[12]s sleep 60 &
+A=$!
+pids="$pids $A"
+ready grep -q "^Uid:[[:space:]]*%[18]d[[:space:]]" /proc/$A/status
+%[6]s env A=$A sh -c '%[17]s' | sed 's/^/escrow-reads-agent /'
 `, py, root, secret, upCert, upKey, escrowRun, bin, hostCfgFile, probe.Port, probe.Path,
-		filepath.Join(volumes["escrow-config"], "upstream-ca.pem"), agentRun, agentEnv.String(), curl, otherRun, procChecks)
+		filepath.Join(volumes["escrow-config"], "upstream-ca.pem"), agentRun, agentEnv.String(), curl, otherRun, procChecks,
+		escrowChecks, agentUID)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	// One network and one PID namespace for the whole pod, with its own /proc.
@@ -214,9 +225,16 @@ E=$E sh -c '%[16]s' | sed 's/^/node-reads /'
 		lines[strings.TrimSpace(l)] = true
 	}
 
-	// escrow runs as the runtime would run its container: uid 0, exactly the two capabilities.
-	if !strings.Contains(string(out), "Uid: 0 0 0 0;Gid: 65532 65532 65532 65532;CapEff: 0000000000080002;NoNewPrivs: 1;") {
-		t.Errorf("escrow did not run as uid 0 gid 65532 with only SYS_PTRACE and DAC_OVERRIDE and no new privileges")
+	// escrow runs as the runtime would run its container: uid 0, exactly the one capability
+	// the injector adds (CAP_SYS_PTRACE, bit 19).
+	if !strings.Contains(string(out), "Uid: 0 0 0 0;Gid: 65532 65532 65532 65532;CapEff: 0000000000080000;NoNewPrivs: 1;") {
+		t.Errorf("escrow did not run as uid 0 gid 65532 with only SYS_PTRACE and no new privileges")
+	}
+	// The lookup that names the agent below cannot have listed the agent's fd directory.
+	for what, want := range map[string]string{"fd": "denied", "fdinfo": "ok", "exe": "ok"} {
+		if !lines["escrow-reads-agent "+what+" "+want] {
+			t.Errorf("escrow's read of an agent process's %s: want %s", what, want)
+		}
 	}
 	if !lines["agent: authorized"] {
 		t.Errorf("the agent's curl (uid %d) was not let through by the policy on context.caller.uid", agentUID)

@@ -81,7 +81,7 @@ func configVolume(p *corev1.Pod) string {
 
 // TestProcessIdentityAgainstAPIServer: pods created through a real kube-apiserver, with the real
 // webhook registered from the chart. An annotated pod comes back with a shared process namespace,
-// escrow with exactly SYS_PTRACE and DAC_OVERRIDE and the config that turns identity.process on;
+// escrow with exactly SYS_PTRACE and the config that turns identity.process on;
 // an un-annotated one comes back as before. The refusals reach the pod's author with the
 // webhook's message, and Pod Security treats the two kinds of pod as docs/kubernetes.md says.
 func TestProcessIdentityAgainstAPIServer(t *testing.T) {
@@ -107,7 +107,7 @@ func TestProcessIdentityAgainstAPIServer(t *testing.T) {
 
 	on := map[string]string{processAnnotation: "true"}
 
-	t.Run("annotated_pod_shares_its_process_namespace_and_escrow_gets_the_two_capabilities", func(t *testing.T) {
+	t.Run("annotated_pod_shares_its_process_namespace_and_escrow_gets_only_SYS_PTRACE", func(t *testing.T) {
 		sent := agentPod("with-process", "agents", on)
 		if err := c.createPod(t, sent); err != nil {
 			t.Fatalf("refused: %v", err)
@@ -120,8 +120,8 @@ func TestProcessIdentityAgainstAPIServer(t *testing.T) {
 		if sc == nil || sc.Capabilities == nil {
 			t.Fatalf("escrow has no security context: %+v", sc)
 		}
-		if got := sc.Capabilities.Add; !reflect.DeepEqual(got, []corev1.Capability{"SYS_PTRACE", "DAC_OVERRIDE"}) {
-			t.Errorf("escrow adds %v, want exactly SYS_PTRACE and DAC_OVERRIDE", got)
+		if got := sc.Capabilities.Add; !reflect.DeepEqual(got, []corev1.Capability{"SYS_PTRACE"}) {
+			t.Errorf("escrow adds %v, want exactly SYS_PTRACE", got)
 		}
 		if !reflect.DeepEqual(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) || *sc.AllowPrivilegeEscalation ||
 			!*sc.ReadOnlyRootFilesystem || (sc.Privileged != nil && *sc.Privileged) {
