@@ -332,7 +332,10 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	}
 
 	// delegation: whom the caller acts for, from the token it presents (config delegation).
-	var deleg DelegationVerifier
+	var (
+		deleg      DelegationVerifier
+		delegReady func() error
+	)
 	if cfg.Delegation != nil {
 		do := attest.DelegationOptions{HTTPClient: s.credDep.HTTPClient, Now: now}
 		if sp, ok := id.(*attest.SPIFFE); ok {
@@ -342,7 +345,7 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		if err != nil {
 			return nil, err
 		}
-		deleg = v
+		deleg, delegReady = v, v.Ready
 	}
 
 	// attest: the calling process of each connection, from the kernel (identity.process).
@@ -392,6 +395,10 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		checks["audit"] = auditQ.Healthy
 	}
 	checks["credentials"] = s.credentialsReady
+	if delegReady != nil {
+		// Until the keys that check delegation tokens are held, a presented token gets 503.
+		checks["delegation"] = delegReady
+	}
 	for name, c := range d.ReadyChecks {
 		if _, builtin := checks[name]; builtin {
 			return nil, fmt.Errorf("proxy: ready check %q is built in", name)
@@ -593,6 +600,13 @@ func (s *Sidecar) Update(ctx context.Context, u Update) error {
 		for _, id := range s.proxy.subjects.covered(revoked) {
 			if n := s.creds.ForgetSubject(id); n > 0 {
 				s.log.Info("dropped the cached credentials of a revoked identity", zap.String("spiffe_id", id), zap.Int("tokens", n))
+			}
+		}
+		// Tunnels and WebSockets already open for a revoked identity are closed: a
+		// revocation does not wait for the agent to hang up.
+		if revoked != nil {
+			if n := s.proxy.conns.closeWhere(func(id string) bool { _, ok := revoked.identity(id); return ok }); n > 0 {
+				s.log.Info("closed the open connections of revoked identities", zap.Int("connections", n))
 			}
 		}
 	}
