@@ -17,6 +17,7 @@ import (
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 
 	"github.com/escrowproxy/escrow/config"
@@ -219,13 +220,28 @@ func (v *DelegationVerifier) VerifyHeader(ctx context.Context, proxyAuthorizatio
 //     without one, the token is the subject's own, presented by the workload itself, so
 //     workload must equal may_act's sub, and it becomes the one actor (depth 1).
 //
-// Every failure wraps ErrDelegationInvalid.
+// Every failure wraps ErrDelegationInvalid, but for one: when escrow lacks the keys to check the
+// token (see ErrDelegationUnavailable), the error wraps that instead.
 func (v *DelegationVerifier) Verify(ctx context.Context, token, workload string) (*Delegation, error) {
 	d, err := v.verify(ctx, token, workload)
 	if err != nil {
+		if errors.Is(err, ErrDelegationUnavailable) {
+			return nil, err
+		}
 		return nil, fmt.Errorf("%w: %w", ErrDelegationInvalid, err)
 	}
 	return d, nil
+}
+
+// Ready reports whether the verifier holds what it needs to check a JWT-SVID: with a spiffe
+// issuer, the Workload API's JWT bundles (they arrive shortly after the first SVID; until
+// then every token would be unverifiable). OIDC issuers' keys are fetched on first use and do
+// not hold readiness back.
+func (v *DelegationVerifier) Ready() error {
+	if h, ok := v.bundles.(interface{ held() bool }); ok && !h.held() {
+		return errors.New("no JWT bundles from the SPIFFE Workload API yet")
+	}
+	return nil
 }
 
 func (v *DelegationVerifier) verify(ctx context.Context, token, workload string) (*Delegation, error) {
@@ -255,6 +271,11 @@ func (v *DelegationVerifier) verify(ctx context.Context, token, workload string)
 		}
 		issuer = std.Issuer
 	} else if v.bundles != nil && strings.HasPrefix(unverified.Subject, "spiffe://") {
+		if id, err := spiffeid.FromString(unverified.Subject); err == nil {
+			if _, err := v.bundles.GetJWTBundleForTrustDomain(id.TrustDomain()); errors.Is(err, ErrUnavailable) {
+				return nil, fmt.Errorf("%w: %w", ErrDelegationUnavailable, err)
+			}
+		}
 		svid, err := jwtsvid.ParseAndValidate(token, v.bundles, []string{v.audience})
 		if err != nil {
 			return nil, fmt.Errorf("JWT-SVID: %w", err)

@@ -217,6 +217,18 @@ func mustInvalid(t *testing.T, d *attest.Delegation, err error, token, why strin
 	}
 }
 
+// mustDelegationUnavailable: escrow could not check the token for lack of keys (503), which is never
+// reported as the token being invalid (407).
+func mustDelegationUnavailable(t *testing.T, d *attest.Delegation, err error, why string) {
+	t.Helper()
+	if !errors.Is(err, attest.ErrDelegationUnavailable) || errors.Is(err, attest.ErrDelegationInvalid) || d != nil {
+		t.Fatalf("got %+v, %v; want ErrDelegationUnavailable only (%s)", d, err, why)
+	}
+	if !strings.Contains(err.Error(), why) {
+		t.Fatalf("error %q does not say %q", err, why)
+	}
+}
+
 func TestDelegation_OIDCChainIsVerifiedNearestActorFirst(t *testing.T) {
 	clk := fakeclock.New(time.Now().Truncate(time.Second))
 	rsaK := signingKey{kid: "rsa", alg: jose.RS256, key: testRSAKey(t)}
@@ -421,7 +433,7 @@ func TestDelegation_IssuerDownFailsClosedAndIsRateLimited(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		tok := mint(t, k, claims(srv.URL, clk.Now()))
 		d, err := v.Verify(context.Background(), tok, "")
-		mustInvalid(t, d, err, tok, "503")
+		mustDelegationUnavailable(t, d, err, "503")
 	}
 	if n := gets.Load(); n != 1 {
 		t.Fatalf("issuer asked %d times within the refresh interval, want 1", n)
@@ -435,7 +447,8 @@ func TestDelegation_DiscoveryMustNameTheIssuer(t *testing.T) {
 	v := newVerifier(t, oidcCfg(p, 3), attest.DelegationOptions{})
 	tok := mint(t, k, claims(p.issuer, time.Now()))
 	d, err := v.Verify(context.Background(), tok, "")
-	mustInvalid(t, d, err, tok, "discovery document names issuer")
+	// escrow cannot get trustworthy keys: its outage (503), whatever the token.
+	mustDelegationUnavailable(t, d, err, "discovery document names issuer")
 }
 
 func TestDelegation_JWKSFileIsReadAndReReadOnUnknownKid(t *testing.T) {
@@ -641,10 +654,42 @@ func TestDelegation_JWTSVIDsOfOtherWorkloads(t *testing.T) {
 	d, err = v.Verify(ctx, forged, agentA)
 	mustInvalid(t, d, err, forged, "JWT-SVID")
 
-	// After Close the bundles are gone: fail closed.
+	// After Close the bundles are gone: fail closed (escrow is stopping: unavailable).
 	_ = h.src.Close()
 	d, err = v.Verify(ctx, tok, agentA)
-	mustInvalid(t, d, err, tok, "JWT-SVID")
+	mustDelegationUnavailable(t, d, err, "closed")
+	if v.Ready() == nil {
+		t.Error("Ready after the source closed")
+	}
+}
+
+// TestDelegation_JWTSVIDBeforeTheBundlesArriveIsUnavailableNotInvalid: escrow can be ready to
+// identify its workload a moment before the Workload API's JWT bundles arrive (SPIRE seen doing
+// so in CI). A good token presented then is escrow's outage (503), not the caller's fault
+// (407); the verifier is not Ready until the bundles are held.
+func TestDelegation_JWTSVIDBeforeTheBundlesArriveIsUnavailableNotInvalid(t *testing.T) {
+	w := attesttest.NewWorkloadAPI(t, td)
+	w.Stop() // no bundles yet
+	h := startSPIFFE(t, context.Background(), w.Addr(), newClock())
+	v := newVerifier(t, config.Delegation{Issuers: []config.DelegationIssuer{{SPIFFE: &config.DelegationSPIFFE{}}}},
+		attest.DelegationOptions{JWTBundles: h.src.JWTBundles()})
+	tok := w.MintJWTSVID(agentB, []string{delegAud}, time.Now().Add(time.Minute), nil)
+	if v.Ready() == nil {
+		t.Fatal("Ready without JWT bundles")
+	}
+	d, err := v.Verify(context.Background(), tok, agentA)
+	mustDelegationUnavailable(t, d, err, "no JWT bundles")
+
+	w.SetSVID(agentA, h.clk.Now().Add(time.Hour))
+	w.Start()
+	eventually(t, func() bool { return v.Ready() == nil }, "Ready once the bundles arrive")
+	if d, err := v.Verify(context.Background(), tok, agentA); err != nil || d.Subject != agentB {
+		t.Fatalf("after the bundles arrived: %+v, %v", d, err)
+	}
+	// A trust domain the bundles do not cover is the token's problem, not escrow's.
+	evil := w.MintJWTSVID("spiffe://evil.org/x", []string{delegAud}, time.Now().Add(time.Minute), nil)
+	d, err = v.Verify(context.Background(), evil, agentA)
+	mustInvalid(t, d, err, evil, "JWT-SVID")
 }
 
 // TestParseProxyAuthorization_RealClients shows how common clients send a delegation token
@@ -703,7 +748,7 @@ func TestDelegation_OIDCIssuerBehindAPrivateCA(t *testing.T) {
 	without := newVerifier(t, config.Delegation{Issuers: []config.DelegationIssuer{{OIDC: &config.OIDCIssuer{Issuer: srv.URL}}}},
 		attest.DelegationOptions{})
 	d, err := without.Verify(context.Background(), tok, "")
-	mustInvalid(t, d, err, tok, "certificate")
+	mustDelegationUnavailable(t, d, err, "certificate")
 
 	withCA := newVerifier(t, config.Delegation{Issuers: []config.DelegationIssuer{{OIDC: &config.OIDCIssuer{Issuer: srv.URL, CAFile: caFile}}}},
 		attest.DelegationOptions{})

@@ -17,6 +17,12 @@ const (
 // Workload API is unreachable, or the SVID expired). The proxy answers 503 identity_unavailable.
 var ErrUnavailable = errors.New("attest: identity unavailable")
 
+// ErrDelegationUnavailable means a delegation token could not be checked because escrow lacks
+// the keys to check it (no JWT bundles from the Workload API yet, or an OIDC issuer whose keys
+// cannot be fetched and none are held): escrow's outage, not the caller's mistake. The proxy
+// answers 503 delegation_unavailable, never 407.
+var ErrDelegationUnavailable = errors.New("attest: delegation keys unavailable")
+
 // Identity is who is calling, as established for one request.
 type Identity struct {
 	// SPIFFEID is the workload's SPIFFE ID, e.g. spiffe://example.org/ns/agents/sa/coder.

@@ -141,7 +141,9 @@ func (k *oidcKeys) fetch() (*jose.JSONWebKeySet, error) {
 	defer k.mu.Unlock()
 	k.attemptedAt = k.now()
 	if err != nil {
-		k.lastErr = fmt.Errorf("keys of issuer %q: %w", k.cfg.Issuer, err)
+		// The issuer's keys cannot be fetched: escrow cannot check the token (503), unless keys
+		// are held, which the caller then keeps using.
+		k.lastErr = fmt.Errorf("%w: keys of issuer %q: %w", ErrDelegationUnavailable, k.cfg.Issuer, err)
 		return nil, k.lastErr
 	}
 	k.set, k.fetchedAt, k.lastErr = set, k.attemptedAt, nil

@@ -525,6 +525,9 @@ func (w jwtBundleWatcher) OnJWTBundlesWatchError(err error) {
 
 type spiffeJWTBundles struct{ s *SPIFFE }
 
+// held reports whether the Workload API has sent JWT bundles (DelegationVerifier.Ready).
+func (b spiffeJWTBundles) held() bool { return !b.s.closed.Load() && b.s.bundles.Load() != nil }
+
 // GetJWTBundleForTrustDomain implements jwtbundle.Source.
 func (b spiffeJWTBundles) GetJWTBundleForTrustDomain(td spiffeid.TrustDomain) (*jwtbundle.Bundle, error) {
 	if b.s.closed.Load() {

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 
 	"go.uber.org/zap"
 
@@ -72,6 +73,9 @@ func (p *Proxy) authorize(ctx context.Context, rec *audit.Record, peer attest.Pe
 	if p.deleg != nil {
 		// Whom the caller acts for: a token that does not verify is a denial, never ignored.
 		d, err := p.deleg.VerifyHeader(ctx, peer.ProxyAuthorization, id.SPIFFEID)
+		if errors.Is(err, attest.ErrDelegationUnavailable) {
+			return verdict{Identity: id, Reason: ReasonDelegationUnavailable, Cause: err}
+		}
 		if err != nil {
 			return verdict{Identity: id, Reason: ReasonDelegationInvalid, Cause: err}
 		}

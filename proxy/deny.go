@@ -31,6 +31,10 @@ const (
 	ReasonAuditUnavailable      Reason = "audit_unavailable"
 	ReasonResponseUnscannable   Reason = "response_unscannable"
 	ReasonDelegationInvalid     Reason = "delegation_invalid"
+	// ReasonDelegationUnavailable: a delegation token was presented but escrow does not hold
+	// the keys to check it yet (no JWT bundles from the Workload API, an unreachable OIDC
+	// issuer). escrow's outage, not the caller's mistake: 503, retry later.
+	ReasonDelegationUnavailable Reason = "delegation_unavailable"
 	// ReasonRevoked: the caller's identity, or the route's credential, is revoked (the control
 	// plane's kill switch). A decision, not an outage: 403, and retrying does not help.
 	ReasonRevoked Reason = "revoked"
@@ -71,6 +75,7 @@ var denials = map[Reason]denial{
 	ReasonMethodNotAllowed:      {http.StatusMethodNotAllowed, "this method is never sent with a credential"},
 	ReasonAuditUnavailable:      {http.StatusServiceUnavailable, "audit records cannot be written; escrow serves no request it cannot record"},
 	ReasonDelegationInvalid:     {http.StatusProxyAuthRequired, "the delegation token in Proxy-Authorization is missing or does not verify"},
+	ReasonDelegationUnavailable: {http.StatusServiceUnavailable, "the keys to verify the delegation token are not available yet; retry later"},
 	ReasonRevoked:               {http.StatusForbidden, "access has been revoked for this workload or this destination's credential"},
 	ReasonResponseUnscannable:   {http.StatusBadGateway, "the upstream's response is compressed although escrow asked for none, so it cannot be checked for the credential"},
 }

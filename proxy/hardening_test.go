@@ -10,10 +10,12 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -770,7 +772,7 @@ func TestSidecar_CallingProcessReachesPolicyAndRecord(t *testing.T) {
 		t.Skip("the calling process is found from /proc")
 	}
 	plain := newPlainUpstream(t, okHandler(nil))
-	cfg := sidecarConfig(t, "egress: {allow_cidrs: [127.0.0.0/8]}\nupstreams:\n"+plain.route("plain.example.com"))
+	cfg := sidecarConfig(t, "upstreams:\n"+plain.route("plain.example.com"))
 	cfg.Identity.Process = true
 	recs := make(chan *audit.Record, 4)
 	sc, err := Build(context.Background(), cfg, Deps{Audit: audit.SinkFunc(func(r *audit.Record) { recs <- r }),
@@ -843,5 +845,42 @@ func TestProxy_TunnelHalfClosesTheAgentWhenTheUpstreamEnds(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("upstream never received the agent's last bytes")
+	}
+}
+
+// TestProxy_DelegationTokenEscrowCannotCheckIs503NotA407: when the issuer's keys cannot be
+// fetched (the issuer is down), a presented token is escrow's outage: 503
+// delegation_unavailable with a record, never forwarded, and not 407 (which tells the agent its
+// token is bad).
+func TestProxy_DelegationTokenEscrowCannotCheckIs503NotA407(t *testing.T) {
+	down := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "down", http.StatusServiceUnavailable)
+	}))
+	defer down.Close()
+	caFile := filepath.Join(t.TempDir(), "idp-ca.pem")
+	must(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: down.Certificate().Raw}), 0o644))
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	must(t, err)
+	sig, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: key}, (&jose.SignerOptions{}).WithHeader("kid", "k1").WithType("JWT"))
+	must(t, err)
+	now := time.Now()
+	tok, err := jwt.Signed(sig).Claims(map[string]any{"iss": down.URL, "sub": "alice@example.com", "aud": "escrow",
+		"exp": now.Add(time.Hour).Unix(), "iat": now.Unix()}).Serialize()
+	must(t, err)
+
+	var seen seenRequests
+	plain := newPlainUpstream(t, http.HandlerFunc(seen.handler))
+	tp := newTestProxy(t, "delegation:\n  audience: escrow\n  issuers:\n  - oidc: {issuer: "+down.URL+", ca_file: "+caFile+"}\n"+
+		"upstreams:\n"+plain.route("plain.example.com"))
+	resp, body, _ := rawProxyRequest(t, tp, "GET http://plain.example.com/x HTTP/1.1\r\nHost: plain.example.com\r\nProxy-Authorization: Bearer "+tok+"\r\n\r\n")
+	d := denialOf(t, resp, body, http.StatusServiceUnavailable, ReasonDelegationUnavailable)
+	if resp.Header.Get("Proxy-Authenticate") != "" {
+		t.Errorf("Proxy-Authenticate %q on a 503", resp.Header.Get("Proxy-Authenticate"))
+	}
+	if rec := findRecord(t, tp, d.RequestID); rec.Decision != audit.Deny || rec.Reason != string(ReasonDelegationUnavailable) {
+		t.Errorf("record %+v", rec)
+	}
+	if n := len(seen.all()); n != 0 {
+		t.Fatalf("upstream reached %d times with an unchecked delegation token", n)
 	}
 }

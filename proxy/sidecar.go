@@ -332,7 +332,10 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	}
 
 	// delegation: whom the caller acts for, from the token it presents (config delegation).
-	var deleg DelegationVerifier
+	var (
+		deleg      DelegationVerifier
+		delegReady func() error
+	)
 	if cfg.Delegation != nil {
 		do := attest.DelegationOptions{HTTPClient: s.credDep.HTTPClient, Now: now}
 		if sp, ok := id.(*attest.SPIFFE); ok {
@@ -342,7 +345,7 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		if err != nil {
 			return nil, err
 		}
-		deleg = v
+		deleg, delegReady = v, v.Ready
 	}
 
 	// attest: the calling process of each connection, from the kernel (identity.process).
@@ -392,6 +395,10 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 		checks["audit"] = auditQ.Healthy
 	}
 	checks["credentials"] = s.credentialsReady
+	if delegReady != nil {
+		// Until the keys that check delegation tokens are held, a presented token gets 503.
+		checks["delegation"] = delegReady
+	}
 	for name, c := range d.ReadyChecks {
 		if _, builtin := checks[name]; builtin {
 			return nil, fmt.Errorf("proxy: ready check %q is built in", name)
