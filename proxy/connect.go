@@ -143,7 +143,7 @@ func (p *Proxy) serveTunnel(w http.ResponseWriter, r *http.Request, st *state, h
 		return
 	}
 	rec.UpstreamStatus, rec.Status = http.StatusOK, http.StatusOK
-	if !p.conns.track(agent, up) {
+	if !p.conns.track(rec.SPIFFEID, agent, up) {
 		rec.Outcome = audit.OutcomeShuttingDown
 		p.finish(rec)
 		return

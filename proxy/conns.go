@@ -11,19 +11,19 @@ import (
 // blind tunnels and upgraded (WebSocket) connections. Shutdown stops new ones, waits for the
 // open ones to finish, and closes what is left when the drain period ends.
 type conns struct {
-	mu      sync.Mutex // guards open and orders closing against track
-	open    map[net.Conn]struct{}
-	active  sync.WaitGroup // one per tracked relay, released after its audit record is written
+	mu      sync.Mutex          // guards open and orders closing against track
+	open    map[net.Conn]string // → the SPIFFE ID the relay was authorized for
+	active  sync.WaitGroup      // one per tracked relay, released after its audit record is written
 	closing atomic.Bool
 	forced  atomic.Bool // the drain period ended: connections still open were closed
 }
 
-func newConns() *conns { return &conns{open: map[net.Conn]struct{}{}} }
+func newConns() *conns { return &conns{open: map[net.Conn]string{}} }
 
-// track registers the connections of one relay. It returns false, having closed them, when
-// shutdown has begun. After true the caller must untrack the connections and, once its audit
-// record is written, call release.
-func (c *conns) track(cs ...net.Conn) bool {
+// track registers the connections of one relay, authorized for the SPIFFE ID id. It returns
+// false, having closed them, when shutdown has begun. After true the caller must untrack the
+// connections and, once its audit record is written, call release.
+func (c *conns) track(id string, cs ...net.Conn) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closing.Load() {
@@ -34,9 +34,24 @@ func (c *conns) track(cs ...net.Conn) bool {
 	}
 	c.active.Add(1)
 	for _, x := range cs {
-		c.open[x] = struct{}{}
+		c.open[x] = id
 	}
 	return true
+}
+
+// closeWhere closes the open connections whose identity revoked reports true (a revocation
+// ends the tunnels and WebSockets already open, not only new requests) and returns how many.
+func (c *conns) closeWhere(revoked func(id string) bool) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for x, id := range c.open {
+		if revoked(id) {
+			_ = x.Close()
+			n++
+		}
+	}
+	return n
 }
 
 // untrack closes the connections and forgets them.

@@ -287,7 +287,7 @@ func (c *countingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	u := &upgradedConn{Conn: conn, p: c.p}
-	if !c.p.conns.track(conn) {
+	if !c.p.conns.track(c.st.rec.SPIFFEID, conn) {
 		return nil, nil, errors.New("proxy: shutting down")
 	}
 	c.p.metrics.TunnelsActive.Inc()

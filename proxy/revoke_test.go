@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"errors"
 	"net/http"
 	"strings"
 	"sync"
@@ -285,4 +286,34 @@ func TestSidecar_AnInvalidRevocationChangesNothing(t *testing.T) {
 	if resp := tp.Get(t, "https://open.example.com/"); resp.StatusCode != 200 {
 		t.Fatalf("a refused revocation changed something: %d", resp.StatusCode)
 	}
+}
+
+// A revocation ends the tunnels already open for the identity, not only new requests.
+func TestSidecar_RevocationClosesTheIdentitysOpenTunnels(t *testing.T) {
+	tun := newTLSUpstream(t, okHandler(nil), false, "tunnel.example.com")
+	tp := newTestProxy(t, "upstreams:\n"+tun.route("tunnel.example.com", "tunnel: true"))
+	c, br, resp, _ := tp.rawConnect(t, "tunnel.example.com:443", nil)
+	if resp.StatusCode != 200 {
+		t.Fatalf("CONNECT = %d", resp.StatusCode)
+	}
+	// Another identity's revocation leaves it open.
+	must(t, tp.Sidecar.Update(context.Background(), revokeUpdate(Revocation{Name: "a/other", SPIFFEIDs: []string{"spiffe://example.org/ns/x/sa/y"}})))
+	_ = c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if _, err := br.ReadByte(); err == nil || !isTimeout(err) {
+		t.Fatalf("the tunnel was closed by another identity's revocation: %v", err)
+	}
+
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	must(t, tp.Sidecar.Update(context.Background(), revokeUpdate(Revocation{Name: "a/b", SPIFFEIDs: []string{testSPIFFEID}})))
+	if _, err := br.ReadByte(); err == nil || isTimeout(err) {
+		t.Fatalf("the revoked identity's tunnel is still open: %v", err)
+	}
+	if r := tp.Record(t, 1); r.Kind != kindTunnel || r.Decision != audit.Allow {
+		t.Errorf("tunnel record = %+v", r)
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne interface{ Timeout() bool }
+	return errors.As(err, &ne) && ne.Timeout()
 }

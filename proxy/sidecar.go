@@ -602,6 +602,13 @@ func (s *Sidecar) Update(ctx context.Context, u Update) error {
 				s.log.Info("dropped the cached credentials of a revoked identity", zap.String("spiffe_id", id), zap.Int("tokens", n))
 			}
 		}
+		// Tunnels and WebSockets already open for a revoked identity are closed: a
+		// revocation does not wait for the agent to hang up.
+		if revoked != nil {
+			if n := s.proxy.conns.closeWhere(func(id string) bool { _, ok := revoked.identity(id); return ok }); n > 0 {
+				s.log.Info("closed the open connections of revoked identities", zap.Int("connections", n))
+			}
+		}
 	}
 	if set != nil {
 		s.engine.Install(set)
