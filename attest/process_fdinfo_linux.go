@@ -93,7 +93,13 @@ func parseFDInfo(b []byte) (fdInfo, error) {
 
 // readFDInfo reads the header of the fdinfo file at path into buf and parses it.
 func readFDInfo(path string, buf *[fdInfoMax]byte) (fdInfo, error) {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	return readFDInfoAt(unix.AT_FDCWD, path, buf)
+}
+
+// readFDInfoAt is readFDInfo of name in the directory open as dirfd (a lookup of one name,
+// not of the whole /proc/<pid>/fdinfo/<n> path per descriptor).
+func readFDInfoAt(dirfd int, name string, buf *[fdInfoMax]byte) (fdInfo, error) {
+	fd, err := unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fdInfo{}, err
 	}
@@ -168,19 +174,19 @@ func (f *ProcessFinder) holdsByFDInfo(pid int, ino uint64) fdScan {
 	if err != nil {
 		return fdUnreadable
 	}
-	dir := filepath.Join(f.root, strconv.Itoa(pid), "fdinfo")
-	d, err := os.Open(dir)
+	d, err := os.Open(filepath.Join(f.root, strconv.Itoa(pid), "fdinfo"))
 	if err != nil {
 		return fdUnreadable
 	}
+	defer d.Close()
 	names, err := d.Readdirnames(-1)
-	d.Close()
 	if err != nil {
 		return fdUnreadable
 	}
+	dirfd := int(d.Fd())
 	var buf [fdInfoMax]byte
 	for _, name := range names {
-		info, err := readFDInfo(dir+"/"+name, &buf)
+		info, err := readFDInfoAt(dirfd, name, &buf)
 		switch {
 		case err == nil:
 			if info.ino == ino && info.mntID == sockfs {

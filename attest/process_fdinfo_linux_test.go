@@ -245,3 +245,48 @@ func FuzzFDInfo(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkProcessFinder_Holds compares the two ways of checking one process's descriptors
+// for the socket: the links in /proc/<pid>/fd (same uid) and the headers in
+// /proc/<pid>/fdinfo (CAP_SYS_PTRACE alone), on this process holding a TCP socket and 64
+// other descriptors, the socket last.
+func BenchmarkProcessFinder_Holds(b *testing.B) {
+	for range 64 {
+		f, err := os.Open(os.DevNull)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer f.Close()
+	}
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	lf, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer lf.Close()
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(lf.Fd()), &st); err != nil {
+		b.Fatal(err)
+	}
+	target := socket{link: "socket:[" + strconv.FormatUint(st.Ino, 10) + "]", ino: st.Ino}
+	f := NewProcessFinder(ProcessFinderOptions{})
+	pid := os.Getpid()
+	b.Run("fd links", func(b *testing.B) {
+		for b.Loop() {
+			if f.holdsByLink(pid, target.link) != fdHeld {
+				b.Fatal("not found")
+			}
+		}
+	})
+	b.Run("fdinfo", func(b *testing.B) {
+		for b.Loop() {
+			if f.holdsByFDInfo(pid, target.ino) != fdHeld {
+				b.Fatal("not found")
+			}
+		}
+	})
+}

@@ -264,3 +264,17 @@ func Decode[T any](obj map[string]any) (*T, error) {
 	}
 	return out, nil
 }
+
+// Encode is the inverse of Decode: v (an object, or part of one such as a status) as the
+// unstructured content the dynamic client sends. It goes through JSON for the same reasons.
+func Encode(v any) (map[string]any, error) {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return nil, fmt.Errorf("v1alpha1: %w", err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return nil, fmt.Errorf("v1alpha1: %w", err)
+	}
+	return m, nil
+}

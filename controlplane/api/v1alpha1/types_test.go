@@ -253,3 +253,19 @@ func TestCredentialSpec_RefusesPathsAndBadReferences(t *testing.T) {
 		}
 	}
 }
+
+func TestEncode_RoundTripsThroughDecode(t *testing.T) {
+	in := Upstream{Spec: config.Upstream{Host: "a.example", Port: 8443, Inject: &config.Inject{Header: "X-Key"}}}
+	in.Name, in.Namespace = "a", "n"
+	m, err := Encode(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := Decode[Upstream](m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out.Spec.Host != "a.example" || out.Spec.Port != 8443 || out.Spec.Inject.Header != "X-Key" || out.Name != "a" {
+		t.Errorf("round trip = %+v", out)
+	}
+}

@@ -1,0 +1,177 @@
+package controller
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
+
+	"github.com/escrowproxy/escrow/controlplane/api/v1alpha1"
+)
+
+// publisher records the Views it gets.
+type publisher struct {
+	mu    sync.Mutex
+	views []*View
+	ch    chan struct{}
+}
+
+func (p *publisher) Update(v *View) {
+	p.mu.Lock()
+	p.views = append(p.views, v)
+	p.mu.Unlock()
+	select {
+	case p.ch <- struct{}{}:
+	default:
+	}
+}
+
+func (p *publisher) last() *View {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.views) == 0 {
+		return nil
+	}
+	return p.views[len(p.views)-1]
+}
+
+func (p *publisher) count() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.views)
+}
+
+func object(t *testing.T, kind string, v any) *unstructured.Unstructured {
+	t.Helper()
+	m, err := v1alpha1.Encode(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &unstructured.Unstructured{Object: m}
+	u.SetAPIVersion(v1alpha1.GroupVersion.String())
+	u.SetKind(kind)
+	return u
+}
+
+func fakeClient(t *testing.T, objs ...runtime.Object) *dynamicfake.FakeDynamicClient {
+	t.Helper()
+	return dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
+		v1alpha1.PolicyResource: "PolicyList", v1alpha1.UpstreamResource: "UpstreamList",
+		v1alpha1.CredentialResource: "CredentialList", v1alpha1.RevocationResource: "RevocationList",
+	}, objs...)
+}
+
+func startController(t *testing.T, client *dynamicfake.FakeDynamicClient) (*Controller, *publisher, *Metrics) {
+	t.Helper()
+	pub := &publisher{ch: make(chan struct{}, 1)}
+	m := NewMetrics(prometheus.NewRegistry())
+	c, err := New(Options{Client: client, Namespace: sys, Publisher: pub, Metrics: m, Coalesce: 10 * time.Millisecond,
+		Now: func() time.Time { return time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	waitFor(t, "ready", c.Ready)
+	return c, pub, m
+}
+
+func policyStatus(t *testing.T, client *dynamicfake.FakeDynamicClient, ns, name string) (v1alpha1.PolicyStatus, bool) {
+	t.Helper()
+	u, err := client.Resource(v1alpha1.PolicyResource).Namespace(ns).Get(context.Background(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := v1alpha1.Decode[v1alpha1.Policy](u.Object)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p.Status, len(p.Status.Conditions) > 0
+}
+
+func TestController_PublishesTheObjectsAndWritesPolicyStatus(t *testing.T) {
+	good, bad := pol("agents", "good", allowAgentsRead), pol("agents", "bad", typo)
+	client := fakeClient(t,
+		object(t, v1alpha1.KindPolicy, &good), object(t, v1alpha1.KindPolicy, &bad),
+		object(t, v1alpha1.KindUpstream, ptr(up("agents", "openai", "api.openai.com", 0))))
+	_, pub, m := startController(t, client)
+
+	b := pub.last().BundleFor(agentsID)
+	if got := keys(b.Policies); len(got) != 1 || got[0] != "agents/good.cedar" {
+		t.Fatalf("policies = %v", got)
+	}
+	if got := hosts(b); len(got) != 1 || got[0] != "api.openai.com" {
+		t.Fatalf("upstreams = %v", got)
+	}
+	var st v1alpha1.PolicyStatus
+	waitFor(t, "bad's status", func() bool { var ok bool; st, ok = policyStatus(t, client, "agents", "bad"); return ok })
+	cd := st.Conditions[0]
+	if cd.Type != v1alpha1.ConditionAccepted || cd.Status != metav1.ConditionFalse || cd.Reason != v1alpha1.ReasonInvalid ||
+		cd.ObservedGeneration != 1 || cd.Message == "" || st.ObservedGeneration != 1 {
+		t.Errorf("bad status = %+v", st)
+	}
+	waitFor(t, "good's status", func() bool { var ok bool; st, ok = policyStatus(t, client, "agents", "good"); return ok })
+	if cd := st.Conditions[0]; cd.Status != metav1.ConditionTrue || cd.Reason != v1alpha1.ReasonValid ||
+		!cd.LastTransitionTime.Time.Equal(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)) {
+		t.Errorf("good status = %+v", st)
+	}
+	if got := testutil.ToFloat64(m.Rejected.WithLabelValues(v1alpha1.KindPolicy)); got != 1 {
+		t.Errorf("rejected{Policy} = %v", got)
+	}
+}
+
+func TestController_RecomputesOnceForABurstOfChanges(t *testing.T) {
+	client := fakeClient(t)
+	_, pub, m := startController(t, client)
+	before := pub.count()
+	ctx := context.Background()
+	for _, name := range []string{"a", "b", "c", "d", "e"} {
+		r := revoke("agents", name, agentsID)
+		if _, err := client.Resource(v1alpha1.RevocationResource).Namespace("agents").Create(ctx, object(t, v1alpha1.KindRevocation, &r), metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "five revocations", func() bool {
+		v := pub.last()
+		return v != nil && len(v.BundleFor(agentsID).Revocations) == 5
+	})
+	if n := pub.count() - before; n > 2 {
+		t.Errorf("%d recomputes for one burst of 5 creates", n)
+	}
+	// Deleting one is seen too.
+	if err := client.Resource(v1alpha1.RevocationResource).Namespace("agents").Delete(ctx, "c", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "four revocations", func() bool { return len(pub.last().BundleFor(agentsID).Revocations) == 4 })
+	_ = m
+}
+
+func TestController_ObjectThatDoesNotDecodeIsLeftOut(t *testing.T) {
+	u := object(t, v1alpha1.KindUpstream, ptr(up("agents", "new", "new.example", 0)))
+	u.Object["spec"].(map[string]any)["from_the_future"] = true
+	client := fakeClient(t, u, object(t, v1alpha1.KindUpstream, ptr(up("agents", "old", "old.example", 0))))
+	_, pub, m := startController(t, client)
+	if got := hosts(pub.last().BundleFor(agentsID)); len(got) != 1 || got[0] != "old.example" {
+		t.Errorf("upstreams = %v", got)
+	}
+	if got := testutil.ToFloat64(m.Rejected.WithLabelValues(v1alpha1.KindUpstream)); got != 1 {
+		t.Errorf("rejected{Upstream} = %v", got)
+	}
+}
+
+func ptr[T any](v T) *T { return &v }

@@ -1,0 +1,83 @@
+package controller
+
+import (
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the controller's Prometheus collectors. Every label has a bounded set of values:
+// reason classes, kinds, and the namespaces of connected sidecars.
+type Metrics struct {
+	// Connected is the number of open ADS streams that passed the identity check.
+	Connected prometheus.Gauge
+	// Pushes counts responses sent to sidecars.
+	Pushes prometheus.Counter
+	// NACKs counts rejected pushes by reason class (NACKClass).
+	NACKs *prometheus.CounterVec
+	// Refused counts streams refused: no_svid, node_id_mismatch, type_url, delta.
+	Refused *prometheus.CounterVec
+	// PushLatency is the time from a bundle version being set for a sidecar to its ACK.
+	PushLatency prometheus.Histogram
+	// BundleVersion is 1 for the version currently served to each namespace with sidecars.
+	BundleVersion *prometheus.GaugeVec
+	// Rejected is the number of objects left out of every bundle, by kind.
+	Rejected *prometheus.GaugeVec
+	// Computes counts recomputations of the bundles.
+	Computes prometheus.Counter
+	// StatusWrites counts Policy status updates by result (ok, conflict, error).
+	StatusWrites *prometheus.CounterVec
+}
+
+// NewMetrics creates the collectors and registers them with reg (nil: not registered).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	const ns, sub = "escrow", "controller"
+	m := &Metrics{
+		Connected: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "connected_sidecars",
+			Help: "Open ADS streams from sidecars whose identity was checked."}),
+		Pushes: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "pushes_total",
+			Help: "Bundles sent to sidecars."}),
+		NACKs: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "nacks_total",
+			Help: "Bundles a sidecar rejected, by reason class (decode, config, policy, other)."}, []string{"reason"}),
+		Refused: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "refused_streams_total",
+			Help: "ADS streams refused, by reason (no_svid, node_id_mismatch, type_url, delta)."}, []string{"reason"}),
+		PushLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "push_latency_seconds",
+			Help:    "Time from a bundle version being set for a sidecar to the sidecar's ACK of it.",
+			Buckets: []float64{.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}}),
+		BundleVersion: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "bundle_version_info",
+			Help: "1 for the bundle version served to the sidecars of each namespace."}, []string{"namespace", "version"}),
+		Rejected: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "rejected_objects",
+			Help: "Objects left out of every bundle (invalid, or colliding with another), by kind."}, []string{"kind"}),
+		Computes: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "computes_total",
+			Help: "Recomputations of the bundles after changes of the watched objects."}),
+		StatusWrites: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "status_writes_total",
+			Help: "Policy status updates, by result (ok, conflict, error)."}, []string{"result"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.Connected, m.Pushes, m.NACKs, m.Refused, m.PushLatency, m.BundleVersion, m.Rejected, m.Computes, m.StatusWrites)
+	}
+	return m
+}
+
+// NACK reason classes.
+const (
+	NACKDecode = "decode" // the sidecar could not read the bundle (bundle: ...)
+	NACKConfig = "config" // upstreams/credentials did not validate with the sidecar's config (config: ...)
+	NACKPolicy = "policy" // the policy set did not compile (policy: ...)
+	NACKOther  = "other"
+)
+
+// NACKClass maps a sidecar's NACK message to a bounded reason class by the package prefix the
+// sidecar's errors carry ("bundle: ", "config: ", "policy: "). The message itself is logged,
+// never used as a label.
+func NACKClass(msg string) string {
+	switch {
+	case strings.HasPrefix(msg, "bundle:"):
+		return NACKDecode
+	case strings.HasPrefix(msg, "config:"):
+		return NACKConfig
+	case strings.HasPrefix(msg, "policy:"):
+		return NACKPolicy
+	}
+	return NACKOther
+}
