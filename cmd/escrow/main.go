@@ -34,6 +34,7 @@ Commands:
   proxy             run the egress proxy (the sidecar)
   demo              run a self-contained demo: proxy, a local HTTPS API, three agent calls
   webhook           run the Kubernetes admission webhook that adds escrow to pods
+  controller        run the control plane: serve policy and config to every sidecar over xDS
   policy validate   check that a policy directory parses and validates against the schema
   policy test       run policy test cases from a file
   policy schema     print escrow's Cedar schema (principals, actions, context)
@@ -81,6 +82,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdDemo(ctx, rest, stdout, stderr)
 	case "webhook":
 		err = cmdWebhook(ctx, rest, stdout, stderr)
+	case "controller":
+		err = cmdController(ctx, rest, stdout, stderr)
 	case "policy":
 		err = cmdPolicy(rest, stdout, stderr)
 	case "version", "--version":

@@ -38,7 +38,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Pushes: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "pushes_total",
 			Help: "Bundles sent to sidecars."}),
 		NACKs: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "nacks_total",
-			Help: "Bundles a sidecar rejected, by reason class (decode, config, policy, other)."}, []string{"reason"}),
+			Help: "Bundles a sidecar rejected, by reason class (decode, config, policy, conflict, other)."}, []string{"reason"}),
 		Refused: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "refused_streams_total",
 			Help: "ADS streams refused, by reason (no_svid, node_id_mismatch, type_url, delta)."}, []string{"reason"}),
 		PushLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "push_latency_seconds",
@@ -64,14 +64,19 @@ const (
 	NACKDecode = "decode" // the sidecar could not read the bundle (bundle: ...)
 	NACKConfig = "config" // upstreams/credentials did not validate with the sidecar's config (config: ...)
 	NACKPolicy = "policy" // the policy set did not compile (policy: ...)
-	NACKOther  = "other"
+	// NACKConflict: a pushed name is also in the sidecar's own file config or policy directory.
+	NACKConflict = "conflict"
+	NACKOther    = "other"
 )
 
 // NACKClass maps a sidecar's NACK message to a bounded reason class by the package prefix the
-// sidecar's errors carry ("bundle: ", "config: ", "policy: "). The message itself is logged,
-// never used as a label.
+// sidecar's errors carry ("bundle: ", "config: ", "policy: ", after the sidecar's own
+// "controlplane: "). The message itself is logged, never used as a label.
 func NACKClass(msg string) string {
+	msg = strings.TrimPrefix(msg, "controlplane: ")
 	switch {
+	case strings.HasPrefix(msg, "credentials.") || strings.HasPrefix(msg, "policies["):
+		return NACKConflict
 	case strings.HasPrefix(msg, "bundle:"):
 		return NACKDecode
 	case strings.HasPrefix(msg, "config:"):

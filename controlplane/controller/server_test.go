@@ -304,7 +304,11 @@ func TestServer_ClosedStreamForgetsTheSidecar(t *testing.T) {
 
 func TestNACKClass(t *testing.T) {
 	for msg, want := range map[string]string{
-		"bundle: 2 resources":            NACKDecode,
+		"bundle: 2 resources":     NACKDecode,
+		"controlplane: bundle: x": NACKDecode,
+		"controlplane: config: 1 error(s):\n  upstreams[1].credential: no credential":   NACKConfig,
+		`controlplane: credentials.gh: defined in the sidecar's config file and pushed`: NACKConflict,
+		`controlplane: policies["a/b.cedar"]: in the sidecar's policy.dir`:              NACKConflict,
 		"config: 1 error(s):\n  x":       NACKConfig,
 		"policy: load xds: parse error":  NACKPolicy,
 		"something else with secret xyz": NACKOther,

@@ -368,8 +368,27 @@ xds: {address: controller.test:15490}
 	if code, _, body := get(); code != 200 || body != "up Bearer "+secret+"-2" {
 		t.Fatalf("after lifting the revocation: %d %q", code, body)
 	}
-	if v, old := metric(`escrow_xds_applied_info{version="v5"}`), metric(`escrow_xds_applied_info{version="v1"}`); v != "1" || old != "absent" {
-		t.Errorf("escrow_xds_applied_info: v5 %s, v1 %s", v, old)
+
+	// A revoked credential: dropped (revoked at the issuer), not minted, denied as revoked.
+	credRevoked := good
+	credRevoked.Revocations = []bundle.Revocation{{Name: "ops/leaked", Credentials: []string{"api"}}}
+	next.push(t, "v6", credRevoked)
+	waitFor(t, reqs, ack("v6"))
+	select {
+	case <-prov.revoked:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the revoked credential's token was not revoked at its issuer")
+	}
+	if code, reason, _ := get(); code != http.StatusForbidden || reason != "revoked" {
+		t.Fatalf("with the credential revoked: %d %s", code, reason)
+	}
+	next.push(t, "v7", good)
+	waitFor(t, reqs, ack("v7"))
+	if code, _, body := get(); code != 200 || body != "up Bearer "+secret+"-3" {
+		t.Fatalf("after lifting the credential's revocation: %d %q", code, body)
+	}
+	if v, old := metric(`escrow_xds_applied_info{version="v7"}`), metric(`escrow_xds_applied_info{version="v1"}`); v != "1" || old != "absent" {
+		t.Errorf("escrow_xds_applied_info: v7 %s, v1 %s", v, old)
 	}
 	sleepMu.Lock()
 	if len(sleeps) == 0 {
