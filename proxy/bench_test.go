@@ -27,6 +27,26 @@ func BenchmarkProxy_PlainHTTP(b *testing.B) {
 	benchGet(b, tp, "http://api.example.com/v1/models")
 }
 
+// BenchmarkProxy_PlainHTTPRevocations is BenchmarkProxy_PlainHTTP with 300 revocations in force
+// that do not cover the caller (100 exact IDs, 100 prefixes, 100 credentials): what checking
+// them costs each request. Compare in one run: go test -run '^$' -bench 'Proxy_PlainHTTP' ./proxy/
+func BenchmarkProxy_PlainHTTPRevocations(b *testing.B) {
+	up := newPlainUpstream(b, okHandler(nil))
+	tp := newTestProxy(b, "upstreams:\n"+up.route("api.example.com", "credential: api", "unsafe_plaintext_credential: true"),
+		withoutRecords())
+	var rs []Revocation
+	for i := range 100 {
+		rs = append(rs, Revocation{
+			Name:             fmt.Sprintf("ns/r%d", i),
+			SPIFFEIDs:        []string{fmt.Sprintf("spiffe://example.org/ns/other/sa/w%d", i)},
+			SPIFFEIDPrefixes: []string{fmt.Sprintf("spiffe://example.org/ns/team%d", i)},
+			Credentials:      []string{fmt.Sprintf("cred%d", i)},
+		})
+	}
+	must(b, tp.Sidecar.Update(b.Context(), Update{Revocations: &rs}))
+	benchGet(b, tp, "http://api.example.com/v1/models")
+}
+
 func benchGet(b *testing.B, tp *testProxy, url string) {
 	req, err := http.NewRequest(http.MethodGet, url, nil)
 	must(b, err)
