@@ -12,6 +12,7 @@ import (
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/client-go/dynamic"
@@ -351,4 +352,8 @@ func TestController_CountsANACK(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+func controllertestDial(addr string, svid *x509svid.SVID, p *plane) (*controllertest.Client, error) {
+	return controllertest.Dial(context.Background(), addr, controllertest.ClientTLS(svid, p.ca.Bundle()), svid.ID.String())
 }

@@ -159,20 +159,7 @@ func Start(ctx context.Context) (*Cluster, error) {
 	}
 
 	c.Kubeconfig = filepath.Join(dir, "kubeconfig")
-	kc := fmt.Sprintf(`apiVersion: v1
-kind: Config
-clusters:
-- name: test
-  cluster: {server: %q, certificate-authority: %q}
-users:
-- name: admin
-  user: {token: %q}
-contexts:
-- name: test
-  context: {cluster: test, user: admin}
-current-context: test
-`, c.URL, filepath.Join(dir, "certs", "apiserver.crt"), adminToken)
-	if err := os.WriteFile(c.Kubeconfig, []byte(kc), 0o600); err != nil {
+	if err := os.WriteFile(c.Kubeconfig, []byte(c.kubeconfigAs("")), 0o600); err != nil {
 		return nil, err
 	}
 	if err := eventually(ctx, 30*time.Second, func() error {
@@ -183,6 +170,41 @@ current-context: test
 	}
 	ok = true
 	return c, nil
+}
+
+// KubeconfigAs writes a kubeconfig in Dir whose requests impersonate user (e.g.
+// "system:serviceaccount:ns:name"), so a process can be tested with exactly the RBAC it will
+// have, and returns its path.
+func (c *Cluster) KubeconfigAs(user string) (string, error) {
+	f, err := os.CreateTemp(c.Dir, "kubeconfig-as-")
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	if _, err := f.WriteString(c.kubeconfigAs(user)); err != nil {
+		return "", err
+	}
+	return f.Name(), nil
+}
+
+func (c *Cluster) kubeconfigAs(user string) string {
+	as := ""
+	if user != "" {
+		as = fmt.Sprintf(", as: %q", user)
+	}
+	return fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster: {server: %q, certificate-authority: %q}
+users:
+- name: admin
+  user: {token: %q%s}
+contexts:
+- name: test
+  context: {cluster: test, user: admin}
+current-context: test
+`, c.URL, filepath.Join(c.Dir, "certs", "apiserver.crt"), adminToken, as)
 }
 
 // RESTConfig is the admin's client config.
