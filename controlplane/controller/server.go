@@ -61,6 +61,9 @@ type Server struct {
 	view    *View
 	streams map[int64]*streamState
 	nodes   map[string]*nodeState
+	// snaps holds the snapshot of each namespace's current bundle: immutable, so every
+	// sidecar of a namespace shares one (one encoding, one copy of the policy text).
+	snaps map[string]*cache.Snapshot
 }
 
 type streamState struct {
@@ -148,18 +151,10 @@ func (s *Server) Update(v *View) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.view = v
+	s.snaps = map[string]*cache.Snapshot{}
 	s.metrics.BundleVersion.Reset()
-	byNS := map[string]bundle.Bundle{}
 	for id, n := range s.nodes {
-		b, ok := byNS[n.ns]
-		if !ok {
-			b = v.BundleForNamespace(s.namespaceOrCluster(n.ns))
-			byNS[n.ns] = b
-		}
-		s.metrics.BundleVersion.WithLabelValues(s.namespaceOrCluster(n.ns), b.Version).Set(1)
-		if b.Version != n.version {
-			s.set(id, n, b)
-		}
+		s.set(id, n)
 	}
 }
 
@@ -177,22 +172,44 @@ func (s *Server) namespaceOrCluster(ns string) string {
 	return ns
 }
 
-// set puts b in the snapshot cache for node id (s.mu held). The cache answers open watches
-// whose version differs at once; its channels are buffered, so this does not block.
-func (s *Server) set(id string, n *nodeState, b bundle.Bundle) {
-	tec, err := bundle.Encode(b)
-	if err == nil {
-		var snap *cache.Snapshot
-		snap, err = cache.NewSnapshot(b.Version, map[resource.Type][]cachetypes.Resource{resource.ExtensionConfigType: {tec}})
-		if err == nil {
-			err = s.cache.SetSnapshot(context.Background(), id, snap)
-		}
-	}
+// set puts the current bundle of n's namespace in the snapshot cache for node id, unless it
+// has it already (s.mu held, s.view set). The cache answers open watches whose version
+// differs at once; its channels are buffered, so this does not block.
+func (s *Server) set(id string, n *nodeState) {
+	ns := s.namespaceOrCluster(n.ns)
+	snap, err := s.snapshot(ns)
 	if err != nil {
+		s.log.Error("encoding a namespace's bundle", zap.String("namespace", ns), zap.Error(err))
+		return
+	}
+	version := snap.GetVersion(resource.ExtensionConfigType)
+	s.metrics.BundleVersion.WithLabelValues(ns, version).Set(1)
+	if version == n.version {
+		return
+	}
+	if err := s.cache.SetSnapshot(context.Background(), id, snap); err != nil {
 		s.log.Error("setting a sidecar's bundle", zap.String("node", id), zap.Error(err))
 		return
 	}
-	n.version, n.setAt, n.acked = b.Version, s.now(), false
+	n.version, n.setAt, n.acked = version, s.now(), false
+}
+
+// snapshot returns the snapshot of namespace ns's bundle in the current view (s.mu held).
+func (s *Server) snapshot(ns string) (*cache.Snapshot, error) {
+	if snap := s.snaps[ns]; snap != nil {
+		return snap, nil
+	}
+	b := s.view.BundleForNamespace(ns)
+	tec, err := bundle.Encode(b)
+	if err != nil {
+		return nil, err
+	}
+	snap, err := cache.NewSnapshot(b.Version, map[resource.Type][]cachetypes.Resource{resource.ExtensionConfigType: {tec}})
+	if err != nil {
+		return nil, err
+	}
+	s.snaps[ns] = snap
+	return snap, nil
 }
 
 func (s *Server) onStreamOpen(ctx context.Context, id int64, _ string) error {
@@ -234,9 +251,7 @@ func (s *Server) onStreamRequest(id int64, req *discovery.DiscoveryRequest) erro
 			n = &nodeState{ns: ns}
 			s.nodes[st.peer] = n
 			if s.view != nil {
-				b := s.view.BundleForNamespace(s.namespaceOrCluster(ns))
-				s.metrics.BundleVersion.WithLabelValues(s.namespaceOrCluster(ns), b.Version).Set(1)
-				s.set(st.peer, n, b)
+				s.set(st.peer, n)
 			}
 		}
 		n.streams++

@@ -27,7 +27,7 @@ type testServer struct {
 	metrics *Metrics
 }
 
-func startServer(t *testing.T) *testServer {
+func startServer(t testing.TB) *testServer {
 	t.Helper()
 	ca, err := controllertest.NewCA("example.org")
 	if err != nil {
