@@ -370,6 +370,10 @@ func TestAgainstAPIServer(t *testing.T) {
 		}
 	})
 
+	t.Run("control_plane_enabled_by_helm_upgrade", func(t *testing.T) {
+		checkControllerOnAPIServer(t, c)
+	})
+
 }
 
 // rawTemplateSpec returns a workload's pod template spec as rendered (every field, untyped).

@@ -22,6 +22,8 @@ func TestHelmLint(t *testing.T) {
 		{"--set", "tls.certManager.enabled=true"},
 		{"--set", "metrics.podMonitor.enabled=true,metrics.serviceMonitor.enabled=true"},
 		{"--set", "sidecar.processIdentity.enabled=true"},
+		{"--set", "controller.enabled=true"},
+		{"--set", "controller.enabled=true,controller.replicas=1,metrics.serviceMonitor.enabled=true,controller.spiffeID=spiffe://example.org/ns/escrow-system/sa/escrow-controller"},
 	} {
 		mustRun(t, nil, helm, append([]string{"lint", "--strict", chartDir, "--namespace", releaseNS}, args...)...)
 	}
@@ -510,6 +512,19 @@ func TestChartSchemaRejectsBadValues(t *testing.T) {
 		"sidecar.serviceCIDRs={everything}",
 		"metrics.podMonitor.interval=often",
 		"unknownTopLevel=1",
+		"controller.enabled=yes",
+		"controller.replicas=0",
+		"controller.replicas=-2",
+		"controller.replicaCount=2",
+		"controller.port=0",
+		"controller.port=80",
+		"controller.port=65536",
+		"controller.adminPort=70000",
+		"controller.antiAffinity=medium",
+		"controller.spiffeID=example.org/controller",
+		"controller.trustDomain=spiffe://example.org",
+		"controller.logLevel=chatty",
+		"controller.podDisruptionBudget.minAvailable=-1",
 	} {
 		out, err := helmTemplate(t, "--set", set)
 		if err == nil {
@@ -524,9 +539,21 @@ func TestChartSchemaRejectsBadValues(t *testing.T) {
 
 // TestChartDefaultConfigIsValid: the sidecar's default configs (the base one and the one with
 // identity.process) and policies from the chart pass escrow's own validation (`escrow proxy
-// --check`).
+// --check`), without and with the controller (whose xds block needs identity.spiffe).
 func TestChartDefaultConfigIsValid(t *testing.T) {
-	objs := render(t)
+	for _, args := range [][]string{
+		nil,
+		{"--set", "controller.enabled=true"},
+		{"--set", "controller.enabled=true,controller.spiffeID=spiffe://example.org/ns/escrow-system/sa/escrow-controller"},
+	} {
+		t.Run(strings.Join(append([]string{"values"}, args...), " "), func(t *testing.T) {
+			checkChartSidecarConfigs(t, args...)
+		})
+	}
+}
+
+func checkChartSidecarConfigs(t *testing.T, args ...string) {
+	objs := render(t, args...)
 	bin := escrow(t)
 	dir := t.TempDir()
 	pdir := filepath.Join(dir, "policies")
@@ -576,6 +603,22 @@ func TestChartDefaultConfigIsValid(t *testing.T) {
 		if out, err := check.CombinedOutput(); err != nil {
 			t.Errorf("escrow proxy --check of the chart's %s: %v\n%s\n%s", name, err, out, b)
 		}
+		if !strings.Contains(strings.Join(args, ","), "controller.enabled=true") {
+			continue
+		}
+		// With the controller the config subscribes to it, and --check really looks at xds: the
+		// same config with a static identity is refused.
+		if xds, _ := cfg["xds"].(map[string]any); xds["address"] != controllerAddr {
+			t.Errorf("%s: xds = %v, want address %s", name, cfg["xds"], controllerAddr)
+		}
+		cfg["identity"] = map[string]any{"static": "spiffe://example.org/agent"}
+		b, _ = yaml.Marshal(cfg)
+		if err := os.WriteFile(cfgFile, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command(bin, "proxy", "--config", cfgFile, "--check").CombinedOutput(); err == nil || !strings.Contains(string(out), "identity.spiffe") {
+			t.Errorf("%s with a static identity: --check = %v\n%s, want xds refused for want of identity.spiffe", name, err, out)
+		}
 	}
 	mustRun(t, nil, bin, "policy", "validate", "--dir", pdir)
 }
@@ -613,6 +656,7 @@ func TestChartInjectorConfigIsValid(t *testing.T) {
 		{"--set", "sidecar.trustEnv=false,sidecar.noProxy={internal.example.com,.corp}"},
 		{"--set", "sidecar.serviceCIDRs={10.0.0.0/16,fd00:10:96::/112}", "--set", "sidecar.resources.limits.cpu=500m"},
 		{"--set", "sidecar.processIdentity.enabled=true"},
+		{"--set", "controller.enabled=true,sidecar.processIdentity.enabled=true"},
 	} {
 		cfg := filepath.Join(dir, fmt.Sprintf("injector-%d.yaml", i))
 		if err := os.WriteFile(cfg, []byte(injectorConfig(t, render(t, args...))), 0o644); err != nil {

@@ -72,3 +72,33 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{- define "escrow.controllerName" -}}
+{{- printf "%s-controller" (include "escrow.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "escrow.controllerSelector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: controller
+{{- end -}}
+
+{{/* The controller's ADS address as sidecars dial it: its Service's cluster DNS name. */}}
+{{- define "escrow.controllerAddress" -}}
+{{- printf "%s.%s.svc:%d" (include "escrow.controllerName" .) .Release.Namespace (int .Values.controller.port) -}}
+{{- end -}}
+
+{{/* The SPIFFE Workload API socket's volume, as the injector mounts it into sidecars
+(sidecar.spiffe): the SPIFFE CSI driver, read-only, or a node directory. */}}
+{{- define "escrow.spiffeVolume" -}}
+{{- $sp := .Values.sidecar.spiffe -}}
+{{- if eq $sp.source "csi" -}}
+csi:
+  driver: {{ $sp.csiDriver }}
+  readOnly: true
+{{- else -}}
+hostPath:
+  path: {{ required "sidecar.spiffe.hostPath is required with source hostPath" $sp.hostPath }}
+  type: Directory
+{{- end -}}
+{{- end -}}
