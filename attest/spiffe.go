@@ -10,7 +10,9 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
@@ -204,6 +206,10 @@ type svidState struct {
 	td       string
 	notAfter time.Time
 	closed   bool
+	// svid and bundles are the whole X509 context, for mTLS clients of escrow's own (the
+	// control-plane connection): X509Source.
+	svid    *x509svid.SVID
+	bundles *x509bundle.Set
 }
 
 // closedState replaces the current SVID on Close: a closed source identifies nobody.
@@ -322,6 +328,8 @@ func (w x509Watcher) OnX509ContextUpdate(c *workloadapi.X509Context) {
 		id:       svid.ID.String(),
 		td:       svid.ID.TrustDomain().Name(),
 		notAfter: svid.Certificates[0].NotAfter,
+		svid:     svid,
+		bundles:  c.Bundles,
 	}
 	if s.closed.Load() {
 		return
@@ -521,6 +529,57 @@ func (w jwtBundleWatcher) OnJWTBundlesWatchError(err error) {
 	}
 	w.s.log.Debug("SPIFFE Workload API JWT bundle watch failed; retrying", zap.Error(err),
 		zap.Int("failed_attempts", w.s.bundleFailures))
+}
+
+// X509Source is the X509-SVID and the X.509 bundles the source holds, for escrow's own mTLS
+// connections (to the control plane): go-spiffe's tlsconfig takes it as both sources. It
+// always answers from the latest update; no SVID yet, an expired one, or a closed source is an
+// error wrapping ErrUnavailable, so a handshake then fails closed.
+func (s *SPIFFE) X509Source() interface {
+	x509svid.Source
+	x509bundle.Source
+} {
+	return spiffeX509{s}
+}
+
+type spiffeX509 struct{ s *SPIFFE }
+
+func (x spiffeX509) current() (*svidState, error) {
+	st := x.s.cur.Load()
+	switch {
+	case st == nil || st.svid == nil:
+		return nil, errNoSVID
+	case st.closed:
+		return nil, errClosed
+	case !x.s.now().Before(st.notAfter):
+		return nil, fmt.Errorf("%w: SVID expired at %s", ErrUnavailable, st.notAfter.UTC().Format(time.RFC3339))
+	}
+	return st, nil
+}
+
+// GetX509SVID implements x509svid.Source.
+func (x spiffeX509) GetX509SVID() (*x509svid.SVID, error) {
+	st, err := x.current()
+	if err != nil {
+		return nil, err
+	}
+	return st.svid, nil
+}
+
+// GetX509BundleForTrustDomain implements x509bundle.Source.
+func (x spiffeX509) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	st, err := x.current()
+	if err != nil {
+		return nil, err
+	}
+	if st.bundles == nil {
+		return nil, fmt.Errorf("attest: no X.509 bundle for trust domain %q", td)
+	}
+	b, err := st.bundles.GetX509BundleForTrustDomain(td)
+	if err != nil {
+		return nil, fmt.Errorf("attest: %w", err)
+	}
+	return b, nil
 }
 
 type spiffeJWTBundles struct{ s *SPIFFE }

@@ -11,6 +11,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"github.com/escrowproxy/escrow/attest"
 	"github.com/escrowproxy/escrow/attest/attesttest"
 	"github.com/escrowproxy/escrow/internal/fakeclock"
@@ -503,5 +505,41 @@ func TestSPIFFE_ReportsUpdateResultBeforeOnUpdate(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("no update within 10s")
+	}
+}
+
+// TestSPIFFE_X509SourceServesTheLatestSVIDAndFailsClosed: the source escrow's own mTLS client
+// (the control-plane connection) presents: nothing before the first SVID, the current SVID and
+// its trust domain's bundle after, nothing once the SVID expired or the source closed.
+func TestSPIFFE_X509SourceServesTheLatestSVIDAndFailsClosed(t *testing.T) {
+	w := attesttest.NewWorkloadAPI(t, td)
+	clk := newClock()
+	h := startSPIFFE(t, context.Background(), w.Addr(), clk)
+	x := h.src.X509Source()
+	trust := spiffeid.RequireTrustDomainFromString(td)
+	if _, err := x.GetX509SVID(); !errors.Is(err, attest.ErrUnavailable) {
+		t.Fatalf("before the first SVID: %v, want ErrUnavailable", err)
+	}
+	exp := clk.Now().Add(time.Hour)
+	w.SetSVID(id1, exp)
+	h.waitUpdate(t, exp)
+	svid, err := x.GetX509SVID()
+	if err != nil || svid.ID.String() != id1 || !svid.Certificates[0].NotAfter.Equal(exp) || svid.PrivateKey == nil {
+		t.Fatalf("GetX509SVID = %+v, %v; want %s expiring %v with its key", svid, err, id1, exp)
+	}
+	b, err := x.GetX509BundleForTrustDomain(trust)
+	if err != nil || len(b.X509Authorities()) == 0 || !b.X509Authorities()[0].Equal(w.X509Authorities()[0]) {
+		t.Fatalf("bundle = %v, %v; want the Workload API's CA", b, err)
+	}
+	if _, err := x.GetX509BundleForTrustDomain(spiffeid.RequireTrustDomainFromString("evil.org")); err == nil {
+		t.Fatal("a bundle for a trust domain the Workload API never sent")
+	}
+	clk.Advance(time.Hour)
+	if _, err := x.GetX509SVID(); !errors.Is(err, attest.ErrUnavailable) {
+		t.Fatalf("after expiry: %v, want ErrUnavailable", err)
+	}
+	_ = h.src.Close()
+	if _, err := x.GetX509BundleForTrustDomain(trust); !errors.Is(err, attest.ErrUnavailable) {
+		t.Fatalf("after Close: %v, want ErrUnavailable", err)
 	}
 }

@@ -482,6 +482,10 @@ func (s *Sidecar) buildProviders(cfg *config.Config, prev map[string]credential.
 // Proxy returns the request pipeline (for tests that drive it directly).
 func (s *Sidecar) Proxy() *Proxy { return s.proxy }
 
+// Identity is the identity source the sidecar runs on (the control-plane client takes its
+// X509-SVID from it).
+func (s *Sidecar) Identity() IdentitySource { return s.ident }
+
 // Admin returns the /healthz, /readyz and /metrics handler.
 func (s *Sidecar) Admin() http.Handler { return s.admin }
 

@@ -14,6 +14,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"math/big"
 	"net"
 	"net/url"
@@ -28,6 +29,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -219,43 +221,9 @@ func (w *WorkloadAPI) MintJWTSVID(id string, aud []string, exp time.Time, extra 
 // fresh key, signed by the server's CA, and pushes it to every open FetchX509SVID stream. It
 // also becomes the subject of JWT-SVIDs issued from now on. notAfter may be in the past.
 func (w *WorkloadAPI) SetSVID(id string, notAfter time.Time) {
-	sid, err := spiffeid.FromString(id)
+	sid, der, keyDER, err := w.mint(id, notAfter)
 	if err != nil {
 		w.t.Errorf("attesttest: SetSVID(%q): %v", id, err)
-		return
-	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		w.t.Errorf("attesttest: SetSVID: generate key: %v", err)
-		return
-	}
-	notBefore := time.Now().Add(-time.Hour)
-	if !notBefore.Before(notAfter) {
-		notBefore = notAfter.Add(-time.Hour)
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		w.t.Errorf("attesttest: SetSVID: serial: %v", err)
-		return
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{Organization: []string{"attesttest"}},
-		NotBefore:             notBefore,
-		NotAfter:              notAfter,
-		URIs:                  []*url.URL{sid.URL()},
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, w.caCert, key.Public(), w.caKey)
-	if err != nil {
-		w.t.Errorf("attesttest: SetSVID: create certificate: %v", err)
-		return
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		w.t.Errorf("attesttest: SetSVID: marshal key: %v", err)
 		return
 	}
 	resp := &workload.X509SVIDResponse{Svids: []*workload.X509SVID{{
@@ -270,6 +238,60 @@ func (w *WorkloadAPI) SetSVID(id string, notAfter time.Time) {
 	close(w.changed)
 	w.changed = make(chan struct{})
 	w.mu.Unlock()
+}
+
+// MintX509SVID issues an X509-SVID for id signed by the server's CA without serving it: another
+// workload of the same trust domain (a controller the served workload talks mTLS to).
+func (w *WorkloadAPI) MintX509SVID(id string, notAfter time.Time) *x509svid.SVID {
+	w.t.Helper()
+	_, der, keyDER, err := w.mint(id, notAfter)
+	if err != nil {
+		w.t.Fatalf("attesttest: MintX509SVID(%q): %v", id, err)
+	}
+	svid, err := x509svid.ParseRaw(der, keyDER)
+	if err != nil {
+		w.t.Fatalf("attesttest: MintX509SVID(%q): %v", id, err)
+	}
+	return svid
+}
+
+// mint makes a leaf for id with a fresh key: its DER and its PKCS#8 key.
+func (w *WorkloadAPI) mint(id string, notAfter time.Time) (spiffeid.ID, []byte, []byte, error) {
+	sid, err := spiffeid.FromString(id)
+	if err != nil {
+		return spiffeid.ID{}, nil, nil, err
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return sid, nil, nil, fmt.Errorf("generate key: %w", err)
+	}
+	notBefore := time.Now().Add(-time.Hour)
+	if !notBefore.Before(notAfter) {
+		notBefore = notAfter.Add(-time.Hour)
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return sid, nil, nil, fmt.Errorf("serial: %w", err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{Organization: []string{"attesttest"}},
+		NotBefore:             notBefore,
+		NotAfter:              notAfter,
+		URIs:                  []*url.URL{sid.URL()},
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, w.caCert, key.Public(), w.caKey)
+	if err != nil {
+		return sid, nil, nil, fmt.Errorf("create certificate: %w", err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return sid, nil, nil, fmt.Errorf("marshal key: %w", err)
+	}
+	return sid, der, keyDER, nil
 }
 
 // Revoke withdraws the X509-SVID, as a SPIRE agent does when the workload's registration

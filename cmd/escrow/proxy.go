@@ -50,7 +50,12 @@ func cmdProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		log.Warn("could not make the process non-dumpable; a process of the same user could read its memory", zap.Error(err))
 	}
 
-	sc, err := proxy.Build(ctx, cfg, proxy.Deps{Logger: log, Stdout: stdout, Version: version, DrainTimeout: *drain})
+	deps := proxy.Deps{Logger: log, Stdout: stdout, Version: version, DrainTimeout: *drain}
+	var xds xdsClient
+	if cfg.XDS != nil {
+		deps.ReadyChecks = map[string]proxy.ReadyCheck{"xds": xds.ready}
+	}
+	sc, err := proxy.Build(ctx, cfg, deps)
 	if err != nil {
 		return err
 	}
@@ -60,7 +65,20 @@ func cmdProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	debug.FreeOSMemory()
 	log.Info("escrow proxy listening", zap.String("proxy", sc.ProxyAddr.String()), zap.String("admin", sc.AdminAddr.String()),
 		zap.String("ca_dir", cfg.CADir), zap.String("policy_mode", string(cfg.Policy.Mode)))
-	return sc.Serve(ctx)
+	if cfg.XDS == nil {
+		return sc.Serve(ctx)
+	}
+	// The control plane's bundles arrive beside serving: until the first is applied the
+	// sidecar denies every request and /readyz says why (xds).
+	xctx, stopXDS := context.WithCancel(ctx)
+	xdone := make(chan error, 1)
+	go func() { xdone <- xds.run(xctx, cfg, sc, log.Named("xds")) }()
+	err = sc.Serve(ctx)
+	stopXDS()
+	if xerr := <-xdone; xerr != nil && err == nil {
+		err = xerr
+	}
+	return err
 }
 
 // preflightError is every problem preflight found, printed one after the other.
