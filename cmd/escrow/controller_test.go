@@ -254,3 +254,32 @@ func TestCmdController_IdentityFromTheWorkloadAPI(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// client-go's own complaints (here: the API server is unreachable) are JSON lines of the
+// controller's log, not klog's text.
+func TestCmdController_ClientGoLogsAreJSON(t *testing.T) {
+	cert, key, bundle := controllerFiles(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var stdout, stderr lockedBuffer
+	done := make(chan error, 1)
+	go func() {
+		done <- cmdController(ctx, []string{"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--namespace", "escrow-system",
+			"--kubeconfig", unreachableKubeconfig(t), "--svid-cert", cert, "--svid-key", key, "--bundle", bundle}, &stdout, &stderr)
+	}()
+	controllerAddrs(t, &stderr, done)
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(stderr.String(), `"logger":"controller.client-go`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no client-go line in the log:\n%s", stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	for line := range strings.SplitSeq(strings.TrimSpace(stderr.String()), "\n") {
+		if !json.Valid([]byte(line)) {
+			t.Errorf("not a JSON line: %q", line)
+		}
+	}
+}
