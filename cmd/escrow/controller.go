@@ -24,6 +24,7 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
 
 	"github.com/escrowproxy/escrow/controlplane/controller"
 )
@@ -99,6 +100,8 @@ not re-read).`, stdout, stderr)
 	}
 	log := webhookLogger(lvl, stderr).Named("controller")
 	defer func() { _ = log.Sync() }()
+	// client-go logs through klog; make its lines ours (JSON, on stderr as given).
+	klog.SetLogger(controller.Logr(log.Named("client-go")))
 
 	restConf, err := kubeConfig(*kubeconfig)
 	if err != nil {

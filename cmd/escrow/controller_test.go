@@ -14,6 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+
+	"github.com/escrowproxy/escrow/attest/attesttest"
 	"github.com/escrowproxy/escrow/controlplane/controller/controllertest"
 )
 
@@ -192,4 +198,88 @@ func controllerAddrs(t *testing.T, log *lockedBuffer, done <-chan error) (ads, a
 	}
 	t.Fatalf("escrow controller did not log its addresses:\n%s", log.String())
 	return "", ""
+}
+
+// The controller's identity from the SPIFFE Workload API (the protocol spoken by a test server):
+// a sidecar SVID of the same trust domain is accepted, and the controller presents its own ID.
+func TestCmdController_IdentityFromTheWorkloadAPI(t *testing.T) {
+	wl := attesttest.NewWorkloadAPI(t, "example.org")
+	const controllerID = "spiffe://example.org/ns/escrow-system/sa/escrow-controller"
+	const sidecarID = "spiffe://example.org/ns/agents/sa/coder"
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// The sidecar's SVID, fetched as a workload would, before the API hands out the controller's.
+	wl.SetSVID(sidecarID, time.Now().Add(time.Hour))
+	sidecar, err := workloadapi.FetchX509SVID(ctx, workloadapi.WithAddr(wl.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	wl.SetSVID(controllerID, time.Now().Add(time.Hour))
+
+	var stdout, stderr lockedBuffer
+	done := make(chan error, 1)
+	go func() {
+		done <- cmdController(ctx, []string{"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--namespace", "escrow-system",
+			"--kubeconfig", unreachableKubeconfig(t), "--spiffe-socket", wl.Addr()}, &stdout, &stderr)
+	}()
+	ads, admin := controllerAddrs(t, &stderr, done)
+
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	bundle := x509bundle.FromX509Authorities(td, wl.X509Authorities())
+	// The sidecar accepts only the controller's ID.
+	conf := tlsconfig.MTLSClientConfig(sidecar, bundle, tlsconfig.AuthorizeID(spiffeid.RequireFromString(controllerID)))
+	c, err := controllertest.Dial(ctx, ads, conf, sidecarID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		res, err := http.Get("http://" + admin + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if strings.Contains(string(b), "escrow_controller_connected_sidecars 1") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the sidecar's stream was not accepted:\n%s", stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// client-go's own complaints (here: the API server is unreachable) are JSON lines of the
+// controller's log, not klog's text.
+func TestCmdController_ClientGoLogsAreJSON(t *testing.T) {
+	cert, key, bundle := controllerFiles(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var stdout, stderr lockedBuffer
+	done := make(chan error, 1)
+	go func() {
+		done <- cmdController(ctx, []string{"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--namespace", "escrow-system",
+			"--kubeconfig", unreachableKubeconfig(t), "--svid-cert", cert, "--svid-key", key, "--bundle", bundle}, &stdout, &stderr)
+	}()
+	controllerAddrs(t, &stderr, done)
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(stderr.String(), `"logger":"controller.client-go`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no client-go line in the log:\n%s", stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	for line := range strings.SplitSeq(strings.TrimSpace(stderr.String()), "\n") {
+		if !json.Valid([]byte(line)) {
+			t.Errorf("not a JSON line: %q", line)
+		}
+	}
 }

@@ -302,6 +302,14 @@ func (v *View) BundleFor(spiffeID string) bundle.Bundle {
 
 // BundleForNamespace returns the bundle of the sidecars in namespace ns.
 func (v *View) BundleForNamespace(ns string) bundle.Bundle {
+	b, _ := v.NamespaceBundle(ns)
+	return b
+}
+
+// NamespaceBundle returns the bundle of the sidecars in namespace ns, and the upstreams and
+// credentials left out of it because the sidecar's config validation would refuse them (see
+// validateBundle), each with the reason.
+func (v *View) NamespaceBundle(ns string) (bundle.Bundle, []string) {
 	parts := []*contribution{v.cluster}
 	if c := v.byNS[ns]; c != nil && ns != v.clusterNS {
 		parts = append(parts, c)
@@ -325,8 +333,9 @@ func (v *View) BundleForNamespace(ns string) bundle.Bundle {
 		}
 		b.Revocations = append(b.Revocations, c.revocations...)
 	}
+	b, dropped := validateBundle(b)
 	b.Version = Version(b)
-	return b
+	return b, dropped
 }
 
 // Version is the content hash of b (its Version field ignored): 16 hex digits of the sha256 of

@@ -342,3 +342,56 @@ func revNames(b bundle.Bundle) []string {
 	}
 	return out
 }
+
+func TestCompute_UpstreamsAndCredentialsTheSidecarWouldRefuseAreLeftOutOfTheBundle(t *testing.T) {
+	badHeader := up("agents", "bad-header", "bad.example", 0)
+	badHeader.Spec.Credential = "ok"
+	badHeader.Spec.Inject = &config.Inject{Header: "Not A Header"}
+	noCred := up("agents", "no-cred", "nocred.example", 0)
+	noCred.Spec.Credential = "missing"
+	viaBroken := up("agents", "via-broken", "broken.example", 0)
+	viaBroken.Spec.Credential = "broken"
+	good := up("agents", "good", "good.example", 0)
+	good.Spec.Credential = "ok"
+	broken := v1alpha1.Credential{ObjectMeta: meta("agents", "broken"), Spec: v1alpha1.CredentialSpec{
+		OAuth2: &v1alpha1.OAuth2Spec{OAuth2: config.OAuth2{TokenURL: "not a url", ClientID: "c"}}}}
+	// A cluster-wide upstream naming a credential each namespace defines for itself.
+	perNS := up(sys, "openai", "api.openai.com", 0)
+	perNS.Spec.Credential = "openai"
+
+	v := Compute(Objects{
+		Upstreams:   []v1alpha1.Upstream{badHeader, noCred, viaBroken, good, perNS},
+		Credentials: []v1alpha1.Credential{static("agents", "ok", "s"), broken, static("agents", "openai", "o")},
+		Revocations: []v1alpha1.Revocation{revoke(sys, "r", agentsID)},
+	}, sys)
+	b, dropped := v.NamespaceBundle("agents")
+	if got := hosts(b); !slices.Equal(got, []string{"api.openai.com", "good.example"}) {
+		t.Errorf("agents upstreams = %v", got)
+	}
+	if got := keys(b.Credentials); !slices.Equal(got, []string{"ok", "openai"}) {
+		t.Errorf("agents credentials = %v", got)
+	}
+	if len(b.Revocations) != 1 {
+		t.Error("the revocation must still be served")
+	}
+	joined := strings.Join(dropped, "\n")
+	for _, want := range []string{"bad.example", "inject.header", "nocred.example", `no credential named "missing"`,
+		"credential broken: credentials.broken.oauth2.token_url", "broken.example"} {
+		if !strings.Contains(joined, want) {
+			t.Errorf("dropped lacks %q:\n%s", want, joined)
+		}
+	}
+	// What is served validates as the sidecar's config would.
+	if errs := configErrors(b); len(errs) != 0 {
+		t.Errorf("served bundle does not validate: %v", errs)
+	}
+	// Where the namespace has no openai credential, the cluster-wide upstream is left out there only.
+	if got := hosts(v.BundleFor("spiffe://example.org/ns/other/sa/x")); len(got) != 0 {
+		t.Errorf("other upstreams = %v", got)
+	}
+	// Validation does not change the View's objects (Validate fills defaults).
+	b2, _ := v.NamespaceBundle("agents")
+	if b2.Version != b.Version {
+		t.Error("a second computation of the same bundle differs")
+	}
+}

@@ -199,7 +199,10 @@ func (s *Server) snapshot(ns string) (*cache.Snapshot, error) {
 	if snap := s.snaps[ns]; snap != nil {
 		return snap, nil
 	}
-	b := s.view.BundleForNamespace(ns)
+	b, dropped := s.view.NamespaceBundle(ns)
+	for _, why := range dropped {
+		s.log.Warn("left out of a namespace's bundle: its sidecars would refuse it", zap.String("namespace", ns), zap.String("why", why))
+	}
 	tec, err := bundle.Encode(b)
 	if err != nil {
 		return nil, err
