@@ -12,7 +12,7 @@ FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy:FuzzCheckPa
                 ./proxy/mcp:FuzzResponseFilter ./policy:FuzzLoad ./policy:FuzzArgumentsRecord \
                 ./policy:FuzzTestFile ./attest:FuzzDelegation ./credential:FuzzApplier \
                 ./injector:FuzzMutate ./injector:FuzzReview ./controlplane/bundle:FuzzDecode \
-                ./internal/strictyaml:FuzzDecode ./attest:FuzzFDInfo ./controlplane/sidecar:FuzzMerge
+                ./internal/strictyaml:FuzzDecode ./attest:FuzzFDInfo ./controlplane/sidecar:FuzzMerge ./controlplane/controller:FuzzServedBundlesValidate
 
 .PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro bench-compare clean test-k8s test-realparts
 
@@ -39,11 +39,12 @@ unit:
 	$(GO) test -race -count=1 ./...
 
 ## test-k8s: the Helm chart and `escrow webhook` against a real kube-apiserver v1.34 with etcd, plus
-## helm lint/template and the dashboard's queries against escrow's /metrics. test/k8s/tools.sh builds
+## helm lint/template and the dashboard's queries against escrow's /metrics; `escrow controller`
+## and the escrow.dev CRDs against the same API server (test/controlplane). test/k8s/tools.sh builds
 ## kube-apiserver, kubectl and helm once into ESCROW_TOOLS_BIN (default ~/.cache/escrow-tools/bin).
 test-k8s:
 	@tools=$$(test/k8s/tools.sh) && \
-	  ESCROW_K8S_TOOLS=$$tools $(GO) test -count=1 -timeout 15m -v ./test/k8s/...
+	  ESCROW_K8S_TOOLS=$$tools $(GO) test -count=1 -timeout 15m -v ./test/k8s/... ./test/controlplane/...
 
 ## test-realparts: the real `escrow proxy` against a real SPIRE (server, agent, OIDC discovery
 ## provider), dex, MinIO and Vault (with PostgreSQL behind its database engine) on loopback.
