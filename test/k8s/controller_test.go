@@ -2,18 +2,23 @@ package k8s_test
 
 import (
 	"context"
+	"encoding/pem"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"sort"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"sigs.k8s.io/yaml"
 
+	"github.com/escrowproxy/escrow/attest/attesttest"
 	"github.com/escrowproxy/escrow/controlplane/controller/controllertest"
 )
 
@@ -359,7 +364,8 @@ func volumeMountedAt(t *testing.T, ps podSpec, container, path string) map[strin
 // checkControllerOnAPIServer: the controller's objects, installed by helm into a real API
 // server, are accepted; its ServiceAccount may do exactly what the controller needs; and the real
 // `escrow controller`, started with the Deployment's args as that ServiceAccount, gets ready,
-// serves a sidecar, and writes a Policy's status.
+// writes a Policy's status, and serves a real `escrow proxy` running the chart's sidecar config,
+// which follows a Policy object.
 func checkControllerOnAPIServer(t *testing.T, c *cluster) {
 	work := t.TempDir()
 	if err := os.Symlink(filepath.Join(repoRoot, "charts"), filepath.Join(work, "charts")); err != nil {
@@ -429,7 +435,7 @@ func checkControllerOnAPIServer(t *testing.T, c *cluster) {
 		}
 	})
 
-	t.Run("escrow_controller_as_the_service_account_serves_and_writes_policy_status", func(t *testing.T) {
+	t.Run("escrow_controller_as_the_service_account_serves_a_sidecar_with_the_chart_config_and_writes_policy_status", func(t *testing.T) {
 		checkControllerRuns(t, c)
 	})
 
@@ -449,9 +455,12 @@ func checkControllerOnAPIServer(t *testing.T, c *cluster) {
 
 // checkControllerRuns starts the real `escrow controller` with the chart Deployment's args (the
 // addresses on loopback), as the controller's ServiceAccount (impersonated), with an X509-SVID
-// from files instead of the Workload API.
+// from files instead of the Workload API; then a real `escrow proxy` with the sidecar config the
+// chart renders for namespace agents (xds.address moved to loopback, server_id as rendered)
+// subscribes to it with its SVID from a Workload API, and follows a Policy object.
 func checkControllerRuns(t *testing.T, c *cluster) {
-	objs := render(t, "--set", "controller.enabled=true")
+	controllerID := "spiffe://example.org/ns/" + releaseNS + "/sa/" + controllerName
+	objs := render(t, "--set", "controller.enabled=true,agentNamespaces={agents},controller.spiffeID="+controllerID)
 	var d deployment
 	named(t, objs, "Deployment", controllerName).into(t, &d)
 	dir := t.TempDir()
@@ -470,18 +479,26 @@ func checkControllerRuns(t *testing.T, c *cluster) {
 		t.Fatal(err)
 	}
 
-	ca, err := controllertest.NewCA("example.org")
+	// One trust domain: the sidecar's SVID from the Workload API, the controller's from files.
+	wl := attesttest.NewWorkloadAPI(t, "example.org")
+	sidecarID := "spiffe://example.org/ns/agents/sa/default"
+	wl.SetSVID(sidecarID, time.Now().Add(time.Hour))
+	own := wl.MintX509SVID(controllerID, time.Now().Add(time.Hour))
+	certPEM, keyPEM, err := own.Marshal()
 	if err != nil {
 		t.Fatal(err)
 	}
-	own, err := ca.SVID("spiffe://example.org/ns/" + releaseNS + "/sa/" + controllerName)
-	if err != nil {
-		t.Fatal(err)
+	var bundlePEM []byte
+	for _, a := range wl.X509Authorities() {
+		bundlePEM = append(bundlePEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.Raw})...)
 	}
-	certFile, keyFile, bundleFile, err := ca.WriteFiles(dir, own)
-	if err != nil {
-		t.Fatal(err)
+	certFile, keyFile, bundleFile := filepath.Join(dir, "svid.pem"), filepath.Join(dir, "svid.key"), filepath.Join(dir, "bundle.pem")
+	for f, b := range map[string][]byte{certFile: certPEM, keyFile: keyPEM, bundleFile: bundlePEM} {
+		if err := os.WriteFile(f, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
+
 	grpcPort, adminPort := freePort(t), freePort(t)
 	var args []string
 	for _, a := range d.Spec.Template.Spec.Containers[0].Args {
@@ -497,31 +514,13 @@ func checkControllerRuns(t *testing.T, c *cluster) {
 	// POD_NAMESPACE as the downward API gives it to the pod in the release namespace.
 	t.Setenv("POD_NAMESPACE", releaseNS)
 	proc := start(t, escrow(t), args...)
+	waitOK(t, proc, fmt.Sprintf("http://127.0.0.1:%d/readyz", adminPort), "escrow controller /readyz")
 
-	admin := fmt.Sprintf("http://127.0.0.1:%d", adminPort)
-	eventually(t, 30*time.Second, "escrow controller /readyz", func() error {
-		if proc.exited() {
-			t.Fatalf("escrow controller exited:\n%s", proc.output())
-		}
-		res, err := http.Get(admin + "/readyz")
-		if err != nil {
-			return err
-		}
-		res.Body.Close()
-		if res.StatusCode != 200 {
-			return fmt.Errorf("status %d", res.StatusCode)
-		}
-		return nil
-	})
-
-	// A sidecar of namespace agents receives its bundle.
-	sc, err := ca.SVID("spiffe://example.org/ns/agents/sa/default")
-	if err != nil {
-		t.Fatal(err)
-	}
+	// A raw ADS client of namespace agents receives its bundle.
+	bundle := x509bundle.FromX509Authorities(wl.TrustDomain(), wl.X509Authorities())
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	cl, err := controllertest.Dial(ctx, fmt.Sprintf("127.0.0.1:%d", grpcPort), controllertest.ClientTLS(sc, ca.Bundle()), sc.ID.String())
+	cl, err := controllertest.Dial(ctx, fmt.Sprintf("127.0.0.1:%d", grpcPort), controllertest.ClientTLS(wl.MintX509SVID(sidecarID, time.Now().Add(time.Hour)), bundle), sidecarID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -549,7 +548,101 @@ spec:
 		}
 		return nil
 	})
+
+	// The real sidecar, with the config the chart puts in namespace agents.
+	cfg := configYAML(t, objs, "agents", "escrow-config")
+	xds := cfg["xds"].(map[string]any)
+	if xds["server_id"] != controllerID {
+		t.Fatalf("xds = %v, want server_id %s", xds, controllerID)
+	}
+	xds["address"] = fmt.Sprintf("127.0.0.1:%d", grpcPort)
+	pdir := filepath.Join(dir, "policies")
+	if err := os.Mkdir(pdir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, cm := range find(objs, "ConfigMap") {
+		if cm.Metadata.Namespace == "agents" && cm.Metadata.Name == "escrow-policies" {
+			var p struct {
+				Data map[string]string `json:"data"`
+			}
+			cm.into(t, &p)
+			for k, v := range p.Data {
+				if err := os.WriteFile(filepath.Join(pdir, k), []byte(v), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	sidecarAdmin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	cfg["policy"].(map[string]any)["dir"] = pdir
+	cfg["ca_dir"], cfg["ca_key_dir"] = filepath.Join(dir, "ca"), filepath.Join(dir, "ca-key")
+	cfg["listen"], cfg["admin"] = fmt.Sprintf("127.0.0.1:%d", freePort(t)), sidecarAdmin
+	b, _ := yaml.Marshal(cfg)
+	cfgFile := filepath.Join(dir, "sidecar.yaml")
+	if err := os.WriteFile(cfgFile, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("SPIFFE_ENDPOINT_SOCKET", wl.Addr())
+	sidecar := start(t, escrow(t), "proxy", "--config", cfgFile)
+	waitOK(t, sidecar, "http://"+sidecarAdmin+"/readyz", "escrow proxy /readyz (the controller's first bundle applied)")
+	applied := func() (string, error) {
+		res, err := http.Get("http://" + sidecarAdmin + "/metrics")
+		if err != nil {
+			return "", err
+		}
+		defer res.Body.Close()
+		body, _ := io.ReadAll(res.Body)
+		m := regexp.MustCompile(`escrow_xds_applied_info\{version="([^"]+)"\} 1`).FindSubmatch(body)
+		if m == nil {
+			return "", fmt.Errorf("no escrow_xds_applied_info in /metrics")
+		}
+		return string(m[1]), nil
+	}
+	before, err := applied()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A valid Policy in the sidecar's namespace reaches it: a new version is applied.
+	c.kubectl(t, []byte(`apiVersion: escrow.dev/v1alpha1
+kind: Policy
+metadata: {name: chart-test, namespace: agents}
+spec:
+  cedar: |
+    @id("chart-test-get")
+    permit(principal, action == Action::"GET", resource == Host::"api.example.com");
+`), "apply", "-f", "-")
+	eventually(t, 15*time.Second, "the sidecar applies the bundle with the new Policy", func() error {
+		v, err := applied()
+		if err != nil {
+			return err
+		}
+		if v == before {
+			return fmt.Errorf("still version %s", v)
+		}
+		t.Logf("the sidecar applied version %s, then %s after the Policy was created", before, v)
+		return nil
+	})
 	if out := proc.output(); strings.Contains(out, "forbidden") {
 		t.Errorf("the controller was refused something by RBAC:\n%s", tail(out, 4096))
 	}
+}
+
+// waitOK polls url until it answers 200, failing if proc exits first.
+func waitOK(t *testing.T, proc *process, url, what string) {
+	t.Helper()
+	eventually(t, 30*time.Second, what, func() error {
+		if proc.exited() {
+			t.Fatalf("%s: the process exited:\n%s", what, proc.output())
+		}
+		res, err := http.Get(url)
+		if err != nil {
+			return err
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != 200 {
+			return fmt.Errorf("status %d: %s", res.StatusCode, body)
+		}
+		return nil
+	})
 }
