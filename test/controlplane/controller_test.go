@@ -40,7 +40,7 @@ rules:
   verbs: [get, list, watch]
 - apiGroups: [escrow.dev]
   resources: [policies/status]
-  verbs: [update, patch]
+  verbs: [update]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
