@@ -72,7 +72,15 @@ func cmdProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	// sidecar denies every request and /readyz says why (xds).
 	xctx, stopXDS := context.WithCancel(ctx)
 	xdone := make(chan error, 1)
-	go func() { xdone <- xds.run(xctx, cfg, sc, log.Named("xds")) }()
+	go func() {
+		err := xds.run(xctx, cfg, sc, log.Named("xds"))
+		if err != nil {
+			// Said now, not at shutdown: until it is mended the sidecar serves nothing but
+			// denials and /readyz names the xds check.
+			log.Error("the control-plane subscription stopped; requests are denied until escrow restarts", zap.Error(err))
+		}
+		xdone <- err
+	}()
 	err = sc.Serve(ctx)
 	stopXDS()
 	if xerr := <-xdone; xerr != nil && err == nil {
