@@ -52,8 +52,10 @@ func FuzzDecode(f *testing.F) {
 		if strictErr != nil {
 			return
 		}
-		if !bytes.Equal(strict.JSON, lax.JSON) {
-			t.Fatalf("strict JSON %s, lax %s", strict.JSON, lax.JSON)
+		// Keys that convert to one JSON key (1 and 1.0) leave the conversion to keep one of
+		// them at random; strict reports them as duplicates, and only then may the two differ.
+		if len(strict.Duplicates) == 0 && !bytes.Equal(strict.JSON, lax.JSON) {
+			t.Fatalf("strict JSON %s, lax %s (no duplicate reported)", strict.JSON, lax.JSON)
 		}
 		for _, d := range strict.Duplicates {
 			if len(d.Path) == 0 || d.Msg() == "" || d.First.Line < 1 || d.First.Column < 1 ||

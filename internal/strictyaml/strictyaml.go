@@ -173,17 +173,25 @@ func walk(n *yamlnode.Node, path Path, out *[]Duplicate) {
 			walk(c, append(path[:len(path):len(path)], i), out)
 		}
 	case yamlnode.MappingNode:
-		first := map[string]*yamlnode.Node{}
+		first := map[string]*yamlnode.Node{}   // by the key's text
+		firstJS := map[string]*yamlnode.Node{} // by the JSON key the conversion makes of it
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			k, v := n.Content[i], n.Content[i+1]
 			if k.Kind != yamlnode.ScalarNode || k.Tag == "!!merge" {
 				continue // a complex key does not convert to JSON; a merge, see above
 			}
 			at := append(path[:len(path):len(path)], k.Value)
-			if f, ok := first[k.Value]; ok {
+			// The same text twice, or two texts the conversion makes one JSON key (1 and 1.0,
+			// yes and true, '1' and 1), of which it keeps one at random.
+			jk := jsonKey(k)
+			f, ok := first[k.Value]
+			if !ok {
+				f, ok = firstJS[jk]
+			}
+			if ok {
 				*out = append(*out, Duplicate{Path: at, At: pos(k), First: pos(f)})
 			} else {
-				first[k.Value] = k
+				first[k.Value], firstJS[jk] = k, k
 			}
 			walk(v, at, out)
 		}
@@ -191,3 +199,30 @@ func walk(n *yamlnode.Node, path Path, out *[]Duplicate) {
 }
 
 func pos(n *yamlnode.Node) Pos { return Pos{Line: n.Line, Column: n.Column} }
+
+// jsonKey is the JSON object key the YAML-to-JSON conversion makes of the scalar key k (its
+// YAML 1.1 reading: a plain 1.0 is the number 1, a plain yes is true), found by converting the
+// key alone. If that fails, the key's text stands for itself.
+func jsonKey(k *yamlnode.Node) string {
+	src := k.Value
+	if k.Style != 0 && k.Style != yamlnode.FlowStyle {
+		// Quoted, literal or folded: a string, whatever it looks like.
+		b, err := json.Marshal(k.Value)
+		if err != nil {
+			return k.Value
+		}
+		src = string(b)
+	}
+	js, err := yaml.YAMLToJSON([]byte(src + ": null\n"))
+	if err != nil {
+		return k.Value
+	}
+	var m map[string]json.RawMessage
+	if json.Unmarshal(js, &m) != nil || len(m) != 1 {
+		return k.Value
+	}
+	for key := range m {
+		return key
+	}
+	return k.Value
+}

@@ -184,3 +184,22 @@ func TestNearest_IsATypoAwayAndDoesNotDependOnOrder(t *testing.T) {
 		}
 	}
 }
+
+// Keys written differently that the conversion makes one JSON key are duplicates: which value
+// survives the conversion is otherwise random (CI's fuzzing found 1 and 1.).
+func TestDecode_KeysThatConvertToTheSameJSONKeyAreDuplicates(t *testing.T) {
+	for _, doc := range []string{"a:\n  1: x\n  1.: y\n", "a:\n  1: x\n  '1': y\n", "a:\n  yes: x\n  true: y\n"} {
+		d, err := Decode([]byte(doc), Options{Strict: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(d.Duplicates) != 1 || d.Duplicates[0].At.Line != 3 || d.Duplicates[0].First.Line != 2 {
+			t.Errorf("%q: duplicates %+v, want the key on line 3 (first on line 2)", doc, d.Duplicates)
+		}
+	}
+	// Different JSON keys are not duplicates, however alike they look.
+	d, err := Decode([]byte("a:\n  1: x\n  '1.5': y\n  \"yes\": z\n  no: w\n"), Options{Strict: true})
+	if err != nil || len(d.Duplicates) != 0 {
+		t.Errorf("duplicates %+v, %v; want none", d.Duplicates, err)
+	}
+}
