@@ -217,7 +217,13 @@ func checkShape(errs *Errors, path string, v any, t reflect.Type) (any, bool) {
 		}
 	case reflect.String:
 		if _, ok := v.(string); !ok {
-			return bad("want a string, got " + kindOf(v))
+			msg := "want a string, got " + kindOf(v)
+			if _, isBool := v.(bool); isBool {
+				// YAML 1.1 reads a plain y, n, yes, no, on, off as booleans: a name like "no"
+				// or "y" needs quotes.
+				msg += ` (YAML reads unquoted y/n, yes/no, on/off, true/false as booleans: quote the value, e.g. "no")`
+			}
+			return bad(msg)
 		}
 	case reflect.Bool:
 		if _, ok := v.(bool); !ok {

@@ -163,3 +163,9 @@ credentials:
 		`upstreams[1].credential: no credential named "nope"`,
 	)
 }
+
+// A name YAML 1.1 reads as a boolean (credential: no, host: y) gets a hint to quote it.
+func TestParse_AStringThatYAMLReadsAsABooleanGetsAQuoteHint(t *testing.T) {
+	got := parseErr(t, identityOnly+"policy: {dir: policies}\nupstreams: [{host: a.example, credential: no}]\ncredentials: {\"no\": {static: {env: K}}}\n")
+	wantAll(t, got, `upstreams[0].credential: want a string, got a boolean (YAML reads unquoted`, `quote the value`)
+}
