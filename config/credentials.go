@@ -65,12 +65,17 @@ type Static struct {
 	Env  string `json:"env,omitempty"`
 }
 
-// Broker has no settings; its presence says the token is minted by escrow controller (over the
-// xds connection's mTLS) rather than in the sidecar: the provider's root secret (a GitHub App
-// private key, an OAuth client secret) stays in the controller, which checks the sidecar's
-// SPIFFE ID against the Credential's allowed workloads. The controller serves brokered
-// Credentials in this form; it is valid only with xds.
-type Broker struct{}
+// Broker says the token is minted by escrow controller (over the xds connection's mTLS) rather
+// than in the sidecar: the provider's root secret (a GitHub App private key, an OAuth client
+// secret) stays in the controller, which checks the sidecar's SPIFFE ID against the
+// Credential's allowed workloads. The controller serves brokered Credentials in this form; it
+// is valid only with xds.
+type Broker struct {
+	// Revision is set by the controller and changes when the brokered Credential does (the
+	// controller then drops, and revokes, the tokens it minted under the old one): a changed
+	// credential config makes the sidecar drop its cached token and ask again. Not secret.
+	Revision string `json:"revision,omitempty"`
+}
 
 // JWTSVID asks for the calling workload's JWT-SVID for Audience, from the Workload API (so it
 // needs identity.spiffe). Written {audience: ...} under a jwt_svid key.
@@ -409,8 +414,13 @@ func (c *Config) validateCredential(p string, cr Credential, add func(path, form
 		add(p, "set exactly one provider, not %s", strings.Join(set, " and "))
 		return
 	}
-	if cr.Broker != nil && c.XDS == nil {
-		add(p+".broker", "needs xds: a brokered token is minted by escrow controller, over the xds connection")
+	if b := cr.Broker; b != nil {
+		if c.XDS == nil {
+			add(p+".broker", "needs xds: a brokered token is minted by escrow controller, over the xds connection")
+		}
+		if len(b.Revision) > 64 || strings.ContainsFunc(b.Revision, isCTL) {
+			add(p+".broker.revision", "want at most 64 characters without control characters")
+		}
 	}
 	spiffe := c.Identity.SPIFFE != nil
 	svid := func(at string, j *JWTSVID) {

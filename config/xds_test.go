@@ -101,7 +101,7 @@ func TestParse_BrokerCredentialWithXDSAppliesAsABearerToken(t *testing.T) {
 	c, err := Parse([]byte(`
 identity: {spiffe: {}}
 xds: {address: c:1}
-credentials: {github: {broker: {}}}
+credentials: {github: {broker: {}}, pushed: {broker: {revision: 3f2a9c1e0b7d4a51}}}
 upstreams: [{host: api.github.com, credential: github}]
 `))
 	if err != nil {
@@ -121,6 +121,7 @@ func TestParse_BrokerCredentialErrorsNameTheirKeys(t *testing.T) {
 		"identity: {spiffe: {}}\npolicy: {dir: p}\ncredentials: {gh: {broker: {}}}\n":                                        "credentials.gh.broker: needs xds",
 		"identity: {spiffe: {}}\nxds: {address: c:1}\ncredentials: {gh: {broker: {}, static: {env: X}}}\n":                   "credentials.gh: set exactly one provider, not static and broker",
 		"identity: {spiffe: {}}\nxds: {address: c:1}\ncredentials: {gh: {broker: {credential: gh}}}\n":                       "credentials.gh.broker.credential",
+		"identity: {spiffe: {}}\nxds: {address: c:1}\ncredentials: {gh: {broker: {revision: \"a\\nb\"}}}\n":                  "credentials.gh.broker.revision: want at most 64",
 		"identity: {spiffe: {}}\nxds: {address: c:1}\ncredentials: {gh: {broker: {spiffe_ids: [spiffe://example.org/a]}}}\n": "credentials.gh.broker.spiffe_ids",
 	} {
 		_, err := Parse([]byte(doc))
