@@ -7,6 +7,9 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // jwtFetchTimeout bounds one JWT-SVID fetch from the Workload API. The fetch is shared by every
@@ -18,6 +21,7 @@ type jwtEntry struct {
 	spiffeID  string
 	expiresAt time.Time
 	refreshAt time.Time
+	staleBy   time.Time // past refreshAt, served only while the Workload API is unreachable, until this
 }
 
 // JWTSVID returns a JWT-SVID of the workload's default identity for audience, and its expiry.
@@ -28,6 +32,12 @@ type jwtEntry struct {
 // also dropped when the X509-SVID's SPIFFE ID changes. Concurrent callers for one audience
 // share a single fetch; ctx bounds only this caller's wait. Fetch failures wrap ErrUnavailable
 // and are not cached.
+//
+// While the Workload API is unreachable (the SPIRE agent restarting: Unavailable or a timeout, not
+// a refusal such as PermissionDenied), a token past its half-life is served until nine tenths of
+// its lifetime, as the X509-SVID is served until it expires: a short agent outage must not fail
+// every credential that needs a JWT-SVID. Every call still tries a fetch first, so the first
+// one after the agent is back gets a fresh token.
 //
 // The token is a bearer credential: never log it or put it in an error.
 func (s *SPIFFE) JWTSVID(ctx context.Context, audience string) (token string, expiresAt time.Time, err error) {
@@ -70,6 +80,25 @@ func (s *SPIFFE) cachedJWT(audience string) (jwtEntry, bool) {
 	return e, true
 }
 
+// staleJWT returns the cached token for audience when the fetch failed only because the Workload
+// API could not be reached, the token is before its staleBy time and it belongs to the identity
+// currently held.
+func (s *SPIFFE) staleJWT(audience string, fetchErr error) (jwtEntry, bool) {
+	if c := status.Code(fetchErr); c != codes.Unavailable && c != codes.DeadlineExceeded {
+		return jwtEntry{}, false
+	}
+	s.jwtMu.Lock()
+	e, ok := s.jwtCache[audience]
+	s.jwtMu.Unlock()
+	if !ok || !s.now().Before(e.staleBy) {
+		return jwtEntry{}, false
+	}
+	if cur := s.cur.Load(); cur == nil || cur.closed || cur.id != e.spiffeID {
+		return jwtEntry{}, false
+	}
+	return e, true
+}
+
 func (s *SPIFFE) fetchJWT(audience string) (jwtEntry, error) {
 	// A fetch for this audience may have finished between the caller's cache check and this
 	// one starting; don't fetch again.
@@ -84,6 +113,11 @@ func (s *SPIFFE) fetchJWT(audience string) (jwtEntry, error) {
 		if s.closed.Load() {
 			return jwtEntry{}, errClosed
 		}
+		if e, ok := s.staleJWT(audience, err); ok {
+			s.log.Warn("Workload API unreachable; serving the previous JWT-SVID until it is near expiry",
+				zap.String("audience", audience), zap.Time("expires_at", e.expiresAt), zap.Error(err))
+			return e, nil
+		}
 		return jwtEntry{}, fmt.Errorf("%w: fetch JWT-SVID for audience %q: %w", ErrUnavailable, audience, err)
 	}
 	if !svid.Expiry.After(fetchedAt) {
@@ -95,6 +129,7 @@ func (s *SPIFFE) fetchJWT(audience string) (jwtEntry, error) {
 		spiffeID:  svid.ID.String(),
 		expiresAt: svid.Expiry,
 		refreshAt: fetchedAt.Add(svid.Expiry.Sub(fetchedAt) / 2),
+		staleBy:   fetchedAt.Add(svid.Expiry.Sub(fetchedAt) * 9 / 10),
 	}
 	s.jwtMu.Lock()
 	if !s.closed.Load() {

@@ -196,3 +196,37 @@ func TestJWTSVIDDroppedWhenIdentityChanges(t *testing.T) {
 		t.Fatalf("%d fetches, want 2 (the token for the old identity is not reused)", n)
 	}
 }
+
+func TestJWTSVID_AgentOutageServesThePreviousTokenUntilNineTenthsOfItsLife(t *testing.T) {
+	w, h := jwtHarness(t) // tokens live 10 minutes
+	tok1, exp1 := mustJWT(t, w, h.src, "aud", id1)
+
+	w.Stop() // the SPIRE agent restarts
+	h.clk.Advance(6 * time.Minute)
+	tok, exp, err := h.src.JWTSVID(context.Background(), "aud")
+	if err != nil || tok != tok1 || !exp.Equal(exp1) {
+		t.Fatalf("past half-life with the agent down: err %v, same token %v; want the previous token", err, tok == tok1)
+	}
+	h.clk.Advance(3 * time.Minute) // 9 minutes: within a tenth of expiry, too close to send
+	if _, _, err := h.src.JWTSVID(context.Background(), "aud"); !errors.Is(err, attest.ErrUnavailable) {
+		t.Fatalf("near expiry with the agent down: %v, want ErrUnavailable", err)
+	}
+
+	// The agent is back: the next call fetches a fresh token.
+	w.Start()
+	eventually(t, func() bool {
+		tok, _, err := h.src.JWTSVID(context.Background(), "aud")
+		return err == nil && tok != tok1
+	}, "a fresh JWT-SVID once the agent is back")
+}
+
+func TestJWTSVID_RevokedIdentityGetsNoPreviousToken(t *testing.T) {
+	w, h := jwtHarness(t)
+	mustJWT(t, w, h.src, "aud", id1)
+	h.clk.Advance(6 * time.Minute) // past half-life: the next call must fetch
+	w.Revoke()                     // the registration entry is removed: a refusal, not an outage
+	eventually(t, func() bool {
+		_, _, err := h.src.JWTSVID(context.Background(), "aud")
+		return errors.Is(err, attest.ErrUnavailable)
+	}, "JWTSVID refused after the identity was withdrawn")
+}

@@ -286,8 +286,16 @@ func (c *Config) validate() config.Errors {
 			add(key, "want a clean absolute directory path, got %q", dir)
 		}
 	}
-	if k, d := c.CAKeyDir, c.CADir; k == d || strings.HasPrefix(k, d+"/") || strings.HasPrefix(d, k+"/") {
+	if nested(c.CAKeyDir, c.CADir) {
 		add("ca_key_dir", "must not be ca_dir, below it or above it: the agent's containers mount ca_dir, and this holds the CA's private key")
+	}
+	// The Secrets of escrow.dev/secrets are mounted below SecretsDir in escrow's container.
+	// Below ca_dir, their mount points would appear in the directory the agent's containers
+	// share; above or below either directory, one mount would hide the other.
+	for key, dir := range map[string]string{"ca_dir": c.CADir, "ca_key_dir": c.CAKeyDir} {
+		if nested(dir, SecretsDir) {
+			add(key, "must not be %s, below it or above it: escrow's container mounts the Secrets of %s there", SecretsDir, AnnotationSecrets)
+		}
 	}
 	for i, s := range c.ServiceCIDRs {
 		if _, err := netip.ParsePrefix(s); err != nil {
@@ -320,6 +328,12 @@ func (c *Config) validate() config.Errors {
 		add("spiffe.socket_name", "want a file name, got %q", n)
 	}
 	return errs
+}
+
+// nested reports whether directories a and b (clean, absolute) are the same or one contains the
+// other.
+func nested(a, b string) bool {
+	return a == b || strings.HasPrefix(a, b+"/") || strings.HasPrefix(b, a+"/")
 }
 
 func checkImage(s string) string {

@@ -8,12 +8,15 @@ import (
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/yaml"
 )
 
 // FuzzMutate feeds arbitrary JSON as a pod. Patch never panics; for anything that decodes as a
 // pod, the patch applies to the pod as the API server would send it, the result is exactly the
-// injected pod, and a second pass changes nothing.
+// injected pod, no container but escrow mounts a volume the injector added (the CA directory
+// excepted, read-only), every Secret volume is a valid name mounted read-only below SecretsDir,
+// and a second pass changes nothing.
 func FuzzMutate(f *testing.F) {
 	ins, _ := filepath.Glob("testdata/*.in.yaml")
 	for _, p := range ins {
@@ -31,6 +34,8 @@ func FuzzMutate(f *testing.F) {
 	f.Add([]byte(`{"metadata":{"annotations":{"escrow.dev/no-proxy":",,a,,"}},"spec":{"initContainers":[{"name":"i"}]}}`), "ns")
 	f.Add([]byte(`{"spec":{"hostNetwork":true}}`), "ns")
 	f.Add([]byte(`{"metadata":{"annotations":{"escrow.dev/process-identity":"true"}},"spec":{"shareProcessNamespace":true,"securityContext":{"runAsUser":1},"containers":[{"name":"a","securityContext":{"allowPrivilegeEscalation":false,"capabilities":{"add":["cap_sys_ptrace"]}}}]}}`), "ns")
+	f.Add([]byte(`{"metadata":{"annotations":{"escrow.dev/secrets":" a , b.c,a"}},"spec":{"containers":[{"name":"a","volumeMounts":[{"name":"escrow-secret-0","mountPath":"/x"}]}],"volumes":[{"name":"escrow-secret-0"}]}}`), "ns")
+	f.Add([]byte(`{"metadata":{"annotations":{"escrow.dev/secrets":"a,,B_c,`+"\\t"+`"}}}`), "ns")
 	f.Add([]byte(`null`), "")
 	in := testInjector(f, "testdata/config.yaml")
 
@@ -77,6 +82,7 @@ func FuzzMutate(f *testing.F) {
 		if !bytes.Equal(gotJSON, want) {
 			t.Fatalf("patched pod differs from the injected pod\npatched:  %s\ninjected: %s", gotJSON, want)
 		}
+		checkOnlyEscrowMountsWhatWasAdded(t, &pod, d.Pod)
 		again, d2, err := in.Patch(out, namespace)
 		if err != nil || again != nil {
 			t.Fatalf("second pass: patch %s, result %s, err %v", again, d2.Result, err)
@@ -134,4 +140,44 @@ func FuzzReview(f *testing.F) {
 			}
 		}
 	})
+}
+
+// checkOnlyEscrowMountsWhatWasAdded fails unless every volume the injection added is mounted by
+// escrow's container alone (the CA directory: read-only by the others too), and every Secret
+// volume it added is a DNS-1123 label mounted read-only by escrow below SecretsDir.
+func checkOnlyEscrowMountsWhatWasAdded(t *testing.T, before, after *corev1.Pod) {
+	t.Helper()
+	had := map[string]bool{}
+	for _, v := range before.Spec.Volumes {
+		had[v.Name] = true
+	}
+	added := map[string]corev1.Volume{}
+	for _, v := range after.Spec.Volumes {
+		if !had[v.Name] {
+			added[v.Name] = v
+		}
+	}
+	containers := append(append([]corev1.Container{}, after.Spec.InitContainers...), after.Spec.Containers...)
+	for _, ec := range after.Spec.EphemeralContainers {
+		containers = append(containers, corev1.Container(ec.EphemeralContainerCommon))
+	}
+	for i, c := range containers {
+		escrow := i == 0 && c.Name == ContainerName
+		for _, m := range c.VolumeMounts {
+			v, ok := added[m.Name]
+			if !ok {
+				continue
+			}
+			switch {
+			case escrow && v.Secret != nil:
+				if !m.ReadOnly || m.MountPath != SecretsDir+"/"+v.Secret.SecretName || len(validation.IsDNS1123Label(v.Name)) > 0 {
+					t.Fatalf("Secret volume %q mounted as %+v", v.Name, m)
+				}
+			case escrow:
+			case m.Name == VolumeCA && m.ReadOnly:
+			default:
+				t.Fatalf("container %q mounts %q, which the injection added", c.Name, m.Name)
+			}
+		}
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -39,6 +40,7 @@ const (
 	AnnotationTrustEnv      = "escrow.dev/trust-env"        // "false": no CA trust variables
 	AnnotationNoProxy       = "escrow.dev/no-proxy"         // extra NO_PROXY entries, comma-separated
 	AnnotationProcess       = "escrow.dev/process-identity" // "true": escrow finds the calling process
+	AnnotationSecrets       = "escrow.dev/secrets"          // Secrets mounted into escrow only, comma-separated
 	AnnotationInjected      = "escrow.dev/injected"         // set by the injector: version and inputs hash
 )
 
@@ -59,6 +61,16 @@ const (
 	ConfigFile  = ConfigDir + "/" + ConfigKey
 	PoliciesDir = "/etc/escrow/policies"
 	SPIFFEDir   = "/spiffe-workload-api"
+
+	// SecretsDir is where escrow's container finds the Secrets of escrow.dev/secrets: key K of
+	// Secret S is the file SecretsDir/S/K. It is the path the control plane's Credentials
+	// resolve to (a test keeps the two equal), deliberately not below ca_dir, which the agent's
+	// containers mount (config validation keeps ca_dir and ca_key_dir away from it).
+	SecretsDir = "/var/run/escrow-secrets"
+	// VolumeSecretPrefix starts the name of each Secret's volume: the prefix and 16 hex digits
+	// of the SHA-256 of the Secret's name (a DNS-1123 label of 30 characters, whatever the
+	// Secret's name, the same in every pod).
+	VolumeSecretPrefix = "escrow-secret-"
 )
 
 // Result is the outcome of one admission request, also the metric label (a closed set).
@@ -121,7 +133,7 @@ func (in *Injector) Mutate(pod *corev1.Pod, namespace string) Decision {
 	if err != nil {
 		return Decision{Result: ResultDenied, Reason: err.Error()}
 	}
-	if err := conflicts(pod); err != nil {
+	if err := conflicts(pod, p); err != nil {
 		return Decision{Result: ResultDenied, Reason: err.Error()}
 	}
 	if p.ProcessIdentity {
@@ -203,10 +215,13 @@ func (in *Injector) skipReason(pod *corev1.Pod, namespace string) string {
 
 // conflicts refuses a pod that already uses a volume name the injector adds, or whose containers
 // mount one. Such a mount names no volume before injection, but would be valid after it: an
-// agent container could then read the CA key, or the Workload API socket and with it the pod's
-// SVIDs, which only escrow may hold.
-func conflicts(pod *corev1.Pod) error {
+// agent container could then read the CA key, the Workload API socket and with it the pod's
+// SVIDs, or a Secret of escrow.dev/secrets, which only escrow may hold.
+func conflicts(pod *corev1.Pod, p *params) error {
 	ours := map[string]bool{VolumeConfig: true, VolumePolicies: true, VolumeCA: true, VolumeCAKey: true, VolumeSPIFFE: true}
+	for _, s := range p.Secrets {
+		ours[secretVolumeName(s)] = true
+	}
 	for _, v := range pod.Spec.Volumes {
 		if ours[v.Name] {
 			return fmt.Errorf("injector: the pod already has a volume named %q, which escrow's injection uses", v.Name)
@@ -261,8 +276,9 @@ type params struct {
 	CADir           string            `json:"ca_dir"`
 	CAKeyDir        string            `json:"ca_key_dir"`
 	SPIFFE          SPIFFE            `json:"spiffe"`
-	// omitempty: pods without it keep the inputs hash they had before the feature existed.
-	ProcessIdentity bool `json:"process_identity,omitempty"`
+	// omitempty: pods without them keep the inputs hash they had before the features existed.
+	ProcessIdentity bool     `json:"process_identity,omitempty"`
+	Secrets         []string `json:"secrets,omitempty"` // sorted, no duplicates
 
 	resources corev1.ResourceRequirements
 }
@@ -363,6 +379,13 @@ func (in *Injector) params(ann map[string]string) (*params, error) {
 			bad(AnnotationTrustEnv, "want \"true\" or \"false\", got %q", v)
 		}
 	}
+	if v, ok := ann[AnnotationSecrets]; ok {
+		names, msgs := parseSecrets(v)
+		for _, m := range msgs {
+			bad(AnnotationSecrets, "%s", m)
+		}
+		p.Secrets = names
+	}
 	p.NoProxy = noProxyBase()
 	for _, cidr := range c.ServiceCIDRs {
 		p.NoProxy = appendNew(p.NoProxy, cidr)
@@ -394,6 +417,52 @@ func (in *Injector) params(ann map[string]string) (*params, error) {
 		return nil, fmt.Errorf("injector: %s", strings.Join(errs, "; "))
 	}
 	return p, nil
+}
+
+// parseSecrets reads escrow.dev/secrets: Secret names separated by commas, with spaces around
+// the commas allowed. It returns the names sorted with duplicates collapsed (so the inputs hash
+// and the pod do not depend on their order), and a message for each bad element.
+func parseSecrets(v string) ([]string, []string) {
+	var names, msgs []string
+	seen := map[string]bool{}
+	for e := range strings.SplitSeq(v, ",") {
+		e = strings.TrimSpace(e)
+		switch {
+		case e == "":
+			msgs = append(msgs, fmt.Sprintf("empty element in %q (want Secret names separated by commas)", v))
+		case len(validation.IsDNS1123Subdomain(e)) > 0:
+			msgs = append(msgs, fmt.Sprintf("%q is not a Secret name (a DNS-1123 subdomain: at most 253 lower-case letters, digits, '-' and '.')", e))
+		case !seen[e]:
+			seen[e] = true
+			names = append(names, e)
+		}
+	}
+	slices.Sort(names)
+	return names, msgs
+}
+
+// secretVolumeName is the name of Secret s's volume: VolumeSecretPrefix and a hash of s. A
+// hash rather than s itself because a Secret name may be 253 characters and contain dots,
+// which a volume name (a DNS-1123 label) may not; rather than an index because the name then
+// does not depend on the other Secrets listed. Two Secrets whose 64-bit hashes collide would
+// give two volumes of one name, which the API server refuses: the pod fails closed.
+func secretVolumeName(s string) string {
+	sum := sha256.Sum256([]byte(s))
+	return VolumeSecretPrefix + hex.EncodeToString(sum[:8])
+}
+
+// secretMode is the mode of the Secrets' files. The kubelet writes a secret volume's files
+// owned by uid 0 and gid 0, or the pod's fsGroup, in which case it also adds group read
+// (0440) whatever the mode. With process identity escrow runs as uid 0, the files' owner:
+// 0400. Otherwise escrow runs as run_as_user, neither the owner nor (without an fsGroup) in
+// the group, so only the others bit lets it read: 0444. That reaches no one else: the volume
+// is mounted in escrow's container alone, whose only process is escrow, and no other
+// container has a path to it.
+func secretMode(p *params) int32 {
+	if p.ProcessIdentity {
+		return 0o400
+	}
+	return 0o444
 }
 
 func toQuantities(m map[string]string) map[string]Quantity {
@@ -467,14 +536,23 @@ func sidecar(p *params) corev1.Container {
 		LivenessProbe:            probe("/healthz", 10, 3),
 		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
 		SecurityContext:          securityContext(p),
-		VolumeMounts: []corev1.VolumeMount{
-			{Name: VolumeConfig, MountPath: ConfigDir, ReadOnly: true},
-			{Name: VolumePolicies, MountPath: PoliciesDir, ReadOnly: true},
-			{Name: VolumeCA, MountPath: p.CADir},
-			{Name: VolumeCAKey, MountPath: p.CAKeyDir},
-			{Name: VolumeSPIFFE, MountPath: SPIFFEDir, ReadOnly: true},
-		},
+		VolumeMounts:             sidecarMounts(p),
 	}
+}
+
+func sidecarMounts(p *params) []corev1.VolumeMount {
+	m := []corev1.VolumeMount{
+		{Name: VolumeConfig, MountPath: ConfigDir, ReadOnly: true},
+		{Name: VolumePolicies, MountPath: PoliciesDir, ReadOnly: true},
+		{Name: VolumeCA, MountPath: p.CADir},
+		{Name: VolumeCAKey, MountPath: p.CAKeyDir},
+		{Name: VolumeSPIFFE, MountPath: SPIFFEDir, ReadOnly: true},
+	}
+	// The Secrets of escrow.dev/secrets: here, in escrow's container, and nowhere else.
+	for _, s := range p.Secrets {
+		m = append(m, corev1.VolumeMount{Name: secretVolumeName(s), MountPath: SecretsDir + "/" + s, ReadOnly: true})
+	}
+	return m
 }
 
 // processCapabilities returns the capabilities escrow's lookup of the calling process needs,
@@ -593,7 +671,7 @@ func volumes(p *params) []corev1.Volume {
 		dir := corev1.HostPathDirectory
 		spiffe = corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: p.SPIFFE.HostPath, Type: &dir}}
 	}
-	return []corev1.Volume{
+	vols := []corev1.Volume{
 		{Name: VolumeConfig, VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
 			LocalObjectReference: corev1.LocalObjectReference{Name: p.ConfigMap}}}},
 		{Name: VolumePolicies, VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
@@ -604,6 +682,14 @@ func volumes(p *params) []corev1.Volume {
 			Medium: corev1.StorageMediumMemory, SizeLimit: &keySize}}},
 		{Name: VolumeSPIFFE, VolumeSource: spiffe},
 	}
+	mode := secretMode(p)
+	for _, s := range p.Secrets {
+		// Not optional: a missing Secret keeps the pod from starting, with an event naming it,
+		// rather than escrow starting without a credential it was given.
+		vols = append(vols, corev1.Volume{Name: secretVolumeName(s), VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{
+			SecretName: s, DefaultMode: ptr(mode), Optional: ptr(false)}}})
+	}
+	return vols
 }
 
 // wire gives a container (not escrow) the proxy and trust variables and the CA volume,

@@ -296,10 +296,12 @@ func (w *WorkloadAPI) mint(id string, notAfter time.Time) (spiffeid.ID, []byte, 
 
 // Revoke withdraws the X509-SVID, as a SPIRE agent does when the workload's registration
 // entries are removed: open FetchX509SVID streams end with PermissionDenied ("no identity
-// issued") and new ones get no SVID until the next SetSVID.
+// issued") and new ones get no SVID until the next SetSVID; JWT-SVID fetches are refused the
+// same way.
 func (w *WorkloadAPI) Revoke() {
 	w.mu.Lock()
 	w.x509Resp = nil
+	w.id = spiffeid.ID{}
 	close(w.changed)
 	w.changed = make(chan struct{})
 	w.mu.Unlock()

@@ -5,11 +5,14 @@ import (
 	"flag"
 	"fmt"
 	"runtime"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/escrowproxy/escrow/controlplane/api/v1alpha1"
+	"github.com/escrowproxy/escrow/controlplane/bundle"
 	"github.com/escrowproxy/escrow/controlplane/controller/controllertest"
 )
 
@@ -23,6 +26,34 @@ var benchSidecars = flag.Int("sidecars", 1000, "simulated sidecars in BenchmarkS
 //
 //	go test ./controlplane/controller -run '^$' -bench RevocationReachesEverySidecar -benchtime 20x -sidecars 1000
 func BenchmarkServer_RevocationReachesEverySidecar(b *testing.B) {
+	benchReachEverySidecar(b, func(i int, objs *Objects) func(bundle.Bundle) bool {
+		name := fmt.Sprintf("r%d", i)
+		objs.Revocations = []v1alpha1.Revocation{revoke("agents", name, "spiffe://example.org/ns/agents/sa/sidecar-0")}
+		return func(bun bundle.Bundle) bool {
+			return slices.ContainsFunc(bun.Revocations, func(r bundle.Revocation) bool { return r.Name == "agents/"+name })
+		}
+	})
+}
+
+// BenchmarkServer_PolicyChangeReachesEverySidecar is the same with a changed Policy as the op:
+// the controller validates the Cedar text against escrow's schema (as it does for every Policy
+// it serves) before computing and publishing the bundles.
+//
+//	go test ./controlplane/controller -run '^$' -bench PolicyChangeReachesEverySidecar -benchtime 20x -sidecars 1000
+func BenchmarkServer_PolicyChangeReachesEverySidecar(b *testing.B) {
+	benchReachEverySidecar(b, func(i int, objs *Objects) func(bundle.Bundle) bool {
+		id := fmt.Sprintf("agents-change-%d", i)
+		objs.Policies = []v1alpha1.Policy{pol(sys, "base", allowGitHub), pol("agents", "change",
+			`@id("`+id+`")
+permit(principal in Namespace::"agents", action == Action::"GET", resource == Host::"api.github.com");`)}
+		return func(bun bundle.Bundle) bool { return strings.Contains(bun.Policies["agents/change.cedar"], id) }
+	})
+}
+
+// benchReachEverySidecar connects -sidecars clients and times, per op, change (which edits the
+// objects and returns how to recognise its result in a bundle) until every client has a bundle
+// with that result.
+func benchReachEverySidecar(b *testing.B, change func(i int, objs *Objects) func(bundle.Bundle) bool) {
 	ts := startServer(b)
 	n := *benchSidecars
 	objs := Objects{Policies: []v1alpha1.Policy{pol(sys, "base", allowGitHub)}}
@@ -34,7 +65,8 @@ func BenchmarkServer_RevocationReachesEverySidecar(b *testing.B) {
 
 	var mu sync.Mutex
 	cond := sync.NewCond(&mu)
-	seen := map[string]int{} // revocation name -> sidecars that have it
+	var want func(bundle.Bundle) bool // the current op's result; nil between ops
+	op, done := 0, 0                  // the current op's number; clients that have its result
 	var clients []*controllertest.Client
 	ready := make(chan struct{}, n)
 	for i := range n {
@@ -50,6 +82,7 @@ func BenchmarkServer_RevocationReachesEverySidecar(b *testing.B) {
 		clients = append(clients, c)
 		go func() {
 			first := true
+			counted := -1 // the op this client was last counted for
 			for {
 				r, bun, err := c.Recv()
 				if err != nil {
@@ -59,10 +92,11 @@ func BenchmarkServer_RevocationReachesEverySidecar(b *testing.B) {
 					return
 				}
 				mu.Lock()
-				for _, rv := range bun.Revocations {
-					seen[rv.Name]++
+				if want != nil && counted != op && want(bun) {
+					counted = op
+					done++
+					cond.Broadcast()
 				}
-				cond.Broadcast()
 				mu.Unlock()
 				if first {
 					first = false
@@ -86,14 +120,18 @@ func BenchmarkServer_RevocationReachesEverySidecar(b *testing.B) {
 	b.ResetTimer()
 	var total time.Duration
 	for i := 0; i < b.N; i++ {
-		name := fmt.Sprintf("r%d", i)
-		objs.Revocations = []v1alpha1.Revocation{revoke("agents", name, "spiffe://example.org/ns/agents/sa/sidecar-0")}
+		has := change(i, &objs)
+		mu.Lock()
+		want, done = has, 0
+		op++
+		mu.Unlock()
 		start := time.Now()
 		ts.Update(Compute(objs, sys))
 		mu.Lock()
-		for seen["agents/"+name] < n {
+		for done < n {
 			cond.Wait()
 		}
+		want = nil
 		mu.Unlock()
 		total += time.Since(start)
 	}
