@@ -12,7 +12,8 @@ FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy:FuzzCheckPa
                 ./proxy/mcp:FuzzResponseFilter ./policy:FuzzLoad ./policy:FuzzArgumentsRecord \
                 ./policy:FuzzTestFile ./attest:FuzzDelegation ./credential:FuzzApplier \
                 ./injector:FuzzMutate ./injector:FuzzReview ./controlplane/bundle:FuzzDecode \
-                ./internal/strictyaml:FuzzDecode ./attest:FuzzFDInfo ./controlplane/sidecar:FuzzMerge ./controlplane/controller:FuzzServedBundlesValidate
+                ./internal/strictyaml:FuzzDecode ./attest:FuzzFDInfo ./controlplane/sidecar:FuzzMerge ./controlplane/controller:FuzzServedBundlesValidate \
+                ./controlplane/broker:FuzzDecode
 
 .PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro bench-compare clean test-k8s test-realparts test-fleet
 

@@ -18,6 +18,7 @@ type Credential struct {
 	Vault         *Vault         `json:"vault,omitempty"`
 	GCP           *GCP           `json:"gcp,omitempty"`
 	Azure         *Azure         `json:"azure,omitempty"`
+	Broker        *Broker        `json:"broker,omitempty"`
 }
 
 // Provider names.
@@ -30,10 +31,11 @@ const (
 	ProviderVault         = "vault"
 	ProviderGCP           = "gcp"
 	ProviderAzure         = "azure"
+	ProviderBroker        = "broker"
 )
 
 // providerKeys lists every provider key, in the order the docs present them.
-var providerKeys = []string{ProviderStatic, ProviderOAuth2, ProviderTokenExchange, ProviderAWS, ProviderGitHubApp, ProviderVault, ProviderGCP, ProviderAzure}
+var providerKeys = []string{ProviderStatic, ProviderOAuth2, ProviderTokenExchange, ProviderAWS, ProviderGitHubApp, ProviderVault, ProviderGCP, ProviderAzure, ProviderBroker}
 
 // Provider is the key of the provider that is set ("static", "oauth2", ...), as audit records
 // (credential_provider) and metrics name it; "" when none is set, the first one when several
@@ -48,7 +50,7 @@ func (c Credential) Provider() string {
 func (c Credential) providersSet() []string {
 	var out []string
 	for i, set := range []bool{c.Static != nil, c.OAuth2 != nil, c.TokenExchange != nil, c.AWS != nil,
-		c.GitHubApp != nil, c.Vault != nil, c.GCP != nil, c.Azure != nil} {
+		c.GitHubApp != nil, c.Vault != nil, c.GCP != nil, c.Azure != nil, c.Broker != nil} {
 		if set {
 			out = append(out, providerKeys[i])
 		}
@@ -62,6 +64,13 @@ type Static struct {
 	File string `json:"file,omitempty"`
 	Env  string `json:"env,omitempty"`
 }
+
+// Broker has no settings; its presence says the token is minted by escrow controller (over the
+// xds connection's mTLS) rather than in the sidecar: the provider's root secret (a GitHub App
+// private key, an OAuth client secret) stays in the controller, which checks the sidecar's
+// SPIFFE ID against the Credential's allowed workloads. The controller serves brokered
+// Credentials in this form; it is valid only with xds.
+type Broker struct{}
 
 // JWTSVID asks for the calling workload's JWT-SVID for Audience, from the Workload API (so it
 // needs identity.spiffe). Written {audience: ...} under a jwt_svid key.
@@ -399,6 +408,9 @@ func (c *Config) validateCredential(p string, cr Credential, add func(path, form
 	default:
 		add(p, "set exactly one provider, not %s", strings.Join(set, " and "))
 		return
+	}
+	if cr.Broker != nil && c.XDS == nil {
+		add(p+".broker", "needs xds: a brokered token is minted by escrow controller, over the xds connection")
 	}
 	spiffe := c.Identity.SPIFFE != nil
 	svid := func(at string, j *JWTSVID) {

@@ -96,3 +96,36 @@ egress: {allow_cidrs: [10.0.0.0/8]}
 		t.Fatalf("compiled values differ: %+v vs %+v", b.Upstreams[0].Injection(), a.Upstreams[0].Injection())
 	}
 }
+
+func TestParse_BrokerCredentialWithXDSAppliesAsABearerToken(t *testing.T) {
+	c, err := Parse([]byte(`
+identity: {spiffe: {}}
+xds: {address: c:1}
+credentials: {github: {broker: {}}}
+upstreams: [{host: api.github.com, credential: github}]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cr := c.Credentials["github"]
+	if cr.Broker == nil || cr.Provider() != ProviderBroker || len(cr.Files("credentials.github")) != 0 {
+		t.Fatalf("credentials.github = %+v (provider %q)", cr, cr.Provider())
+	}
+	if in := c.Upstreams[0].Injection(); in.Kind != InjectHeader || in.Header != "Authorization" || in.Prefix != "Bearer " {
+		t.Fatalf("injection = %+v", in)
+	}
+}
+
+func TestParse_BrokerCredentialErrorsNameTheirKeys(t *testing.T) {
+	for doc, want := range map[string]string{
+		"identity: {spiffe: {}}\npolicy: {dir: p}\ncredentials: {gh: {broker: {}}}\n":                                        "credentials.gh.broker: needs xds",
+		"identity: {spiffe: {}}\nxds: {address: c:1}\ncredentials: {gh: {broker: {}, static: {env: X}}}\n":                   "credentials.gh: set exactly one provider, not static and broker",
+		"identity: {spiffe: {}}\nxds: {address: c:1}\ncredentials: {gh: {broker: {credential: gh}}}\n":                       "credentials.gh.broker.credential",
+		"identity: {spiffe: {}}\nxds: {address: c:1}\ncredentials: {gh: {broker: {spiffe_ids: [spiffe://example.org/a]}}}\n": "credentials.gh.broker.spiffe_ids",
+	} {
+		_, err := Parse([]byte(doc))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s\n  error %v\n  want %q", doc, err, want)
+		}
+	}
+}

@@ -35,7 +35,7 @@ func endpointClient(d Deps, caFile string) (*http.Client, error) {
 	if caFile == "" {
 		return d.HTTPClient, nil
 	}
-	pem, err := os.ReadFile(caFile)
+	pem, err := readFile(d, caFile)
 	if err != nil {
 		return nil, fmt.Errorf("ca_file: %w", err)
 	}
@@ -62,6 +62,15 @@ func endpointClient(d Deps, caFile string) (*http.Client, error) {
 	c := *d.HTTPClient
 	c.Transport = t
 	return &c, nil
+}
+
+// readFile reads a file a provider's configuration names through d.ReadFile, or the file
+// system.
+func readFile(d Deps, path string) ([]byte, error) {
+	if d.ReadFile != nil {
+		return d.ReadFile(path)
+	}
+	return os.ReadFile(path)
 }
 
 // withClient puts c where golang.org/x/oauth2 looks for the HTTP client to use.
@@ -104,15 +113,22 @@ func jwtSVID(ctx context.Context, d Deps, audience, subject string) (string, err
 
 // readSecretFile reads a secret (client secret, private key, service account token) from path,
 // trimmed; an empty or oversized file is an error naming the path, never quoting its content.
-func readSecretFile(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", fmt.Errorf("secret file: %w", err)
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxFileSize+1))
-	if err != nil {
-		return "", fmt.Errorf("secret file %s: %w", path, err)
+func readSecretFile(d Deps, path string) (string, error) {
+	var b []byte
+	if d.ReadFile != nil {
+		var err error
+		if b, err = d.ReadFile(path); err != nil {
+			return "", fmt.Errorf("secret file: %w", err)
+		}
+	} else {
+		f, err := os.Open(path)
+		if err != nil {
+			return "", fmt.Errorf("secret file: %w", err)
+		}
+		defer f.Close()
+		if b, err = io.ReadAll(io.LimitReader(f, maxFileSize+1)); err != nil {
+			return "", fmt.Errorf("secret file %s: %w", path, err)
+		}
 	}
 	if len(b) > maxFileSize {
 		return "", fmt.Errorf("secret file %s is larger than %d bytes", path, maxFileSize)

@@ -46,7 +46,7 @@ func NewGitHubApp(o GitHubAppOptions, d Deps) (Provider, error) {
 	if o.AppID <= 0 || o.InstallationID <= 0 || o.PrivateKeyFile == "" {
 		return nil, errors.New("credential: github_app: app_id, installation_id and private_key_file are required")
 	}
-	if _, err := loadRSAKey(o.PrivateKeyFile); err != nil {
+	if _, err := loadRSAKey(d, o.PrivateKeyFile); err != nil {
 		return nil, fmt.Errorf("credential: github_app: %w", err)
 	}
 	api := strings.TrimSuffix(o.APIURL, "/")
@@ -73,7 +73,7 @@ func NewGitHubApp(o GitHubAppOptions, d Deps) (Provider, error) {
 	if err != nil {
 		return nil, fmt.Errorf("credential: github_app: %w", err)
 	}
-	return &githubProvider{o: o, api: api, body: b, client: c, now: nowFunc(d)}, nil
+	return &githubProvider{o: o, api: api, body: b, client: c, now: nowFunc(d), d: d}, nil
 }
 
 type githubProvider struct {
@@ -82,6 +82,7 @@ type githubProvider struct {
 	body   []byte // the down-scope, JSON
 	client *http.Client
 	now    func() time.Time
+	d      Deps // ReadFile reads the private key
 }
 
 func (p *githubProvider) Kind() string { return "github_app" }
@@ -89,7 +90,7 @@ func (p *githubProvider) Kind() string { return "github_app" }
 // appJWT returns the App's JWT: iss = the App ID, iat 60 s in the past against clock drift (as
 // GitHub recommends), exp 9 minutes ahead (GitHub refuses more than 10 minutes).
 func (p *githubProvider) appJWT() (string, error) {
-	key, err := loadRSAKey(p.o.PrivateKeyFile)
+	key, err := loadRSAKey(p.d, p.o.PrivateKeyFile)
 	if err != nil {
 		return "", err
 	}
@@ -179,8 +180,8 @@ func githubError(status int, body []byte, secrets ...string) error {
 }
 
 // loadRSAKey reads an RSA private key in PEM, PKCS#1 or PKCS#8.
-func loadRSAKey(path string) (*rsa.PrivateKey, error) {
-	s, err := readSecretFile(path)
+func loadRSAKey(d Deps, path string) (*rsa.PrivateKey, error) {
+	s, err := readSecretFile(d, path)
 	if err != nil {
 		return nil, fmt.Errorf("private_key_file: %w", err)
 	}

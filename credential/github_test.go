@@ -51,7 +51,7 @@ func writeRSAKey(t testing.TB) string {
 }
 
 func readRSAPublic(t testing.TB, path string) *rsa.PublicKey {
-	k, err := loadRSAKey(path)
+	k, err := loadRSAKey(Deps{}, path)
 	if err != nil {
 		t.Fatal(err)
 	}

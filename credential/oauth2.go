@@ -196,7 +196,7 @@ func (p *oauthProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error
 		cfg.AuthStyle = oauth2.AuthStyleInParams // client_id in the form, no secret
 		secrets = append(secrets, a)
 	case p.auth.ClientSecretFile != "":
-		s, err := readSecretFile(p.auth.ClientSecretFile)
+		s, err := readSecretFile(p.d, p.auth.ClientSecretFile)
 		if err != nil {
 			return Token{}, err
 		}

@@ -139,6 +139,30 @@ type Deps struct {
 	Now func() time.Time
 	// Logger receives what providers log (never a secret); default: nothing.
 	Logger *zap.Logger
+	// ReadFile reads the files a provider's configuration names (private keys, client
+	// secrets, service account tokens, CA files); default: the file system. escrow controller
+	// serves the Secret paths of a Credential from the API server this way, so a provider it
+	// runs for brokering is built from the same config.Credential a sidecar would get and the
+	// secret is never written to disk. Bounded to maxFileSize for secrets either way.
+	ReadFile func(path string) ([]byte, error)
+	// Broker mints the tokens of credentials whose config is broker: {} (escrow controller,
+	// over the sidecar's control-plane connection). Nil: such a credential cannot be built.
+	Broker Broker
+}
+
+// Broker is what credential needs from the control plane: the token of a brokered credential,
+// minted by escrow controller for this sidecar's identity. controlplane/broker's Client
+// implements it; credential does not import it.
+type Broker interface {
+	Mint(ctx context.Context, r BrokerRequest) (Token, error)
+}
+
+// BrokerRequest is what a sidecar asks the broker for. It is a struct so it can grow.
+type BrokerRequest struct {
+	// Name is the credential's name (the Credential object's).
+	Name string
+	// Scope is the canonical scope parameters ("" for none).
+	Scope string
 }
 
 // NewProvider is the one switch from a credential's configuration to its Provider. c has been
@@ -223,6 +247,8 @@ func NewProvider(name string, c config.Credential, d Deps) (Provider, error) {
 			TenantID: a.TenantID, ClientID: a.ClientID, Scope: a.Scope, JWTAudience: aud,
 			AuthorityURL: a.AuthorityURL, CAFile: a.CAFile,
 		}, d))
+	case c.Broker != nil:
+		return named(name)(NewBrokered(d))
 	}
 	return nil, fmt.Errorf("credential: %s: no provider set", name)
 }

@@ -175,6 +175,20 @@ func (t Token) Part(key string) string {
 	return out
 }
 
+// PartNames returns the names of a multi-part token's parts, sorted (nil for a single-value
+// token). Names are not secret; Part reads the values.
+func (t Token) PartNames() []string {
+	if t.sec == nil || !t.multi {
+		return nil
+	}
+	var out []string
+	eachPart(string(*t.sec), func(k, _ string) bool {
+		out = append(out, k)
+		return true
+	})
+	return out
+}
+
 // MultiPart reports whether t was made by NewTokenParts.
 func (t Token) MultiPart() bool { return t.multi }
 

@@ -101,7 +101,7 @@ func (p *vaultProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error
 		mount, role, jwt = a.Mount, a.Role, s
 	default:
 		a := p.o.KubernetesAuth
-		s, err := readSecretFile(a.TokenFile)
+		s, err := readSecretFile(p.d, a.TokenFile)
 		if err != nil {
 			return Token{}, err
 		}

@@ -73,6 +73,9 @@ type Deps struct {
 	// AuditStallAfter is how long one write of the default audit sink may block before requests
 	// are refused with audit_unavailable (default 2s).
 	AuditStallAfter time.Duration
+	// Broker mints the tokens of brokered credentials (broker: {}): the control-plane
+	// connection's client. Nil: a config with one fails to build.
+	Broker credential.Broker
 	// ReadyChecks are more /readyz checks by name (the control-plane subscriber's "xds": not
 	// ready until the first config was applied). They cannot replace the built-in ones.
 	ReadyChecks map[string]ReadyCheck
@@ -270,7 +273,7 @@ func Build(ctx context.Context, cfg *config.Config, d Deps) (_ *Sidecar, err err
 	s.closers = append(s.closers, func() error { providerTransport.CloseIdleConnections(); return nil })
 	s.credDep = credential.Deps{
 		HTTPClient: &http.Client{Transport: providerTransport, Timeout: 30 * time.Second},
-		LookupEnv:  os.LookupEnv, Now: now, Logger: log.Named("credential"),
+		LookupEnv:  os.LookupEnv, Now: now, Logger: log.Named("credential"), Broker: d.Broker,
 	}
 	if j, ok := id.(credential.JWTSource); ok {
 		s.credDep.JWT = j

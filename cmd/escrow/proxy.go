@@ -54,6 +54,7 @@ func cmdProxy(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	var xds xdsClient
 	if cfg.XDS != nil {
 		deps.ReadyChecks = map[string]proxy.ReadyCheck{"xds": xds.ready}
+		deps.Broker = &xds.broker
 	}
 	sc, err := proxy.Build(ctx, cfg, deps)
 	if err != nil {

@@ -13,7 +13,9 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/escrowproxy/escrow/config"
+	"github.com/escrowproxy/escrow/controlplane/broker"
 	"github.com/escrowproxy/escrow/controlplane/sidecar"
+	"github.com/escrowproxy/escrow/credential"
 	"github.com/escrowproxy/escrow/proxy"
 )
 
@@ -22,6 +24,24 @@ import (
 // one update path.
 type xdsClient struct {
 	sub atomic.Pointer[sidecar.Subscriber]
+	// broker mints brokered credentials over the same connection; it exists before the
+	// connection does (the credentials are built first), so it is bound late.
+	broker lateBroker
+}
+
+// lateBroker is the credential.Broker handed to the sidecar at build time. Until the
+// controller connection is made (xds.run, once the identity source is up) and after it closes, every mint
+// fails (fail closed: the request is answered 503 credential_unavailable).
+type lateBroker struct {
+	c atomic.Pointer[broker.Client]
+}
+
+func (b *lateBroker) Mint(ctx context.Context, r credential.BrokerRequest) (credential.Token, error) {
+	c := b.c.Load()
+	if c == nil {
+		return credential.Token{}, errors.New("not connected to the controller yet (waiting for the X509-SVID)")
+	}
+	return c.Mint(ctx, r)
 }
 
 // ready is the sidecar's "xds" /readyz check.
@@ -56,6 +76,8 @@ func (x *xdsClient) run(ctx context.Context, cfg *config.Config, sc *proxy.Sidec
 		return fmt.Errorf("escrow proxy: xds.address: %w", err)
 	}
 	defer conn.Close()
+	x.broker.c.Store(broker.NewClient(conn))
+	defer x.broker.c.Store(nil)
 	var nodeID string
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
 		if svid, err := svids.GetX509SVID(); err == nil {

@@ -31,18 +31,45 @@ import (
 
 	"github.com/escrowproxy/escrow/attest/attesttest"
 	"github.com/escrowproxy/escrow/config"
+	"github.com/escrowproxy/escrow/controlplane/broker"
 	"github.com/escrowproxy/escrow/controlplane/bundle"
+	"github.com/escrowproxy/escrow/credential"
 )
 
 type staticSVID struct{ s *x509svid.SVID }
 
 func (s staticSVID) GetX509SVID() (*x509svid.SVID, error) { return s.s, nil }
 
+// brokerMinter is the controller's broker in TestCmdProxy_FollowsTheControllerOverMTLSWithItsSVID:
+// it mints for the one workload it knows, and records who asked.
+type brokerMinter struct {
+	mu      sync.Mutex
+	callers []string
+	allowed string
+}
+
+func (m *brokerMinter) Mint(_ context.Context, r broker.Request) (credential.Token, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.callers = append(m.callers, r.Caller.String()+" "+r.Credential)
+	if r.Caller.String() != m.allowed || r.Credential != "gh" {
+		return credential.Token{}, broker.Refuse(broker.ResultDenied, nil)
+	}
+	return credential.NewToken(r.Credential, "ghs_brokered", time.Now().Add(time.Hour)), nil
+}
+
+func (m *brokerMinter) asked() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return strings.Join(m.callers, ",")
+}
+
 // TestCmdProxy_FollowsTheControllerOverMTLSWithItsSVID: `escrow proxy` with xds subscribes to a
 // controller (an ADS server with go-control-plane's snapshot cache) over mTLS with the X509-SVID
 // from its Workload API, as node id its SPIFFE ID. It denies until the first bundle, serves the
-// pushed upstream under the pushed policy, then denies the revoked identity with 403 revoked,
-// with no restart.
+// pushed upstream under the pushed policy, mints a brokered credential over the same connection
+// (once for several requests), then denies the revoked identity with 403 revoked, with no
+// restart.
 func TestCmdProxy_FollowsTheControllerOverMTLSWithItsSVID(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts the proxy")
@@ -89,6 +116,12 @@ func TestCmdProxy_FollowsTheControllerOverMTLSWithItsSVID(t *testing.T) {
 		return h(s, ss)
 	}))
 	discovery.RegisterAggregatedDiscoveryServiceServer(gs, srv)
+	minter := &brokerMinter{allowed: workload}
+	bs, err := broker.NewServer(broker.ServerOptions{Minter: minter})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bs.Register(gs)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -113,6 +146,14 @@ func TestCmdProxy_FollowsTheControllerOverMTLSWithItsSVID(t *testing.T) {
 
 	api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "hello from the api") }))
 	defer api.Close()
+	brokered := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "Bearer ghs_brokered" {
+			http.Error(w, "bad credentials", http.StatusUnauthorized)
+			return
+		}
+		_, _ = io.WriteString(w, "hello with the brokered token")
+	}))
+	defer brokered.Close()
 
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "escrow.yaml")
@@ -151,9 +192,11 @@ audit: {flush_interval: 0s}
 			t.Fatalf("escrow proxy did not listen within 20s:\n%s", stderr.String())
 		}
 	}
+	var getURL func(string) (int, string)
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{Proxy: http.ProxyURL(&url.URL{Scheme: "http", Host: proxyAddr})}}
-	get := func() (int, string) {
-		resp, err := client.Get("http://api.example.test/v1")
+	get := func() (int, string) { return getURL("http://api.example.test/v1") }
+	getURL = func(u string) (int, string) {
+		resp, err := client.Get(u)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -189,11 +232,22 @@ audit: {flush_interval: 0s}
 	}
 
 	base := bundle.Bundle{
-		Upstreams: []config.Upstream{{Host: "api.example.test", Address: strings.TrimPrefix(api.URL, "http://")}},
-		Policies:  map[string]string{"agents/allow.cedar": `@id("allow-api") permit (principal, action, resource == Host::"api.example.test");`},
+		Upstreams: []config.Upstream{{Host: "api.example.test", Address: strings.TrimPrefix(api.URL, "http://")},
+			{Host: "brokered.example.test", Address: strings.TrimPrefix(brokered.URL, "http://"), Credential: "gh", UnsafePlaintextCredential: true}},
+		Credentials: map[string]config.Credential{"gh": {Broker: &config.Broker{}}},
+		Policies: map[string]string{"agents/allow.cedar": `@id("allow-api") permit (principal, action, resource == Host::"api.example.test");
+@id("allow-brokered") permit (principal, action, resource == Host::"brokered.example.test");`},
 	}
 	push("v1", base)
 	eventually("the pushed upstream and policy serve", func() bool { code, _ := get(); return code == http.StatusOK })
+	for i := 0; i < 3; i++ {
+		if code, reason := getURL("http://brokered.example.test/"); code != http.StatusOK {
+			t.Fatalf("brokered upstream: %d %s\n%s", code, reason, stderr.String())
+		}
+	}
+	if got := minter.asked(); got != workload+" gh" {
+		t.Errorf("the broker was asked %q; want one mint for the sidecar's SVID %s", got, workload)
+	}
 	eventually("/readyz ready after the first bundle", func() bool { return ready() == http.StatusOK })
 	mu.Lock()
 	if peers["stream"] != workload {
