@@ -15,7 +15,7 @@ FUZZ_TARGETS := ./config:FuzzParse ./proxy:FuzzSplitHostPort ./proxy:FuzzCheckPa
                 ./internal/strictyaml:FuzzDecode ./attest:FuzzFDInfo ./controlplane/sidecar:FuzzMerge ./controlplane/controller:FuzzServedBundlesValidate \
                 ./controlplane/broker:FuzzDecode
 
-.PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro bench-compare clean test-k8s test-realparts
+.PHONY: all build demo test lint unit fuzz e2e bench bench-peers bench-micro bench-compare clean test-k8s test-realparts test-fleet
 
 all: build
 
@@ -55,6 +55,16 @@ test-k8s:
 test-realparts:
 	@bin=$$(test/tools/realparts.sh) && \
 	  ESCROW_REALPARTS_BIN=$$bin ESCROW_REALPARTS_REQUIRE=1 $(GO) test -count=1 -v -timeout 20m ./test/realparts/...
+
+## test-fleet: docs/walkthrough.md run as written (test/k8s/fleet_test.go): helm install with the
+## control plane on a real kube-apiserver, a real SPIRE issuing the X509-SVIDs of `escrow
+## controller` and of the injected `escrow proxy`, real curl from the agent pod's namespaces, and a
+## Revocation that denies the agent within 10 s. Needs root (the pod's mount namespace) and the
+## tools of both test-k8s and test-realparts (built and cached by their scripts).
+test-fleet:
+	@tools=$$(test/k8s/tools.sh) && bin=$$(test/tools/realparts.sh) && \
+	  ESCROW_K8S_TOOLS=$$tools ESCROW_REALPARTS_BIN=$$bin ESCROW_FLEET_REQUIRE=1 \
+	  $(GO) test -count=1 -v -timeout 15m -run '^TestFleet' ./test/k8s/
 
 ## e2e: only the end-to-end tests (real curl, Python requests, Go client against the built binary)
 e2e:

@@ -4,7 +4,9 @@
 // Grafana dashboard's queries checked against the real /metrics output of escrow. With no kubelet,
 // podsim_test.go plays one: the injected pod runs in a network namespace of its own, and real curl
 // and Python requests, given only the agent container's injected environment, reach an API
-// through escrow with the credential.
+// through escrow with the credential. fleet_test.go runs docs/walkthrough.md as written: the
+// chart with the control plane, a real SPIRE issuing the controller's and the sidecar's
+// X509-SVIDs, and a Revocation that denies the agent within seconds (`make test-fleet`).
 //
 // The tests need helm, kube-apiserver, kubectl and etcd: test/k8s/tools.sh builds them once into
 // a cache and prints the directory. With ESCROW_K8S_TOOLS unset every test here skips (so plain

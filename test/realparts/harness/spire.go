@@ -31,6 +31,10 @@ type SPIREOptions struct {
 	OIDCDiscovery bool
 	// LogLevel of server and agent; default INFO.
 	LogLevel string
+	// AgentID is the node alias the agent's join token maps to, the default parent of entries;
+	// default spiffe://<TrustDomain>/agent. Set it to the ID a document's entries name as their
+	// parent (e.g. spiffe://example.org/ns/spire/sa/spire-agent, SPIRE's Kubernetes quickstart).
+	AgentID string
 }
 
 // SPIRE is a running SPIRE server and agent (join_token node attestation, unix workload
@@ -80,7 +84,10 @@ func StartSPIRE(t testing.TB, o SPIREOptions) *SPIRE {
 	if s.logLevel == "" {
 		s.logLevel = "INFO"
 	}
-	s.AgentID = "spiffe://" + s.TrustDomain + "/agent"
+	s.AgentID = o.AgentID
+	if s.AgentID == "" {
+		s.AgentID = "spiffe://" + s.TrustDomain + "/agent"
+	}
 	s.ServerSocket = filepath.Join(s.dir, "server.sock")
 	s.AgentSocket = filepath.Join(s.dir, "agent.sock")
 	s.WorkloadAPI = "unix://" + s.AgentSocket
