@@ -37,7 +37,9 @@ func cmdController(ctx context.Context, args []string, stdout, stderr io.Writer)
 		`Watches escrow's Kubernetes resources (Policy, Upstream, Credential, Revocation of escrow.dev/v1alpha1)
 and serves every connected sidecar its bundle over ADS (gRPC, mTLS): the objects of the sidecar's
 namespace, taken from the SPIFFE ID of its X509-SVID, plus those of escrow's own namespace.
-Invalid Policies are refused with a status. /healthz, /readyz and /metrics are on --admin.
+Invalid Policies are refused with a status. Brokered Credentials (spec.broker) are minted on the
+same listener for the sidecars they allow; their Secrets, in escrow's namespace, are read from
+the API server and never leave the controller. /healthz, /readyz and /metrics are on --admin.
 SIGTERM or SIGINT stops it: open streams end and sidecars reconnect to another replica, keeping
 their last good bundle meanwhile.
 
@@ -144,12 +146,19 @@ not re-read).`, stdout, stderr)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := controller.NewMetrics(reg)
-	srv, err := controller.NewServer(controller.ServerOptions{SVIDs: svids, Bundles: bundles, TrustDomain: td,
-		Logger: log.Named("ads"), Metrics: metrics})
+	// The broker holds the root secrets of brokered Credentials: it reads their Secrets (in
+	// escrow's namespace only) from the API server when it mints, and writes them nowhere.
+	brk, err := controller.NewBroker(controller.BrokerOptions{Client: client, Namespace: *namespace, Logger: log.Named("broker")})
 	if err != nil {
 		return err
 	}
-	ctrl, err := controller.New(controller.Options{Client: client, Namespace: *namespace, Publisher: srv,
+	srv, err := controller.NewServer(controller.ServerOptions{SVIDs: svids, Bundles: bundles, TrustDomain: td,
+		Logger: log.Named("ads"), Metrics: metrics, Minter: brk})
+	if err != nil {
+		return err
+	}
+	// The broker first: a Revocation refuses mints before the sidecars hear of it.
+	ctrl, err := controller.New(controller.Options{Client: client, Namespace: *namespace, Publisher: controller.Publishers{brk, srv},
 		Logger: log, Metrics: metrics, Coalesce: *coalesce})
 	if err != nil {
 		return err

@@ -89,6 +89,8 @@ type View struct {
 	// bundles holds the bundle of escrow's namespace (which every namespace without objects
 	// of its own also gets) and of every namespace with objects.
 	bundles map[string]nsBundle
+	// broker holds the brokered Credentials (all in escrow's namespace), by name.
+	broker map[string]Brokered
 }
 
 type nsBundle struct {
@@ -139,7 +141,7 @@ const maxMessage = 4096
 // namespaces define): it is Accepted with reason PartiallyServed, and the message names the
 // namespaces it is served to (or left out of) and why.
 func Compute(objs Objects, clusterNS string) *View {
-	v := &View{clusterNS: clusterNS, byNS: map[string]*contribution{}, verdicts: map[ObjectRef]Verdict{}}
+	v := &View{clusterNS: clusterNS, byNS: map[string]*contribution{}, verdicts: map[ObjectRef]Verdict{}, broker: map[string]Brokered{}}
 	contrib := func(ns string) *contribution {
 		c := v.byNS[ns]
 		if c == nil {
@@ -223,6 +225,17 @@ func Compute(objs Objects, clusterNS string) *View {
 			reason, msg := credentialSpecProblem(err)
 			v.reject(ref, cr.Generation, reason, msg)
 			continue
+		}
+		if bs := cr.Spec.Broker; bs != nil {
+			b, reason, msg := v.brokered(k, cc, *bs)
+			if reason != "" {
+				v.reject(ref, cr.Generation, reason, msg)
+				continue
+			}
+			v.broker[k.Name] = b
+			// Sidecars get the kind alone: the provider, its Secret reference and the allowed
+			// workloads stay here.
+			cc = config.Credential{Broker: &config.Broker{Revision: b.revision()}}
 		}
 		admitted[ref] = cr.Generation
 		contrib(k.Namespace).credentials[k.Name] = cc
@@ -442,6 +455,17 @@ func (v *View) Verdict(kind string, k ObjectKey) (Verdict, bool) {
 	return vd, ok
 }
 
+// Brokered returns the brokered Credentials by name (not to be modified).
+func (v *View) Brokered() map[string]Brokered { return v.broker }
+
+// Revocations returns the Revocations of namespace ns that are served (not to be modified).
+func (v *View) Revocations(ns string) []bundle.Revocation {
+	if c := v.byNS[ns]; c != nil {
+		return c.revocations
+	}
+	return nil
+}
+
 // Problems lists the objects left out of every bundle, in a stable order.
 func (v *View) Problems() []Problem { return v.problems }
 
@@ -557,4 +581,64 @@ func plural(n int, one, many string) string {
 		return one
 	}
 	return many
+}
+
+// Brokered is one brokered Credential as the controller serves it: the provider's config (its
+// Secret references as the SecretsDir paths a sidecar would read; the controller serves those
+// paths from the API server) and the workloads that may have its token minted.
+type Brokered struct {
+	Config           config.Credential
+	SPIFFEIDs        []string
+	SPIFFEIDPrefixes []string
+}
+
+// Allows reports whether the workload id may have the token minted: it is one of SPIFFEIDs,
+// or below one of SPIFFEIDPrefixes at a path-segment boundary (as a Revocation's prefixes).
+func (b Brokered) Allows(id string) bool {
+	return bundle.Revocation{SPIFFEIDs: b.SPIFFEIDs, SPIFFEIDPrefixes: b.SPIFFEIDPrefixes}.Covers(id)
+}
+
+// revision is what sidecars receive as broker.revision: a hash of the provider's config, so
+// that a changed Credential makes them drop the token minted under the old one.
+func (b Brokered) revision() string {
+	raw, err := json.Marshal(b.Config)
+	if err != nil {
+		panic("controller: a credential does not marshal: " + err.Error()) // its types always do
+	}
+	sum := sha256.Sum256(raw)
+	return hex.EncodeToString(sum[:8])
+}
+
+// brokered checks a Credential with broker: it is cluster-wide (a tenant's Credential cannot
+// make the controller hold its secret and mint for others), its provider has a root secret
+// the controller can keep (github_app's private key, oauth2's client secret: the others use
+// the pod's own JWT-SVID, which the controller does not have), at least one workload may use
+// it, and the provider's config is one a sidecar would accept (no sidecar checks it now). It
+// returns the reason and message of a refusal, or "".
+func (v *View) brokered(k ObjectKey, cc config.Credential, bs v1alpha1.BrokerSpec) (Brokered, string, string) {
+	b := Brokered{Config: cc, SPIFFEIDs: bs.SPIFFEIDs, SPIFFEIDPrefixes: bs.SPIFFEIDPrefixes}
+	switch {
+	case k.Namespace != v.clusterNS:
+		return b, v1alpha1.ReasonNotBrokerable, fmt.Sprintf("spec.broker: only a cluster-wide Credential (namespace %s) is brokered", v.clusterNS)
+	case cc.GitHubApp != nil:
+	case cc.OAuth2 != nil && cc.OAuth2.ClientSecretFile != "":
+	default:
+		return b, v1alpha1.ReasonNotBrokerable, fmt.Sprintf("spec.broker: a %s credential has no root secret to keep: brokering is for github_app, and oauth2 with client_secret_ref", cc.Provider())
+	}
+	if len(bs.SPIFFEIDs)+len(bs.SPIFFEIDPrefixes) == 0 {
+		return b, v1alpha1.ReasonInvalid, "spec.broker: names no spiffe_ids or spiffe_id_prefixes"
+	}
+	for _, p := range bs.SPIFFEIDPrefixes {
+		if !strings.HasPrefix(p, "spiffe://") || len(strings.TrimSuffix(p, "/")) <= len("spiffe://") {
+			return b, v1alpha1.ReasonInvalid, fmt.Sprintf("spec.broker.spiffe_id_prefixes: %q is not a spiffe:// prefix with a trust domain", p)
+		}
+	}
+	if errs := configErrors(bundle.Bundle{Credentials: map[string]config.Credential{k.Name: cc}}); len(errs) > 0 {
+		msgs := make([]string, len(errs))
+		for i, e := range errs {
+			msgs[i] = "spec." + strings.TrimPrefix(e.Path, "credentials."+k.Name+".") + ": " + e.Msg
+		}
+		return b, v1alpha1.ReasonInvalid, strings.Join(msgs, "; ")
+	}
+	return b, "", ""
 }

@@ -27,8 +27,18 @@ const DefaultCoalesce = 100 * time.Millisecond
 // statusRetry is when a status write that failed (not a conflict) is tried again.
 const statusRetry = 5 * time.Second
 
-// Publisher receives every new View (the ADS Server).
+// Publisher receives every new View (the ADS Server, the Broker).
 type Publisher interface{ Update(*View) }
+
+// Publishers hands each View to every one of them, in order.
+type Publishers []Publisher
+
+// Update implements Publisher.
+func (ps Publishers) Update(v *View) {
+	for _, p := range ps {
+		p.Update(v)
+	}
+}
 
 // Options configure a Controller.
 type Options struct {

@@ -27,6 +27,10 @@ type Metrics struct {
 	Computes prometheus.Counter
 	// StatusWrites counts status updates of every kind by result (ok, conflict, error).
 	StatusWrites *prometheus.CounterVec
+	// BrokerMints counts the sidecars' requests for brokered tokens by credential (a brokered
+	// Credential's name; "" for a name that is none) and result (ok, denied, revoked,
+	// not_found, unavailable, invalid).
+	BrokerMints *prometheus.CounterVec
 }
 
 // NewMetrics creates the collectors and registers them with reg (nil: not registered).
@@ -52,9 +56,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Recomputations of the bundles after changes of the watched objects."}),
 		StatusWrites: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "status_writes_total",
 			Help: "Status updates of Policy, Upstream, Credential and Revocation objects, by result (ok, conflict, error)."}, []string{"result"}),
+		BrokerMints: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "broker_mints_total",
+			Help: "Sidecars' requests for brokered tokens, by credential and result (ok, denied, revoked, not_found, unavailable, invalid)."}, []string{"credential", "result"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.Connected, m.Pushes, m.NACKs, m.Refused, m.PushLatency, m.BundleVersion, m.Rejected, m.Computes, m.StatusWrites)
+		reg.MustRegister(m.Connected, m.Pushes, m.NACKs, m.Refused, m.PushLatency, m.BundleVersion, m.Rejected, m.Computes, m.StatusWrites, m.BrokerMints)
 	}
 	return m
 }

@@ -24,9 +24,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
+	"github.com/escrowproxy/escrow/controlplane/broker"
 	"github.com/escrowproxy/escrow/controlplane/bundle"
 )
 
@@ -43,6 +43,9 @@ type ServerOptions struct {
 	Metrics     *Metrics
 	// Now is the clock of the push latency; time.Now when nil.
 	Now func() time.Time
+	// Minter, when set, serves credential brokering (controlplane/broker) on the same gRPC
+	// server: same listener, same mTLS, the caller the SPIFFE ID of its verified certificate.
+	Minter broker.Minter
 }
 
 // Server serves each connected sidecar its bundle over ADS (state of the world, one
@@ -123,6 +126,14 @@ func NewServer(o ServerOptions) (*Server, error) {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	discovery.RegisterAggregatedDiscoveryServiceServer(s.grpc, s.xds)
+	if o.Minter != nil {
+		bs, err := broker.NewServer(broker.ServerOptions{Minter: o.Minter, Logger: o.Logger.Named("broker"),
+			Observe: func(cred string, r broker.Result) { s.metrics.BrokerMints.WithLabelValues(cred, string(r)).Inc() }})
+		if err != nil {
+			return nil, err
+		}
+		bs.Register(s.grpc)
+	}
 	return s, nil
 }
 
@@ -296,18 +307,8 @@ func (s *Server) onStreamClosed(id int64, _ *core.Node) {
 }
 
 // peerID is the SPIFFE ID of the client certificate of the stream's connection, which the
-// TLS handshake verified against the trust bundle.
-func peerID(ctx context.Context) (spiffeid.ID, error) {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return spiffeid.ID{}, errors.New("no peer")
-	}
-	ti, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok || len(ti.State.PeerCertificates) == 0 {
-		return spiffeid.ID{}, errors.New("no client certificate")
-	}
-	return x509svid.IDFromCert(ti.State.PeerCertificates[0])
-}
+// TLS handshake verified against the trust bundle (the broker identifies its callers alike).
+func peerID(ctx context.Context) (spiffeid.ID, error) { return broker.PeerID(ctx) }
 
 // xdsLogger is go-control-plane's logger on zap; its chatter is debug level.
 type xdsLogger struct{ s *zap.SugaredLogger }

@@ -29,8 +29,8 @@ const (
 	controllerSA = "escrow-controller"
 )
 
-// rbac is what the controller's ServiceAccount needs (the chart's ClusterRole must grant the
-// same): the controller below runs as that ServiceAccount, by impersonation.
+// rbac is what the controller's ServiceAccount needs (the chart's ClusterRole and Role must
+// grant the same): the controller below runs as that ServiceAccount, by impersonation.
 const rbac = `apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
 metadata: {name: escrow-controller}
@@ -46,6 +46,21 @@ apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
 metadata: {name: escrow-controller}
 roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: escrow-controller}
+subjects:
+- {kind: ServiceAccount, name: escrow-controller, namespace: escrow-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: escrow-controller, namespace: escrow-system}
+rules:
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: escrow-controller, namespace: escrow-system}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: escrow-controller}
 subjects:
 - {kind: ServiceAccount, name: escrow-controller, namespace: escrow-system}
 `

@@ -43,14 +43,23 @@ func grants(t *testing.T, where, rulesYAML string) []string {
 }
 
 // section returns the text of file from the first line starting with from (included) to the
-// first later line that starts with until (excluded).
-func section(t *testing.T, file, from, until string) string {
+// first later line that starts with until (excluded); with after, from the first from after
+// after's first occurrence.
+func section(t *testing.T, file, from, until string, after ...string) string {
 	t.Helper()
 	raw, err := os.ReadFile(filepath.Join(repoRoot, file))
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, rest, ok := strings.Cut(string(raw), from)
+	text := string(raw)
+	for _, a := range after {
+		_, rest, ok := strings.Cut(text, a)
+		if !ok {
+			t.Fatalf("%s has no %q", file, a)
+		}
+		text = rest
+	}
+	_, rest, ok := strings.Cut(text, from)
 	if !ok {
 		t.Fatalf("%s has no %q", file, from)
 	}
@@ -69,6 +78,14 @@ func TestRBAC_TheTestsTheChartAndTheDocsGrantTheSame(t *testing.T) {
 	docs := grants(t, "docs", section(t, "docs/controlplane.md", "rules:\n", "```"))
 	if !slices.Equal(tests, chart) || !slices.Equal(tests, docs) {
 		t.Errorf("RBAC differs:\ntests: %v\nchart: %v\ndocs:  %v", tests, chart, docs)
+	}
+	// The namespaced Role (escrow's namespace): Secrets of brokered Credentials, get only.
+	role := func(file, until string) []string {
+		return grants(t, file+" Role", section(t, file, "rules:\n", until, "kind: Role\n"))
+	}
+	rt, rc, rd := role("test/controlplane/controller_test.go", "---"), role("charts/escrow/templates/controller.yaml", "---"), role("docs/controlplane.md", "```")
+	if want := []string{"/secrets:get"}; !slices.Equal(rt, want) || !slices.Equal(rc, want) || !slices.Equal(rd, want) {
+		t.Errorf("Role grants differ from %v:\ntests: %v\nchart: %v\ndocs:  %v", want, rt, rc, rd)
 	}
 	for _, res := range []string{"policies", "upstreams", "credentials", "revocations"} {
 		if !slices.Contains(tests, "escrow.dev/"+res+"/status:update") {

@@ -2,7 +2,9 @@ package v1alpha1
 
 import (
 	"fmt"
+	"maps"
 	"reflect"
+	"slices"
 	"strings"
 
 	"sigs.k8s.io/yaml"
@@ -48,16 +50,38 @@ func definitions() []definition {
 	props["port"].(map[string]any)["minimum"] = 1
 	props["port"].(map[string]any)["maximum"] = 65535
 
-	cred := schemaOf(reflect.TypeFor[CredentialSpec](), "")
-	cred["minProperties"] = 1
-	cred["maxProperties"] = 1
-	cred["description"] = "Exactly one provider, as in the config file's credentials.<name>; secrets are references to Secrets of this namespace."
-
 	spiffeItems := map[string]any{"type": "string", "maxLength": 2048, "pattern": `^spiffe://[a-z0-9._-]+(/.*)?$`}
 	list := func(items map[string]any) map[string]any {
 		return map[string]any{"type": "array", "minItems": 1, "maxItems": 1000, "items": items,
 			"x-kubernetes-list-type": "set"}
 	}
+
+	cred := schemaOf(reflect.TypeFor[CredentialSpec](), "")
+	cred["minProperties"] = 1
+	// Exactly one provider, and broker beside it at most.
+	cred["maxProperties"] = 2
+	var providers []string
+	for _, k := range slices.Sorted(maps.Keys(cred["properties"].(map[string]any))) {
+		if k == "broker" {
+			continue
+		}
+		providers = append(providers, "has(self."+k+")")
+	}
+	cred["x-kubernetes-validations"] = []any{map[string]any{
+		"rule":    "[" + strings.Join(providers, ", ") + "].filter(x, x).size() == 1",
+		"message": "set exactly one provider (and broker beside it, to broker it)",
+	}}
+	cred["description"] = "Exactly one provider, as in the config file's credentials.<name>; secrets are references to Secrets of this namespace. broker beside it keeps the root secret in escrow controller."
+	broker := obj(map[string]any{
+		"spiffe_ids":         list(spiffeItems),
+		"spiffe_id_prefixes": list(spiffeItems),
+	})
+	broker["x-kubernetes-validations"] = []any{map[string]any{
+		"rule":    "has(self.spiffe_ids) || has(self.spiffe_id_prefixes)",
+		"message": "broker names at least one of spiffe_ids, spiffe_id_prefixes",
+	}}
+	broker["description"] = "The workloads whose sidecars may have the token minted: SPIFFE IDs, and prefixes matched at a path-segment boundary."
+	cred["properties"].(map[string]any)["broker"] = broker
 	revocation := obj(map[string]any{
 		"spiffe_ids":         list(spiffeItems),
 		"spiffe_id_prefixes": list(spiffeItems),

@@ -108,6 +108,10 @@ const (
 	ReasonUndecodable = "Undecodable"
 	// ReasonEmpty: a Revocation that names no SPIFFE ID, prefix or credential.
 	ReasonEmpty = "Empty"
+	// ReasonNotBrokerable: a Credential with broker that is not in escrow's own namespace, or
+	// whose provider has no root secret to keep (only github_app, and oauth2 with a
+	// client_secret_ref, are brokered).
+	ReasonNotBrokerable = "NotBrokerable"
 )
 
 // Upstream is one upstreams[] entry of escrow's config, served to the sidecars that receive
@@ -148,6 +152,19 @@ type CredentialSpec struct {
 	Vault         *config.Vault      `json:"vault,omitempty"`
 	GCP           *config.GCP        `json:"gcp,omitempty"`
 	Azure         *config.Azure      `json:"azure,omitempty"`
+	// Broker, beside a github_app or an oauth2 client-secret provider of a cluster-wide
+	// Credential (escrow's namespace), keeps the root secret in escrow controller: it mints
+	// the token when an allowed sidecar asks, and sidecars receive {broker: {}} instead of the
+	// provider (and never mount the Secret).
+	Broker *BrokerSpec `json:"broker,omitempty"`
+}
+
+// BrokerSpec says which workloads may have a brokered Credential's token minted: exact SPIFFE
+// IDs, and ID prefixes matched at a path-segment boundary ("spiffe://td/ns/a" covers
+// ".../ns/a/sa/b", not ".../ns/ab"). At least one entry (the CRD's schema enforces it).
+type BrokerSpec struct {
+	SPIFFEIDs        []string `json:"spiffe_ids,omitempty"`
+	SPIFFEIDPrefixes []string `json:"spiffe_id_prefixes,omitempty"`
 }
 
 // SecretKeyRef names one key of a Secret in the referring object's namespace.
