@@ -30,7 +30,7 @@ func (c *Client) Mint(ctx context.Context, r credential.BrokerRequest) (credenti
 	out := new(structpb.Struct)
 	if err := c.conn.Invoke(ctx, MintMethod, in, out); err != nil {
 		st := status.Convert(err)
-		return credential.Token{}, fmt.Errorf("broker: the controller answered %s: %s", st.Code(), st.Message())
+		return credential.Token{}, fmt.Errorf("the controller answered %s: %s", st.Code(), st.Message())
 	}
 	resp, err := DecodeResponse(out)
 	if err != nil {

@@ -127,7 +127,7 @@ func (s *Server) mint(ctx context.Context, in *structpb.Struct) (*structpb.Struc
 	if err != nil {
 		s.observe("", ResultDenied)
 		s.log.Warn("refused a mint without an X509-SVID", zap.Error(err))
-		return nil, status.Error(codes.Unauthenticated, "broker: an X509-SVID is required")
+		return nil, status.Error(codes.Unauthenticated, "an X509-SVID is required")
 	}
 	req, err := DecodeRequest(in)
 	if err != nil {
@@ -170,15 +170,15 @@ func (s *Server) mint(ctx context.Context, in *structpb.Struct) (*structpb.Struc
 func refusal(res Result, name string) error {
 	switch res {
 	case ResultDenied:
-		return status.Errorf(codes.PermissionDenied, "broker: this workload may not use credential %q", name)
+		return status.Errorf(codes.PermissionDenied, "this workload may not use credential %q", name)
 	case ResultRevoked:
-		return status.Errorf(codes.PermissionDenied, "broker: credential %q is revoked for this workload", name)
+		return status.Errorf(codes.PermissionDenied, "credential %q is revoked for this workload", name)
 	case ResultNotFound:
-		return status.Errorf(codes.NotFound, "broker: no brokered credential %q", name)
+		return status.Errorf(codes.NotFound, "no brokered credential %q", name)
 	case ResultInvalid:
-		return status.Errorf(codes.InvalidArgument, "broker: credential %q: invalid request", name)
+		return status.Errorf(codes.InvalidArgument, "credential %q: invalid request", name)
 	}
-	return status.Errorf(codes.Unavailable, "broker: credential %q could not be minted (the controller logs why)", name)
+	return status.Errorf(codes.Unavailable, "credential %q could not be minted (the controller logs why)", name)
 }
 
 func responseOf(tok credential.Token) MintResponse {

@@ -59,6 +59,10 @@ func TestCRDs_RefuseInvalidObjects(t *testing.T) {
 		"credential two providers":    {yamlDoc("Credential", ns, "c1", "static: {secret_ref: {name: a, key: b}}\nazure: {tenant_id: t, client_id: c, scope: s}"), "spec"},
 		"credential file path":        {yamlDoc("Credential", ns, "c2", "static: {file: /etc/secret}"), "file"},
 		"policy without cedar":        {yamlDoc("Policy", ns, "p1", `{}`), "cedar"},
+		"broker without provider":     {yamlDoc("Credential", ns, "c3", "broker: {spiffe_ids: [spiffe://example.org/ns/a/sa/b]}"), "exactly one provider"},
+		"broker without workloads":    {yamlDoc("Credential", ns, "c4", "github_app: {app_id: 1, installation_id: 2, private_key_ref: {name: a, key: b}}\nbroker: {}"), "at least one of spiffe_ids"},
+		"broker two providers":        {yamlDoc("Credential", ns, "c5", "static: {secret_ref: {name: a, key: b}}\ngithub_app: {app_id: 1, installation_id: 2, private_key_ref: {name: a, key: b}}\nbroker: {spiffe_ids: [spiffe://example.org/ns/a/sa/b]}"), "spec"},
+		"broker bad id":               {yamlDoc("Credential", ns, "c6", "github_app: {app_id: 1, installation_id: 2, private_key_ref: {name: a, key: b}}\nbroker: {spiffe_ids: [\"https://x\"]}"), "spiffe_ids"},
 		"duration not a duration":     {yamlDoc("Upstream", ns, "u4", "host: a.example\nresponse_timeout: soon"), "response_timeout"},
 	} {
 		err := kubectlErr(t, c.doc, "apply", "-f", "-")
