@@ -140,3 +140,32 @@ func benchReachEverySidecar(b *testing.B, change func(i int, objs *Objects) func
 	b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/float64(n), "heap-B/sidecar")
 	b.ReportMetric(float64(n), "sidecars")
 }
+
+// BenchmarkCompute_NamespacesWithObjects: one op is a Compute over escrow's namespace and N
+// tenant namespaces, each with an Upstream and a Credential, plus a cluster-wide Upstream
+// naming a Credential every tenant defines: every namespace's bundle is built and validated,
+// and every object judged (what each burst of changes costs the controller).
+//
+//	go test ./controlplane/controller -run '^$' -bench Compute_NamespacesWithObjects
+func BenchmarkCompute_NamespacesWithObjects(b *testing.B) {
+	for _, n := range []int{10, 100} {
+		b.Run(fmt.Sprintf("namespaces=%d", n), func(b *testing.B) {
+			shared := up(sys, "openai", "api.openai.com", 0)
+			shared.Spec.Credential = "openai"
+			objs := Objects{Upstreams: []v1alpha1.Upstream{shared}, Policies: []v1alpha1.Policy{pol(sys, "base", allowGitHub)}}
+			for i := range n {
+				ns := fmt.Sprintf("team-%d", i)
+				u := up(ns, "api", ns+".example.com", 0)
+				u.Spec.Credential = "key"
+				objs.Upstreams = append(objs.Upstreams, u)
+				objs.Credentials = append(objs.Credentials, static(ns, "key", "s"), static(ns, "openai", "o"))
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if v := Compute(objs, sys); len(v.Problems()) != 0 {
+					b.Fatal(v.Problems())
+				}
+			}
+		})
+	}
+}

@@ -1,11 +1,13 @@
 package controller
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"unicode/utf8"
@@ -25,6 +27,16 @@ type Objects struct {
 	Upstreams   []v1alpha1.Upstream
 	Credentials []v1alpha1.Credential
 	Revocations []v1alpha1.Revocation
+	// Undecodable are the objects that did not decode (fields this controller version does
+	// not know): left out of every bundle, with a status that says so.
+	Undecodable []Undecodable
+}
+
+// Undecodable is an object that did not decode, and why.
+type Undecodable struct {
+	Ref        ObjectRef
+	Generation int64
+	Err        string
 }
 
 // ObjectKey names one object.
@@ -34,38 +46,59 @@ func (k ObjectKey) String() string { return k.Namespace + "/" + k.Name }
 
 func keyOf(m metav1.ObjectMeta) ObjectKey { return ObjectKey{m.Namespace, m.Name} }
 
-// Verdict is what the controller decided about one Policy: its Accepted condition.
+// ObjectRef names one object of one kind (v1alpha1.KindPolicy, ...).
+type ObjectRef struct {
+	Kind string
+	ObjectKey
+}
+
+func (r ObjectRef) String() string { return r.Kind + " " + r.ObjectKey.String() }
+
+func refOf(kind string, m metav1.ObjectMeta) ObjectRef { return ObjectRef{kind, keyOf(m)} }
+
+// Verdict is what the controller decided about one object: its Accepted condition.
 type Verdict struct {
-	// Generation is the Policy's metadata.generation the verdict is about.
+	// Generation is the object's metadata.generation the verdict is about.
 	Generation int64
-	Accepted   bool
-	// Reason is v1alpha1.ReasonValid, ReasonInvalid or ReasonDuplicateID.
+	// Accepted: the object is in at least one namespace's bundle.
+	Accepted bool
+	// Reason is one of v1alpha1's Reason constants.
 	Reason string
-	// Message says what is wrong, each problem as "<ns>/<name>.cedar:line:col: ...", or how
-	// many policies were accepted.
+	// Message says exactly why, with the key path where there is one ("spec.credential: ...",
+	// a Policy's "<ns>/<name>.cedar:line:col: ..."), or where the object is served.
 	Message string
 }
 
-// Problem is an object that is left out of every bundle, and why (logged by the controller;
-// Policies also carry it in their status).
+// Problem is an object that is left out of every bundle, and why (logged by the controller,
+// counted in rejected_objects, and in the object's status).
 type Problem struct {
-	Kind string
-	Key  ObjectKey
-	Err  string
+	Kind   string
+	Key    ObjectKey
+	Reason string
+	Err    string
 }
 
-// View is the result of Compute: every namespace's contribution, the Policy verdicts, and
-// the bundle of any sidecar. It is immutable.
+// View is the result of Compute: every namespace's contribution and bundle, the verdict on
+// every object, and the bundle of any sidecar. It is immutable.
 type View struct {
 	clusterNS string
 	cluster   *contribution
 	byNS      map[string]*contribution
-	verdicts  map[ObjectKey]Verdict
+	verdicts  map[ObjectRef]Verdict
 	problems  []Problem
+	// bundles holds the bundle of escrow's namespace (which every namespace without objects
+	// of its own also gets) and of every namespace with objects.
+	bundles map[string]nsBundle
+}
+
+type nsBundle struct {
+	b       bundle.Bundle
+	dropped []string
 }
 
 // contribution is what one namespace adds to a bundle, in a stable order.
 type contribution struct {
+	namespace   string
 	upstreams   []namedUpstream
 	credentials map[string]config.Credential
 	policies    map[string]string // "<ns>/<name>.cedar" -> text
@@ -86,22 +119,31 @@ type upstreamKey struct {
 // maxMessage bounds a condition's message (the CRD allows 32 KiB; a status is read by people).
 const maxMessage = 4096
 
-// Compute validates every Policy against escrow's built-in schema and sorts every object into
-// its namespace's contribution. clusterNS is escrow's own namespace, whose objects every
-// sidecar receives. It is pure: the same objects give the same View, bundles and versions.
+// Compute validates every Policy against escrow's built-in schema, sorts every object into
+// its namespace's contribution, computes every namespace's bundle and decides every object's
+// verdict. clusterNS is escrow's own namespace, whose objects every sidecar receives. It is
+// pure: the same objects give the same View, bundles, versions and verdicts (so replicas
+// write the same status).
 //
 // Objects that cannot be served are left out and listed in Problems: a Policy that does not
 // compile (its Verdict says why, with line and column), a Policy with an @id already used by
-// one that a sidecar would receive with it, a Credential with a bad Secret reference, and a
+// one that a sidecar would receive with it, a Credential with a bad Secret reference, a
 // namespace's Upstream or Credential that collides with a cluster-wide one (escrow's own
-// namespace wins: a tenant cannot redirect an operator's upstream or replace its credential).
-// Within one namespace the object whose name sorts first wins a collision.
+// namespace wins: a tenant cannot redirect an operator's upstream or replace its credential),
+// an object that does not decode, and an Upstream or Credential that the sidecar's config
+// validation would refuse in every bundle it could be in (see validateBundle). Within one
+// namespace the object whose name sorts first wins a collision.
+//
+// An object in at least one bundle is Accepted. Only a cluster-wide object can be in some
+// bundles and not others (a cluster-wide Upstream naming a Credential that only some
+// namespaces define): it is Accepted with reason PartiallyServed, and the message names the
+// namespaces it is served to (or left out of) and why.
 func Compute(objs Objects, clusterNS string) *View {
-	v := &View{clusterNS: clusterNS, byNS: map[string]*contribution{}, verdicts: map[ObjectKey]Verdict{}}
+	v := &View{clusterNS: clusterNS, byNS: map[string]*contribution{}, verdicts: map[ObjectRef]Verdict{}}
 	contrib := func(ns string) *contribution {
 		c := v.byNS[ns]
 		if c == nil {
-			c = &contribution{credentials: map[string]config.Credential{}, policies: map[string]string{}, policyIDs: map[string]string{}}
+			c = &contribution{namespace: ns, credentials: map[string]config.Credential{}, policies: map[string]string{}, policyIDs: map[string]string{}}
 			v.byNS[ns] = c
 		}
 		return c
@@ -127,6 +169,7 @@ func Compute(objs Objects, clusterNS string) *View {
 		k := keyOf(p.ObjectMeta)
 		file := PolicyFile(k)
 		verdict := Verdict{Generation: p.Generation}
+		contrib(k.Namespace)
 		ids, err := compilePolicy(file, p.Spec.Cedar)
 		if err == nil {
 			err = v.claimIDs(contrib(k.Namespace), file, ids)
@@ -136,26 +179,27 @@ func Compute(objs Objects, clusterNS string) *View {
 		}
 		if err != nil {
 			verdict.Message = truncate(err.Error(), maxMessage)
-			v.problems = append(v.problems, Problem{Kind: v1alpha1.KindPolicy, Key: k, Err: verdict.Message})
 		} else {
 			verdict.Accepted, verdict.Reason = true, v1alpha1.ReasonValid
 			verdict.Message = fmt.Sprintf("%d %s served as %s", len(ids), plural(len(ids), "policy", "policies"), file)
 			contrib(k.Namespace).policies[file] = p.Spec.Cedar
 		}
-		v.verdicts[k] = verdict
+		v.verdicts[ObjectRef{v1alpha1.KindPolicy, k}] = verdict
 	}
 
 	ups := slices.Clone(objs.Upstreams)
 	slices.SortFunc(ups, func(a, b v1alpha1.Upstream) int { return order(keyOf(a.ObjectMeta), keyOf(b.ObjectMeta)) })
 	claimedUp := map[string]map[upstreamKey]ObjectKey{} // per namespace, the cluster's included
+	admitted := map[ObjectRef]int64{}                   // upstreams and credentials, by generation
 	for _, u := range ups {
 		k := keyOf(u.ObjectMeta)
 		uk := upstreamKey{strings.ToLower(u.Spec.Host), u.Spec.Port}
 		if by, ok := v.upstreamClaim(claimedUp, k.Namespace, uk); ok {
-			v.problems = append(v.problems, Problem{Kind: v1alpha1.KindUpstream, Key: k,
-				Err: fmt.Sprintf("host %s port %d is already served by Upstream %s", u.Spec.Host, u.Spec.Port, by)})
+			v.reject(refOf(v1alpha1.KindUpstream, u.ObjectMeta), u.Generation, v1alpha1.ReasonConflict,
+				fmt.Sprintf("spec.host: host %s port %d is already served by Upstream %s", u.Spec.Host, u.Spec.Port, by))
 			continue
 		}
+		admitted[refOf(v1alpha1.KindUpstream, u.ObjectMeta)] = u.Generation
 		if claimedUp[k.Namespace] == nil {
 			claimedUp[k.Namespace] = map[upstreamKey]ObjectKey{}
 		}
@@ -168,16 +212,19 @@ func Compute(objs Objects, clusterNS string) *View {
 	slices.SortFunc(creds, func(a, b v1alpha1.Credential) int { return order(keyOf(a.ObjectMeta), keyOf(b.ObjectMeta)) })
 	for _, cr := range creds {
 		k := keyOf(cr.ObjectMeta)
+		ref := refOf(v1alpha1.KindCredential, cr.ObjectMeta)
 		if _, taken := v.cluster.credentials[k.Name]; taken && k.Namespace != clusterNS {
-			v.problems = append(v.problems, Problem{Kind: v1alpha1.KindCredential, Key: k,
-				Err: fmt.Sprintf("the name is taken by the cluster-wide Credential %s/%s", clusterNS, k.Name)})
+			v.reject(ref, cr.Generation, v1alpha1.ReasonConflict,
+				fmt.Sprintf("metadata.name: the name is taken by the cluster-wide Credential %s/%s", clusterNS, k.Name))
 			continue
 		}
 		cc, err := cr.Spec.Config()
 		if err != nil {
-			v.problems = append(v.problems, Problem{Kind: v1alpha1.KindCredential, Key: k, Err: err.Error()})
+			reason, msg := credentialSpecProblem(err)
+			v.reject(ref, cr.Generation, reason, msg)
 			continue
 		}
+		admitted[ref] = cr.Generation
 		contrib(k.Namespace).credentials[k.Name] = cc
 	}
 
@@ -185,16 +232,137 @@ func Compute(objs Objects, clusterNS string) *View {
 	slices.SortFunc(revs, func(a, b v1alpha1.Revocation) int { return order(keyOf(a.ObjectMeta), keyOf(b.ObjectMeta)) })
 	for _, r := range revs {
 		k := keyOf(r.ObjectMeta)
+		ref := refOf(v1alpha1.KindRevocation, r.ObjectMeta)
 		br := bundle.Revocation{Name: k.String(), SPIFFEIDs: r.Spec.SPIFFEIDs, SPIFFEIDPrefixes: r.Spec.SPIFFEIDPrefixes,
 			Credentials: r.Spec.Credentials, Reason: r.Spec.Reason}
+		if len(br.SPIFFEIDs)+len(br.SPIFFEIDPrefixes)+len(br.Credentials) == 0 {
+			v.reject(ref, r.Generation, v1alpha1.ReasonEmpty, "spec: names no spiffe_ids, spiffe_id_prefixes or credentials")
+			continue
+		}
 		if err := (bundle.Bundle{Revocations: []bundle.Revocation{br}}).Check(); err != nil {
-			v.problems = append(v.problems, Problem{Kind: v1alpha1.KindRevocation, Key: k, Err: err.Error()})
+			msg := strings.ReplaceAll(strings.TrimPrefix(err.Error(), "bundle: "), "revocations[0]", "spec")
+			v.reject(ref, r.Generation, v1alpha1.ReasonInvalid, msg)
 			continue
 		}
 		c := contrib(k.Namespace)
 		c.revocations = append(c.revocations, br)
+		v.verdicts[ref] = Verdict{Generation: r.Generation, Accepted: true, Reason: v1alpha1.ReasonValid, Message: v.servedTo(k.Namespace)}
 	}
+
+	for _, u := range objs.Undecodable {
+		v.reject(u.Ref, u.Generation, v1alpha1.ReasonUndecodable, "this controller version cannot read it: "+u.Err)
+	}
+
+	v.bundles = map[string]nsBundle{}
+	drops := map[string]map[ObjectRef]drop{}
+	for ns := range v.byNS {
+		b, dropped := v.build(ns)
+		v.bundles[ns] = nsBundle{b, logLines(dropped)}
+		drops[ns] = map[ObjectRef]drop{}
+		for _, d := range dropped {
+			drops[ns][d.ref] = d
+		}
+	}
+	tenants := slices.Sorted(maps.Keys(v.byNS))
+	tenants = slices.DeleteFunc(tenants, func(ns string) bool { return ns == clusterNS })
+	for ref, gen := range admitted {
+		v.verdicts[ref] = v.judge(ref, gen, tenants, drops)
+	}
+
+	for ref, vd := range v.verdicts {
+		if !vd.Accepted {
+			v.problems = append(v.problems, Problem{Kind: ref.Kind, Key: ref.ObjectKey, Reason: vd.Reason, Err: vd.Message})
+		}
+	}
+	slices.SortFunc(v.problems, func(a, b Problem) int {
+		return cmp.Or(strings.Compare(a.Kind, b.Kind), strings.Compare(a.Key.Namespace, b.Key.Namespace), strings.Compare(a.Key.Name, b.Key.Name))
+	})
 	return v
+}
+
+// reject records that ref is left out of every bundle.
+func (v *View) reject(ref ObjectRef, gen int64, reason, msg string) {
+	v.verdicts[ref] = Verdict{Generation: gen, Reason: reason, Message: truncate(msg, maxMessage)}
+}
+
+// servedTo says which sidecars receive an object of namespace ns.
+func (v *View) servedTo(ns string) string {
+	if ns == v.clusterNS {
+		return "served to every namespace's sidecars (cluster-wide)"
+	}
+	return "served to the sidecars of namespace " + ns
+}
+
+// judge decides the verdict on an admitted Upstream or Credential from the bundles it could be
+// in: its namespace's, or, for a cluster-wide one, escrow's namespace's (which stands for every
+// namespace without objects of its own) and each tenant namespace's.
+func (v *View) judge(ref ObjectRef, gen int64, tenants []string, drops map[string]map[ObjectRef]drop) Verdict {
+	vd := Verdict{Generation: gen}
+	if ref.Namespace != v.clusterNS {
+		if d, ok := drops[ref.Namespace][ref]; ok {
+			vd.Reason, vd.Message = d.reason, truncate(d.msg, maxMessage)
+			return vd
+		}
+		vd.Accepted, vd.Reason, vd.Message = true, v1alpha1.ReasonValid, v.servedTo(ref.Namespace)
+		return vd
+	}
+	home, leftOutHome := drops[v.clusterNS][ref]
+	var in, out []string
+	var first drop
+	for _, ns := range tenants {
+		d, dropped := drops[ns][ref]
+		if dropped && !leftOutHome {
+			if len(out) == 0 {
+				first = d
+			}
+			out = append(out, ns)
+		} else if !dropped && leftOutHome {
+			in = append(in, ns)
+		}
+	}
+	switch {
+	case !leftOutHome && len(out) == 0:
+		vd.Accepted, vd.Reason, vd.Message = true, v1alpha1.ReasonValid, v.servedTo(ref.Namespace)
+	case !leftOutHome:
+		vd.Accepted, vd.Reason = true, v1alpha1.ReasonPartiallyServed
+		vd.Message = fmt.Sprintf("served to every namespace's sidecars except %s %s: (%s) %s",
+			plural(len(out), "namespace", "namespaces"), list(out), out[0], first.msg)
+	case len(in) > 0:
+		vd.Accepted, vd.Reason = true, v1alpha1.ReasonPartiallyServed
+		vd.Message = fmt.Sprintf("served only to the sidecars of %s %s; left out of every other namespace's: %s",
+			plural(len(in), "namespace", "namespaces"), list(in), home.msg)
+	default:
+		vd.Reason, vd.Message = home.reason, home.msg
+	}
+	vd.Message = truncate(vd.Message, maxMessage)
+	return vd
+}
+
+// list names up to 10 namespaces, then how many more.
+func list(names []string) string {
+	const most = 10
+	if len(names) <= most {
+		return strings.Join(names, ", ")
+	}
+	return fmt.Sprintf("%s and %d more", strings.Join(names[:most], ", "), len(names)-most)
+}
+
+// credentialSpecProblem is the reason and message of a Credential whose spec is not a config
+// entry (v1alpha1.SpecError), with key paths below spec.
+func credentialSpecProblem(err error) (string, string) {
+	var se *v1alpha1.SpecError
+	if !errors.As(err, &se) {
+		return v1alpha1.ReasonInvalid, err.Error()
+	}
+	reason := v1alpha1.ReasonInvalid
+	msgs := make([]string, len(se.Problems))
+	for i, p := range se.Problems {
+		if p.BadRef {
+			reason = v1alpha1.ReasonBadSecretRef
+		}
+		msgs[i] = "spec." + p.Path + ": " + p.Msg
+	}
+	return reason, strings.Join(msgs, "; ")
 }
 
 // upstreamClaim reports which Upstream already serves uk for sidecars of ns.
@@ -265,8 +433,14 @@ func compilePolicy(file, text string) ([]idAt, error) {
 // PolicyFile is the name a Policy has in a bundle (and in the messages about it).
 func PolicyFile(k ObjectKey) string { return k.Namespace + "/" + k.Name + ".cedar" }
 
-// Verdicts returns the verdict on every Policy.
-func (v *View) Verdicts() map[ObjectKey]Verdict { return v.verdicts }
+// Verdicts returns the verdict on every object.
+func (v *View) Verdicts() map[ObjectRef]Verdict { return v.verdicts }
+
+// Verdict returns the verdict on one object.
+func (v *View) Verdict(kind string, k ObjectKey) (Verdict, bool) {
+	vd, ok := v.verdicts[ObjectRef{kind, k}]
+	return vd, ok
+}
 
 // Problems lists the objects left out of every bundle, in a stable order.
 func (v *View) Problems() []Problem { return v.problems }
@@ -310,20 +484,33 @@ func (v *View) BundleForNamespace(ns string) bundle.Bundle {
 // credentials left out of it because the sidecar's config validation would refuse them (see
 // validateBundle), each with the reason.
 func (v *View) NamespaceBundle(ns string) (bundle.Bundle, []string) {
+	nb, ok := v.bundles[ns]
+	if !ok { // no objects of its own: the cluster-wide ones alone
+		nb = v.bundles[v.clusterNS]
+	}
+	return nb.b, nb.dropped
+}
+
+// build computes namespace ns's bundle, and what validation left out of it.
+func (v *View) build(ns string) (bundle.Bundle, []drop) {
 	parts := []*contribution{v.cluster}
 	if c := v.byNS[ns]; c != nil && ns != v.clusterNS {
 		parts = append(parts, c)
 	}
 	var b bundle.Bundle
+	var origin origins
+	origin.credentials = map[string]ObjectRef{}
 	for _, c := range parts {
 		for _, u := range c.upstreams {
 			b.Upstreams = append(b.Upstreams, u.u)
+			origin.upstreams = append(origin.upstreams, ObjectRef{v1alpha1.KindUpstream, u.key})
 		}
 		for name, cr := range c.credentials {
 			if b.Credentials == nil {
 				b.Credentials = map[string]config.Credential{}
 			}
 			b.Credentials[name] = cr
+			origin.credentials[name] = ObjectRef{v1alpha1.KindCredential, ObjectKey{c.namespace, name}}
 		}
 		for name, text := range c.policies {
 			if b.Policies == nil {
@@ -333,7 +520,11 @@ func (v *View) NamespaceBundle(ns string) (bundle.Bundle, []string) {
 		}
 		b.Revocations = append(b.Revocations, c.revocations...)
 	}
-	b, dropped := validateBundle(b)
+	where := v.clusterNS
+	if ns != v.clusterNS {
+		where = ns + " or " + v.clusterNS
+	}
+	b, dropped := validateBundle(b, origin, where)
 	b.Version = Version(b)
 	return b, dropped
 }

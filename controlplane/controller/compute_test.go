@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"maps"
 	"regexp"
 	"slices"
 	"strings"
@@ -146,18 +147,18 @@ func TestCompute_InvalidPolicyIsLeftOutWithLineAndColumn(t *testing.T) {
 	if got := keys(b.Policies); !slices.Equal(got, []string{"agents/ok.cedar"}) {
 		t.Fatalf("policies = %v", got)
 	}
-	vd := v.Verdicts()[ObjectKey{"agents", "typo"}]
+	vd := v.Verdicts()[ObjectRef{v1alpha1.KindPolicy, ObjectKey{"agents", "typo"}}]
 	if vd.Accepted || vd.Reason != v1alpha1.ReasonInvalid || vd.Generation != 1 {
 		t.Errorf("verdict = %+v", vd)
 	}
 	if !regexp.MustCompile(`^agents/typo\.cedar:3:\d+: policy "typo": .*methd`).MatchString(vd.Message) {
 		t.Errorf("message = %q, want agents/typo.cedar:3:<col> naming methd", vd.Message)
 	}
-	vd = v.Verdicts()[ObjectKey{"agents", "garbage"}]
+	vd = v.Verdicts()[ObjectRef{v1alpha1.KindPolicy, ObjectKey{"agents", "garbage"}}]
 	if vd.Accepted || !strings.HasPrefix(vd.Message, "agents/garbage.cedar:2:") || !strings.Contains(vd.Message, "parse error") {
 		t.Errorf("garbage verdict = %+v", vd)
 	}
-	vd = v.Verdicts()[ObjectKey{"agents", "ok"}]
+	vd = v.Verdicts()[ObjectRef{v1alpha1.KindPolicy, ObjectKey{"agents", "ok"}}]
 	if !vd.Accepted || vd.Reason != v1alpha1.ReasonValid || vd.Message != "1 policy served as agents/ok.cedar" {
 		t.Errorf("ok verdict = %+v", vd)
 	}
@@ -168,7 +169,7 @@ func TestCompute_InvalidPolicyIsLeftOutWithLineAndColumn(t *testing.T) {
 
 func TestCompute_PolicyWithoutIDIsInvalid(t *testing.T) {
 	v := Compute(Objects{Policies: []v1alpha1.Policy{pol("agents", "noid", `permit(principal, action, resource);`)}}, sys)
-	if vd := v.Verdicts()[ObjectKey{"agents", "noid"}]; vd.Accepted || !strings.Contains(vd.Message, "@id") {
+	if vd := v.Verdicts()[ObjectRef{v1alpha1.KindPolicy, ObjectKey{"agents", "noid"}}]; vd.Accepted || !strings.Contains(vd.Message, "@id") {
 		t.Errorf("verdict = %+v", vd)
 	}
 }
@@ -188,7 +189,7 @@ func TestCompute_DuplicateIDsKeepTheClusterWideOrFirstNamedPolicy(t *testing.T) 
 	}}, sys)
 	check := func(ns, name string, accepted bool, msg string) {
 		t.Helper()
-		vd := v.Verdicts()[ObjectKey{ns, name}]
+		vd := v.Verdicts()[ObjectRef{v1alpha1.KindPolicy, ObjectKey{ns, name}}]
 		if vd.Accepted != accepted || (!accepted && (vd.Reason != v1alpha1.ReasonDuplicateID || !strings.Contains(vd.Message, msg))) {
 			t.Errorf("%s/%s: %+v", ns, name, vd)
 		}
@@ -393,5 +394,162 @@ func TestCompute_UpstreamsAndCredentialsTheSidecarWouldRefuseAreLeftOutOfTheBund
 	b2, _ := v.NamespaceBundle("agents")
 	if b2.Version != b.Version {
 		t.Error("a second computation of the same bundle differs")
+	}
+}
+
+// verdict returns the verdict on one object, failing when there is none.
+func verdict(t *testing.T, v *View, kind, ns, name string) Verdict {
+	t.Helper()
+	vd, ok := v.Verdict(kind, ObjectKey{ns, name})
+	if !ok {
+		t.Fatalf("no verdict on %s %s/%s", kind, ns, name)
+	}
+	return vd
+}
+
+func wantVerdict(t *testing.T, v *View, kind, ns, name string, accepted bool, reason, msg string) {
+	t.Helper()
+	vd := verdict(t, v, kind, ns, name)
+	if vd.Accepted != accepted || vd.Reason != reason || !strings.Contains(vd.Message, msg) || vd.Generation != 1 {
+		t.Errorf("%s %s/%s: %+v; want accepted=%v reason=%s message containing %q", kind, ns, name, vd, accepted, reason, msg)
+	}
+}
+
+func TestCompute_EveryUpstreamCredentialAndRevocationGetsAVerdictWithReasonAndKeyPath(t *testing.T) {
+	badHeader := up("agents", "bad-header", "bad.example", 0)
+	badHeader.Spec.Credential = "ok"
+	badHeader.Spec.Inject = &config.Inject{Header: "Not A Header"}
+	noCred := up("agents", "no-cred", "nocred.example", 0)
+	noCred.Spec.Credential = "missing"
+	viaBroken := up("agents", "via-broken", "broken.example", 0)
+	viaBroken.Spec.Credential = "broken"
+	good := up("agents", "good", "good.example", 0)
+	good.Spec.Credential = "ok"
+	broken := v1alpha1.Credential{ObjectMeta: meta("agents", "broken"), Spec: v1alpha1.CredentialSpec{
+		OAuth2: &v1alpha1.OAuth2Spec{OAuth2: config.OAuth2{TokenURL: "not a url", ClientID: "c"}}}}
+	prefix := revoke("agents", "bad-prefix")
+	prefix.Spec.SPIFFEIDPrefixes = []string{"spiffe://"}
+
+	v := Compute(Objects{
+		Upstreams: []v1alpha1.Upstream{badHeader, noCred, viaBroken, good,
+			up(sys, "gh", "api.github.com", 0), up("agents", "evil", "api.github.com", 0)},
+		Credentials: []v1alpha1.Credential{static("agents", "ok", "s"), broken, static("agents", "bad-ref", "../etc"),
+			static(sys, "shared", "s"), static("agents", "shared", "mine")},
+		Revocations: []v1alpha1.Revocation{revoke("agents", "r", agentsID), {ObjectMeta: meta("agents", "none")}, prefix},
+		Undecodable: []Undecodable{{Ref: ObjectRef{v1alpha1.KindUpstream, ObjectKey{"agents", "future"}}, Generation: 1,
+			Err: `v1alpha1: json: unknown field "from_the_future"`}},
+	}, sys)
+
+	wantVerdict(t, v, v1alpha1.KindUpstream, "agents", "good", true, v1alpha1.ReasonValid, "served to the sidecars of namespace agents")
+	wantVerdict(t, v, v1alpha1.KindUpstream, sys, "gh", true, v1alpha1.ReasonValid, "every namespace")
+	wantVerdict(t, v, v1alpha1.KindUpstream, "agents", "bad-header", false, v1alpha1.ReasonInvalid, `spec.inject.header: want an HTTP header name, got "Not A Header"`)
+	wantVerdict(t, v, v1alpha1.KindUpstream, "agents", "no-cred", false, v1alpha1.ReasonMissingCredential,
+		`spec.credential: no Credential "missing" is served with it (none accepted in agents or escrow-system)`)
+	wantVerdict(t, v, v1alpha1.KindUpstream, "agents", "via-broken", false, v1alpha1.ReasonMissingCredential,
+		"spec.credential: Credential agents/broken is not served (see its status)")
+	wantVerdict(t, v, v1alpha1.KindUpstream, "agents", "evil", false, v1alpha1.ReasonConflict,
+		"spec.host: host api.github.com port 0 is already served by Upstream escrow-system/gh")
+	wantVerdict(t, v, v1alpha1.KindUpstream, "agents", "future", false, v1alpha1.ReasonUndecodable, `unknown field "from_the_future"`)
+
+	wantVerdict(t, v, v1alpha1.KindCredential, "agents", "ok", true, v1alpha1.ReasonValid, "namespace agents")
+	wantVerdict(t, v, v1alpha1.KindCredential, "agents", "broken", false, v1alpha1.ReasonInvalid, "spec.oauth2.token_url: ")
+	wantVerdict(t, v, v1alpha1.KindCredential, "agents", "bad-ref", false, v1alpha1.ReasonBadSecretRef,
+		`spec.static.secret_ref: name "../etc" is not a Secret name`)
+	wantVerdict(t, v, v1alpha1.KindCredential, "agents", "shared", false, v1alpha1.ReasonConflict,
+		"metadata.name: the name is taken by the cluster-wide Credential escrow-system/shared")
+
+	wantVerdict(t, v, v1alpha1.KindRevocation, "agents", "r", true, v1alpha1.ReasonValid, "namespace agents")
+	wantVerdict(t, v, v1alpha1.KindRevocation, "agents", "none", false, v1alpha1.ReasonEmpty, "spec: names no spiffe_ids")
+	wantVerdict(t, v, v1alpha1.KindRevocation, "agents", "bad-prefix", false, v1alpha1.ReasonInvalid,
+		`spec.spiffe_id_prefixes: "spiffe://" is not a spiffe:// prefix`)
+
+	// Problems are exactly the objects that are not Accepted, in a stable order.
+	var got []string
+	for _, p := range v.Problems() {
+		got = append(got, p.Kind+" "+p.Key.String()+" "+p.Reason)
+	}
+	want := []string{
+		"Credential agents/bad-ref BadSecretRef", "Credential agents/broken Invalid", "Credential agents/shared Conflict",
+		"Revocation agents/bad-prefix Invalid", "Revocation agents/none Empty",
+		"Upstream agents/bad-header Invalid", "Upstream agents/evil Conflict", "Upstream agents/future Undecodable",
+		"Upstream agents/no-cred MissingCredential", "Upstream agents/via-broken MissingCredential",
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("problems =\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+func TestCompute_ClusterWideUpstreamServedToSomeNamespacesIsPartiallyServed(t *testing.T) {
+	perNS := up(sys, "openai", "api.openai.com", 0)
+	perNS.Spec.Credential = "openai"
+	// A cluster-wide upstream naming a cluster-wide credential is served everywhere.
+	everywhere := up(sys, "github", "api.github.com", 0)
+	everywhere.Spec.Credential = "gh"
+	v := Compute(Objects{
+		Upstreams:   []v1alpha1.Upstream{perNS, everywhere},
+		Credentials: []v1alpha1.Credential{static("b-team", "openai", "o"), static("a-team", "openai", "o"), static(sys, "gh", "g")},
+		Policies:    []v1alpha1.Policy{pol("c-team", "p", allowAgentsRead)}, // a namespace without openai
+	}, sys)
+	wantVerdict(t, v, v1alpha1.KindUpstream, sys, "openai", true, v1alpha1.ReasonPartiallyServed,
+		`served only to the sidecars of namespaces a-team, b-team; left out of every other namespace's: spec.credential: no Credential "openai" is served with it (none accepted in escrow-system)`)
+	wantVerdict(t, v, v1alpha1.KindUpstream, sys, "github", true, v1alpha1.ReasonValid, "every namespace")
+	if len(v.Problems()) != 0 {
+		t.Errorf("problems = %+v", v.Problems())
+	}
+	// Served where the credential is, and nowhere else.
+	for ns, want := range map[string]bool{"a-team": true, "b-team": true, "c-team": false, "nowhere": false, sys: false} {
+		if got := slices.Contains(hosts(v.BundleForNamespace(ns)), "api.openai.com"); got != want {
+			t.Errorf("%s has api.openai.com: %v, want %v", ns, got, want)
+		}
+	}
+
+	// No namespace defines it: left out of every bundle.
+	v = Compute(Objects{Upstreams: []v1alpha1.Upstream{perNS}, Credentials: []v1alpha1.Credential{static("a-team", "other", "o")}}, sys)
+	wantVerdict(t, v, v1alpha1.KindUpstream, sys, "openai", false, v1alpha1.ReasonMissingCredential, `no Credential "openai"`)
+}
+
+func TestCompute_ClusterWideUpstreamIsLeftOutWhereTheNamespacesCredentialIsInvalid(t *testing.T) {
+	perNS := up(sys, "openai", "api.openai.com", 0)
+	perNS.Spec.Credential = "openai"
+	bad := v1alpha1.Credential{ObjectMeta: meta("b-team", "openai"), Spec: v1alpha1.CredentialSpec{
+		OAuth2: &v1alpha1.OAuth2Spec{OAuth2: config.OAuth2{TokenURL: "not a url", ClientID: "c"}}}}
+	v := Compute(Objects{Upstreams: []v1alpha1.Upstream{perNS},
+		Credentials: []v1alpha1.Credential{static("a-team", "openai", "o"), bad}}, sys)
+	wantVerdict(t, v, v1alpha1.KindUpstream, sys, "openai", true, v1alpha1.ReasonPartiallyServed,
+		"served only to the sidecars of namespace a-team;")
+	wantVerdict(t, v, v1alpha1.KindCredential, "b-team", "openai", false, v1alpha1.ReasonInvalid, "spec.oauth2.token_url")
+}
+
+func TestCompute_VerdictsAreTheSameForTheSameObjects(t *testing.T) {
+	// Replicas must write the same status, or they would overwrite each other forever.
+	perNS := up(sys, "openai", "api.openai.com", 0)
+	perNS.Spec.Credential = "openai"
+	objs := Objects{Upstreams: []v1alpha1.Upstream{perNS}}
+	for _, ns := range []string{"n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9", "n10", "n11", "n12"} {
+		objs.Credentials = append(objs.Credentials, static(ns, "openai", "o"))
+	}
+	first := Compute(objs, sys).Verdicts()
+	for range 20 {
+		slices.Reverse(objs.Credentials)
+		if got := Compute(objs, sys).Verdicts(); !maps.Equal(got, first) {
+			t.Fatalf("verdicts differ:\n%v\n%v", got, first)
+		}
+	}
+	vd := first[ObjectRef{v1alpha1.KindUpstream, ObjectKey{sys, "openai"}}]
+	if !strings.Contains(vd.Message, "namespaces n1, n10, n11, n12, n2, n3, n4, n5, n6, n7 and 2 more;") {
+		t.Errorf("message = %q", vd.Message)
+	}
+}
+
+func TestJudge_ClusterWideObjectLeftOutOfSomeTenantsNamesThem(t *testing.T) {
+	// Nothing a tenant creates can make today's validation refuse a cluster-wide object that
+	// escrow's namespace serves, but the verdict must still say so if a future check does.
+	v := &View{clusterNS: sys}
+	ref := ObjectRef{v1alpha1.KindUpstream, ObjectKey{sys, "u"}}
+	d := drop{ref: ref, reason: v1alpha1.ReasonInvalid, msg: "spec.port: no"}
+	vd := v.judge(ref, 3, []string{"a", "b", "c"}, map[string]map[ObjectRef]drop{"b": {ref: d}, "c": {ref: d}})
+	if !vd.Accepted || vd.Reason != v1alpha1.ReasonPartiallyServed || vd.Generation != 3 ||
+		vd.Message != "served to every namespace's sidecars except namespaces b, c: (b) spec.port: no" {
+		t.Errorf("verdict = %+v", vd)
 	}
 }

@@ -2,6 +2,7 @@ package controller
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sync/atomic"
@@ -31,7 +32,7 @@ type Publisher interface{ Update(*View) }
 
 // Options configure a Controller.
 type Options struct {
-	// Client reads and watches escrow's resources and writes Policy status.
+	// Client reads and watches escrow's resources and writes their status.
 	Client dynamic.Interface
 	// Namespace is escrow's own namespace: its objects apply cluster-wide.
 	Namespace string
@@ -46,9 +47,10 @@ type Options struct {
 }
 
 // Controller watches Policy, Upstream, Credential and Revocation objects in every namespace,
-// recomputes the View after each burst of changes, publishes it, and writes each Policy's
-// Accepted condition. It is stateless: several replicas compute the same View from the API
-// server and write the same status.
+// recomputes the View after each burst of changes, publishes it, and writes each object's
+// Accepted condition where it changed. It is stateless: several replicas compute the same View
+// from the API server and write the same status (the second write finds it written and makes
+// none).
 type Controller struct {
 	o         Options
 	factory   dynamicinformer.DynamicSharedInformerFactory
@@ -59,6 +61,18 @@ type Controller struct {
 
 var kinds = []schema.GroupVersionResource{v1alpha1.PolicyResource, v1alpha1.UpstreamResource,
 	v1alpha1.CredentialResource, v1alpha1.RevocationResource}
+
+// kindOf is the kind of each resource.
+var kindOf = map[schema.GroupVersionResource]string{
+	v1alpha1.PolicyResource: v1alpha1.KindPolicy, v1alpha1.UpstreamResource: v1alpha1.KindUpstream,
+	v1alpha1.CredentialResource: v1alpha1.KindCredential, v1alpha1.RevocationResource: v1alpha1.KindRevocation,
+}
+
+// resourceOf is the resource of each kind.
+var resourceOf = map[string]schema.GroupVersionResource{
+	v1alpha1.KindPolicy: v1alpha1.PolicyResource, v1alpha1.KindUpstream: v1alpha1.UpstreamResource,
+	v1alpha1.KindCredential: v1alpha1.CredentialResource, v1alpha1.KindRevocation: v1alpha1.RevocationResource,
+}
 
 // New builds a Controller; Run starts it.
 func New(o Options) (*Controller, error) {
@@ -84,8 +98,9 @@ func New(o Options) (*Controller, error) {
 		_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc: func(any) { c.poke() },
 			UpdateFunc: func(oldObj, newObj any) {
-				// A status write (ours) changes neither the spec nor the generation.
-				if gvr == v1alpha1.PolicyResource && generation(oldObj) == generation(newObj) {
+				// A status write (ours, or another replica's) or a metadata change leaves the
+				// generation as it was, and nothing the View is computed from changes.
+				if generation(oldObj) == generation(newObj) {
 					return
 				}
 				c.poke()
@@ -154,66 +169,80 @@ func (c *Controller) Run(ctx context.Context) error {
 }
 
 // recompute reads the informers' caches, computes the View, publishes it and writes the
-// Policy statuses that changed.
+// statuses that changed.
 func (c *Controller) recompute(ctx context.Context) {
-	c.o.Metrics.Rejected.Reset()
-	for _, k := range []string{v1alpha1.KindPolicy, v1alpha1.KindUpstream, v1alpha1.KindCredential, v1alpha1.KindRevocation} {
-		c.o.Metrics.Rejected.WithLabelValues(k).Set(0)
-	}
 	var objs Objects
-	policies := map[ObjectKey]*unstructured.Unstructured{}
-	decodeAll(c, v1alpha1.PolicyResource, &objs.Policies, func(p *v1alpha1.Policy, u *unstructured.Unstructured) {
-		policies[keyOf(p.ObjectMeta)] = u
-	})
-	decodeAll(c, v1alpha1.UpstreamResource, &objs.Upstreams, nil)
-	decodeAll(c, v1alpha1.CredentialResource, &objs.Credentials, nil)
-	decodeAll(c, v1alpha1.RevocationResource, &objs.Revocations, nil)
+	cached := map[ObjectRef]*unstructured.Unstructured{}
+	decodeAll(c, v1alpha1.PolicyResource, &objs, &objs.Policies, cached)
+	decodeAll(c, v1alpha1.UpstreamResource, &objs, &objs.Upstreams, cached)
+	decodeAll(c, v1alpha1.CredentialResource, &objs, &objs.Credentials, cached)
+	decodeAll(c, v1alpha1.RevocationResource, &objs, &objs.Revocations, cached)
 
 	view := Compute(objs, c.o.Namespace)
 	c.o.Metrics.Computes.Inc()
 	c.o.Publisher.Update(view)
 
+	rejected := map[string]int{v1alpha1.KindPolicy: 0, v1alpha1.KindUpstream: 0, v1alpha1.KindCredential: 0, v1alpha1.KindRevocation: 0}
 	for _, p := range view.Problems() {
-		c.o.Metrics.Rejected.WithLabelValues(p.Kind).Inc()
+		rejected[p.Kind]++
 		c.o.Logger.Warn("object left out of every bundle", zap.String("kind", p.Kind),
-			zap.String("object", p.Key.String()), zap.String("why", p.Err))
+			zap.String("object", p.Key.String()), zap.String("reason", p.Reason), zap.String("why", p.Err))
 	}
-	for k, v := range view.Verdicts() {
-		if u := policies[k]; u != nil {
-			c.writeStatus(ctx, u, v)
+	for k, n := range rejected {
+		c.o.Metrics.Rejected.WithLabelValues(k).Set(float64(n))
+	}
+	for ref, v := range view.Verdicts() {
+		if u := cached[ref]; u != nil {
+			c.writeStatus(ctx, ref, u, v)
 		}
 	}
 }
 
-// decodeAll decodes every cached object of gvr into out; one that does not decode is left out
-// and logged (a newer CRD than this controller knows).
-func decodeAll[T any](c *Controller, gvr schema.GroupVersionResource, out *[]T, each func(*T, *unstructured.Unstructured)) {
+// decodeAll decodes every cached object of gvr into out and records it in cached. One that
+// does not decode (a newer CRD than this controller knows) goes to objs.Undecodable. The status
+// is not decoded with the rest: it is the controller's output, not its input, and a field a
+// newer replica writes there must not make the object unreadable to this one.
+func decodeAll[T any](c *Controller, gvr schema.GroupVersionResource, objs *Objects, out *[]T, cached map[ObjectRef]*unstructured.Unstructured) {
+	kind := kindOf[gvr]
 	for _, obj := range c.informers[gvr].GetStore().List() {
 		u, ok := obj.(*unstructured.Unstructured)
 		if !ok {
 			continue
 		}
-		t, err := v1alpha1.Decode[T](u.Object)
+		ref := ObjectRef{kind, ObjectKey{u.GetNamespace(), u.GetName()}}
+		cached[ref] = u
+		content := make(map[string]any, len(u.Object))
+		for k, v := range u.Object {
+			if k != "status" {
+				content[k] = v
+			}
+		}
+		t, err := v1alpha1.Decode[T](content)
 		if err != nil {
-			c.o.Metrics.Rejected.WithLabelValues(u.GetKind()).Inc()
-			c.o.Logger.Warn("object does not decode; left out of every bundle", zap.String("resource", gvr.Resource),
-				zap.String("object", u.GetNamespace()+"/"+u.GetName()), zap.Error(err))
+			objs.Undecodable = append(objs.Undecodable, Undecodable{Ref: ref, Generation: u.GetGeneration(), Err: err.Error()})
 			continue
 		}
 		*out = append(*out, *t)
-		if each != nil {
-			each(t, u)
-		}
 	}
 }
 
-// writeStatus sets the Policy's Accepted condition to v unless it already says so. A
-// conflict means the object changed meanwhile: its watch event brings a new recompute.
-func (c *Controller) writeStatus(ctx context.Context, u *unstructured.Unstructured, v Verdict) {
-	p, err := v1alpha1.Decode[v1alpha1.Policy](u.Object)
-	if err != nil {
-		return
+// currentStatus reads an object's status leniently (unknown fields ignored): only the
+// Accepted condition and the observed generation matter here.
+func currentStatus(u *unstructured.Unstructured) v1alpha1.Status {
+	var st v1alpha1.Status
+	if raw, ok := u.Object["status"]; ok {
+		if b, err := json.Marshal(raw); err == nil {
+			_ = json.Unmarshal(b, &st)
+		}
 	}
+	return st
+}
+
+// writeStatus sets the object's Accepted condition to v unless it already says so: a
+// recompute that changes nothing about an object writes nothing to it. A conflict means the
+// object changed meanwhile: its watch event brings a new recompute.
+func (c *Controller) writeStatus(ctx context.Context, ref ObjectRef, u *unstructured.Unstructured, v Verdict) {
+	p := struct{ Status v1alpha1.Status }{currentStatus(u)}
 	want := metav1.Condition{Type: v1alpha1.ConditionAccepted, Status: metav1.ConditionFalse, Reason: v.Reason,
 		Message: v.Message, ObservedGeneration: v.Generation}
 	if v.Accepted {
@@ -239,14 +268,14 @@ func (c *Controller) writeStatus(ctx context.Context, u *unstructured.Unstructur
 			conds = append(conds, cd)
 		}
 	}
-	st, err := v1alpha1.Encode(v1alpha1.PolicyStatus{ObservedGeneration: v.Generation, Conditions: conds})
+	st, err := v1alpha1.Encode(v1alpha1.Status{ObservedGeneration: v.Generation, Conditions: conds})
 	if err != nil {
-		c.o.Logger.Error("policy status", zap.Error(err))
+		c.o.Logger.Error("status", zap.String("object", ref.String()), zap.Error(err))
 		return
 	}
 	obj := u.DeepCopy()
 	obj.Object["status"] = st
-	_, err = c.o.Client.Resource(v1alpha1.PolicyResource).Namespace(u.GetNamespace()).UpdateStatus(ctx, obj, metav1.UpdateOptions{})
+	_, err = c.o.Client.Resource(resourceOf[ref.Kind]).Namespace(u.GetNamespace()).UpdateStatus(ctx, obj, metav1.UpdateOptions{})
 	switch {
 	case err == nil:
 		c.o.Metrics.StatusWrites.WithLabelValues("ok").Inc()
@@ -254,7 +283,7 @@ func (c *Controller) writeStatus(ctx context.Context, u *unstructured.Unstructur
 		c.o.Metrics.StatusWrites.WithLabelValues("conflict").Inc()
 	default:
 		c.o.Metrics.StatusWrites.WithLabelValues("error").Inc()
-		c.o.Logger.Warn("writing a Policy's status; retrying", zap.String("policy", u.GetNamespace()+"/"+u.GetName()), zap.Error(err))
+		c.o.Logger.Warn("writing an object's status; retrying", zap.String("object", ref.String()), zap.Error(err))
 		time.AfterFunc(statusRetry, c.poke)
 	}
 }

@@ -2,6 +2,8 @@ package controller
 
 import (
 	"context"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -171,6 +173,149 @@ func TestController_ObjectThatDoesNotDecodeIsLeftOut(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(m.Rejected.WithLabelValues(v1alpha1.KindUpstream)); got != 1 {
 		t.Errorf("rejected{Upstream} = %v", got)
+	}
+	cd := waitForCondition(t, client, v1alpha1.UpstreamResource, "agents", "new")
+	if cd.Status != metav1.ConditionFalse || cd.Reason != v1alpha1.ReasonUndecodable || !strings.Contains(cd.Message, "from_the_future") {
+		t.Errorf("new's condition = %+v", cd)
+	}
+}
+
+// accepted returns the object's Accepted condition, if it has one.
+func accepted(t *testing.T, client *dynamicfake.FakeDynamicClient, gvr schema.GroupVersionResource, ns, name string) (metav1.Condition, int64, bool) {
+	t.Helper()
+	u, err := client.Resource(gvr).Namespace(ns).Get(context.Background(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := currentStatus(u)
+	for _, cd := range st.Conditions {
+		if cd.Type == v1alpha1.ConditionAccepted {
+			return cd, st.ObservedGeneration, true
+		}
+	}
+	return metav1.Condition{}, 0, false
+}
+
+func waitForCondition(t *testing.T, client *dynamicfake.FakeDynamicClient, gvr schema.GroupVersionResource, ns, name string) metav1.Condition {
+	t.Helper()
+	var cd metav1.Condition
+	waitFor(t, gvr.Resource+" "+ns+"/"+name+" status", func() bool {
+		var ok bool
+		cd, _, ok = accepted(t, client, gvr, ns, name)
+		return ok
+	})
+	return cd
+}
+
+// statusWrites counts the UpdateStatus calls the controller made.
+func statusWrites(client *dynamicfake.FakeDynamicClient) int {
+	n := 0
+	for _, a := range client.Actions() {
+		if a.GetVerb() == "update" && a.GetSubresource() == "status" {
+			n++
+		}
+	}
+	return n
+}
+
+func create(t *testing.T, client *dynamicfake.FakeDynamicClient, gvr schema.GroupVersionResource, u *unstructured.Unstructured) {
+	t.Helper()
+	if _, err := client.Resource(gvr).Namespace(u.GetNamespace()).Create(context.Background(), u, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestController_WritesTheStatusOfUpstreamsCredentialsAndRevocations(t *testing.T) {
+	api := up("agents", "api", "api.example.com", 0)
+	api.Spec.Credential = "api-key"
+	client := fakeClient(t,
+		object(t, v1alpha1.KindUpstream, &api),
+		object(t, v1alpha1.KindCredential, ptr(static("agents", "bad-ref", "../etc"))),
+		object(t, v1alpha1.KindRevocation, ptr(revoke("agents", "stop", agentsID))))
+	_, pub, m := startController(t, client)
+
+	cd := waitForCondition(t, client, v1alpha1.UpstreamResource, "agents", "api")
+	if cd.Status != metav1.ConditionFalse || cd.Reason != v1alpha1.ReasonMissingCredential || cd.ObservedGeneration != 1 ||
+		cd.Message != `spec.credential: no Credential "api-key" is served with it (none accepted in agents or escrow-system)` {
+		t.Errorf("api = %+v", cd)
+	}
+	cd = waitForCondition(t, client, v1alpha1.CredentialResource, "agents", "bad-ref")
+	if cd.Status != metav1.ConditionFalse || cd.Reason != v1alpha1.ReasonBadSecretRef || !strings.HasPrefix(cd.Message, "spec.static.secret_ref: ") {
+		t.Errorf("bad-ref = %+v", cd)
+	}
+	cd = waitForCondition(t, client, v1alpha1.RevocationResource, "agents", "stop")
+	if cd.Status != metav1.ConditionTrue || cd.Reason != v1alpha1.ReasonValid {
+		t.Errorf("stop = %+v", cd)
+	}
+	if got := testutil.ToFloat64(m.Rejected.WithLabelValues(v1alpha1.KindUpstream)); got != 1 {
+		t.Errorf("rejected{Upstream} = %v", got)
+	}
+
+	// The Credential appears: the Upstream is served and Accepted.
+	create(t, client, v1alpha1.CredentialResource, object(t, v1alpha1.KindCredential, ptr(static("agents", "api-key", "api"))))
+	waitFor(t, "api accepted", func() bool {
+		cd, _, _ = accepted(t, client, v1alpha1.UpstreamResource, "agents", "api")
+		return cd.Status == metav1.ConditionTrue
+	})
+	if cd.Reason != v1alpha1.ReasonValid || cd.Message != "served to the sidecars of namespace agents" {
+		t.Errorf("api = %+v", cd)
+	}
+	if got := hosts(pub.last().BundleFor(agentsID)); !slices.Equal(got, []string{"api.example.com"}) {
+		t.Errorf("upstreams = %v", got)
+	}
+	if got := testutil.ToFloat64(m.Rejected.WithLabelValues(v1alpha1.KindUpstream)); got != 0 {
+		t.Errorf("rejected{Upstream} = %v", got)
+	}
+}
+
+func TestController_WritesAStatusOnlyWhenItChanges(t *testing.T) {
+	good, bad := pol("agents", "good", allowAgentsRead), pol("agents", "bad", typo)
+	client := fakeClient(t,
+		object(t, v1alpha1.KindPolicy, &good), object(t, v1alpha1.KindPolicy, &bad),
+		object(t, v1alpha1.KindUpstream, ptr(up("agents", "u", "u.example", 0))),
+		object(t, v1alpha1.KindCredential, ptr(static("agents", "c", "s"))),
+		object(t, v1alpha1.KindRevocation, ptr(revoke("agents", "r", agentsID))))
+	_, pub, m := startController(t, client)
+	for gvr, name := range map[schema.GroupVersionResource]string{v1alpha1.PolicyResource: "bad", v1alpha1.UpstreamResource: "u",
+		v1alpha1.CredentialResource: "c", v1alpha1.RevocationResource: "r"} {
+		waitForCondition(t, client, gvr, "agents", name)
+	}
+	waitForCondition(t, client, v1alpha1.PolicyResource, "agents", "good")
+	if n := statusWrites(client); n != 5 {
+		t.Fatalf("%d status writes for 5 objects", n)
+	}
+
+	// Each write came back as a watch event; none of them recomputed (the generation is the
+	// same). Another namespace's object does recompute: only its own status is written.
+	computes := testutil.ToFloat64(m.Computes)
+	create(t, client, v1alpha1.RevocationResource, object(t, v1alpha1.KindRevocation, ptr(revoke("other", "r2", otherID))))
+	waitForCondition(t, client, v1alpha1.RevocationResource, "other", "r2")
+	waitFor(t, "the recompute published", func() bool { return len(pub.last().BundleFor(otherID).Revocations) == 1 })
+	if n := statusWrites(client); n != 6 {
+		t.Errorf("%d status writes after one new object, want 6", n)
+	}
+	if got := testutil.ToFloat64(m.Computes) - computes; got != 1 {
+		t.Errorf("%v recomputes for one new object (status writes must not trigger any)", got)
+	}
+	if got := testutil.ToFloat64(m.StatusWrites.WithLabelValues("ok")); got != 6 {
+		t.Errorf("status_writes_total{ok} = %v", got)
+	}
+}
+
+func TestController_StatusFieldsItDoesNotKnowDoNotMakeAnObjectUnreadable(t *testing.T) {
+	// A newer replica may write status fields this one does not know; the spec is what counts.
+	u := object(t, v1alpha1.KindUpstream, ptr(up("agents", "u", "u.example", 0)))
+	u.Object["status"] = map[string]any{"observedGeneration": int64(1), "fromTheFuture": "x",
+		"conditions": []any{map[string]any{"type": "Accepted", "status": "True", "reason": "Valid",
+			"message": "served to the sidecars of namespace agents", "observedGeneration": int64(1),
+			"lastTransitionTime": "2026-01-01T00:00:00Z"}}}
+	client := fakeClient(t, u)
+	_, pub, _ := startController(t, client)
+	if got := hosts(pub.last().BundleFor(agentsID)); !slices.Equal(got, []string{"u.example"}) {
+		t.Errorf("upstreams = %v", got)
+	}
+	if n := statusWrites(client); n != 0 {
+		t.Errorf("%d status writes for an object whose status already says it", n)
 	}
 }
 

@@ -8,6 +8,7 @@
 // ID of its certificate, never from the node id it claims: a stream whose node id differs from
 // the certificate's ID is refused.
 //
-// Compute is the pure part (objects in, bundles and Policy verdicts out); Controller watches
-// and writes status; Server serves ADS.
+// Compute is the pure part (objects in, bundles and every object's verdict out); Controller
+// watches and writes each object's status (its Accepted condition) when it changes; Server
+// serves ADS.
 package controller

@@ -25,7 +25,7 @@ type Metrics struct {
 	Rejected *prometheus.GaugeVec
 	// Computes counts recomputations of the bundles.
 	Computes prometheus.Counter
-	// StatusWrites counts Policy status updates by result (ok, conflict, error).
+	// StatusWrites counts status updates of every kind by result (ok, conflict, error).
 	StatusWrites *prometheus.CounterVec
 }
 
@@ -51,7 +51,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Computes: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "computes_total",
 			Help: "Recomputations of the bundles after changes of the watched objects."}),
 		StatusWrites: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "status_writes_total",
-			Help: "Policy status updates, by result (ok, conflict, error)."}, []string{"result"}),
+			Help: "Status updates of Policy, Upstream, Credential and Revocation objects, by result (ok, conflict, error)."}, []string{"result"}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.Connected, m.Pushes, m.NACKs, m.Refused, m.PushLatency, m.BundleVersion, m.Rejected, m.Computes, m.StatusWrites)

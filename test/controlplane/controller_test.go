@@ -39,7 +39,7 @@ rules:
   resources: [policies, upstreams, credentials, revocations]
   verbs: [get, list, watch]
 - apiGroups: [escrow.dev]
-  resources: [policies/status]
+  resources: [policies/status, upstreams/status, credentials/status, revocations/status]
   verbs: [update]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
@@ -314,6 +314,93 @@ func TestController_InvalidPolicyIsRefusedWithStatusAndNeverServed(t *testing.T)
 		out := kubectl(t, "", "get", "policy", "-n", ns, "typo", "-o", `jsonpath={.status.conditions[?(@.type=="Accepted")].status}/{.status.observedGeneration}`)
 		if out != "True/2" {
 			return fmt.Errorf("status/observedGeneration %q", out)
+		}
+		return nil
+	})
+}
+
+// row is the line of `kubectl get <kind> <name>` as a map from column header to cell. Cells
+// are cut at the headers' positions (an empty cell is blank).
+func row(t *testing.T, ns, kind, name string) map[string]string {
+	t.Helper()
+	out := kubectl(t, "", "get", kind, name, "-n", ns)
+	lines := strings.Split(strings.TrimRight(out, "\n"), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("kubectl get %s %s:\n%s", kind, name, out)
+	}
+	head, line := lines[0], lines[1]
+	var starts []int
+	for i := range head {
+		if head[i] != ' ' && (i == 0 || head[i-1] == ' ') {
+			starts = append(starts, i)
+		}
+	}
+	r := map[string]string{}
+	for j, start := range starts {
+		end := len(head)
+		if j+1 < len(starts) {
+			end = starts[j+1]
+		}
+		cell := ""
+		if start < len(line) {
+			cell = line[start:min(end, len(line))]
+		}
+		if j+1 == len(starts) && start < len(line) {
+			cell = line[start:]
+		}
+		r[strings.TrimSpace(head[start:end])] = strings.TrimSpace(cell)
+	}
+	return r
+}
+
+func TestController_UpstreamNamingAMissingCredentialIsNotAcceptedUntilTheCredentialExists(t *testing.T) {
+	p := controlPlane(t)
+	ns := namespace(t, "cp-status")
+	s := follow(p.sidecar(t, workload(ns, "agent"), workload(ns, "agent")))
+	kubectl(t, yamlDoc("Upstream", ns, "api", "host: api.example.com\ncredential: api-key"), "apply", "-f", "-")
+	kubectl(t, yamlDoc("Revocation", ns, "stop", fmt.Sprintf("spiffe_ids: [%q]\nreason: leaked", workload(ns, "gone"))), "apply", "-f", "-")
+
+	eventually(t, within, "api: Accepted=False MissingCredential", func() error {
+		if r := row(t, ns, "upstream", "api"); r["ACCEPTED"] != "False" || r["REASON"] != "MissingCredential" {
+			return fmt.Errorf("kubectl get upstream api: %v", r)
+		}
+		return nil
+	})
+	msg := kubectl(t, "", "get", "upstream", "api", "-n", ns, "-o", `jsonpath={.status.conditions[?(@.type=="Accepted")].message}`)
+	if want := `spec.credential: no Credential "api-key" is served with it (none accepted in cp-status or escrow-system)`; msg != want {
+		t.Errorf("message %q, want %q", msg, want)
+	}
+	if b := s.await(t, within, "revocation", func(b bundle.Bundle) bool { return hasRevocation(b, ns+"/stop") }); hasHost(b, "api.example.com", 0) {
+		t.Error("the upstream without its credential was served")
+	}
+	eventually(t, within, "stop: Accepted=True", func() error {
+		if r := row(t, ns, "revocation", "stop"); r["ACCEPTED"] != "True" || r["ACCEPTED-REASON"] != "Valid" || r["REASON"] != "leaked" {
+			return fmt.Errorf("kubectl get revocation stop: %v", r)
+		}
+		return nil
+	})
+
+	// The Credential appears: the Upstream is served, and both say Accepted=True.
+	kubectl(t, yamlDoc("Credential", ns, "api-key", "static: {secret_ref: {name: api, key: token}}"), "apply", "-f", "-")
+	s.await(t, within, "upstream with its credential", func(b bundle.Bundle) bool { return hasHost(b, "api.example.com", 0) })
+	eventually(t, within, "api and api-key: Accepted=True Valid", func() error {
+		if r := row(t, ns, "upstream", "api"); r["ACCEPTED"] != "True" || r["REASON"] != "Valid" {
+			return fmt.Errorf("kubectl get upstream api: %v", r)
+		}
+		if r := row(t, ns, "credential", "api-key"); r["ACCEPTED"] != "True" || r["REASON"] != "Valid" || r["SECRET"] != "api" {
+			return fmt.Errorf("kubectl get credential api-key: %v", r)
+		}
+		return nil
+	})
+	if og := kubectl(t, "", "get", "upstream", "api", "-n", ns, "-o", `jsonpath={.status.observedGeneration}`); og != "1" {
+		t.Errorf("observedGeneration = %q", og)
+	}
+
+	// A bad Secret reference (the schema cannot see it) is refused with the key path.
+	kubectl(t, yamlDoc("Credential", ns, "dotdot", "static: {secret_ref: {name: api, key: ..}}"), "apply", "-f", "-")
+	eventually(t, within, "dotdot: Accepted=False BadSecretRef", func() error {
+		if r := row(t, ns, "credential", "dotdot"); r["ACCEPTED"] != "False" || r["REASON"] != "BadSecretRef" {
+			return fmt.Errorf("kubectl get credential dotdot: %v", r)
 		}
 		return nil
 	})

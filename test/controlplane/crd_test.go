@@ -21,14 +21,24 @@ reason: key leaked`), "apply", "-f", "-")
   permit(principal, action, resource == Host::"api.github.com");`), "apply", "-f", "-")
 
 	out := kubectl(t, "", "get", "upstreams", "-n", ns)
-	for _, want := range []string{"HOST", "PORT", "TUNNEL", "CREDENTIAL", "api.github.com", "443", "gh"} {
+	for _, want := range []string{"HOST", "PORT", "TUNNEL", "CREDENTIAL", "ACCEPTED", "REASON", "api.github.com", "443", "gh"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("kubectl get upstreams lacks %q:\n%s", want, out)
 		}
 	}
 	out = kubectl(t, "", "get", "revocations", "-n", ns)
-	if !strings.Contains(out, "key leaked") || !strings.Contains(out, "spiffe://td/ns/crd-valid/sa/agent") {
-		t.Errorf("kubectl get revocations:\n%s", out)
+	for _, want := range []string{"ACCEPTED", "ACCEPTED-REASON", "REASON", "key leaked", "spiffe://td/ns/crd-valid/sa/agent"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("kubectl get revocations lacks %q:\n%s", want, out)
+		}
+	}
+	for _, kind := range []string{"policies", "upstreams", "credentials", "revocations"} {
+		header, _, _ := strings.Cut(kubectl(t, "", "get", kind, "-n", ns, "-o", "wide"), "\n")
+		for _, want := range []string{"ACCEPTED", "MESSAGE"} {
+			if !strings.Contains(header, want) {
+				t.Errorf("kubectl get %s -o wide lacks %s: %s", kind, want, header)
+			}
+		}
 	}
 	out = kubectl(t, "", "get", "escrow", "-n", ns) // the category lists all four kinds
 	for _, want := range []string{"policy.escrow.dev/allow", "upstream.escrow.dev/github", "credential.escrow.dev/gh", "revocation.escrow.dev/leak"} {

@@ -83,7 +83,8 @@ var wantControllerGrants = func() []string {
 			g = append(g, "escrow.dev/"+res+":"+v)
 		}
 	}
-	g = append(g, "escrow.dev/policies/status:update")
+	g = append(g, "escrow.dev/policies/status:update", "escrow.dev/upstreams/status:update",
+		"escrow.dev/credentials/status:update", "escrow.dev/revocations/status:update")
 	sort.Strings(g)
 	return g
 }()

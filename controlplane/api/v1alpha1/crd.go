@@ -70,46 +70,53 @@ func definitions() []definition {
 	}}
 
 	age := map[string]any{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+	// Every kind's status: whether the controller serves it, and why not.
+	accepted := map[string]any{"name": "Accepted", "type": "string", "jsonPath": `.status.conditions[?(@.type=="Accepted")].status`}
+	reason := map[string]any{"name": "Reason", "type": "string", "jsonPath": `.status.conditions[?(@.type=="Accepted")].reason`}
+	message := map[string]any{"name": "Message", "type": "string", "priority": 1, "jsonPath": `.status.conditions[?(@.type=="Accepted")].message`}
 	return []definition{
 		{
 			kind: KindPolicy, plural: "policies", singular: "policy", short: []string{"escpol"},
-			spec:   cedarSpec,
-			status: statusSchema(),
-			columns: []map[string]any{
-				{"name": "Accepted", "type": "string", "jsonPath": `.status.conditions[?(@.type=="Accepted")].status`},
-				{"name": "Reason", "type": "string", "jsonPath": `.status.conditions[?(@.type=="Accepted")].reason`},
-				{"name": "Message", "type": "string", "priority": 1, "jsonPath": `.status.conditions[?(@.type=="Accepted")].message`},
-				age,
-			},
+			spec:    cedarSpec,
+			status:  statusSchema(),
+			columns: []map[string]any{accepted, reason, message, age},
 		},
 		{
 			kind: KindUpstream, plural: "upstreams", singular: "upstream", short: []string{"escup"},
-			spec: upstream,
+			spec: upstream, status: statusSchema(),
 			columns: []map[string]any{
 				{"name": "Host", "type": "string", "jsonPath": ".spec.host"},
 				{"name": "Port", "type": "integer", "jsonPath": ".spec.port"},
 				{"name": "Tunnel", "type": "boolean", "jsonPath": ".spec.tunnel"},
 				{"name": "Credential", "type": "string", "jsonPath": ".spec.credential"},
+				accepted, reason, message,
 				age,
 			},
 		},
 		{
 			kind: KindCredential, plural: "credentials", singular: "credential", short: []string{"esccred"},
-			spec: cred,
+			spec: cred, status: statusSchema(),
 			columns: []map[string]any{
 				{"name": "Secret", "type": "string", "jsonPath": ".spec.static.secret_ref.name"},
+				accepted, reason,
 				{"name": "Token-URL", "type": "string", "priority": 1, "jsonPath": ".spec.oauth2.token_url"},
+				message,
 				age,
 			},
 		},
 		{
 			kind: KindRevocation, plural: "revocations", singular: "revocation", short: []string{"escrev"},
-			spec: revocation,
+			spec: revocation, status: statusSchema(),
 			columns: []map[string]any{
+				// Reason is the operator's (spec.reason), as before; the controller's is
+				// Accepted-Reason.
+				accepted,
+				{"name": "Accepted-Reason", "type": "string", "jsonPath": `.status.conditions[?(@.type=="Accepted")].reason`},
 				{"name": "Reason", "type": "string", "jsonPath": ".spec.reason"},
 				{"name": "SPIFFE-IDs", "type": "string", "jsonPath": ".spec.spiffe_ids"},
 				{"name": "Prefixes", "type": "string", "jsonPath": ".spec.spiffe_id_prefixes"},
 				{"name": "Credentials", "type": "string", "jsonPath": ".spec.credentials"},
+				message,
 				age,
 			},
 		},
@@ -159,7 +166,7 @@ func (d definition) yaml() ([]byte, error) {
 	return append([]byte(head), body...), nil
 }
 
-// statusSchema is the Policy status: metav1.Condition's schema, as Kubernetes' own types have it.
+// statusSchema is every kind's status: metav1.Condition's schema, as Kubernetes' own types have it.
 func statusSchema() map[string]any {
 	cond := obj(map[string]any{
 		"type":               map[string]any{"type": "string", "maxLength": 316},

@@ -57,8 +57,8 @@ var (
 type Policy struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
-	Spec              PolicySpec   `json:"spec"`
-	Status            PolicyStatus `json:"status,omitempty"`
+	Spec              PolicySpec `json:"spec"`
+	Status            Status     `json:"status,omitempty"`
 }
 
 // PolicySpec holds the Cedar text: one or more policies, each with an @id.
@@ -66,26 +66,48 @@ type PolicySpec struct {
 	Cedar string `json:"cedar"`
 }
 
-// PolicyStatus is written by the controller.
-type PolicyStatus struct {
+// Status is the status of every kind, written by the controller (the status subresource).
+type Status struct {
 	// ObservedGeneration is the generation the conditions describe.
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
 	// Conditions holds ConditionAccepted.
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
 }
 
-// ConditionAccepted is the Policy condition that says whether the controller serves it.
+// PolicyStatus is the Policy's Status (the name it had before every kind had one).
+type PolicyStatus = Status
+
+// ConditionAccepted is the condition that says whether the controller serves the object: True
+// when it is in at least one namespace's bundle, False (with why) when it is in none.
 const ConditionAccepted = "Accepted"
 
-// Reasons of ConditionAccepted.
+// Reasons of ConditionAccepted. They are stable: scripts and alerts may match them.
 const (
-	// ReasonValid: the Cedar text parses and validates against escrow's schema; it is served.
+	// ReasonValid: served to every sidecar that receives the object's namespace.
 	ReasonValid = "Valid"
-	// ReasonInvalid: the text does not parse, lacks an @id, or does not match the schema.
+	// ReasonPartiallyServed (Accepted=True): a cluster-wide object served to some namespaces
+	// and left out of the others' bundles, typically an Upstream naming a Credential that only
+	// some namespaces define. The message names where it is served and why not elsewhere.
+	ReasonPartiallyServed = "PartiallyServed"
+	// ReasonInvalid: the sidecar's validation would refuse it (a Policy that does not parse,
+	// lacks an @id or does not match the schema; a bad header name; a token URL that is not a
+	// URL); the message gives the key path.
 	ReasonInvalid = "Invalid"
 	// ReasonDuplicateID: a policy @id is already used by another Policy that a sidecar would
 	// receive together with this one (the one that keeps it is named in the message).
 	ReasonDuplicateID = "DuplicateID"
+	// ReasonConflict: an Upstream for the host and port of another one that wins (a
+	// cluster-wide one, or the one whose name sorts first), or a Credential with the name of a
+	// cluster-wide one.
+	ReasonConflict = "Conflict"
+	// ReasonBadSecretRef: a Credential's Secret reference is not a Secret name and key.
+	ReasonBadSecretRef = "BadSecretRef"
+	// ReasonMissingCredential: an Upstream names a Credential that is not served with it.
+	ReasonMissingCredential = "MissingCredential"
+	// ReasonUndecodable: the object has fields this controller version does not know.
+	ReasonUndecodable = "Undecodable"
+	// ReasonEmpty: a Revocation that names no SPIFFE ID, prefix or credential.
+	ReasonEmpty = "Empty"
 )
 
 // Upstream is one upstreams[] entry of escrow's config, served to the sidecars that receive
@@ -94,6 +116,7 @@ type Upstream struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
 	Spec              config.Upstream `json:"spec"`
+	Status            Status          `json:"status,omitempty"`
 }
 
 // Credential is one credentials.<name> entry of escrow's config; the entry's name is the
@@ -102,6 +125,7 @@ type Credential struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
 	Spec              CredentialSpec `json:"spec"`
+	Status            Status         `json:"status,omitempty"`
 }
 
 // CredentialSpec mirrors config.Credential (exactly one provider), with every secret a
@@ -161,6 +185,7 @@ type Revocation struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
 	Spec              RevocationSpec `json:"spec"`
+	Status            Status         `json:"status,omitempty"`
 }
 
 // RevocationSpec mirrors bundle.Revocation.
@@ -197,25 +222,46 @@ func (ref SecretKeyRef) Check() error {
 	return nil
 }
 
+// SpecError is why a CredentialSpec is not a config entry: each problem at its key path
+// below spec.
+type SpecError struct{ Problems []SpecProblem }
+
+// SpecProblem is one problem of a SpecError.
+type SpecProblem struct {
+	Path string // e.g. static.secret_ref
+	Msg  string
+	// BadRef: a Secret reference that is not a Secret name and key (otherwise a key the
+	// Credential object does not allow).
+	BadRef bool
+}
+
+func (e *SpecError) Error() string {
+	msgs := make([]string, len(e.Problems))
+	for i, p := range e.Problems {
+		msgs[i] = p.Path + ": " + p.Msg
+	}
+	return "v1alpha1: " + strings.Join(msgs, "; ")
+}
+
 // Config is the credentials.<name> entry this spec stands for, each secret reference turned
 // into the file where the sidecar reads it (SecretFile). A file key that the CRD does not
-// allow (a path instead of a reference) is an error, as is a bad reference.
+// allow (a path instead of a reference) is an error, as is a bad reference: a *SpecError.
 func (s CredentialSpec) Config() (config.Credential, error) {
 	var c config.Credential
-	var errs []string
+	var errs []SpecProblem
 	ref := func(at string, r *SecretKeyRef) string {
 		if r == nil {
 			return ""
 		}
 		if err := r.Check(); err != nil {
-			errs = append(errs, at+": "+err.Error())
+			errs = append(errs, SpecProblem{Path: at, Msg: err.Error(), BadRef: true})
 			return ""
 		}
 		return SecretFile(*r)
 	}
 	noFile := func(at, v, instead string) {
 		if v != "" {
-			errs = append(errs, fmt.Sprintf("%s: not allowed in a Credential object; use %s (a Secret reference)", at, instead))
+			errs = append(errs, SpecProblem{Path: at, Msg: fmt.Sprintf("not allowed in a Credential object; use %s (a Secret reference)", instead)})
 		}
 	}
 	if s.Static != nil {
@@ -241,7 +287,7 @@ func (s CredentialSpec) Config() (config.Credential, error) {
 	}
 	c.AWS, c.Vault, c.GCP, c.Azure = s.AWS, s.Vault, s.GCP, s.Azure
 	if len(errs) > 0 {
-		return config.Credential{}, fmt.Errorf("v1alpha1: %s", strings.Join(errs, "; "))
+		return config.Credential{}, &SpecError{Problems: errs}
 	}
 	return c, nil
 }
