@@ -75,7 +75,8 @@ func (r clusterRole) grants() []string {
 }
 
 // wantControllerGrants is exactly what `escrow controller` needs: read the four kinds, write a
-// Policy's status (UpdateStatus). No Secrets, no create/delete, no patch.
+// Policy's status (UpdateStatus). No Secrets cluster-wide (a Role grants get on those of its
+// own namespace, for brokered Credentials), no create/delete, no patch.
 var wantControllerGrants = func() []string {
 	var g []string
 	for _, res := range []string{"credentials", "policies", "revocations", "upstreams"} {
@@ -249,10 +250,24 @@ func TestChartController_Enabled(t *testing.T) {
 			t.Errorf("subjects = %v, want the controller's ServiceAccount only", crb.Subjects)
 		}
 		named(t, objs, "ServiceAccount", controllerName)
-		for _, k := range []string{"Role", "RoleBinding"} {
-			if f := find(objs, k); len(f) > 0 {
-				t.Errorf("unexpected %s: %s", k, kinds(f))
-			}
+		// One namespaced Role: get on the Secrets of brokered Credentials, in escrow's own
+		// namespace only.
+		if f := find(objs, "Role"); len(f) != 1 || f[0].Metadata.Name != controllerName || f[0].Metadata.Namespace != releaseNS {
+			t.Fatalf("Roles: %s, want %s in %s only", kinds(f), controllerName, releaseNS)
+		}
+		var role clusterRole
+		named(t, objs, "Role", controllerName).into(t, &role)
+		if got := role.grants(); !reflect.DeepEqual(got, []string{"/secrets:get"}) {
+			t.Errorf("Role grants %q, want exactly get on secrets", got)
+		}
+		var rb struct {
+			RoleRef  map[string]string   `json:"roleRef"`
+			Subjects []map[string]string `json:"subjects"`
+		}
+		named(t, objs, "RoleBinding", controllerName).into(t, &rb)
+		if rb.RoleRef["kind"] != "Role" || rb.RoleRef["name"] != controllerName || len(rb.Subjects) != 1 ||
+			rb.Subjects[0]["name"] != controllerName || rb.Subjects[0]["namespace"] != releaseNS {
+			t.Errorf("RoleBinding = %+v", rb)
 		}
 	})
 
