@@ -248,6 +248,16 @@ audit: {flush_interval: 0s}
 	if got := minter.asked(); got != workload+" gh" {
 		t.Errorf("the broker was asked %q; want one mint for the sidecar's SVID %s", got, workload)
 	}
+	// A new revision (the controller changed the Credential and revoked its tokens): the
+	// sidecar drops its token and asks again.
+	rotated := base
+	rotated.Credentials = map[string]config.Credential{"gh": {Broker: &config.Broker{Revision: "r2"}}}
+	push("v1b", rotated)
+	eventually("a new revision makes the sidecar mint again", func() bool {
+		code, _ := getURL("http://brokered.example.test/")
+		return code == http.StatusOK && minter.asked() == workload+" gh,"+workload+" gh"
+	})
+	base = rotated
 	eventually("/readyz ready after the first bundle", func() bool { return ready() == http.StatusOK })
 	mu.Lock()
 	if peers["stream"] != workload {

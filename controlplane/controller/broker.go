@@ -145,7 +145,9 @@ func (b *Broker) deps() credential.Deps {
 func (b *Broker) Mint(ctx context.Context, r broker.Request) (credential.Token, error) {
 	st := b.state.Load()
 	if st == nil {
-		return credential.Token{}, broker.Refuse(broker.ResultUnavailable, errors.New("no resources read yet"))
+		// Not found rather than unavailable: the name is the caller's, and only a brokered
+		// Credential's name may become a metric label.
+		return credential.Token{}, broker.Refuse(broker.ResultNotFound, errors.New("no resources read yet"))
 	}
 	c, ok := st.creds[r.Credential]
 	if !ok {

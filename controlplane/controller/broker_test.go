@@ -9,12 +9,16 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -358,5 +362,66 @@ func TestServer_ServesTheBrokerOnTheADSListener(t *testing.T) {
 	}
 	if ok, denied := testutil.ToFloat64(m.BrokerMints.WithLabelValues("github", "ok")), testutil.ToFloat64(m.BrokerMints.WithLabelValues("github", "denied")); ok != 1 || denied != 1 {
 		t.Errorf("broker_mints_total ok=%v denied=%v", ok, denied)
+	}
+}
+
+func TestBroker_BeforeTheFirstViewEveryNameIsNotFound(t *testing.T) {
+	f := newBrokerFixture(t)
+	if _, err := mint(f.b, agentsID, "anything-a-caller-sends"); refusal(err) != broker.ResultNotFound {
+		t.Fatalf("error %v; want not_found (a caller's name never becomes a label)", err)
+	}
+}
+
+// An oauth2 client-credentials Credential is brokered too: the client secret comes from the
+// Secret, sent as RFC 6749 §2.3.1 basic auth to a token endpoint that follows §4.4
+// (https://www.rfc-editor.org/rfc/rfc6749#section-4.4).
+func TestBroker_MintsOAuth2ClientCredentialsWithTheSecretFromTheAPIServer(t *testing.T) {
+	const clientSecret = "s3cr3t-client-secret-never-in-a-pod"
+	var calls atomic.Int32
+	idp := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, secret, ok := r.BasicAuth()
+		if r.Method != http.MethodPost || r.URL.Path != "/token" || !ok || id != "agents" || secret != clientSecret ||
+			r.PostFormValue("grant_type") != "client_credentials" {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusUnauthorized)
+			_, _ = io.WriteString(w, `{"error":"invalid_client"}`)
+			return
+		}
+		calls.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"access_token":"at-brokered-1","token_type":"Bearer","expires_in":3600}`)
+	}))
+	defer idp.Close()
+	caFile := filepath.Join(t.TempDir(), "idp-ca.pem")
+	if err := os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: idp.Certificate().Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	secret := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "v1", "kind": "Secret",
+		"metadata": map[string]any{"name": "idp", "namespace": sys},
+		"data":     map[string]any{"client-secret": base64.StdEncoding.EncodeToString([]byte(clientSecret))}}}
+	b, err := NewBroker(BrokerOptions{Client: fakeClient(t, secret), Namespace: sys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cred := v1alpha1.Credential{ObjectMeta: meta(sys, "idp"), Spec: v1alpha1.CredentialSpec{
+		OAuth2: &v1alpha1.OAuth2Spec{OAuth2: config.OAuth2{TokenURL: idp.URL + "/token", ClientID: "agents", CAFile: caFile},
+			ClientSecretRef: &v1alpha1.SecretKeyRef{Name: "idp", Key: "client-secret"}},
+		Broker: &v1alpha1.BrokerSpec{SPIFFEIDPrefixes: []string{"spiffe://example.org/ns/agents"}}}}
+	v := Compute(Objects{Credentials: []v1alpha1.Credential{cred}}, sys)
+	if c := v.BundleForNamespace("agents").Credentials["idp"]; c.Broker == nil || c.OAuth2 != nil {
+		t.Fatalf("served as %+v", c)
+	}
+	b.Update(v)
+	for range 3 {
+		tok, err := mint(b, agentsID, "idp")
+		if err != nil || tok.Value() != "at-brokered-1" {
+			t.Fatalf("token %v, error %v", tok, err)
+		}
+	}
+	if calls.Load() != 1 {
+		t.Errorf("%d token requests for three mints", calls.Load())
+	}
+	if _, err := mint(b, "spiffe://example.org/ns/agents-2/sa/x", "idp"); refusal(err) != broker.ResultDenied {
+		t.Errorf("a prefix matched across a segment boundary: %v", err)
 	}
 }

@@ -16,6 +16,7 @@ func FuzzServedBundlesValidate(f *testing.F) {
 	f.Add([]byte(`{"host":"x.example","credential":"gh","inject":{"header":"Bad Header"}}`), []byte(`{"oauth2":{"token_url":"nope","client_id":"c"}}`))
 	f.Add([]byte(`{"host":"*.example.com","port":8443,"tunnel":true}`), []byte(`{"github_app":{"app_id":1,"installation_id":2,"private_key_ref":{"name":"a","key":"b"}}}`))
 	f.Add([]byte(`{"host":"a.example","credential":"gh","basic":{"username":"u"},"query":{"param":"k"}}`), []byte(`{"aws":{"region":"us-east-1","web_identity":{"jwt_svid":{"audience":"sts"}}}}`))
+	f.Add([]byte(`{"host":"api.github.com","credential":"gh"}`), []byte(`{"github_app":{"app_id":1,"installation_id":2,"private_key_ref":{"name":"a","key":"b"}},"broker":{"spiffe_id_prefixes":["spiffe://example.org/ns/agents"]}}`))
 	f.Fuzz(func(t *testing.T, upSpec, credSpec []byte) {
 		obj := func(kind, name string, spec []byte) map[string]any {
 			var s any
@@ -32,15 +33,30 @@ func FuzzServedBundlesValidate(f *testing.F) {
 		if c, err := v1alpha1.Decode[v1alpha1.Credential](obj("Credential", "gh", credSpec)); err == nil {
 			objs.Credentials = append(objs.Credentials, *c)
 		}
-		b := Compute(objs, sys).BundleFor(agentsID)
-		if errs := configErrors(b); len(errs) != 0 {
-			t.Fatalf("served bundle does not validate: %v\n%+v", errs, b)
+		// The same objects with the Credential cluster-wide (where a brokered one is served).
+		cluster := Objects{Upstreams: objs.Upstreams}
+		for _, c := range objs.Credentials {
+			c.Namespace = sys
+			cluster.Credentials = append(cluster.Credentials, c)
 		}
-		if err := b.Check(); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := bundle.Encode(b); err != nil {
-			t.Fatal(err)
+		for _, o := range []Objects{objs, cluster} {
+			v := Compute(o, sys)
+			b := v.BundleFor(agentsID)
+			if errs := configErrors(b); len(errs) != 0 {
+				t.Fatalf("served bundle does not validate: %v\n%+v", errs, b)
+			}
+			if err := b.Check(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := bundle.Encode(b); err != nil {
+				t.Fatal(err)
+			}
+			// A brokered credential reaches sidecars as its kind alone.
+			for name := range v.Brokered() {
+				if c, ok := b.Credentials[name]; ok && (c.Broker == nil || c.Provider() != "broker") {
+					t.Fatalf("brokered %s served as %+v", name, c)
+				}
+			}
 		}
 	})
 }

@@ -275,13 +275,16 @@ audit: {flush_interval: 0s}
 	// The key is in none of the sidecar's files, environment, output or answers.
 	where := map[string]string{"the sidecar's environment": string(environ), "the first sidecar's output": sc.log.String(),
 		"the second sidecar's output": other.log.String(), "the answers": strings.Join(answers, "\n"), "the controller's output": ctrl.log.String()}
-	_ = filepath.WalkDir(sdir, func(path string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() {
-			b, _ := os.ReadFile(path)
-			where[path] = string(b)
-		}
-		return nil
-	})
+	// Nor in any file either process has (the controller's are its SVID files).
+	for _, root := range []string{sdir, cdir} {
+		_ = filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+			if err == nil && !d.IsDir() {
+				b, _ := os.ReadFile(path)
+				where[path] = string(b)
+			}
+			return nil
+		})
+	}
 	for what, text := range where {
 		if strings.Contains(text, keyBody) || strings.Contains(text, "PRIVATE KEY") {
 			t.Errorf("the App's private key is in %s", what)
