@@ -286,7 +286,7 @@ audit: {flush_interval: 0s}
 		})
 	}
 	for what, text := range where {
-		if strings.Contains(text, keyBody) || strings.Contains(text, "PRIVATE KEY") {
+		if strings.Contains(text, keyBody) || strings.Contains(text, "RSA PRIVATE KEY") {
 			t.Errorf("the App's private key is in %s", what)
 		}
 	}
