@@ -45,6 +45,8 @@ func (m *minter) Mint(_ context.Context, r Request) (credential.Token, error) {
 	m.callers = append(m.callers, r.Caller.String())
 	m.mu.Unlock()
 	switch {
+	case r.Credential == "forever":
+		return credential.NewToken(r.Credential, ghToken, time.Time{}), nil
 	case r.Credential == "broken":
 		// The cause names the root secret (as a careless upstream error might): it must stay
 		// in the controller's log.
@@ -211,7 +213,7 @@ func TestBroker_AnotherWorkloadIsPermissionDeniedWithoutTheCause(t *testing.T) {
 func TestBroker_RefusalsMapToCodesAndBoundTheirLabels(t *testing.T) {
 	f := start(t)
 	conn := f.dial(t, allowed)
-	for name, want := range map[string]codes.Code{"missing": codes.NotFound, "broken": codes.Unavailable} {
+	for name, want := range map[string]codes.Code{"missing": codes.NotFound, "broken": codes.Unavailable, "forever": codes.Unavailable} {
 		in, _ := EncodeRequest(MintRequest{Credential: name})
 		err := conn.Invoke(context.Background(), MintMethod, in, new(structpb.Struct))
 		if status.Code(err) != want {

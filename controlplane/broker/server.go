@@ -57,7 +57,9 @@ type Request struct {
 }
 
 // Minter mints the token of a brokered credential for a caller, or refuses with a Refusal
-// (any other error counts as ResultUnavailable). The controller implements it.
+// (any other error counts as ResultUnavailable). A name that is not a brokered credential's
+// must be refused with ResultNotFound: the server uses the name as a metric label otherwise.
+// The token must expire. The controller implements it.
 type Minter interface {
 	Mint(ctx context.Context, r Request) (credential.Token, error)
 }
@@ -154,7 +156,12 @@ func (s *Server) mint(ctx context.Context, in *structpb.Struct) (*structpb.Struc
 		log.Warn("refused a mint", zap.Error(err))
 		return nil, refusal(res, req.Credential)
 	}
-	out, err := EncodeResponse(responseOf(tok))
+	resp := responseOf(tok)
+	err = resp.Check() // a token without expiry would be cached by sidecars until revoked
+	var out *structpb.Struct
+	if err == nil {
+		out, err = EncodeResponse(resp)
+	}
 	if err != nil {
 		s.observe(label, ResultUnavailable)
 		log.Error("encoding a minted token", zap.Error(err))
