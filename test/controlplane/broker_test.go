@@ -131,8 +131,10 @@ func curl(t *testing.T, s *sidecarProc, caFile, url string) (int, string, string
 // https://docs.github.com/en/rest/apps/apps#create-an-installation-access-token-for-an-app
 // and https://docs.github.com/en/apps/creating-github-apps/authenticating-with-a-github-app/generating-a-json-web-token-jwt-for-a-github-app);
 // a real `escrow proxy` of an allowed workload serves real curl with one token for several
-// requests; a workload not in spiffe_ids gets 503 credential_unavailable. The key appears in
-// none of the sidecar's files, environment, output or answers.
+// requests; a workload not in spiffe_ids gets 503 credential_unavailable; a cluster-wide
+// Revocation of the credential makes the controller revoke its token at GitHub. The key appears
+// in none of the sidecars' files, environment, output or answers (nor in the controller's files
+// or output).
 func TestBroker_ASidecarGetsAGitHubAppTokenThroughTheControllerAndNeverTheKey(t *testing.T) {
 	controlPlane(t) // escrow's namespace and the controller's RBAC
 	ns := namespace(t, "cp-broker")
@@ -259,6 +261,17 @@ audit: {flush_interval: 0s}
 		t.Errorf("after the refused workload: %d minted, %d API calls", gh.Minted(), gh.APICalls())
 	}
 	other.stop(t)
+
+	// A cluster-wide Revocation of the credential: the controller drops its token and revokes
+	// it at GitHub (DELETE /installation/token).
+	kubectl(t, yamlDoc("Revocation", escrowNS, "github-e2e-incident", "credentials: [github-e2e]\nreason: key rotation"), "apply", "-f", "-")
+	t.Cleanup(func() { kubectl(t, "", "delete", "revocation", "-n", escrowNS, "github-e2e-incident") })
+	eventually(t, within, "the controller revokes its token at GitHub", func() error {
+		if n := len(gh.Revoked()); n != 1 {
+			return fmt.Errorf("%d tokens revoked", n)
+		}
+		return nil
+	})
 
 	res, err := http.Get("http://" + ctrl.admin + "/metrics")
 	if err != nil {
