@@ -37,9 +37,10 @@ func cmdController(ctx context.Context, args []string, stdout, stderr io.Writer)
 		`Watches escrow's Kubernetes resources (Policy, Upstream, Credential, Revocation of escrow.dev/v1alpha1)
 and serves every connected sidecar its bundle over ADS (gRPC, mTLS): the objects of the sidecar's
 namespace, taken from the SPIFFE ID of its X509-SVID, plus those of escrow's own namespace.
-Invalid Policies are refused with a status. Brokered Credentials (spec.broker) are minted on the
-same listener for the sidecars they allow; their Secrets, in escrow's namespace, are read from
-the API server and never leave the controller. /healthz, /readyz and /metrics are on --admin.
+Every object's status has an Accepted condition: an invalid one is never served, and says why.
+Brokered Credentials (spec.broker) are minted on the same listener for the sidecars they allow;
+their Secrets, in escrow's namespace, are read from the API server and never leave the
+controller. /healthz, /readyz and /metrics are on --admin.
 SIGTERM or SIGINT stops it: open streams end and sidecars reconnect to another replica, keeping
 their last good bundle meanwhile.
 
