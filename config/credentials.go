@@ -137,6 +137,10 @@ type OAuth2 struct {
 	Resource string `json:"resource,omitempty"`
 	// CAFile adds PEM roots for the token endpoint (a private CA).
 	CAFile string `json:"ca_file,omitempty"`
+	// RevocationURL, when set, is the RFC 7009 revocation endpoint: a token escrow drops (a
+	// Revocation, a changed or removed credential, shutdown) is revoked there, the client
+	// authenticating as it does at TokenURL.
+	RevocationURL string `json:"revocation_url,omitempty"`
 }
 
 // TokenExchange is OAuth 2.0 token exchange (RFC 8693): SubjectToken (the pod's JWT-SVID, or the
@@ -167,6 +171,8 @@ type TokenExchange struct {
 	// escrow sets (grant_type, subject_token, client_id, ...).
 	Extra  map[string]string `json:"extra,omitempty"`
 	CAFile string            `json:"ca_file,omitempty"`
+	// RevocationURL is as in OAuth2: the RFC 7009 endpoint the issued tokens are revoked at.
+	RevocationURL string `json:"revocation_url,omitempty"`
 }
 
 // AWS obtains temporary keys with STS AssumeRoleWithWebIdentity (the pod's JWT-SVID as the
@@ -521,6 +527,7 @@ func (c *Config) validateCredential(p string, cr Credential, add func(path, form
 	case cr.OAuth2 != nil:
 		o, at := cr.OAuth2, p+".oauth2"
 		endpoint(at+".token_url", o.TokenURL, true)
+		endpoint(at+".revocation_url", o.RevocationURL, false)
 		required(at+".client_id", o.ClientID)
 		clientAuth(at, o.ClientSecretFile, o.ClientAssertion, o.AuthStyle, true)
 		scopes(at+".scopes", o.Scopes)
@@ -531,6 +538,7 @@ func (c *Config) validateCredential(p string, cr Credential, add func(path, form
 	case cr.TokenExchange != nil:
 		x, at := cr.TokenExchange, p+".token_exchange"
 		endpoint(at+".token_url", x.TokenURL, true)
+		endpoint(at+".revocation_url", x.RevocationURL, false)
 		if (x.ClientSecretFile != "" || x.ClientAssertion != nil) && x.ClientID == "" {
 			add(at+".client_id", "required with client_secret_file or client_assertion")
 		}

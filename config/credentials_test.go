@@ -351,3 +351,41 @@ credentials:
 		"credentials.o.oauth2.client_assertion.delegation: the presented delegation token can only be token_exchange.subject_token",
 	)
 }
+
+func TestParse_RevocationURLIsAnOptionalHTTPSEndpoint(t *testing.T) {
+	c, err := Parse([]byte(spiffeIdentity + `
+credentials:
+  idp:
+    oauth2: {token_url: "https://i.example/token", revocation_url: "https://i.example/revoke", client_id: c, client_secret_file: /s}
+  x:
+    token_exchange: {token_url: "https://i.example/token", revocation_url: "http://127.0.0.1:8443/revoke", subject_token: {jwt_svid: {audience: a}}}
+  plain:
+    oauth2: {token_url: "https://i.example/token", client_id: c, client_secret_file: /s}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Credentials["idp"].OAuth2.RevocationURL; got != "https://i.example/revoke" {
+		t.Errorf("oauth2.revocation_url = %q", got)
+	}
+	if got := c.Credentials["x"].TokenExchange.RevocationURL; got != "http://127.0.0.1:8443/revoke" {
+		t.Errorf("token_exchange.revocation_url = %q", got)
+	}
+	if got := c.Credentials["plain"].OAuth2.RevocationURL; got != "" {
+		t.Errorf("revocation_url defaulted to %q; it is optional and stays unset", got)
+	}
+
+	got := parseErr(t, spiffeIdentity+`
+credentials:
+  o1: {oauth2: {token_url: "https://i.example/t", revocation_url: "http://idp.example.com/revoke", client_id: c, client_secret_file: /s}}
+  o2: {oauth2: {token_url: "https://i.example/t", revocation_url: "https://u:p@idp.example.com/revoke", client_id: c, client_secret_file: /s}}
+  x1: {token_exchange: {token_url: "https://i.example/t", revocation_url: "revoke", subject_token: {jwt_svid: {audience: a}}}}
+  x2: {token_exchange: {token_url: "https://i.example/t", revocation_url: "https://i.example/r#frag", subject_token: {jwt_svid: {audience: a}}}}
+`)
+	wantAll(t, got,
+		`credentials.o1.oauth2.revocation_url: want https (http only on a loopback host), got "http://idp.example.com/revoke"`,
+		"credentials.o2.oauth2.revocation_url: must not contain user information",
+		`credentials.x1.token_exchange.revocation_url: want an https URL, got "revoke"`,
+		"credentials.x2.token_exchange.revocation_url: must not contain a fragment",
+	)
+}

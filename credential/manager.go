@@ -87,7 +87,8 @@ func (nopObserver) Fetched(string, bool, time.Duration) {}
 func (nopObserver) Expires(string, time.Time)           {}
 
 // Revoker is implemented by providers whose tokens can be revoked at their issuer before they
-// expire (GitHub installation tokens, Vault tokens and their leases). The Manager calls Revoke
+// expire (GitHub installation tokens, Vault tokens and their leases, OAuth2 and token exchange
+// access tokens when a revocation_url is configured: RFC 7009). The Manager calls Revoke
 // for a token it drops (Forget, ForgetKey, ForgetSubject, an Update that removes or replaces
 // the credential, eviction) and for every token it holds on Close. A token replaced by a
 // refresh is not revoked: requests already sent may still be using it, and it expires soon.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"strings"
 
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/clientcredentials"
@@ -39,7 +40,10 @@ type OAuth2Options struct {
 	Scopes   []string
 	Audience string // optional "audience" form field (Auth0, Okta, ...)
 	Resource string // optional RFC 8707 "resource"
-	CAFile   string // optional private CA of the token endpoint
+	CAFile   string // optional private CA of the token endpoint (and the revocation endpoint)
+	// RevocationURL, when set, is the RFC 7009 revocation endpoint: the provider is then a
+	// Revoker. Without it the provider is not one.
+	RevocationURL string
 }
 
 // TokenExchangeOptions configures the RFC 8693 token exchange provider. The subject_token is
@@ -60,6 +64,7 @@ type TokenExchangeOptions struct {
 	Scopes                []string
 	Extra                 map[string]string // extra form fields (dex: connector_id)
 	CAFile                string
+	RevocationURL         string // as in OAuth2Options
 }
 
 // NewOAuth2 returns the OAuth2 client credentials provider. Tokens are cached per caller: with
@@ -75,8 +80,13 @@ func NewOAuth2(o OAuth2Options, d Deps) (Provider, error) {
 	if o.AssertionAudience != "" && d.JWT == nil {
 		return nil, errors.New("credential: oauth2: client_assertion needs a SPIFFE identity (no JWT-SVID source)")
 	}
-	return &oauthProvider{kind: "oauth2", url: o.TokenURL, auth: o.ClientAuth, scopes: o.Scopes,
-		params: optional(map[string]string{"audience": o.Audience, "resource": o.Resource}), client: c, d: d}, nil
+	p := &oauthProvider{kind: "oauth2", url: o.TokenURL, auth: o.ClientAuth, scopes: o.Scopes,
+		params: optional(map[string]string{"audience": o.Audience, "resource": o.Resource}), client: c, d: d}
+	r, err := withRevocation(p, o.RevocationURL)
+	if err != nil {
+		return nil, fmt.Errorf("credential: oauth2: %w", err)
+	}
+	return r, nil
 }
 
 // NewTokenExchange returns the RFC 8693 token exchange provider.
@@ -123,15 +133,22 @@ func NewTokenExchange(o TokenExchangeOptions, d Deps) (Provider, error) {
 		}
 		params.Set("actor_token_type", att)
 	}
-	return &oauthProvider{kind: "token_exchange", url: o.TokenURL, auth: o.ClientAuth, scopes: o.Scopes,
+	p := &oauthProvider{kind: "token_exchange", url: o.TokenURL, auth: o.ClientAuth, scopes: o.Scopes,
 		params: params, subjectAud: o.SubjectTokenAudience, presented: o.SubjectTokenPresented,
-		actorAud: o.ActorTokenAudience, client: c, d: d}, nil
+		actorAud: o.ActorTokenAudience, client: c, d: d}
+	r, err := withRevocation(p, o.RevocationURL)
+	if err != nil {
+		return nil, fmt.Errorf("credential: token_exchange: %w", err)
+	}
+	return r, nil
 }
 
-func checkTokenURL(s string) error {
+func checkTokenURL(s string) error { return checkURL("token_url", s) }
+
+func checkURL(key, s string) error {
 	u, err := url.Parse(s)
 	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-		return fmt.Errorf("token_url %q is not an http(s) URL", s)
+		return fmt.Errorf("%s %q is not an http(s) URL", key, s)
 	}
 	return nil
 }
@@ -180,30 +197,15 @@ func (p *oauthProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error
 		}
 		secrets = append(secrets, string(args.Delegation))
 	}
-	cfg := clientcredentials.Config{ClientID: p.auth.ClientID, TokenURL: p.url, Scopes: p.scopes,
-		AuthStyle: oauth2.AuthStyleInHeader}
-	if p.auth.AuthStyle == "post" {
-		cfg.AuthStyle = oauth2.AuthStyleInParams
+	cc, err := p.clientCreds(ctx, args.Subject)
+	if err != nil {
+		return Token{}, err
 	}
-	switch {
-	case p.auth.AssertionAudience != "":
-		a, err := jwtSVID(ctx, p.d, p.auth.AssertionAudience, args.Subject)
-		if err != nil {
-			return Token{}, err
-		}
-		params.Set("client_assertion_type", AssertionTypeJWT)
-		params.Set("client_assertion", a)
-		cfg.AuthStyle = oauth2.AuthStyleInParams // client_id in the form, no secret
-		secrets = append(secrets, a)
-	case p.auth.ClientSecretFile != "":
-		s, err := readSecretFile(p.d, p.auth.ClientSecretFile)
-		if err != nil {
-			return Token{}, err
-		}
-		cfg.ClientSecret = s
-		secrets = append(secrets, s)
-	default:
-		cfg.AuthStyle = oauth2.AuthStyleInParams
+	secrets = append(secrets, cc.secrets...)
+	cfg := clientcredentials.Config{ClientID: cc.id, ClientSecret: cc.secret, TokenURL: p.url, Scopes: p.scopes,
+		AuthStyle: cc.style}
+	for k, v := range cc.form {
+		params[k] = v
 	}
 	if p.subjectAud != "" {
 		st, err := jwtSVID(ctx, p.d, p.subjectAud, args.Subject)
@@ -233,4 +235,77 @@ func (p *oauthProvider) Fetch(ctx context.Context, args FetchArgs) (Token, error
 		return Token{}, errors.New("token endpoint answered without an access_token")
 	}
 	return NewToken(args.Name, tok.AccessToken, expiryOr(tok.Expiry, nowFunc(p.d)())), nil
+}
+
+// clientCreds is how the client authenticates to its authorization server for one request
+// (RFC 6749 §2.3), resolved from ClientAuth by clientCreds. The token endpoint (through
+// golang.org/x/oauth2) and the revocation endpoint (RFC 7009 §2.1 requires the same client
+// authentication) both take it from there, so the two never authenticate differently.
+type clientCreds struct {
+	// style: oauth2.AuthStyleInHeader puts id and secret in HTTP basic auth
+	// (client_secret_basic); oauth2.AuthStyleInParams puts them in the form (client_secret_post,
+	// or client_id alone for an assertion or a public client).
+	style      oauth2.AuthStyle
+	id, secret string
+	form       url.Values // client_assertion_type and client_assertion (RFC 7523), or nil
+	secrets    []string   // the secret or the assertion, scrubbed from every error
+}
+
+// clientCreds reads the client secret, or mints the client assertion (the pod's JWT-SVID for
+// AssertionAudience; subject, when set, must be its subject).
+func (p *oauthProvider) clientCreds(ctx context.Context, subject string) (clientCreds, error) {
+	c := clientCreds{style: oauth2.AuthStyleInHeader, id: p.auth.ClientID}
+	if p.auth.AuthStyle == "post" {
+		c.style = oauth2.AuthStyleInParams
+	}
+	switch {
+	case p.auth.AssertionAudience != "":
+		a, err := jwtSVID(ctx, p.d, p.auth.AssertionAudience, subject)
+		if err != nil {
+			return clientCreds{}, err
+		}
+		c.form = url.Values{"client_assertion_type": {AssertionTypeJWT}, "client_assertion": {a}}
+		c.style = oauth2.AuthStyleInParams // client_id in the form, no secret
+		c.secrets = []string{a}
+	case p.auth.ClientSecretFile != "":
+		s, err := readSecretFile(p.d, p.auth.ClientSecretFile)
+		if err != nil {
+			return clientCreds{}, err
+		}
+		c.secret = s
+		c.secrets = []string{s}
+	default:
+		c.style = oauth2.AuthStyleInParams
+	}
+	return c, nil
+}
+
+// newRequest returns the authenticated form POST of form to endpoint, encoded exactly as
+// golang.org/x/oauth2 encodes a token request with the same credentials: in the form, or in
+// basic auth with id and secret form-encoded first (RFC 6749 §2.3.1).
+func (c clientCreds) newRequest(ctx context.Context, endpoint string, form url.Values) (*http.Request, error) {
+	v := make(url.Values, len(form)+len(c.form)+2)
+	for k, x := range form {
+		v[k] = x
+	}
+	for k, x := range c.form {
+		v[k] = x
+	}
+	if c.style == oauth2.AuthStyleInParams {
+		if c.id != "" {
+			v.Set("client_id", c.id)
+		}
+		if c.secret != "" {
+			v.Set("client_secret", c.secret)
+		}
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(v.Encode()))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	if c.style == oauth2.AuthStyleInHeader {
+		req.SetBasicAuth(url.QueryEscape(c.id), url.QueryEscape(c.secret))
+	}
+	return req, nil
 }

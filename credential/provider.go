@@ -188,6 +188,7 @@ func NewProvider(name string, c config.Credential, d Deps) (Provider, error) {
 			TokenURL:   o.TokenURL,
 			ClientAuth: clientAuth(o.ClientID, o.ClientSecretFile, o.ClientAssertion, o.AuthStyle),
 			Scopes:     o.Scopes, Audience: o.Audience, Resource: o.Resource, CAFile: o.CAFile,
+			RevocationURL: o.RevocationURL,
 		}, d))
 	case c.TokenExchange != nil:
 		x := c.TokenExchange
@@ -198,6 +199,7 @@ func NewProvider(name string, c config.Credential, d Deps) (Provider, error) {
 			ActorTokenAudience: audienceOf(x.ActorToken), ActorTokenType: x.ActorTokenType,
 			SubjectTokenType: x.SubjectTokenType, RequestedTokenType: x.RequestedTokenType,
 			Audience: x.Audience, Resource: x.Resource, Scopes: x.Scopes, Extra: x.Extra, CAFile: x.CAFile,
+			RevocationURL: x.RevocationURL,
 		}, d))
 	case c.AWS != nil:
 		a := c.AWS
