@@ -284,6 +284,12 @@ audit:
 // credential) reaches an HTTPS API that verifies it against dex's JWKS, issuer and expiry. The
 // identity is static here: client credentials do not use the JWT-SVID, and this runs without
 // SPIRE.
+//
+// No revocation_url: dex has no RFC 7009 revocation endpoint (its access tokens are
+// self-contained JWTs; it serves /token, /keys, /userinfo and /token/introspect, and its
+// discovery document names no revocation_endpoint), so escrow's revocation of oauth2 tokens is
+// tested against an RFC 7009 stand-in in package credential. The discovery check below fails
+// when dex gains one; then add revocation_url here and assert the revocation.
 func TestDex_ClientCredentialsThroughEscrow(t *testing.T) {
 	needCurl(t)
 	dex := harness.StartDex(t, harness.DexOptions{TLS: true})
@@ -326,6 +332,19 @@ audit:
 	assertNotIn(t, e, "access token", toks...)
 	assertNotIn(t, e, "dex client secret", client.Secret)
 	e.Stop(t)
+
+	res, err := dex.HTTPClient(t).Get(dex.Issuer + "/.well-known/openid-configuration")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	var disco map[string]any
+	if err := json.NewDecoder(res.Body).Decode(&disco); err != nil || disco["token_endpoint"] != dex.TokenURL {
+		t.Fatalf("dex discovery: %v %v", err, disco)
+	}
+	if rev, ok := disco["revocation_endpoint"]; ok {
+		t.Errorf("dex now has a revocation endpoint (%v): configure revocation_url and assert the revocation", rev)
+	}
 }
 
 func tlsClient(t *testing.T, caFile string) *http.Client {
