@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -65,6 +66,7 @@ type Controller struct {
 	o         Options
 	factory   dynamicinformer.DynamicSharedInformerFactory
 	informers map[schema.GroupVersionResource]cache.SharedIndexInformer
+	handlers  []cache.ResourceEventHandlerRegistration // synced once the initial list reached them
 	trigger   chan struct{}
 	ready     atomic.Bool
 }
@@ -105,7 +107,7 @@ func New(o Options) (*Controller, error) {
 	c.factory = dynamicinformer.NewFilteredDynamicSharedInformerFactory(o.Client, 0, metav1.NamespaceAll, nil)
 	for _, gvr := range kinds {
 		inf := c.factory.ForResource(gvr).Informer()
-		_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		reg, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc: func(any) { c.poke() },
 			UpdateFunc: func(oldObj, newObj any) {
 				// A status write (ours, or another replica's) or a metadata change leaves the
@@ -121,6 +123,7 @@ func New(o Options) (*Controller, error) {
 			return nil, fmt.Errorf("controller: %w", err)
 		}
 		c.informers[gvr] = inf
+		c.handlers = append(c.handlers, reg)
 	}
 	return c, nil
 }
@@ -154,6 +157,18 @@ func (c *Controller) Run(ctx context.Context) error {
 			}
 			return fmt.Errorf("controller: the %s informer did not sync", gvr.Resource)
 		}
+	}
+	// The first View is computed from the synced caches, so the pokes of the initial list
+	// (delivered to the handlers by now) are already in it: drop them, or they would recompute
+	// the same View once more. A change from here on pokes again.
+	if !cache.WaitForCacheSync(ctx.Done(), func() bool {
+		return !slices.ContainsFunc(c.handlers, func(r cache.ResourceEventHandlerRegistration) bool { return !r.HasSynced() })
+	}) {
+		return nil
+	}
+	select {
+	case <-c.trigger:
+	default:
 	}
 	c.recompute(ctx)
 	c.ready.Store(true)

@@ -268,6 +268,21 @@ func TestController_WritesTheStatusOfUpstreamsCredentialsAndRevocations(t *testi
 	}
 }
 
+func TestController_ComputesTheObjectsPresentAtStartOnce(t *testing.T) {
+	client := fakeClient(t,
+		object(t, v1alpha1.KindPolicy, ptr(pol("agents", "good", allowAgentsRead))),
+		object(t, v1alpha1.KindUpstream, ptr(up("agents", "u", "u.example", 0))),
+		object(t, v1alpha1.KindCredential, ptr(static("agents", "c", "s"))),
+		object(t, v1alpha1.KindRevocation, ptr(revoke("agents", "r", agentsID))))
+	_, _, m := startController(t, client)
+	// The initial list's add events arrived before the first compute, which already has them:
+	// they must not cause a second one once the coalescing window (10 ms here) has passed.
+	time.Sleep(200 * time.Millisecond)
+	if got := testutil.ToFloat64(m.Computes); got != 1 {
+		t.Errorf("%v computes for the objects present at start, want 1", got)
+	}
+}
+
 func TestController_WritesAStatusOnlyWhenItChanges(t *testing.T) {
 	good, bad := pol("agents", "good", allowAgentsRead), pol("agents", "bad", typo)
 	client := fakeClient(t,
