@@ -254,7 +254,8 @@ func (l *lazyProvider) Fetch(ctx context.Context, args credential.FetchArgs) (cr
 	return p.Fetch(ctx, args)
 }
 
-// Revoke revokes tok where the provider can (GitHub installation tokens).
+// Revoke revokes tok where the provider can (GitHub installation tokens; OAuth tokens
+// when the Credential has a revocation_url).
 func (l *lazyProvider) Revoke(ctx context.Context, tok credential.Token) error {
 	l.mu.Lock()
 	p := l.p
