@@ -124,8 +124,9 @@ func escrowMetrics(t *testing.T) exposition {
 	w.proc.stop()
 
 	// 4. The control plane: a real `escrow controller` on a real kube-apiserver, after it
-	// rejected a Policy, served a real `escrow proxy` (which ACKed), got a NACK, refused a
-	// stream and answered a broker mint; and that sidecar's xDS metrics.
+	// rejected a Policy, served a real `escrow proxy` (which ACKed its first bundle and NACKed
+	// one it could not compile), refused a stream and answered a broker mint; and that
+	// sidecar's xDS metrics.
 	controlPlaneMetrics(t, plain, exp)
 	return exp
 }
@@ -144,17 +145,25 @@ func controlPlaneMetrics(t *testing.T, plain *http.Client, exp exposition) {
 	applyInvalidPolicy(t, c) // rejected_objects{kind}, status_writes_total{result}
 	sidecarAdmin := ctl.startSidecar(t)
 
-	// A NACK (nacks_total{reason}) from a raw ADS stream of another workload of namespace agents.
+	// A NACK (nacks_total{reason}, and the sidecar's updates_total{result="nack"}): a Policy
+	// whose @id is also one of the sidecar's own policies (the chart's default) is valid on its
+	// own, so the controller serves it, but the sidecar cannot compile the two together.
+	c.kubectl(t, []byte(`apiVersion: escrow.dev/v1alpha1
+kind: Policy
+metadata: {name: clash, namespace: agents}
+spec:
+  cedar: |
+    @id("never-delete")
+    forbid (principal, action == Action::"DELETE", resource);
+`), "apply", "-f", "-")
+
+	// A mint of a Credential that does not exist (broker_mints_total{credential,result}), over
+	// the connection of a raw ADS stream of another workload of namespace agents.
 	other := "spiffe://example.org/ns/agents/sa/other"
 	cl := ctl.dial(t, other, other)
-	resp, _, err := cl.Recv()
-	if err != nil {
+	if _, _, err := cl.Recv(); err != nil {
 		t.Fatal(err)
 	}
-	if err := cl.NACK(resp, "", "policy: a bundle this sidecar cannot compile"); err != nil {
-		t.Fatal(err)
-	}
-	// A mint of a Credential that does not exist (broker_mints_total{credential,result}).
 	if _, err := broker.NewClient(cl.Conn).Mint(context.Background(), credential.BrokerRequest{Name: "no-such-credential"}); err == nil {
 		t.Fatal("the controller minted a token for a Credential that does not exist")
 	}
@@ -163,25 +172,33 @@ func controlPlaneMetrics(t *testing.T, plain *http.Client, exp exposition) {
 		t.Fatal("the controller served a stream whose node ID is not its SVID's")
 	}
 
-	want := []string{`escrow_controller_nacks_total{reason="policy"} 1`, `escrow_controller_refused_streams_total{reason="node_id_mismatch"} 1`,
-		`escrow_controller_broker_mints_total{credential="",result="not_found"} 1`, `escrow_controller_connected_sidecars 2`}
-	eventually(t, 15*time.Second, "the controller's /metrics counts the stream, the NACK, the refusal and the mint", func() error {
-		res, err := plain.Get("http://" + ctl.admin + "/metrics")
-		if err != nil {
-			return err
-		}
-		defer res.Body.Close()
-		body, _ := io.ReadAll(res.Body)
-		for _, w := range want {
-			if !strings.Contains(string(body), "\n"+w+"\n") {
-				return fmt.Errorf("no %s", w)
+	has := func(url string, want ...string) func() error {
+		return func() error {
+			res, err := plain.Get(url)
+			if err != nil {
+				return err
 			}
+			defer res.Body.Close()
+			body, _ := io.ReadAll(res.Body)
+			var lines []string
+			for _, w := range want {
+				m := regexp.MustCompile(`(?m)^` + w + `$`).Find(body)
+				if m == nil {
+					return fmt.Errorf("no line matching %s", w)
+				}
+				lines = append(lines, string(m))
+			}
+			t.Logf("%s: %s", url, strings.Join(lines, ", "))
+			return nil
 		}
-		if strings.Contains(string(body), "\nescrow_controller_push_latency_seconds_count 0\n") {
-			return fmt.Errorf("no ACK timed yet")
-		}
-		return nil
-	})
+	}
+	eventually(t, 15*time.Second, "the controller's /metrics counts the streams, the ACK, the NACK, the refusal and the mint",
+		has("http://"+ctl.admin+"/metrics", `escrow_controller_nacks_total\{reason="[a-z]+"\} [1-9][0-9]*`,
+			`escrow_controller_refused_streams_total\{reason="node_id_mismatch"\} 1`,
+			`escrow_controller_broker_mints_total\{credential="",result="not_found"\} 1`,
+			`escrow_controller_connected_sidecars 2`, `escrow_controller_push_latency_seconds_count [1-9][0-9]*`))
+	eventually(t, 15*time.Second, "the sidecar's /metrics counts its NACK",
+		has("http://"+sidecarAdmin+"/metrics", `escrow_xds_updates_total\{result="nack"\} [1-9][0-9]*`, `escrow_xds_applied_info\{version="[0-9a-f]+"\} 1`))
 	scrape(t, plain, "http://"+ctl.admin+"/metrics", exp)
 	scrape(t, plain, "http://"+sidecarAdmin+"/metrics", exp)
 }
