@@ -473,43 +473,35 @@ func checkControllerOnAPIServer(t *testing.T, c *cluster) {
 	})
 }
 
-// checkControllerRuns starts the real `escrow controller` with the chart Deployment's args (the
-// addresses on loopback), as the controller's ServiceAccount (impersonated), with an X509-SVID
-// from files instead of the Workload API; then a real `escrow proxy` with the sidecar config the
-// chart renders for namespace agents (xds.address moved to loopback, server_id as rendered)
-// subscribes to it with its SVID from a Workload API, and follows a Policy object.
-func checkControllerRuns(t *testing.T, c *cluster) {
-	controllerID := "spiffe://example.org/ns/" + releaseNS + "/sa/" + controllerName
-	objs := render(t, "--set", "controller.enabled=true,agentNamespaces={agents},controller.spiffeID="+controllerID)
+// controllerRun is a real `escrow controller` started with the chart Deployment's args (the
+// addresses on loopback) and an X509-SVID from files instead of the Workload API; wl is the
+// Workload API of the same trust domain that gives the sidecars theirs.
+type controllerRun struct {
+	proc        *process
+	id          string // the controller's SPIFFE ID
+	grpc, admin string // loopback addresses of its --listen and --admin
+	wl          *attesttest.WorkloadAPI
+	objs        []object // the chart rendered with the controller enabled for namespace agents
+}
+
+// startController starts the controller with kubeconfig and waits for its /readyz.
+func startController(t *testing.T, kubeconfig string) *controllerRun {
+	t.Helper()
+	r := &controllerRun{id: "spiffe://example.org/ns/" + releaseNS + "/sa/" + controllerName}
+	r.objs = render(t, "--set", "controller.enabled=true,agentNamespaces={agents},controller.spiffeID="+r.id)
 	var d deployment
-	named(t, objs, "Deployment", controllerName).into(t, &d)
+	named(t, r.objs, "Deployment", controllerName).into(t, &d)
 	dir := t.TempDir()
 
-	// A kubeconfig that acts as the controller's ServiceAccount.
-	kc, err := os.ReadFile(c.kubeconfig)
-	if err != nil {
-		t.Fatal(err)
-	}
-	asSA := strings.Replace(string(kc), "  user: {token:", "  user: {as: \""+controllerSA+"\", token:", 1)
-	if asSA == string(kc) {
-		t.Fatal("could not add impersonation to the test kubeconfig")
-	}
-	kubeconfig := filepath.Join(dir, "kubeconfig")
-	if err := os.WriteFile(kubeconfig, []byte(asSA), 0o600); err != nil {
-		t.Fatal(err)
-	}
-
-	// One trust domain: the sidecar's SVID from the Workload API, the controller's from files.
-	wl := attesttest.NewWorkloadAPI(t, "example.org")
-	sidecarID := "spiffe://example.org/ns/agents/sa/default"
-	wl.SetSVID(sidecarID, time.Now().Add(time.Hour))
-	own := wl.MintX509SVID(controllerID, time.Now().Add(time.Hour))
+	// One trust domain: the sidecars' SVIDs from the Workload API, the controller's from files.
+	r.wl = attesttest.NewWorkloadAPI(t, "example.org")
+	own := r.wl.MintX509SVID(r.id, time.Now().Add(time.Hour))
 	certPEM, keyPEM, err := own.Marshal()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var bundlePEM []byte
-	for _, a := range wl.X509Authorities() {
+	for _, a := range r.wl.X509Authorities() {
 		bundlePEM = append(bundlePEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.Raw})...)
 	}
 	certFile, keyFile, bundleFile := filepath.Join(dir, "svid.pem"), filepath.Join(dir, "svid.key"), filepath.Join(dir, "bundle.pem")
@@ -519,68 +511,62 @@ func checkControllerRuns(t *testing.T, c *cluster) {
 		}
 	}
 
-	grpcPort, adminPort := freePort(t), freePort(t)
+	r.grpc, r.admin = fmt.Sprintf("127.0.0.1:%d", freePort(t)), fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	var args []string
 	for _, a := range d.Spec.Template.Spec.Containers[0].Args {
 		switch {
 		case strings.HasPrefix(a, "--listen="):
-			a = fmt.Sprintf("--listen=127.0.0.1:%d", grpcPort)
+			a = "--listen=" + r.grpc
 		case strings.HasPrefix(a, "--admin="):
-			a = fmt.Sprintf("--admin=127.0.0.1:%d", adminPort)
+			a = "--admin=" + r.admin
 		}
 		args = append(args, a)
 	}
 	args = append(args, "--kubeconfig", kubeconfig, "--svid-cert", certFile, "--svid-key", keyFile, "--bundle", bundleFile)
 	// POD_NAMESPACE as the downward API gives it to the pod in the release namespace.
 	t.Setenv("POD_NAMESPACE", releaseNS)
-	proc := start(t, escrow(t), args...)
-	waitOK(t, proc, fmt.Sprintf("http://127.0.0.1:%d/readyz", adminPort), "escrow controller /readyz")
+	r.proc = start(t, escrow(t), args...)
+	waitOK(t, r.proc, "http://"+r.admin+"/readyz", "escrow controller /readyz")
+	return r
+}
 
-	// A raw ADS client of namespace agents receives its bundle.
-	bundle := x509bundle.FromX509Authorities(wl.TrustDomain(), wl.X509Authorities())
+// bundle is the trust bundle the controller and its sidecars share.
+func (r *controllerRun) bundle() *x509bundle.Bundle {
+	return x509bundle.FromX509Authorities(r.wl.TrustDomain(), r.wl.X509Authorities())
+}
+
+// dial opens a raw ADS stream as sidecarID claiming nodeID.
+func (r *controllerRun) dial(t *testing.T, sidecarID, nodeID string) *controllertest.Client {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	cl, err := controllertest.Dial(ctx, fmt.Sprintf("127.0.0.1:%d", grpcPort), controllertest.ClientTLS(wl.MintX509SVID(sidecarID, time.Now().Add(time.Hour)), bundle), sidecarID)
+	t.Cleanup(cancel)
+	cl, err := controllertest.Dial(ctx, r.grpc, controllertest.ClientTLS(r.wl.MintX509SVID(sidecarID, time.Now().Add(time.Hour)), r.bundle()), nodeID)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cl.Close()
-	if resp, _, err := cl.Recv(); err != nil || resp.GetVersionInfo() == "" {
-		t.Fatalf("no bundle for the agents sidecar: %v %v", resp, err)
-	}
+	t.Cleanup(cl.Close)
+	return cl
+}
 
-	// An invalid Policy gets Accepted=False: the controller may update policies/status.
-	c.kubectl(t, []byte(`apiVersion: escrow.dev/v1alpha1
-kind: Policy
-metadata: {name: typo, namespace: agents}
-spec:
-  cedar: |
-    @id("typo")
-    permit(principal, action, resource) when { context.methd == "GET" };
-`), "apply", "-f", "-")
-	eventually(t, 15*time.Second, "the controller writes the invalid Policy's status", func() error {
-		st, err := c.kubectlErr(nil, "get", "policy", "-n", "agents", "typo", "-o", "jsonpath={.status.conditions[?(@.type==\"Accepted\")].status}")
-		if err != nil {
-			return err
-		}
-		if strings.TrimSpace(st) != "False" {
-			return fmt.Errorf("Accepted = %q", st)
-		}
-		return nil
-	})
-
-	// The real sidecar, with the config the chart puts in namespace agents.
-	cfg := configYAML(t, objs, "agents", "escrow-config")
+// startSidecar starts a real `escrow proxy` with the sidecar config the chart renders for
+// namespace agents (xds.address moved to loopback, server_id as rendered) and the SVID of
+// spiffe://example.org/ns/agents/sa/default from the Workload API, and waits for its /readyz
+// (the controller's first bundle applied). It returns the sidecar's admin address.
+func (r *controllerRun) startSidecar(t *testing.T) string {
+	t.Helper()
+	r.wl.SetSVID("spiffe://example.org/ns/agents/sa/default", time.Now().Add(time.Hour))
+	dir := t.TempDir()
+	cfg := configYAML(t, r.objs, "agents", "escrow-config")
 	xds := cfg["xds"].(map[string]any)
-	if xds["server_id"] != controllerID {
-		t.Fatalf("xds = %v, want server_id %s", xds, controllerID)
+	if xds["server_id"] != r.id {
+		t.Fatalf("xds = %v, want server_id %s", xds, r.id)
 	}
-	xds["address"] = fmt.Sprintf("127.0.0.1:%d", grpcPort)
+	xds["address"] = r.grpc
 	pdir := filepath.Join(dir, "policies")
 	if err := os.Mkdir(pdir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	for _, cm := range find(objs, "ConfigMap") {
+	for _, cm := range find(r.objs, "ConfigMap") {
 		if cm.Metadata.Namespace == "agents" && cm.Metadata.Name == "escrow-policies" {
 			var p struct {
 				Data map[string]string `json:"data"`
@@ -593,18 +579,52 @@ spec:
 			}
 		}
 	}
-	sidecarAdmin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	cfg["policy"].(map[string]any)["dir"] = pdir
 	cfg["ca_dir"], cfg["ca_key_dir"] = filepath.Join(dir, "ca"), filepath.Join(dir, "ca-key")
-	cfg["listen"], cfg["admin"] = fmt.Sprintf("127.0.0.1:%d", freePort(t)), sidecarAdmin
+	cfg["listen"], cfg["admin"] = fmt.Sprintf("127.0.0.1:%d", freePort(t)), admin
 	b, _ := yaml.Marshal(cfg)
 	cfgFile := filepath.Join(dir, "sidecar.yaml")
 	if err := os.WriteFile(cfgFile, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	t.Setenv("SPIFFE_ENDPOINT_SOCKET", wl.Addr())
+	t.Setenv("SPIFFE_ENDPOINT_SOCKET", r.wl.Addr())
 	sidecar := start(t, escrow(t), "proxy", "--config", cfgFile)
-	waitOK(t, sidecar, "http://"+sidecarAdmin+"/readyz", "escrow proxy /readyz (the controller's first bundle applied)")
+	waitOK(t, sidecar, "http://"+admin+"/readyz", "escrow proxy /readyz (the controller's first bundle applied)")
+	return admin
+}
+
+// checkControllerRuns starts the real `escrow controller` as the controller's ServiceAccount
+// (impersonated); then a real `escrow proxy` with the sidecar config the chart renders for
+// namespace agents subscribes to it, and follows a Policy object.
+func checkControllerRuns(t *testing.T, c *cluster) {
+	// A kubeconfig that acts as the controller's ServiceAccount.
+	kc, err := os.ReadFile(c.kubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	asSA := strings.Replace(string(kc), "  user: {token:", "  user: {as: \""+controllerSA+"\", token:", 1)
+	if asSA == string(kc) {
+		t.Fatal("could not add impersonation to the test kubeconfig")
+	}
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(kubeconfig, []byte(asSA), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctl := startController(t, kubeconfig)
+
+	// A raw ADS client of namespace agents receives its bundle.
+	sidecarID := "spiffe://example.org/ns/agents/sa/default"
+	cl := ctl.dial(t, sidecarID, sidecarID)
+	if resp, _, err := cl.Recv(); err != nil || resp.GetVersionInfo() == "" {
+		t.Fatalf("no bundle for the agents sidecar: %v %v", resp, err)
+	}
+
+	// An invalid Policy gets Accepted=False: the controller may update policies/status.
+	applyInvalidPolicy(t, c)
+
+	// The real sidecar, with the config the chart puts in namespace agents.
+	sidecarAdmin := ctl.startSidecar(t)
 	applied := func() (string, error) {
 		res, err := http.Get("http://" + sidecarAdmin + "/metrics")
 		if err != nil {
@@ -642,9 +662,33 @@ spec:
 		t.Logf("the sidecar applied version %s, then %s after the Policy was created", before, v)
 		return nil
 	})
-	if out := proc.output(); strings.Contains(out, "forbidden") {
+	if out := ctl.proc.output(); strings.Contains(out, "forbidden") {
 		t.Errorf("the controller was refused something by RBAC:\n%s", tail(out, 4096))
 	}
+}
+
+// applyInvalidPolicy creates a Policy in namespace agents whose Cedar does not validate, and
+// waits until the controller wrote its status Accepted=False.
+func applyInvalidPolicy(t *testing.T, c *cluster) {
+	t.Helper()
+	c.kubectl(t, []byte(`apiVersion: escrow.dev/v1alpha1
+kind: Policy
+metadata: {name: typo, namespace: agents}
+spec:
+  cedar: |
+    @id("typo")
+    permit(principal, action, resource) when { context.methd == "GET" };
+`), "apply", "-f", "-")
+	eventually(t, 15*time.Second, "the controller writes the invalid Policy's status", func() error {
+		st, err := c.kubectlErr(nil, "get", "policy", "-n", "agents", "typo", "-o", "jsonpath={.status.conditions[?(@.type==\"Accepted\")].status}")
+		if err != nil {
+			return err
+		}
+		if strings.TrimSpace(st) != "False" {
+			return fmt.Errorf("Accepted = %q", st)
+		}
+		return nil
+	})
 }
 
 // waitOK polls url until it answers 200, failing if proc exits first.

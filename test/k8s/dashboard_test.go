@@ -2,6 +2,7 @@ package k8s_test
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -13,6 +14,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/escrowproxy/escrow/controlplane/broker"
+	"github.com/escrowproxy/escrow/credential"
 )
 
 // exposition maps each sample name in a /metrics answer (e.g. escrow_requests_total,
@@ -118,14 +122,94 @@ func escrowMetrics(t *testing.T) exposition {
 	w.review(t, "agents", []byte(`{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a","namespace":"agents"},"spec":{"containers":[{"name":"app","image":"busybox:1.36"}]}}`))
 	scrape(t, w.client, "https://"+w.addr+"/metrics", exp)
 	w.proc.stop()
+
+	// 4. The control plane: a real `escrow controller` on a real kube-apiserver, after it
+	// rejected a Policy, served a real `escrow proxy` (which ACKed its first bundle and NACKed
+	// one it could not compile), refused a stream and answered a broker mint; and that
+	// sidecar's xDS metrics.
+	controlPlaneMetrics(t, plain, exp)
 	return exp
+}
+
+// controlPlaneMetrics makes a real controller produce every labelled series the dashboard's
+// control plane row uses (a counter vector has no sample before its first label values), then
+// scrapes it and its sidecar into exp.
+func controlPlaneMetrics(t *testing.T, plain *http.Client, exp exposition) {
+	t.Helper()
+	c := startCluster(t)
+	c.kubectl(t, nil, "apply", "-f", filepath.Join(chartDir, "crds"))
+	c.kubectl(t, nil, "wait", "--for=condition=Established", "--timeout=60s", "crd/policies.escrow.dev",
+		"crd/upstreams.escrow.dev", "crd/credentials.escrow.dev", "crd/revocations.escrow.dev")
+	c.kubectl(t, nil, "create", "namespace", "agents")
+	ctl := startController(t, c.kubeconfig)
+	applyInvalidPolicy(t, c) // rejected_objects{kind}, status_writes_total{result}
+	sidecarAdmin := ctl.startSidecar(t)
+
+	// A NACK (nacks_total{reason}, and the sidecar's updates_total{result="nack"}): a Policy
+	// whose @id is also one of the sidecar's own policies (the chart's default) is valid on its
+	// own, so the controller serves it, but the sidecar cannot compile the two together.
+	c.kubectl(t, []byte(`apiVersion: escrow.dev/v1alpha1
+kind: Policy
+metadata: {name: clash, namespace: agents}
+spec:
+  cedar: |
+    @id("never-delete")
+    forbid (principal, action == Action::"DELETE", resource);
+`), "apply", "-f", "-")
+
+	// A mint of a Credential that does not exist (broker_mints_total{credential,result}), over
+	// the connection of a raw ADS stream of another workload of namespace agents.
+	other := "spiffe://example.org/ns/agents/sa/other"
+	cl := ctl.dial(t, other, other)
+	if _, _, err := cl.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := broker.NewClient(cl.Conn).Mint(context.Background(), credential.BrokerRequest{Name: "no-such-credential"}); err == nil {
+		t.Fatal("the controller minted a token for a Credential that does not exist")
+	}
+	// A stream whose node ID is not its SVID's (refused_streams_total{reason}).
+	if _, _, err := ctl.dial(t, other, "spiffe://example.org/ns/agents/sa/someone-else").Recv(); err == nil {
+		t.Fatal("the controller served a stream whose node ID is not its SVID's")
+	}
+
+	has := func(url string, want ...string) func() error {
+		return func() error {
+			res, err := plain.Get(url)
+			if err != nil {
+				return err
+			}
+			defer res.Body.Close()
+			body, _ := io.ReadAll(res.Body)
+			var lines []string
+			for _, w := range want {
+				m := regexp.MustCompile(`(?m)^` + w + `$`).Find(body)
+				if m == nil {
+					return fmt.Errorf("no line matching %s", w)
+				}
+				lines = append(lines, string(m))
+			}
+			t.Logf("%s: %s", url, strings.Join(lines, ", "))
+			return nil
+		}
+	}
+	eventually(t, 15*time.Second, "the controller's /metrics counts the streams, the ACK, the NACK, the refusal and the mint",
+		has("http://"+ctl.admin+"/metrics", `escrow_controller_nacks_total\{reason="[a-z]+"\} [1-9][0-9]*`,
+			`escrow_controller_refused_streams_total\{reason="node_id_mismatch"\} 1`,
+			`escrow_controller_broker_mints_total\{credential="",result="not_found"\} 1`,
+			`escrow_controller_connected_sidecars 2`, `escrow_controller_push_latency_seconds_count [1-9][0-9]*`))
+	eventually(t, 15*time.Second, "the sidecar's /metrics counts its NACK",
+		has("http://"+sidecarAdmin+"/metrics", `escrow_xds_updates_total\{result="nack"\} [1-9][0-9]*`, `escrow_xds_applied_info\{version="[0-9a-f]+"\} 1`))
+	scrape(t, plain, "http://"+ctl.admin+"/metrics", exp)
+	scrape(t, plain, "http://"+sidecarAdmin+"/metrics", exp)
 }
 
 // dashboardPanel is a Grafana panel (rows nest panels).
 type dashboardPanel struct {
-	Title   string           `json:"title"`
-	Type    string           `json:"type"`
-	Panels  []dashboardPanel `json:"panels"`
+	ID      int                      `json:"id"`
+	Title   string                   `json:"title"`
+	Type    string                   `json:"type"`
+	GridPos struct{ H, W, X, Y int } `json:"gridPos"`
+	Panels  []dashboardPanel         `json:"panels"`
 	Targets []struct {
 		Expr string `json:"expr"`
 	} `json:"targets"`
@@ -136,7 +220,22 @@ var (
 	matcher   = regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)`)
 	// Labels Prometheus adds at scrape time (target labels), not in escrow's exposition.
 	targetLabels = map[string]bool{"namespace": true, "pod": true, "container": true, "job": true, "instance": true, "endpoint": true, "service": true}
+	// Label lists of aggregations and vector matching: sum by (reason), unless on (namespace, version).
+	grouping = regexp.MustCompile(`\b(by|without|on|ignoring)\s*\(([^)]*)\)`)
+	// label_replace(v, "dst", "replacement", "src", "regex"): src must exist on v's metric.
+	labelReplace = regexp.MustCompile(`label_replace\(\s*(escrow_[a-zA-Z0-9_:]+)[^,]*,\s*"[^"]*",\s*"[^"]*",\s*"([^"]*)"`)
 )
+
+// hasLabel reports whether a series of a metric exporting labels has label name once Prometheus
+// scraped it: its own labels, the target's, "le" of a histogram's buckets, and exported_<name>
+// (Prometheus's name for a label of the metric that collides with a target label, unless the
+// scrape honors the metric's labels).
+func hasLabel(metric string, labels map[string]bool, name string) bool {
+	if own, ok := strings.CutPrefix(name, "exported_"); ok && targetLabels[own] {
+		return labels[own]
+	}
+	return labels[name] || targetLabels[name] || (name == "le" && strings.HasSuffix(metric, "_bucket"))
+}
 
 func TestDashboardQueriesOnlyMetricsEscrowExports(t *testing.T) {
 	tool(t, "helm")
@@ -197,17 +296,48 @@ func TestDashboardQueriesOnlyMetricsEscrowExports(t *testing.T) {
 				continue
 			}
 			for _, m := range matcher.FindAllStringSubmatch(r[3], -1) {
-				if !targetLabels[m[1]] && !labels[m[1]] {
+				if !hasLabel(name, labels, m[1]) {
 					t.Errorf("%s: matches label %q on %s, which has no such label", where, m[1], name)
 				}
+			}
+			// A label an aggregation or a vector match names must be on every metric of the
+			// query (a typo there gives one empty series, not an error, in Prometheus).
+			for _, g := range grouping.FindAllStringSubmatch(expr, -1) {
+				for l := range strings.SplitSeq(g[2], ",") {
+					if l = strings.TrimSpace(l); l != "" && !hasLabel(name, labels, l) {
+						t.Errorf("%s: %s (%s) names label %q, which %s has not", where, g[1], g[2], l, name)
+					}
+				}
+			}
+		}
+		for _, m := range labelReplace.FindAllStringSubmatch(expr, -1) {
+			if labels, ok := exp[m[1]]; ok && !hasLabel(m[1], labels, m[2]) {
+				t.Errorf("%s: label_replace reads label %q, which %s has not", where, m[2], m[1])
 			}
 		}
 	}
 	var walk func([]dashboardPanel)
 	panels := 0
+	ids := map[int]string{}
+	var placed []dashboardPanel
 	walk = func(ps []dashboardPanel) {
 		for _, p := range ps {
 			walk(p.Panels)
+			if other, dup := ids[p.ID]; dup || p.ID == 0 {
+				t.Errorf("panel %q: id %d is missing or also %q's", p.Title, p.ID, other)
+			}
+			ids[p.ID] = p.Title
+			g := p.GridPos
+			if g.W <= 0 || g.H <= 0 || g.X < 0 || g.X+g.W > 24 {
+				t.Errorf("panel %q: gridPos %+v is not within the 24 columns", p.Title, g)
+			}
+			for _, q := range placed {
+				o := q.GridPos
+				if g.X < o.X+o.W && o.X < g.X+g.W && g.Y < o.Y+o.H && o.Y < g.Y+g.H {
+					t.Errorf("panels %q and %q overlap: %+v, %+v", p.Title, q.Title, g, o)
+				}
+			}
+			placed = append(placed, p)
 			if p.Type == "row" {
 				continue
 			}
@@ -229,11 +359,17 @@ func TestDashboardQueriesOnlyMetricsEscrowExports(t *testing.T) {
 	}
 
 	// The panels the chart promises: decisions and reasons, latency, policy reloads, credential
-	// fetches, SVID expiry, tunnels, injector activity.
+	// fetches, SVID expiry, tunnels, injector activity, the control plane.
 	for _, m := range []string{
 		"escrow_requests_total", "escrow_request_duration_seconds_bucket", "escrow_policy_reloads_total",
 		"escrow_credential_fetches_total", "escrow_svid_expiry_timestamp_seconds", "escrow_tunnels_active",
 		"escrow_injector_requests_total", "escrow_injector_request_duration_seconds_bucket",
+		// The control plane: is every sidecar connected and on its namespace's bundle, are
+		// NACKs happening, is brokering failing.
+		"escrow_xds_applied_info", "escrow_xds_connected", "escrow_controller_bundle_version_info",
+		"escrow_controller_connected_sidecars", "escrow_controller_pushes_total", "escrow_controller_nacks_total",
+		"escrow_controller_push_latency_seconds_bucket", "escrow_controller_broker_mints_total",
+		"escrow_controller_refused_streams_total", "escrow_controller_rejected_objects",
 	} {
 		if !queried[m] {
 			t.Errorf("no panel queries %s", m)
