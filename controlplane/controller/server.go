@@ -75,6 +75,9 @@ type Server struct {
 type streamState struct {
 	peer       string // the SPIFFE ID of the client certificate
 	registered bool   // counted in nodes[peer] (after its first valid request)
+	// sentNonce and sentVersion are those of the last response on the stream: a NACK answers
+	// that nonce, and names only the version it kept, not the one it rejected.
+	sentNonce, sentVersion string
 }
 
 type nodeState struct {
@@ -271,10 +274,20 @@ func (s *Server) onStreamRequest(id int64, req *discovery.DiscoveryRequest) erro
 	}
 	switch {
 	case req.GetErrorDetail() != nil:
+		// The snapshot cache answers a request whose version differs from the current one at
+		// once, so the rejected version would go straight back, be rejected again, and so on,
+		// hundreds of times a second. Recording the rejected version as the one the sidecar
+		// has makes the cache hold the request until a new version is set (which it then
+		// sends). The version the sidecar kept is what it serves meanwhile.
+		kept, rejected := req.GetVersionInfo(), n.version
+		if req.GetResponseNonce() != "" && req.GetResponseNonce() == st.sentNonce {
+			rejected = st.sentVersion
+			req.VersionInfo = rejected
+		}
 		msg := req.GetErrorDetail().GetMessage()
 		s.metrics.NACKs.WithLabelValues(NACKClass(msg)).Inc()
 		s.log.Warn("a sidecar rejected its bundle (NACK)", zap.String("node", st.peer),
-			zap.String("kept_version", req.GetVersionInfo()), zap.String("rejected_version", n.version),
+			zap.String("kept_version", kept), zap.String("rejected_version", rejected),
 			zap.String("reason_class", NACKClass(msg)), zap.String("message", truncate(msg, maxMessage)))
 	case req.GetResponseNonce() != "" && req.GetVersionInfo() == n.version && !n.acked:
 		n.acked = true
@@ -283,8 +296,13 @@ func (s *Server) onStreamRequest(id int64, req *discovery.DiscoveryRequest) erro
 	return nil
 }
 
-func (s *Server) onStreamResponse(context.Context, int64, *discovery.DiscoveryRequest, *discovery.DiscoveryResponse) {
+func (s *Server) onStreamResponse(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
 	s.metrics.Pushes.Inc()
+	s.mu.Lock()
+	if st := s.streams[id]; st != nil {
+		st.sentNonce, st.sentVersion = resp.GetNonce(), resp.GetVersionInfo()
+	}
+	s.mu.Unlock()
 }
 
 func (s *Server) onStreamClosed(id int64, _ *core.Node) {

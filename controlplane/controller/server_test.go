@@ -273,6 +273,47 @@ func TestServer_CountsNACKsByReasonClass(t *testing.T) {
 	}
 }
 
+// A rejected version is not sent again on the stream that rejected it (the snapshot cache
+// answers any request for another version at once: a sidecar that cannot apply a bundle would
+// receive and refuse it hundreds of times a second); the next version is.
+func TestServer_DoesNotResendARejectedVersion(t *testing.T) {
+	ts := startServer(t)
+	ts.Update(Compute(Objects{}, sys))
+	c := ts.dial(t, agentsID, agentsID)
+	r, _ := recv(t, c)
+	got := make(chan *discovery.DiscoveryResponse, 16)
+	go func() {
+		for {
+			r, _, err := c.Recv()
+			if err != nil {
+				return
+			}
+			got <- r
+		}
+	}()
+	if err := c.NACK(r, "", "policy: parse error"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case again := <-got:
+		t.Fatalf("the rejected version %s was sent again (as %s)", r.GetVersionInfo(), again.GetVersionInfo())
+	case <-time.After(300 * time.Millisecond):
+	}
+	if n := testutil.ToFloat64(ts.metrics.NACKs.WithLabelValues(NACKPolicy)); n != 1 {
+		t.Errorf("%v NACKs counted, want 1", n)
+	}
+
+	ts.Update(Compute(Objects{Policies: []v1alpha1.Policy{pol("agents", "p", allowGitHub)}}, sys))
+	select {
+	case next := <-got:
+		if next.GetVersionInfo() == r.GetVersionInfo() {
+			t.Fatalf("after a change: the rejected version %s again", r.GetVersionInfo())
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the next version was not sent after a rejection")
+	}
+}
+
 func TestServer_ClosedStreamForgetsTheSidecar(t *testing.T) {
 	ts := startServer(t)
 	ts.Update(Compute(Objects{}, sys))
