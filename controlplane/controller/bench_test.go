@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/escrowproxy/escrow/config"
 	"github.com/escrowproxy/escrow/controlplane/api/v1alpha1"
 	"github.com/escrowproxy/escrow/controlplane/bundle"
 	"github.com/escrowproxy/escrow/controlplane/controller/controllertest"
@@ -26,13 +27,39 @@ var benchSidecars = flag.Int("sidecars", 1000, "simulated sidecars in BenchmarkS
 //
 //	go test ./controlplane/controller -run '^$' -bench RevocationReachesEverySidecar -benchtime 20x -sidecars 1000
 func BenchmarkServer_RevocationReachesEverySidecar(b *testing.B) {
-	benchReachEverySidecar(b, func(i int, objs *Objects) func(bundle.Bundle) bool {
-		name := fmt.Sprintf("r%d", i)
-		objs.Revocations = []v1alpha1.Revocation{revoke("agents", name, "spiffe://example.org/ns/agents/sa/sidecar-0")}
-		return func(bun bundle.Bundle) bool {
-			return slices.ContainsFunc(bun.Revocations, func(r bundle.Revocation) bool { return r.Name == "agents/"+name })
-		}
-	})
+	benchReachEverySidecar(b, Objects{Policies: []v1alpha1.Policy{pol(sys, "base", allowGitHub)}}, revokeOp)
+}
+
+// revokeOp is one op: a new Revocation.
+func revokeOp(i int, objs *Objects) func(bundle.Bundle) bool {
+	name := fmt.Sprintf("r%d", i)
+	objs.Revocations = []v1alpha1.Revocation{revoke("agents", name, "spiffe://example.org/ns/agents/sa/sidecar-0")}
+	return func(bun bundle.Bundle) bool {
+		return slices.ContainsFunc(bun.Revocations, func(r bundle.Revocation) bool { return r.Name == "agents/"+name })
+	}
+}
+
+// BenchmarkServer_RevocationReachesEverySidecarOfTwoAudiences is the same with a brokered
+// Credential (and an Upstream naming it) that half of the sidecars may use (500 spiffe_ids):
+// two bundles for the namespace, each encoded once and shared by its half.
+//
+//	go test ./controlplane/controller -run '^$' -bench RevocationReachesEverySidecarOfTwoAudiences -benchtime 5x -sidecars 1000
+func BenchmarkServer_RevocationReachesEverySidecarOfTwoAudiences(b *testing.B) {
+	var ids []string
+	for i := 0; i < *benchSidecars; i += 2 {
+		ids = append(ids, fmt.Sprintf("spiffe://example.org/ns/agents/sa/sidecar-%d", i))
+	}
+	gh := v1alpha1.Credential{ObjectMeta: meta(sys, "github"), Spec: v1alpha1.CredentialSpec{
+		GitHubApp: &v1alpha1.GitHubAppSpec{GitHubApp: config.GitHubApp{AppID: ghAppID, InstallationID: ghInstallation},
+			PrivateKeyRef: v1alpha1.SecretKeyRef{Name: "github-app", Key: "private-key.pem"}},
+		Broker: &v1alpha1.BrokerSpec{SPIFFEIDs: ids},
+	}}
+	objs := Objects{Policies: []v1alpha1.Policy{pol(sys, "base", allowGitHub)}, Credentials: []v1alpha1.Credential{gh},
+		Upstreams: []v1alpha1.Upstream{withCred(up("agents", "github", "api.github.com", 0), "github")}}
+	if v := Compute(objs, sys); len(v.Problems()) != 0 || len(v.Brokered()) != 1 {
+		b.Fatalf("problems %v", v.Problems())
+	}
+	benchReachEverySidecar(b, objs, revokeOp)
 }
 
 // BenchmarkServer_PolicyChangeReachesEverySidecar is the same with a changed Policy as the op:
@@ -41,7 +68,7 @@ func BenchmarkServer_RevocationReachesEverySidecar(b *testing.B) {
 //
 //	go test ./controlplane/controller -run '^$' -bench PolicyChangeReachesEverySidecar -benchtime 20x -sidecars 1000
 func BenchmarkServer_PolicyChangeReachesEverySidecar(b *testing.B) {
-	benchReachEverySidecar(b, func(i int, objs *Objects) func(bundle.Bundle) bool {
+	benchReachEverySidecar(b, Objects{Policies: []v1alpha1.Policy{pol(sys, "base", allowGitHub)}}, func(i int, objs *Objects) func(bundle.Bundle) bool {
 		id := fmt.Sprintf("agents-change-%d", i)
 		objs.Policies = []v1alpha1.Policy{pol(sys, "base", allowGitHub), pol("agents", "change",
 			`@id("`+id+`")
@@ -53,10 +80,9 @@ permit(principal in Namespace::"agents", action == Action::"GET", resource == Ho
 // benchReachEverySidecar connects -sidecars clients and times, per op, change (which edits the
 // objects and returns how to recognise its result in a bundle) until every client has a bundle
 // with that result.
-func benchReachEverySidecar(b *testing.B, change func(i int, objs *Objects) func(bundle.Bundle) bool) {
+func benchReachEverySidecar(b *testing.B, objs Objects, change func(i int, objs *Objects) func(bundle.Bundle) bool) {
 	ts := startServer(b)
 	n := *benchSidecars
-	objs := Objects{Policies: []v1alpha1.Policy{pol(sys, "base", allowGitHub)}}
 	ts.Update(Compute(objs, sys))
 
 	runtime.GC()
@@ -139,6 +165,9 @@ func benchReachEverySidecar(b *testing.B, change func(i int, objs *Objects) func
 	b.ReportMetric(float64(total.Milliseconds())/float64(b.N), "ms/all-sidecars")
 	b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/float64(n), "heap-B/sidecar")
 	b.ReportMetric(float64(n), "sidecars")
+	ts.mu.Lock()
+	b.ReportMetric(float64(len(ts.snaps)), "snapshots")
+	ts.mu.Unlock()
 }
 
 // BenchmarkCompute_NamespacesWithObjects: one op is a Compute over escrow's namespace and N
