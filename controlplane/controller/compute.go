@@ -96,6 +96,9 @@ type View struct {
 type nsBundle struct {
 	b       bundle.Bundle
 	dropped []string
+	// brokered names, sorted, the brokered Credentials in b: each sidecar receives only those
+	// its SPIFFE ID may use (see Audience).
+	brokered []string
 }
 
 // contribution is what one namespace adds to a bundle, in a stable order.
@@ -193,6 +196,7 @@ func Compute(objs Objects, clusterNS string) *View {
 	slices.SortFunc(ups, func(a, b v1alpha1.Upstream) int { return order(keyOf(a.ObjectMeta), keyOf(b.ObjectMeta)) })
 	claimedUp := map[string]map[upstreamKey]ObjectKey{} // per namespace, the cluster's included
 	admitted := map[ObjectRef]int64{}                   // upstreams and credentials, by generation
+	upCred := map[ObjectRef]string{}                    // the credential each admitted upstream names
 	for _, u := range ups {
 		k := keyOf(u.ObjectMeta)
 		uk := upstreamKey{strings.ToLower(u.Spec.Host), u.Spec.Port}
@@ -202,6 +206,7 @@ func Compute(objs Objects, clusterNS string) *View {
 			continue
 		}
 		admitted[refOf(v1alpha1.KindUpstream, u.ObjectMeta)] = u.Generation
+		upCred[refOf(v1alpha1.KindUpstream, u.ObjectMeta)] = u.Spec.Credential
 		if claimedUp[k.Namespace] == nil {
 			claimedUp[k.Namespace] = map[upstreamKey]ObjectKey{}
 		}
@@ -270,7 +275,14 @@ func Compute(objs Objects, clusterNS string) *View {
 	drops := map[string]map[ObjectRef]drop{}
 	for ns := range v.byNS {
 		b, dropped := v.build(ns)
-		v.bundles[ns] = nsBundle{b, logLines(dropped)}
+		nb := nsBundle{b: b, dropped: logLines(dropped)}
+		for name, c := range b.Credentials {
+			if _, ok := v.broker[name]; ok && c.Broker != nil {
+				nb.brokered = append(nb.brokered, name)
+			}
+		}
+		slices.Sort(nb.brokered)
+		v.bundles[ns] = nb
 		drops[ns] = map[ObjectRef]drop{}
 		for _, d := range dropped {
 			drops[ns][d.ref] = d
@@ -279,7 +291,16 @@ func Compute(objs Objects, clusterNS string) *View {
 	tenants := slices.Sorted(maps.Keys(v.byNS))
 	tenants = slices.DeleteFunc(tenants, func(ns string) bool { return ns == clusterNS })
 	for ref, gen := range admitted {
-		v.verdicts[ref] = v.judge(ref, gen, tenants, drops)
+		vd := v.judge(ref, gen, tenants, drops)
+		// Only the sidecars a brokered Credential allows receive it, and the Upstreams naming it.
+		cred := upCred[ref]
+		if ref.Kind == v1alpha1.KindCredential {
+			cred = ref.Name
+		}
+		if _, ok := v.broker[cred]; ok && vd.Accepted && (ref.Kind == v1alpha1.KindUpstream || ref.Namespace == clusterNS) {
+			vd.Message = truncate(vd.Message+fmt.Sprintf("; only to those Credential %s/%s's spec.broker allows", clusterNS, cred), maxMessage)
+		}
+		v.verdicts[ref] = vd
 	}
 
 	for ref, vd := range v.verdicts {
@@ -488,31 +509,101 @@ func Namespace(spiffeID string) (string, bool) {
 }
 
 // BundleFor returns the bundle of the sidecar whose SPIFFE ID is spiffeID: the cluster-wide
-// objects, plus its namespace's when the ID has the /ns/<ns>/sa/<sa> shape. Its Version is a
-// hash of its content, so the same content always has the same version.
+// objects, plus its namespace's when the ID has the /ns/<ns>/sa/<sa> shape, minus the
+// brokered Credentials the ID may not use and the Upstreams that name them (see Audience).
+// Its Version is a hash of its content, so the same content always has the same version.
 func (v *View) BundleFor(spiffeID string) bundle.Bundle {
+	b, _ := v.AudienceBundle(v.AudienceOf(spiffeID))
+	return b
+}
+
+// Audience is what a sidecar's bundle depends on: its namespace, and which of the brokered
+// Credentials in that namespace's bundle its SPIFFE ID may use. Sidecars of one Audience
+// receive the same bundle, so the ADS server keeps one snapshot per Audience, not one per
+// sidecar. It is comparable (a map key).
+type Audience struct {
+	// Namespace is the sidecar's namespace, or escrow's for an ID without the
+	// /ns/<ns>/sa/<sa> shape.
+	Namespace string
+	// Brokered names, sorted and comma-separated, the brokered Credentials of the namespace's
+	// bundle that the sidecar may use (a Kubernetes name has no comma).
+	Brokered string
+}
+
+// AudienceOf returns the Audience of the sidecar whose SPIFFE ID is spiffeID.
+func (v *View) AudienceOf(spiffeID string) Audience {
 	ns, ok := Namespace(spiffeID)
 	if !ok {
 		ns = v.clusterNS
 	}
-	return v.BundleForNamespace(ns)
+	a := Audience{Namespace: ns}
+	var allowed []string
+	for _, name := range v.namespaceBundle(ns).brokered {
+		if v.broker[name].Allows(spiffeID) {
+			allowed = append(allowed, name)
+		}
+	}
+	a.Brokered = strings.Join(allowed, ",")
+	return a
 }
 
-// BundleForNamespace returns the bundle of the sidecars in namespace ns.
+// AudienceBundle returns the bundle of the sidecars of Audience a: their namespace's bundle
+// without the brokered Credentials a does not name, nor the Upstreams that name those (such
+// an Upstream's host is unknown to these sidecars: a Credential they may not use is never
+// sent to them, least privilege, and a credential they could never fetch would keep them
+// from being ready). It returns, as NamespaceBundle does, what validation left out of the
+// namespace's bundle.
+func (v *View) AudienceBundle(a Audience) (bundle.Bundle, []string) {
+	nb := v.namespaceBundle(a.Namespace)
+	allowed := strings.Split(a.Brokered, ",")
+	var denied []string
+	for _, name := range nb.brokered {
+		if !slices.Contains(allowed, name) {
+			denied = append(denied, name)
+		}
+	}
+	if len(denied) == 0 {
+		return nb.b, nb.dropped
+	}
+	b := nb.b // Policies and Revocations are shared, as in every bundle of this View
+	b.Credentials = maps.Clone(b.Credentials)
+	for _, name := range denied {
+		delete(b.Credentials, name)
+	}
+	if len(b.Credentials) == 0 {
+		b.Credentials = nil
+	}
+	b.Upstreams = slices.DeleteFunc(slices.Clone(b.Upstreams), func(u config.Upstream) bool {
+		return slices.Contains(denied, u.Credential)
+	})
+	if len(b.Upstreams) == 0 {
+		b.Upstreams = nil
+	}
+	b.Version = Version(b)
+	return b, nb.dropped
+}
+
+// BundleForNamespace returns the bundle of namespace ns (see NamespaceBundle).
 func (v *View) BundleForNamespace(ns string) bundle.Bundle {
 	b, _ := v.NamespaceBundle(ns)
 	return b
 }
 
-// NamespaceBundle returns the bundle of the sidecars in namespace ns, and the upstreams and
-// credentials left out of it because the sidecar's config validation would refuse them (see
-// validateBundle), each with the reason.
+// NamespaceBundle returns the bundle of namespace ns, with every brokered Credential (the
+// bundle of a sidecar that may use them all: AudienceBundle serves each sidecar its part),
+// and the upstreams and credentials left out of it because the sidecar's config validation
+// would refuse them (see validateBundle), each with the reason.
 func (v *View) NamespaceBundle(ns string) (bundle.Bundle, []string) {
+	nb := v.namespaceBundle(ns)
+	return nb.b, nb.dropped
+}
+
+func (v *View) namespaceBundle(ns string) nsBundle {
 	nb, ok := v.bundles[ns]
 	if !ok { // no objects of its own: the cluster-wide ones alone
 		nb = v.bundles[v.clusterNS]
 	}
-	return nb.b, nb.dropped
+	return nb
 }
 
 // build computes namespace ns's bundle, and what validation left out of it.

@@ -19,7 +19,10 @@ type Metrics struct {
 	Refused *prometheus.CounterVec
 	// PushLatency is the time from a bundle version being set for a sidecar to its ACK.
 	PushLatency prometheus.Histogram
-	// BundleVersion is 1 for the version currently served to each namespace with sidecars.
+	// BundleVersion is 1 for each version currently served to the sidecars of a namespace:
+	// one per distinct set of brokered Credentials its connected sidecars may use (an
+	// Audience), so one per namespace without brokered Credentials. Bounded by the brokered
+	// Credentials' allow lists, not by the number of sidecars.
 	BundleVersion *prometheus.GaugeVec
 	// Rejected is the number of objects left out of every bundle, by kind.
 	Rejected *prometheus.GaugeVec
@@ -49,7 +52,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help:    "Time from a bundle version being set for a sidecar to the sidecar's ACK of it.",
 			Buckets: []float64{.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}}),
 		BundleVersion: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "bundle_version_info",
-			Help: "1 for the bundle version served to the sidecars of each namespace."}, []string{"namespace", "version"}),
+			Help: "1 for each bundle version served to the sidecars of a namespace (more than one when they differ in the brokered credentials they may use)."}, []string{"namespace", "version"}),
 		Rejected: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "rejected_objects",
 			Help: "Objects left out of every bundle (invalid, or colliding with another), by kind."}, []string{"kind"}),
 		Computes: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "computes_total",

@@ -64,9 +64,12 @@ type Server struct {
 	view    *View
 	streams map[int64]*streamState
 	nodes   map[string]*nodeState
-	// snaps holds the snapshot of each namespace's current bundle: immutable, so every
-	// sidecar of a namespace shares one (one encoding, one copy of the policy text).
-	snaps map[string]*cache.Snapshot
+	// snaps holds the snapshot of each Audience's current bundle: immutable, so every sidecar
+	// of a namespace that may use the same brokered Credentials shares one (one encoding, one
+	// copy of the policy text).
+	snaps map[Audience]*cache.Snapshot
+	// warned holds the namespaces whose left-out objects were logged for the current view.
+	warned map[string]bool
 }
 
 type streamState struct {
@@ -79,7 +82,6 @@ type streamState struct {
 
 type nodeState struct {
 	streams int       // open streams of this node id (pods sharing a service account share it)
-	ns      string    // the namespace whose objects it receives ("" : cluster-wide only)
 	version string    // the version set for it
 	setAt   time.Time // when version was set
 	acked   bool      // an ACK of version was seen (push latency observed)
@@ -165,7 +167,8 @@ func (s *Server) Update(v *View) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.view = v
-	s.snaps = map[string]*cache.Snapshot{}
+	s.snaps = map[Audience]*cache.Snapshot{}
+	s.warned = map[string]bool{}
 	s.metrics.BundleVersion.Reset()
 	for id, n := range s.nodes {
 		s.set(id, n)
@@ -179,25 +182,18 @@ func (s *Server) Ready() bool {
 	return s.view != nil
 }
 
-func (s *Server) namespaceOrCluster(ns string) string {
-	if ns == "" && s.view != nil {
-		return s.view.clusterNS
-	}
-	return ns
-}
-
-// set puts the current bundle of n's namespace in the snapshot cache for node id, unless it
-// has it already (s.mu held, s.view set). The cache answers open watches whose version
-// differs at once; its channels are buffered, so this does not block.
+// set puts the current bundle of node id (its Audience's) in the snapshot cache for it,
+// unless it has it already (s.mu held, s.view set). The cache answers open watches whose
+// version differs at once; its channels are buffered, so this does not block.
 func (s *Server) set(id string, n *nodeState) {
-	ns := s.namespaceOrCluster(n.ns)
-	snap, err := s.snapshot(ns)
+	a := s.view.AudienceOf(id)
+	snap, err := s.snapshot(a)
 	if err != nil {
-		s.log.Error("encoding a namespace's bundle", zap.String("namespace", ns), zap.Error(err))
+		s.log.Error("encoding a namespace's bundle", zap.String("namespace", a.Namespace), zap.Error(err))
 		return
 	}
 	version := snap.GetVersion(resource.ExtensionConfigType)
-	s.metrics.BundleVersion.WithLabelValues(ns, version).Set(1)
+	s.metrics.BundleVersion.WithLabelValues(a.Namespace, version).Set(1)
 	if version == n.version {
 		return
 	}
@@ -208,14 +204,17 @@ func (s *Server) set(id string, n *nodeState) {
 	n.version, n.setAt, n.acked = version, s.now(), false
 }
 
-// snapshot returns the snapshot of namespace ns's bundle in the current view (s.mu held).
-func (s *Server) snapshot(ns string) (*cache.Snapshot, error) {
-	if snap := s.snaps[ns]; snap != nil {
+// snapshot returns the snapshot of a's bundle in the current view (s.mu held).
+func (s *Server) snapshot(a Audience) (*cache.Snapshot, error) {
+	if snap := s.snaps[a]; snap != nil {
 		return snap, nil
 	}
-	b, dropped := s.view.NamespaceBundle(ns)
-	for _, why := range dropped {
-		s.log.Warn("left out of a namespace's bundle: its sidecars would refuse it", zap.String("namespace", ns), zap.String("why", why))
+	b, dropped := s.view.AudienceBundle(a)
+	if !s.warned[a.Namespace] {
+		s.warned[a.Namespace] = true
+		for _, why := range dropped {
+			s.log.Warn("left out of a namespace's bundle: its sidecars would refuse it", zap.String("namespace", a.Namespace), zap.String("why", why))
+		}
 	}
 	tec, err := bundle.Encode(b)
 	if err != nil {
@@ -225,7 +224,7 @@ func (s *Server) snapshot(ns string) (*cache.Snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.snaps[ns] = snap
+	s.snaps[a] = snap
 	return snap, nil
 }
 
@@ -264,8 +263,7 @@ func (s *Server) onStreamRequest(id int64, req *discovery.DiscoveryRequest) erro
 		st.registered = true
 		s.metrics.Connected.Inc()
 		if n == nil {
-			ns, _ := Namespace(st.peer)
-			n = &nodeState{ns: ns}
+			n = &nodeState{}
 			s.nodes[st.peer] = n
 			if s.view != nil {
 				s.set(st.peer, n)

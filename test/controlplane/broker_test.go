@@ -88,6 +88,18 @@ func startSidecar(t *testing.T, cfgFile string, ready bool) *sidecarProc {
 	return s
 }
 
+// appliedVersion is the version of the last bundle s applied, from its log.
+func appliedVersion(s *sidecarProc) string {
+	v := ""
+	for line := range strings.SplitSeq(s.log.String(), "\n") {
+		var rec struct{ Msg, Version string }
+		if json.Unmarshal([]byte(line), &rec) == nil && rec.Msg == "control plane config applied" {
+			v = rec.Version
+		}
+	}
+	return v
+}
+
 func (s *sidecarProc) stop(t *testing.T) {
 	t.Helper()
 	_ = s.cmd.Process.Signal(syscall.SIGTERM)
@@ -131,7 +143,9 @@ func curl(t *testing.T, s *sidecarProc, caFile, url string) (int, string, string
 // https://docs.github.com/en/rest/apps/apps#create-an-installation-access-token-for-an-app
 // and https://docs.github.com/en/apps/creating-github-apps/authenticating-with-a-github-app/generating-a-json-web-token-jwt-for-a-github-app);
 // a real `escrow proxy` of an allowed workload serves real curl with one token for several
-// requests; a workload not in spiffe_ids gets 503 credential_unavailable; a cluster-wide
+// requests; a workload not in spiffe_ids is never sent the Credential nor its Upstream, so it
+// becomes ready and its request to the brokered host is 403 unknown_destination, with no mint
+// asked of the controller; a cluster-wide
 // Revocation of the credential makes the controller revoke its token at GitHub. The key appears
 // in none of the sidecars' files, environment, output or answers (nor in the controller's files
 // or output).
@@ -249,16 +263,24 @@ audit: {flush_interval: 0s}
 	}
 	sc.stop(t)
 
-	// Another workload of the same namespace receives the same bundle, but not the token.
+	// Another workload of the same namespace is not in spiffe_ids: its bundle has neither the
+	// Credential nor the Upstream naming it, so it is ready (no credential it could never
+	// fetch) and the host is unknown to it.
 	wl.SetSVID(reviewer, time.Now().Add(time.Hour))
-	other := startSidecar(t, cfgFile, false)
+	other := startSidecar(t, cfgFile, true)
 	code, reason, body := curl(t, other, podCA, "https://api.github.com/repos/acme/widgets")
 	answers = append(answers, body)
-	if code != http.StatusServiceUnavailable || reason != "credential_unavailable" {
+	if code != http.StatusForbidden || reason != "unknown_destination" {
 		t.Errorf("a workload not in spiffe_ids: %d %q %s", code, reason, body)
 	}
 	if gh.Minted() != 1 || gh.APICalls() != 3 {
-		t.Errorf("after the refused workload: %d minted, %d API calls", gh.Minted(), gh.APICalls())
+		t.Errorf("after the workload not allowed: %d minted, %d API calls", gh.Minted(), gh.APICalls())
+	}
+	if strings.Contains(other.log.String(), "github-e2e") {
+		t.Errorf("the workload not allowed learnt of the brokered Credential:\n%s", other.log.String())
+	}
+	if a, b := appliedVersion(sc), appliedVersion(other); a == "" || a == b {
+		t.Errorf("applied bundle versions: allowed %q, not allowed %q; want two", a, b)
 	}
 	other.stop(t)
 
@@ -279,10 +301,12 @@ audit: {flush_interval: 0s}
 	}
 	metrics, _ := io.ReadAll(res.Body)
 	res.Body.Close()
-	for _, want := range []string{`escrow_controller_broker_mints_total{credential="github-e2e",result="ok"} 1`, `escrow_controller_broker_mints_total{credential="github-e2e",result="denied"}`} {
-		if !bytes.Contains(metrics, []byte(want)) {
-			t.Errorf("/metrics lacks %s", want)
-		}
+	if want := `escrow_controller_broker_mints_total{credential="github-e2e",result="ok"} 1`; !bytes.Contains(metrics, []byte(want)) {
+		t.Errorf("/metrics lacks %s", want)
+	}
+	// The workload not allowed never asked: it was not sent the Credential.
+	if bytes.Contains(metrics, []byte(`escrow_controller_broker_mints_total{credential="github-e2e",result="denied"}`)) {
+		t.Errorf("a mint was refused: the workload not allowed asked for a Credential it should not know of")
 	}
 
 	// The key is in none of the sidecar's files, environment, output or answers.
