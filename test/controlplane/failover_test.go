@@ -114,6 +114,64 @@ func (r *replica) connected() bool {
 	return strings.Contains(string(b), "\nescrow_controller_connected_sidecars 1\n")
 }
 
+// replicaArgs writes the controller's X509-SVID (minted by wl's CA) and trust bundle into dir
+// and returns the arguments that run escrow controller with them as its ServiceAccount.
+func replicaArgs(t *testing.T, wl *attesttest.WorkloadAPI, dir string) []string {
+	t.Helper()
+	own := wl.MintX509SVID(workload(escrowNS, controllerSA), time.Now().Add(time.Hour))
+	certPEM, keyPEM, err := own.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bundlePEM []byte
+	for _, a := range wl.X509Authorities() {
+		bundlePEM = append(bundlePEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.Raw})...)
+	}
+	certFile, keyFile, bundleFile := filepath.Join(dir, "svid.pem"), filepath.Join(dir, "svid.key"), filepath.Join(dir, "bundle.pem")
+	for f, b := range map[string][]byte{certFile: certPEM, keyFile: keyPEM, bundleFile: bundlePEM} {
+		if err := os.WriteFile(f, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kc, err := kube(t).KubeconfigAs("system:serviceaccount:" + escrowNS + ":" + controllerSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return []string{"--kubeconfig", kc, "--svid-cert", certFile, "--svid-key", keyFile, "--bundle", bundleFile}
+}
+
+// sidecarConfig writes the config of an escrow proxy that follows the controller at addr, with
+// its own policy directory holding extra (file name → Cedar), and returns its path.
+func sidecarConfig(t *testing.T, wl *attesttest.WorkloadAPI, dir, addr string, extra map[string]string) string {
+	t.Helper()
+	sdir := filepath.Join(dir, "sidecar")
+	pdir := filepath.Join(sdir, "policies")
+	if err := os.MkdirAll(pdir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	policy := ""
+	if len(extra) > 0 {
+		policy = fmt.Sprintf("policy: {dir: %s}\n", pdir)
+		for name, text := range extra {
+			if err := os.WriteFile(filepath.Join(pdir, name), []byte(text), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	cfgFile := filepath.Join(sdir, "escrow.yaml")
+	if err := os.WriteFile(cfgFile, []byte(fmt.Sprintf(`listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+identity: {spiffe: {socket: %q}}
+ca_dir: %s
+egress: {allow_cidrs: [127.0.0.0/8]}
+xds: {address: %s, server_id: %s, max_backoff: 1s}
+audit: {flush_interval: 0s}
+%s`, wl.Addr(), filepath.Join(sdir, "ca"), addr, workload(escrowNS, controllerSA), policy)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return cfgFile
+}
+
 // TestEscrowController_ASidecarKeepsServingThroughReplicaDeathsAndFollowsTheSurvivor: a real
 // `escrow proxy` follows two real `escrow controller` replicas behind one address. Killing the
 // replica it is connected to (SIGKILL) does not interrupt it: it keeps serving the last bundle,
@@ -123,7 +181,7 @@ func (r *replica) connected() bool {
 func TestEscrowController_ASidecarKeepsServingThroughReplicaDeathsAndFollowsTheSurvivor(t *testing.T) {
 	controlPlane(t)
 	ns := namespace(t, "cp-failover")
-	agent, controllerID := workload(ns, "agent"), workload(escrowNS, controllerSA)
+	agent := workload(ns, "agent")
 	dir := t.TempDir()
 
 	// The API the agent calls (no credential: this test is about the control plane).
@@ -143,46 +201,13 @@ func TestEscrowController_ASidecarKeepsServingThroughReplicaDeathsAndFollowsTheS
 	// SVIDs of one trust domain: the sidecar's from a Workload API, the replicas' from files.
 	wl := attesttest.NewWorkloadAPI(t, td)
 	wl.SetSVID(agent, time.Now().Add(time.Hour))
-	own := wl.MintX509SVID(controllerID, time.Now().Add(time.Hour))
-	certPEM, keyPEM, err := own.Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var bundlePEM []byte
-	for _, a := range wl.X509Authorities() {
-		bundlePEM = append(bundlePEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.Raw})...)
-	}
-	certFile, keyFile, bundleFile := filepath.Join(dir, "svid.pem"), filepath.Join(dir, "svid.key"), filepath.Join(dir, "bundle.pem")
-	for f, b := range map[string][]byte{certFile: certPEM, keyFile: keyPEM, bundleFile: bundlePEM} {
-		if err := os.WriteFile(f, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	kc, err := kube(t).KubeconfigAs("system:serviceaccount:" + escrowNS + ":" + controllerSA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	args := []string{"--kubeconfig", kc, "--svid-cert", certFile, "--svid-key", keyFile, "--bundle", bundleFile}
+	args := replicaArgs(t, wl, dir)
 	a, b := startReplica(t, args...), startReplica(t, args...)
 	svc := startService(t)
 	svc.setBackends(a.ads, b.ads)
 
-	sdir := filepath.Join(dir, "sidecar")
-	if err := os.Mkdir(sdir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	cfgFile := filepath.Join(sdir, "escrow.yaml")
-	if err := os.WriteFile(cfgFile, []byte(fmt.Sprintf(`listen: 127.0.0.1:0
-admin: 127.0.0.1:0
-identity: {spiffe: {socket: %q}}
-ca_dir: %s
-egress: {allow_cidrs: [127.0.0.0/8]}
-xds: {address: %s, server_id: %s, max_backoff: 1s}
-audit: {flush_interval: 0s}
-`, wl.Addr(), filepath.Join(sdir, "ca"), svc.addr(), controllerID)), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	podCA := filepath.Join(sdir, "ca", "ca.crt")
+	cfgFile := sidecarConfig(t, wl, dir, svc.addr(), nil)
+	podCA := filepath.Join(dir, "sidecar", "ca", "ca.crt")
 	sc := startSidecar(t, cfgFile, true)
 	call := func() (int, string) {
 		code, reason, _ := curl(t, sc, podCA, "https://example.com/v1/things")
@@ -240,6 +265,66 @@ audit: {flush_interval: 0s}
 	eventually(t, 20*time.Second, "the sidecar converged on the new replica's bundle", func() error {
 		if code, reason := call(); code != http.StatusOK {
 			return fmt.Errorf("%d %s", code, reason)
+		}
+		return nil
+	})
+	sc.stop(t)
+}
+
+// metricValue reads one series from an escrow /metrics page ("" when absent).
+func metricValue(t *testing.T, admin, series string) string {
+	t.Helper()
+	res, err := http.Get("http://" + admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	b, _ := io.ReadAll(res.Body)
+	for l := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, series+" "); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// TestEscrowController_ABundleTheSidecarRejectsIsNotSentAgain: a Policy that is valid alone but
+// clashes with the sidecar's own policy file (the same @id) makes the real sidecar reject the
+// bundle (NACK). The real controller does not send that version again (a bare snapshot cache
+// answers every NACK with it at once: hundreds of round trips a second), and the next version,
+// without the clash, is applied.
+func TestEscrowController_ABundleTheSidecarRejectsIsNotSentAgain(t *testing.T) {
+	controlPlane(t)
+	ns := namespace(t, "cp-nack")
+	dir := t.TempDir()
+	wl := attesttest.NewWorkloadAPI(t, td)
+	wl.SetSVID(workload(ns, "agent"), time.Now().Add(time.Hour))
+	ctrl := startReplica(t, replicaArgs(t, wl, dir)...)
+	cfgFile := sidecarConfig(t, wl, dir, ctrl.ads, map[string]string{"own.cedar": `@id("own-deny-deletes")
+forbid (principal, action == Action::"DELETE", resource);`})
+	sc := startSidecar(t, cfgFile, true)
+
+	kubectl(t, yamlDoc("Policy", ns, "clash", `cedar: |
+  @id("own-deny-deletes")
+  forbid (principal, action == Action::"POST", resource);`), "apply", "-f", "-")
+	eventually(t, within, "the sidecar rejects the bundle", func() error {
+		if v := metricValue(t, sc.admin, `escrow_xds_updates_total{result="nack"}`); v != "1" {
+			return fmt.Errorf("nack = %q", v)
+		}
+		return nil
+	})
+	time.Sleep(time.Second) // a resend loop would count hundreds in this second
+	if v := metricValue(t, sc.admin, `escrow_xds_updates_total{result="nack"}`); v != "1" {
+		t.Fatalf("%s NACKs of one bad version on one stream, want 1", v)
+	}
+	if v := metricValue(t, ctrl.admin, `escrow_controller_nacks_total{reason="conflict"}`) + metricValue(t, ctrl.admin, `escrow_controller_nacks_total{reason="policy"}`); v != "1" {
+		t.Errorf("the controller counted %q NACKs, want 1", v)
+	}
+
+	kubectl(t, "", "delete", "policy", "-n", ns, "clash")
+	eventually(t, within, "the next version applied", func() error {
+		if v := metricValue(t, sc.admin, `escrow_xds_updates_total{result="ack"}`); v != "2" {
+			return fmt.Errorf("ack = %q", v)
 		}
 		return nil
 	})
