@@ -295,7 +295,7 @@ func metricValue(t *testing.T, admin, series string) string {
 // without the clash, is applied.
 func TestEscrowController_ABundleTheSidecarRejectsIsNotSentAgain(t *testing.T) {
 	controlPlane(t)
-	ns := namespace(t, "cp-nack")
+	ns := namespace(t, "cp-nack-binary")
 	dir := t.TempDir()
 	wl := attesttest.NewWorkloadAPI(t, td)
 	wl.SetSVID(workload(ns, "agent"), time.Now().Add(time.Hour))
