@@ -22,7 +22,8 @@ type Metrics struct {
 	// BundleVersion is 1 for each version currently served to the sidecars of a namespace:
 	// one per distinct set of brokered Credentials its connected sidecars may use (an
 	// Audience), so one per namespace without brokered Credentials. Bounded by the brokered
-	// Credentials' allow lists, not by the number of sidecars.
+	// Credentials' allow lists, not by the number of sidecars. The label is sidecar_namespace,
+	// not namespace: Prometheus puts the scraped pod's namespace (the controller's) there.
 	BundleVersion *prometheus.GaugeVec
 	// Rejected is the number of objects left out of every bundle, by kind.
 	Rejected *prometheus.GaugeVec
@@ -52,7 +53,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help:    "Time from a bundle version being set for a sidecar to the sidecar's ACK of it.",
 			Buckets: []float64{.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}}),
 		BundleVersion: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "bundle_version_info",
-			Help: "1 for each bundle version served to the sidecars of a namespace (more than one when they differ in the brokered credentials they may use)."}, []string{"namespace", "version"}),
+			Help: "1 for each bundle version served to the sidecars of a namespace (more than one when they differ in the brokered credentials they may use)."}, []string{"sidecar_namespace", "version"}),
 		Rejected: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "rejected_objects",
 			Help: "Objects left out of every bundle (invalid, or colliding with another), by kind."}, []string{"kind"}),
 		Computes: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "computes_total",
