@@ -153,7 +153,6 @@ func TestBroker_ASidecarGetsAGitHubAppTokenThroughTheControllerAndNeverTheKey(t 
 	controlPlane(t) // escrow's namespace and the controller's RBAC
 	ns := namespace(t, "cp-broker")
 	coder, reviewer := workload(ns, "coder"), workload(ns, "reviewer")
-	controllerID := workload(escrowNS, controllerSA)
 	dir := t.TempDir()
 
 	// The App's key, only in a Secret of escrow's namespace.
@@ -196,30 +195,11 @@ broker:
 	// One trust domain: the sidecars' SVIDs from a Workload API, the controller's from files.
 	wl := attesttest.NewWorkloadAPI(t, td)
 	wl.SetSVID(coder, time.Now().Add(time.Hour))
-	own := wl.MintX509SVID(controllerID, time.Now().Add(time.Hour))
-	certPEM, ownKeyPEM, err := own.Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var bundlePEM []byte
-	for _, a := range wl.X509Authorities() {
-		bundlePEM = append(bundlePEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.Raw})...)
-	}
 	cdir := filepath.Join(dir, "controller")
 	if err := os.Mkdir(cdir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	certFile, keyFile, bundleFile := filepath.Join(cdir, "svid.pem"), filepath.Join(cdir, "svid.key"), filepath.Join(cdir, "bundle.pem")
-	for f, b := range map[string][]byte{certFile: certPEM, keyFile: ownKeyPEM, bundleFile: bundlePEM} {
-		if err := os.WriteFile(f, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	kc, err := kube(t).KubeconfigAs("system:serviceaccount:" + escrowNS + ":" + controllerSA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctrl := startReplica(t, "--kubeconfig", kc, "--svid-cert", certFile, "--svid-key", keyFile, "--bundle", bundleFile)
+	ctrl := startReplica(t, replicaArgs(t, wl, cdir)...)
 	eventually(t, within, "the Credential accepted", func() error {
 		out := kubectl(t, "", "get", "credential", "-n", escrowNS, "github-e2e", "-o", `jsonpath={.status.conditions[?(@.type=="Accepted")].status}`)
 		if out != "True" {
@@ -229,21 +209,8 @@ broker:
 	})
 
 	// The sidecar: only what a pod of namespace ns has (no Secret of escrow's namespace).
-	sdir := filepath.Join(dir, "sidecar")
-	if err := os.Mkdir(sdir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	cfgFile := filepath.Join(sdir, "escrow.yaml")
-	if err := os.WriteFile(cfgFile, []byte(fmt.Sprintf(`listen: 127.0.0.1:0
-admin: 127.0.0.1:0
-identity: {spiffe: {socket: %q}}
-ca_dir: %s
-egress: {allow_cidrs: [127.0.0.0/8]}
-xds: {address: %s, server_id: %s}
-audit: {flush_interval: 0s}
-`, wl.Addr(), filepath.Join(sdir, "ca"), ctrl.ads, controllerID)), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	cfgFile := sidecarConfig(t, wl, dir, ctrl.ads, nil)
+	sdir := filepath.Dir(cfgFile)
 	podCA := filepath.Join(sdir, "ca", "ca.crt")
 	sc := startSidecar(t, cfgFile, true)
 	var answers []string
