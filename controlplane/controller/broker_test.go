@@ -129,17 +129,6 @@ func refusal(err error) broker.Result {
 	return broker.ResultOK
 }
 
-func eventuallyTrue(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within 10s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func TestCompute_ABrokeredCredentialReachesSidecarsAsItsKindAlone(t *testing.T) {
 	f := newBrokerFixture(t)
 	gh := f.githubCred(sys, "github", agentsID)
@@ -276,7 +265,7 @@ func TestBroker_RevocationsRefuseMintsAndAClusterWideOneRevokesTheToken(t *testi
 	if _, err := mint(f.b, "spiffe://example.org/ns/agents/sa/reviewer", "github"); refusal(err) != broker.ResultRevoked || !strings.Contains(err.Error(), sys+"/incident") {
 		t.Errorf("revoked credential: %v", err)
 	}
-	eventuallyTrue(t, "the token revoked at GitHub", func() bool { return slices.Equal(f.gh.Revoked(), []string{tok.Value()}) })
+	waitFor(t, "the token revoked at GitHub", func() bool { return slices.Equal(f.gh.Revoked(), []string{tok.Value()}) })
 
 	// Gone: a new token.
 	f.b.Update(Compute(Objects{Credentials: []v1alpha1.Credential{gh}}, sys))
@@ -289,7 +278,7 @@ func TestBroker_RevocationsRefuseMintsAndAClusterWideOneRevokesTheToken(t *testi
 	changed := f.githubCred(sys, "github", agentsID)
 	changed.Spec.GitHubApp.Permissions = map[string]string{"contents": "read"}
 	f.b.Update(Compute(Objects{Credentials: []v1alpha1.Credential{changed}}, sys))
-	eventuallyTrue(t, "the old token revoked", func() bool { return len(f.gh.Revoked()) == 2 && f.gh.Revoked()[1] == again.Value() })
+	waitFor(t, "the old token revoked", func() bool { return len(f.gh.Revoked()) == 2 && f.gh.Revoked()[1] == again.Value() })
 	if third, err := mint(f.b, agentsID, "github"); err != nil || third.ID() == again.ID() {
 		t.Errorf("after the change: %v %v", third, err)
 	}
